@@ -1,0 +1,38 @@
+"""clipq-search: CLIP-Q compression of PyTorch networks with a Bayesian per-layer search."""
+
+from __future__ import annotations
+
+from .encoding import (
+    LayerSize,
+    SizeEstimate,
+    estimate_size,
+    load_compressed,
+    read_compressed,
+    save_compressed,
+)
+from .errors import ClipQError, ConfigError, FormatError
+from .ops import clipq_quantize, clipq_quantize_with_stats
+from .plan import LayerConfig, Plan, compressible_layers
+from .surgery import attach_clipq, attached_configs, strip_clipq
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClipQError",
+    "ConfigError",
+    "FormatError",
+    "LayerConfig",
+    "LayerSize",
+    "Plan",
+    "SizeEstimate",
+    "attach_clipq",
+    "attached_configs",
+    "clipq_quantize",
+    "clipq_quantize_with_stats",
+    "compressible_layers",
+    "estimate_size",
+    "load_compressed",
+    "read_compressed",
+    "save_compressed",
+    "strip_clipq",
+]

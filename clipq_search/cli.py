@@ -1,0 +1,92 @@
+"""The command line: ``run_search.py`` / ``clipq-search``.
+
+A thin shell over the package: it parses flags, calls one function per
+command, and turns a ``ClipQError`` into one line on stderr and exit code 2
+(a traceback only with ``--debug``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+
+from .errors import ClipQError
+
+__all__ = ["main"]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer (must be >= 1)")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # One line naming the problem, plus where to look for the fix.
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from .encoding import read_compressed
+    from .report_text import format_size_table
+
+    _, sizes = read_compressed(args.file)
+    print(format_size_table(sizes, title=str(args.file)))
+
+
+def _add_space_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("space", help="search-space YAML file (see search_spaces/)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a space value, e.g. --set train.epochs=2 (repeatable)",
+    )
+    p.add_argument("--results", default="results", help="results root (default: results/)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="run_search.py",
+        description="CLIP-Q compression with a Bayesian per-layer search on Ray.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("inspect", help="print the per-layer table of a .clipq file")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_inspect)
+
+    from . import commands
+
+    commands.register(sub, _add_space_args, _positive_int)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int | None] = args.func
+    try:
+        return int(func(args) or 0)
+    except ClipQError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished work is saved; run the same command again to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,405 @@
+"""The sparse encoding of CLIP-Q layers and the ``.clipq`` file format.
+
+Layout (all little-endian; see ``docs/clipq-format.md``)::
+
+    header   : magic b"CLIPQ\\0" | u16 version (=1) | u32 record count
+    record*  : u16 name length | name (utf-8) | u8 kind | u8 dtype | u8 ndim | u32 dims[ndim]
+      dense  : numel values of dtype (float tensors as float32)
+      sparse : u8 bits | u8 k | f32 p | u32 entries | f32 codebook[2**bits - 1] | packed entries
+    trailer  : u32 CRC-32 of everything before it
+
+A sparse layer stores, in row-major order, one entry per surviving weight:
+its level code (``bits`` bits, 1-based into the codebook; 0 is the zero code)
+and its index difference from the previous entry (``k`` bits, storing d - 1 for
+d in [1, 2**k]). A gap larger than ``2**k`` is bridged by filler entries that
+carry the zero code. ``k`` is chosen per layer in 1..16 to minimise the layer.
+``estimate_size`` computes the exact byte count of that file without writing.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import struct
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._io import write_bytes
+from .errors import FormatError
+from .ops import clipq_quantize
+from .plan import LayerConfig, Plan
+from .surgery import attached_configs
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MAGIC",
+    "LayerSize",
+    "SizeEstimate",
+    "estimate_size",
+    "load_compressed",
+    "read_compressed",
+    "save_compressed",
+]
+
+MAGIC = b"CLIPQ\0"
+FORMAT_VERSION = 1
+K_RANGE = range(1, 17)
+_HEADER = struct.Struct("<6sHI")
+_SPARSE_HEAD = struct.Struct("<BBfI")
+_KIND_DENSE, _KIND_SPARSE = 0, 1
+_FLAG_BUFFER = 0x80
+_DTYPES: dict[int, tuple[torch.dtype, str]] = {0: (torch.float32, "<f4"), 1: (torch.int64, "<i8"), 2: (torch.bool, "|b1")}
+_DTYPE_CODE = {torch.int64: 1, torch.bool: 2}
+
+
+@dataclass(frozen=True)
+class LayerSize:
+    """Size of one tensor in the file (``bytes`` includes its record header)."""
+
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    is_parameter: bool
+    compressed: bool
+    p: float | None
+    bits: int | None
+    k: int | None
+    kept: int
+    entries: int
+    bytes: int
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.kept / self.numel if self.numel else 0.0
+
+    @property
+    def rate(self) -> float:
+        return 4.0 * self.numel / self.bytes if self.bytes else float("inf")
+
+
+@dataclass(frozen=True)
+class SizeEstimate:
+    """Size of a whole ``.clipq`` file: per tensor and in total, and the compression rate."""
+
+    layers: tuple[LayerSize, ...]
+    total_bytes: int
+    original_bytes: int
+
+    @property
+    def rate(self) -> float:
+        """(32 bits x every parameter of the original model) / (bits of the file)."""
+        return self.original_bytes / self.total_bytes
+
+    def layer(self, name: str) -> LayerSize:
+        return next(layer for layer in self.layers if layer.name == name)
+
+    def to_rows(self) -> list[dict[str, object]]:
+        return [
+            {
+                "name": s.name,
+                "shape": "x".join(map(str, s.shape)) or "scalar",
+                "p": s.p,
+                "bits": s.bits,
+                "k": s.k,
+                "kept": s.kept_fraction,
+                "bytes": s.bytes,
+                "rate": s.rate if s.is_parameter else None,
+            }
+            for s in self.layers
+        ]
+
+
+# -- the encoding ------------------------------------------------------------------------
+
+
+def _record_head_size(name: str, ndim: int) -> int:
+    return 2 + len(name.encode("utf-8")) + 3 + 4 * ndim
+
+
+def _codes_and_gaps(flat: np.ndarray, bits: int, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Codebook (2**bits - 1, zero padded), 1-based codes and index gaps of the non-zeros."""
+    nz = np.flatnonzero(flat)
+    vals = flat[nz]
+    levels = np.unique(vals)
+    n_levels = 2**bits - 1
+    if levels.size > n_levels:
+        raise ValueError(f"layer {name!r} has {levels.size} distinct non-zero values, more than 2**{bits} - 1")
+    codebook = np.zeros(n_levels, dtype=np.float32)
+    codebook[: levels.size] = levels
+    codes = np.searchsorted(levels, vals).astype(np.int64) + 1
+    gaps = np.diff(nz, prepend=-1).astype(np.int64)
+    return codebook, codes, gaps
+
+
+def _best_k(gaps: np.ndarray, bits: int) -> tuple[int, int]:
+    """The k in 1..16 that makes the layer smallest, and its entry count."""
+    best: tuple[int, int, int] | None = None
+    g1 = gaps - 1
+    for k in K_RANGE:
+        entries = int((g1 >> k).sum()) + int(gaps.size)
+        nbytes = math.ceil(entries * (bits + k) / 8)
+        if best is None or nbytes < best[0]:
+            best = (nbytes, k, entries)
+    assert best is not None
+    return best[1], best[2]
+
+
+def _sparse_size(name: str, ndim: int, bits: int, k: int, entries: int) -> int:
+    return (
+        _record_head_size(name, ndim)
+        + _SPARSE_HEAD.size
+        + 4 * (2**bits - 1)
+        + math.ceil(entries * (bits + k) / 8)
+    )
+
+
+def _pack(codes: np.ndarray, gaps: np.ndarray, bits: int, k: int) -> bytes:
+    """Bit-pack the entries (fillers included), LSB first."""
+    span = 1 << k
+    fillers = (gaps - 1) >> k
+    per = fillers + 1
+    total = int(per.sum())
+    last = np.cumsum(per) - 1
+    diffs = np.full(total, span, dtype=np.int64)
+    diffs[last] = gaps - fillers * span
+    all_codes = np.zeros(total, dtype=np.int64)
+    all_codes[last] = codes
+    values = (all_codes | ((diffs - 1) << bits)).astype("<u4")
+    width = bits + k
+    out = io.BytesIO()
+    chunk = 1 << 20  # a multiple of 8 entries keeps every chunk byte-aligned
+    for start in range(0, total, chunk):
+        v = values[start : start + chunk]
+        bitmat = np.unpackbits(v.view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")[:, :width]
+        out.write(np.packbits(bitmat.reshape(-1), bitorder="little").tobytes())
+    return out.getvalue()
+
+
+def _unpack(payload: bytes, entries: int, bits: int, k: int, numel: int, codebook: np.ndarray) -> np.ndarray:
+    width = bits + k
+    flat = np.zeros(numel, dtype=np.float32)
+    if entries == 0:
+        return flat
+    bitstream = np.unpackbits(np.frombuffer(payload, dtype=np.uint8), bitorder="little")[: entries * width]
+    weights = (1 << np.arange(width, dtype=np.int64))
+    values = bitstream.reshape(entries, width).astype(np.int64) @ weights
+    codes = values & ((1 << bits) - 1)
+    diffs = (values >> bits) + 1
+    positions = np.cumsum(diffs) - 1
+    real = codes > 0
+    if positions.size and (positions[-1] >= numel or (real.any() and codes.max() > codebook.size)):
+        raise FormatError("sparse layer entries point outside the tensor")
+    flat[positions[real]] = codebook[codes[real] - 1]
+    return flat
+
+
+# -- what gets compressed ------------------------------------------------------------------
+
+
+def _compressed_weights(model: nn.Module, plan: Plan | Mapping[str, object] | None) -> dict[str, tuple[LayerConfig, np.ndarray]]:
+    """The forward weight of every compressed layer, as flat float32, with its config.
+
+    Attached layers give their pruned-quantized weight. With a ``plan`` for a
+    plain model, a weight that already has at most 2**bits - 1 distinct
+    non-zero values (a stripped model) is taken as is; otherwise the operator
+    is applied first.
+    """
+    configs = dict(attached_configs(model))
+    if plan is not None:
+        plan = plan if isinstance(plan, Plan) else Plan.from_dict(plan)
+        configs.update(plan.resolve(model))
+    modules = dict(model.named_modules())
+    out = {}
+    for name, cfg in configs.items():
+        with torch.no_grad():
+            w = modules[name].weight.detach().float().cpu()
+        if torch.unique(w[w != 0]).numel() > 2**cfg.bits - 1:
+            w = clipq_quantize(w, cfg.p, cfg.bits)
+        out[name] = (cfg, w.reshape(-1).numpy())
+    return out
+
+
+def _dense_tensors(model: nn.Module, skip: set[str]) -> list[tuple[str, torch.Tensor, bool]]:
+    params = {n for n, _ in model.named_parameters()}
+    params |= {n.replace("." + "parametrizations.weight.original", ".weight") for n in params}
+    out = []
+    for key, t in model.state_dict().items():
+        if key.endswith(".weight") and key[: -len(".weight")] in skip:
+            continue
+        out.append((key, t.detach().cpu(), key in params))
+    return out
+
+
+def _dense_dtype(t: torch.Tensor) -> int:
+    return 0 if t.is_floating_point() else _DTYPE_CODE.get(t.dtype, 1)
+
+
+def _plan_file(model: nn.Module, plan: Plan | Mapping[str, object] | None, *, write: bool) -> tuple[SizeEstimate, bytes]:
+    compressed = _compressed_weights(model, plan)
+    modules = dict(model.named_modules())
+    buf = io.BytesIO() if write else None
+    sizes: list[LayerSize] = []
+    original = 0
+    order: list[tuple[str, object]] = []
+    dense = _dense_tensors(model, set(compressed))
+    dense_keys = {k for k, _, _ in dense}
+    for key, _ in model.state_dict().items():
+        layer = key[: -len(".weight")] if key.endswith(".weight") else None
+        if layer in compressed:
+            order.append((key, compressed[layer]))
+        elif key in dense_keys:
+            order.append((key, next(d for d in dense if d[0] == key)))
+    if buf is not None:
+        buf.write(_HEADER.pack(MAGIC, FORMAT_VERSION, len(order)))
+    for key, item in order:
+        name_b = key.encode("utf-8")
+        if isinstance(item, tuple) and isinstance(item[0], LayerConfig):
+            cfg, flat = item  # type: ignore[misc]
+            layer = key[: -len(".weight")]
+            shape = tuple(modules[layer].weight.shape)
+            codebook, codes, gaps = _codes_and_gaps(flat, cfg.bits, key)
+            k, entries = _best_k(gaps, cfg.bits)
+            nbytes = _sparse_size(key, len(shape), cfg.bits, k, entries)
+            sizes.append(LayerSize(key, shape, flat.size, True, True, cfg.p, cfg.bits, k, int(codes.size), entries, nbytes))
+            original += 4 * flat.size
+            if buf is not None:
+                buf.write(struct.pack("<H", len(name_b)) + name_b)
+                buf.write(struct.pack("<BBB", _KIND_SPARSE, 0, len(shape)) + struct.pack(f"<{len(shape)}I", *shape))
+                buf.write(_SPARSE_HEAD.pack(cfg.bits, k, cfg.p, entries))
+                buf.write(codebook.astype("<f4").tobytes())
+                payload = _pack(codes, gaps, cfg.bits, k)
+                assert len(payload) == math.ceil(entries * (cfg.bits + k) / 8)
+                buf.write(payload)
+        else:
+            _, t, is_param = item  # type: ignore[misc]
+            code = _dense_dtype(t)
+            shape = tuple(t.shape)
+            data_bytes = t.numel() * np.dtype(_DTYPES[code][1]).itemsize
+            nbytes = _record_head_size(key, len(shape)) + data_bytes
+            sizes.append(LayerSize(key, shape, t.numel(), is_param, False, None, None, None, t.numel(), 0, nbytes))
+            if is_param:
+                original += 4 * t.numel()
+            if buf is not None:
+                flags = 0 if is_param else _FLAG_BUFFER
+                buf.write(struct.pack("<H", len(name_b)) + name_b)
+                buf.write(struct.pack("<BBB", _KIND_DENSE | flags, code, len(shape)) + struct.pack(f"<{len(shape)}I", *shape))
+                arr = t.to(_DTYPES[code][0]).contiguous().numpy().astype(_DTYPES[code][1], copy=False)
+                buf.write(arr.tobytes())
+    total = _HEADER.size + sum(s.bytes for s in sizes) + 4
+    data = b""
+    if buf is not None:
+        body = buf.getvalue()
+        data = body + struct.pack("<I", zlib.crc32(body))
+        assert len(data) == total, (len(data), total)
+    return SizeEstimate(tuple(sizes), total, original), data
+
+
+def estimate_size(model: nn.Module, plan: Plan | Mapping[str, object] | None = None) -> SizeEstimate:
+    """Bytes of the ``.clipq`` file ``save_compressed(model, path, plan)`` would write, without writing it."""
+    return _plan_file(model, plan, write=False)[0]
+
+
+def save_compressed(model: nn.Module, path: str | Path, plan: Plan | Mapping[str, object] | None = None) -> SizeEstimate:
+    """Write ``model`` as a ``.clipq`` file (atomically) and return its sizes.
+
+    Compressed layers are those carrying CLIP-Q (``attach_clipq``) plus those
+    the ``plan`` names; every other tensor of the state dict is stored dense.
+    """
+    est, data = _plan_file(model, plan, write=True)
+    write_bytes(path, data)
+    return est
+
+
+# -- reading -------------------------------------------------------------------------------
+
+
+class _Reader:
+    def __init__(self, data: bytes, path: str) -> None:
+        self.data, self.pos, self.path = data, 0, path
+
+    def take(self, n: int, what: str) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise FormatError(f"{self.path} is truncated (while reading {what}); re-copy or re-create the file")
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def unpack(self, fmt: str, what: str) -> tuple:
+        s = struct.Struct(fmt)
+        return s.unpack(self.take(s.size, what))
+
+
+def read_compressed(path: str | Path) -> tuple[dict[str, torch.Tensor], SizeEstimate]:
+    """Decode a ``.clipq`` file into a state dict and its per-tensor sizes.
+
+    Raises ``FormatError`` (one line) for a foreign, truncated or corrupted file.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FormatError(f"{path} does not exist; give the path of a .clipq file") from None
+    except IsADirectoryError:
+        raise FormatError(f"{path} is a directory; give the path of a .clipq file") from None
+    if len(data) < len(MAGIC) or data[: len(MAGIC)] != MAGIC:
+        raise FormatError(f"{path} is not a .clipq file (wrong magic); write one with save_compressed or `final`")
+    if len(data) < _HEADER.size + 4:
+        raise FormatError(f"{path} is truncated ({len(data)} bytes); re-copy or re-create the file")
+    _, version, count = _HEADER.unpack_from(data)
+    if version != FORMAT_VERSION:
+        raise FormatError(f"{path} has format version {version}; this clipq-search reads version {FORMAT_VERSION}")
+    body, (crc,) = data[:-4], struct.unpack("<I", data[-4:])
+    if zlib.crc32(body) != crc:
+        raise FormatError(f"{path} is corrupted or truncated (checksum mismatch); re-copy or re-create the file")
+    r = _Reader(body, str(path))
+    r.pos = _HEADER.size
+    state: dict[str, torch.Tensor] = {}
+    sizes: list[LayerSize] = []
+    original = 0
+    try:
+        for _ in range(count):
+            start = r.pos
+            (n,) = r.unpack("<H", "a name length")
+            name = r.take(n, "a name").decode("utf-8")
+            kind, dtype_code, ndim = r.unpack("<BBB", "a record header")
+            shape = tuple(r.unpack(f"<{ndim}I", "a shape")) if ndim else ()
+            numel = math.prod(shape)
+            if kind & 0x7F == _KIND_SPARSE:
+                bits, k, p, entries = r.unpack(_SPARSE_HEAD.format, "a sparse header")
+                if not 2 <= bits <= 8 or k not in K_RANGE:
+                    raise FormatError(f"{path}: record {name!r} has bits={bits}, k={k}; the file is corrupted")
+                codebook = np.frombuffer(r.take(4 * (2**bits - 1), "a codebook"), dtype="<f4")
+                payload = r.take(math.ceil(entries * (bits + k) / 8), "packed entries")
+                flat = _unpack(payload, entries, bits, k, numel, codebook)
+                state[name] = torch.from_numpy(flat.reshape(shape).copy())
+                kept = int(np.count_nonzero(flat))
+                sizes.append(LayerSize(name, shape, numel, True, True, round(p, 6), bits, k, kept, entries, r.pos - start))
+                original += 4 * numel
+            elif kind & 0x7F == _KIND_DENSE and dtype_code in _DTYPES:
+                torch_dtype, np_dtype = _DTYPES[dtype_code]
+                raw = r.take(numel * np.dtype(np_dtype).itemsize, "tensor data")
+                arr = np.frombuffer(raw, dtype=np_dtype).reshape(shape).copy()
+                state[name] = torch.from_numpy(arr).to(torch_dtype)
+                is_param = not kind & _FLAG_BUFFER
+                sizes.append(LayerSize(name, shape, numel, is_param, False, None, None, None, numel, 0, r.pos - start))
+                original += 4 * numel if is_param else 0
+            else:
+                raise FormatError(f"{path}: record {name!r} has unknown kind {kind}/{dtype_code}; the file is corrupted")
+    except (UnicodeDecodeError, ValueError, struct.error) as exc:
+        if isinstance(exc, FormatError):
+            raise
+        raise FormatError(f"{path} is corrupted ({exc}); re-copy or re-create the file") from None
+    if r.pos != len(body):
+        raise FormatError(f"{path} has {len(body) - r.pos} unexpected trailing bytes; the file is corrupted")
+    return state, SizeEstimate(tuple(sizes), len(data), original)
+
+
+def load_compressed(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict (float tensors as float32) that loads with ``strict=True`` into the original architecture."""
+    return read_compressed(path)[0]

@@ -1,0 +1,183 @@
+"""Per-layer compression plans: which layers get which (p, bits).
+
+A plan maps module names to :class:`LayerConfig`. Keys are exact module
+names, glob patterns (``features.*``) or regular expressions (``re:...``,
+full match). Precedence: an exact name wins, then the first matching pattern
+in the order written, then ``default``; layers matching ``dense`` are left
+uncompressed whatever else matches. JSON form::
+
+    {"layers": {"fc1": {"p": 0.9, "bits": 3}, "conv*": {"p": 0.5, "bits": 5}},
+     "default": {"p": 0.5, "bits": 5}, "dense": ["fc3"]}
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .errors import ConfigError
+from .ops import validate_p_bits
+
+__all__ = ["COMPRESSIBLE_TYPES", "LayerConfig", "Plan", "compressible_layers"]
+
+COMPRESSIBLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """CLIP-Q setting of one layer: clipped fraction per sign ``p`` and ``bits``."""
+
+    p: float
+    bits: int
+
+    def __post_init__(self) -> None:
+        validate_p_bits(self.p, self.bits)
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"p": self.p, "bits": self.bits}
+
+    @classmethod
+    def from_obj(cls, obj: Any, *, where: str) -> LayerConfig:
+        if isinstance(obj, LayerConfig):
+            return obj
+        if isinstance(obj, Mapping) and set(obj) == {"p", "bits"}:
+            p, bits = obj["p"], obj["bits"]
+        elif isinstance(obj, (list, tuple)) and len(obj) == 2:
+            p, bits = obj
+        else:
+            raise ConfigError(f"{where}: expected {{'p': float, 'bits': int}}, got {obj!r}")
+        if isinstance(bits, float) and bits.is_integer():
+            bits = int(bits)
+        validate_p_bits(p, bits, where=where)
+        return cls(float(p), bits)
+
+
+def compressible_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every ``nn.Linear`` / ``nn.Conv1d/2d/3d`` of ``model`` by module name, in model order."""
+    return {name: mod for name, mod in model.named_modules() if isinstance(mod, COMPRESSIBLE_TYPES) and name}
+
+
+def _is_pattern(key: str) -> bool:
+    return key.startswith("re:") or any(ch in key for ch in "*?[")
+
+
+def _matches(key: str, name: str) -> bool:
+    if key.startswith("re:"):
+        return re.fullmatch(key[3:], name) is not None
+    return fnmatch.fnmatchcase(name, key)
+
+
+def _list_names(names: Iterable[str]) -> str:
+    names = list(names)
+    shown = ", ".join(names[:30])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > 30 else "")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A per-layer plan: ``layers`` (name or pattern -> config), ``default``, ``dense``."""
+
+    layers: Mapping[str, LayerConfig] = field(default_factory=dict)
+    default: LayerConfig | None = None
+    dense: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        layers = {str(k): LayerConfig.from_obj(v, where=f"plan layer {k!r}") for k, v in dict(self.layers).items()}
+        object.__setattr__(self, "layers", layers)
+        if self.default is not None:
+            object.__setattr__(self, "default", LayerConfig.from_obj(self.default, where="plan default"))
+        if isinstance(self.dense, str):
+            raise ConfigError(f"plan dense={self.dense!r}: expected a list of layer names or patterns")
+        object.__setattr__(self, "dense", tuple(str(d) for d in self.dense))
+        for key in [*layers, *self.dense]:
+            if key.startswith("re:"):
+                try:
+                    re.compile(key[3:])
+                except re.error as exc:
+                    raise ConfigError(f"plan key {key!r} is not a valid regular expression: {exc}") from None
+
+    # -- resolution -----------------------------------------------------------------
+
+    def resolve(self, model: nn.Module) -> dict[str, LayerConfig]:
+        """The config of every layer to compress, keyed by module name, in model order.
+
+        Raises ``ConfigError`` listing the real layer names when a key matches
+        no compressible layer, or when every layer ends up dense.
+        """
+        layers = compressible_layers(model)
+        return self.resolve_names(list(layers))
+
+    def resolve_names(self, names: list[str]) -> dict[str, LayerConfig]:
+        for key in [*self.layers, *self.dense]:
+            if _is_pattern(key):
+                if not any(_matches(key, n) for n in names):
+                    raise ConfigError(
+                        f"plan pattern {key!r} matches no compressible layer; layers are: {_list_names(names)}"
+                    )
+            elif key not in names:
+                raise ConfigError(f"plan names unknown layer {key!r}; compressible layers are: {_list_names(names)}")
+        patterns = [(k, v) for k, v in self.layers.items() if _is_pattern(k)]
+        out: dict[str, LayerConfig] = {}
+        for name in names:
+            if any(d == name or (_is_pattern(d) and _matches(d, name)) for d in self.dense):
+                continue
+            cfg = self.layers.get(name)
+            if cfg is None:
+                cfg = next((v for k, v in patterns if _matches(k, name)), self.default)
+            if cfg is not None:
+                out[name] = cfg
+        if not out:
+            raise ConfigError(
+                "the plan compresses no layer (all excluded or unmatched); "
+                f"name at least one of: {_list_names(names)}, or give a default"
+            )
+        return out
+
+    # -- serialisation --------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"layers": {k: v.to_dict() for k, v in self.layers.items()}}
+        if self.default is not None:
+            d["default"] = self.default.to_dict()
+        if self.dense:
+            d["dense"] = list(self.dense)
+        return d
+
+    @classmethod
+    def from_dict(cls, obj: Any, *, where: str = "plan") -> Plan:
+        if not isinstance(obj, Mapping):
+            raise ConfigError(f"{where}: expected a mapping with key 'layers', got {type(obj).__name__}")
+        unknown = set(obj) - {"layers", "default", "dense", "metrics", "source", "format", "version"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: layers, default, dense")
+        layers = obj.get("layers", {})
+        if not isinstance(layers, Mapping):
+            raise ConfigError(f"{where}: 'layers' must map layer names to {{'p': .., 'bits': ..}}")
+        dense = obj.get("dense", [])
+        if not isinstance(dense, (list, tuple)):
+            raise ConfigError(f"{where}: 'dense' must be a list of layer names or patterns")
+        return cls(layers=layers, default=obj.get("default"), dense=tuple(dense))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        """Read a plan JSON file (as written by ``export``)."""
+        path = Path(path)
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"plan file {path} does not exist; write one with `run_search.py export`") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"plan file {path} is not valid JSON ({exc}); expected {{\"layers\": {{...}}}}") from None
+        return cls.from_dict(obj, where=f"plan file {path}")
+
+    @classmethod
+    def uniform(cls, p: float, bits: int) -> Plan:
+        """The same (p, bits) for every compressible layer."""
+        return cls(default=LayerConfig(p, bits))

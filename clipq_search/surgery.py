@@ -1,0 +1,154 @@
+"""Model surgery: attach CLIP-Q to layers, and strip it to bake compressed weights in.
+
+Built on ``torch.nn.utils.parametrize``: the full-precision weight stays the
+trainable parameter (``<layer>.parametrizations.weight.original``) while every
+read of ``<layer>.weight`` returns it pruned-quantized, recomputed from the
+current full-precision values. The gradient flows straight through to the
+full-precision weight, clipped entries included. State dicts keep the ordinary
+``<layer>.weight`` key (the full-precision values) in both directions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .ops import ClipQStats, clipq_quantize_with_stats
+from .plan import LayerConfig, Plan
+
+__all__ = ["ClipQWeight", "attach_clipq", "attached_configs", "clipq_weight", "strip_clipq"]
+
+_ORIGINAL = "parametrizations.weight.original"
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward returns the quantized tensor; backward hands the gradient to the original unchanged."""
+
+    @staticmethod
+    def forward(ctx: Any, original: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return quantized
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return grad, None
+
+
+class ClipQWeight(nn.Module):
+    """Parametrization computing the CLIP-Q weight from the full-precision one.
+
+    The result is cached per version of the full-precision tensor, so
+    evaluation over many batches quantizes once; any optimizer step (an
+    in-place update) bumps the version and forces a recompute. The previous
+    thresholds are kept as a hint that makes the next exact search fast.
+    """
+
+    def __init__(self, p: float, bits: int) -> None:
+        super().__init__()
+        cfg = LayerConfig(p, bits)
+        self.p, self.bits = cfg.p, cfg.bits
+        self.last_stats: ClipQStats | None = None
+        self._cache_key: tuple[int, int, int, torch.dtype] | None = None
+        self._cache: torch.Tensor | None = None
+
+    @property
+    def config(self) -> LayerConfig:
+        return LayerConfig(self.p, self.bits)
+
+    def quantize(self, original: torch.Tensor) -> torch.Tensor:
+        """The pruned-quantized weight (no autograd graph), from cache when unchanged."""
+        key = (original.data_ptr(), original._version, id(original), original.dtype)
+        if self._cache is not None and key == self._cache_key:
+            return self._cache
+        hint = (self.last_stats.c_neg, self.last_stats.c_pos) if self.last_stats is not None else None
+        with torch.no_grad():
+            q, stats = clipq_quantize_with_stats(original, self.p, self.bits, hint=hint)
+        self.last_stats = stats
+        self._cache, self._cache_key = q, key
+        return q
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        q = self.quantize(original)
+        if original.requires_grad and torch.is_grad_enabled():
+            return _StraightThrough.apply(original, q)
+        return q
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, bits={self.bits}"
+
+
+def _clipq_param(module: nn.Module) -> ClipQWeight | None:
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    for par in module.parametrizations["weight"]:  # type: ignore[union-attr,index]
+        if isinstance(par, ClipQWeight):
+            return par
+    return None
+
+
+def _save_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    # Save the ordinary key: `<layer>.weight` holds the full-precision weight.
+    key = prefix + _ORIGINAL
+    if key in state_dict and _clipq_param(module) is not None:
+        state_dict[prefix + "weight"] = state_dict.pop(key)
+
+
+def _load_pre_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    # Accept an ordinary state dict: map `<layer>.weight` onto the original.
+    if _clipq_param(module) is not None and prefix + "weight" in state_dict and prefix + _ORIGINAL not in state_dict:
+        state_dict[prefix + _ORIGINAL] = state_dict.pop(prefix + "weight")
+
+
+def attach_clipq(model: nn.Module, plan: Plan | Mapping[str, Any]) -> dict[str, LayerConfig]:
+    """Make the plan's layers of ``model`` train with CLIP-Q, in place; return what was attached.
+
+    ``plan`` is a :class:`Plan` or its JSON dict. Layers that already carry
+    CLIP-Q get the new setting. Raises ``ConfigError`` for unknown layer names.
+    """
+    if not isinstance(plan, Plan):
+        plan = Plan.from_dict(plan)
+    resolved = plan.resolve(model)
+    modules = dict(model.named_modules())
+    for name, cfg in resolved.items():
+        module = modules[name]
+        existing = _clipq_param(module)
+        if existing is not None:
+            existing.p, existing.bits = cfg.p, cfg.bits
+            existing._cache = None
+            continue
+        parametrize.register_parametrization(module, "weight", ClipQWeight(cfg.p, cfg.bits), unsafe=True)
+        module.register_state_dict_post_hook(_save_hook)
+        module.register_load_state_dict_pre_hook(_load_pre_hook)
+    return resolved
+
+
+def attached_configs(model: nn.Module) -> dict[str, LayerConfig]:
+    """The (p, bits) of every layer that currently carries CLIP-Q, by module name."""
+    out = {}
+    for name, module in model.named_modules():
+        par = _clipq_param(module)
+        if par is not None:
+            out[name] = par.config
+    return out
+
+
+def clipq_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as the forward pass sees it (pruned-quantized when CLIP-Q is attached)."""
+    with torch.no_grad():
+        return module.weight.detach()
+
+
+def strip_clipq(model: nn.Module) -> dict[str, LayerConfig]:
+    """Bake the pruned-quantized weights in and drop the full-precision copies, in place.
+
+    Returns the configs of the stripped layers (what ``save_compressed`` needs).
+    """
+    stripped = attached_configs(model)
+    for name, module in model.named_modules():
+        if name in stripped:
+            with torch.no_grad():
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    return stripped

@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from clipq_search import ConfigError, Plan, attach_clipq, attached_configs, clipq_quantize, strip_clipq
+
+
+class GroupedNet(nn.Module):
+    """Grouped and depthwise convolutions, batch norm, biases, Conv1d/3d and Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.grouped = nn.Conv2d(16, 32, 3, groups=4, padding=1)
+        self.depthwise = nn.Conv2d(32, 32, 3, groups=32, padding=1, bias=False)
+        self.conv1d = nn.Conv1d(32, 8, 3)
+        self.conv3d = nn.Conv3d(1, 2, 1)
+        self.head = nn.Linear(8 * 62, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.stem(x)))
+        x = self.depthwise(self.grouped(x))
+        x = x.flatten(2)[:, :, :64]
+        x = self.conv1d(x)
+        x = self.conv3d(x[:, None, :, :, None])[:, 0, :, :, 0]
+        return self.head(x.flatten(1))
+
+
+def test_forward_sees_quantized_weights_and_gradient_reaches_clipped() -> None:
+    torch.manual_seed(0)
+    model = GroupedNet()
+    attach_clipq(model, {"layers": {"grouped": {"p": 0.8, "bits": 3}, "head": {"p": 0.8, "bits": 3}}})
+    fp = model.grouped.parametrizations.weight.original
+    torch.testing.assert_close(model.grouped.weight, clipq_quantize(fp.detach(), 0.8, 3))
+    out = model(torch.randn(2, 3, 8, 8))
+    out.square().sum().backward()
+    clipped = model.grouped.weight.detach() == 0
+    assert clipped.float().mean() > 0.7
+    assert fp.grad is not None and bool((fp.grad[clipped] != 0).any())
+
+
+def test_straight_through_gradient_is_unchanged() -> None:
+    lin = nn.Linear(20, 5)
+    attach_clipq(nn.Sequential(lin), {"layers": {"0": {"p": 0.5, "bits": 2}}})
+    x = torch.randn(7, 20)
+    (lin(x) * torch.arange(5.0)).sum().backward()
+    expected = (torch.arange(5.0)[:, None] * x.sum(0)[None, :])
+    torch.testing.assert_close(lin.parametrizations.weight.original.grad, expected)
+
+
+def test_recomputed_each_step_and_training_moves_fp_weights() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(30, 40), nn.ReLU(), nn.Linear(40, 3))
+    attach_clipq(model, {"default": {"p": 0.5, "bits": 3}})
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    before = model[0].weight.detach().clone()
+    for _ in range(5):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(torch.randn(16, 30)), torch.randint(0, 3, (16,))).backward()
+        opt.step()
+    after = model[0].weight.detach()
+    assert not torch.equal(before, after)
+    torch.testing.assert_close(after, clipq_quantize(model[0].parametrizations.weight.original.detach(), 0.5, 3))
+
+
+def test_plan_names_patterns_default_dense_and_errors() -> None:
+    model = GroupedNet()
+    plan = Plan.from_dict(
+        {
+            "layers": {"head": {"p": 0.9, "bits": 2}, "re:.*conv.*": {"p": 0.3, "bits": 6}, "g*": {"p": 0.4, "bits": 4}},
+            "default": {"p": 0.5, "bits": 5},
+            "dense": ["stem"],
+        }
+    )
+    got = plan.resolve(model)
+    assert got["head"].bits == 2 and got["conv1d"].bits == 6 and got["conv3d"].bits == 6
+    assert got["grouped"].bits == 4 and got["depthwise"].bits == 5 and "stem" not in got
+    assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+    with pytest.raises(ConfigError, match="unknown layer 'fc9'.*stem, grouped"):
+        Plan.from_dict({"layers": {"fc9": {"p": 0.5, "bits": 3}}}).resolve(model)
+    with pytest.raises(ConfigError, match="matches no compressible layer"):
+        Plan.from_dict({"layers": {"fc*": {"p": 0.5, "bits": 3}}}).resolve(model)
+    with pytest.raises(ConfigError, match="compresses no layer"):
+        Plan.from_dict({"default": {"p": 0.5, "bits": 3}, "dense": ["*"]}).resolve(model)
+    with pytest.raises(ValueError, match="bits=9"):
+        Plan.from_dict({"layers": {"head": {"p": 0.5, "bits": 9}}})
+
+
+def test_state_dicts_load_into_and_save_from_attached_model() -> None:
+    torch.manual_seed(0)
+    plain = GroupedNet()
+    sd = copy.deepcopy(plain.state_dict())
+    model = GroupedNet()
+    attach_clipq(model, {"default": {"p": 0.5, "bits": 4}})
+    model.load_state_dict(sd, strict=True)
+    saved = model.state_dict()
+    assert set(saved) == set(sd)
+    for key in sd:
+        torch.testing.assert_close(saved[key], sd[key])
+    fresh = GroupedNet()
+    fresh.load_state_dict(saved, strict=True)
+
+
+def test_strip_bakes_weights_in_and_drops_fp_copies() -> None:
+    torch.manual_seed(0)
+    model = GroupedNet().eval()
+    attach_clipq(model, {"default": {"p": 0.6, "bits": 3}})
+    x = torch.randn(2, 3, 8, 8)
+    y = model(x)
+    stripped = strip_clipq(model)
+    assert set(stripped) == {"stem", "grouped", "depthwise", "conv1d", "conv3d", "head"}
+    assert attached_configs(model) == {}
+    assert not any("original" in n for n, _ in model.named_parameters())
+    assert torch.equal(model(x), y)
