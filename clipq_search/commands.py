@@ -4,7 +4,136 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from pathlib import Path
+
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from .pipeline import ensure_baseline
+    from .space import load_space
+
+    space = load_space(args.space, args.overrides)
+    b = ensure_baseline(space, args.results, log=_log)
+    took = f" in {b.seconds:.0f}s" if b.seconds else " (cached)"
+    top5 = f", top-5 {b.test_top5:.2f}%" if b.test_top5 is not None else ""
+    print(f"baseline {b.model} on {b.dataset}{took}: val {b.val_top1:.2f}%, test {b.test_top1:.2f}%{top5}  -> {b.checkpoint}")
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from .search import run_search
+    from .space import load_space
+
+    space = load_space(args.space, args.overrides)
+    run_search(
+        space,
+        results_root=args.results,
+        name=args.name,
+        trials=args.trials,
+        concurrency=args.concurrency,
+        sampler=args.sampler,
+        seed=args.seed,
+        address=args.address,
+        storage=args.storage,
+        inject_failure=[int(x) for x in args.inject_failure.split(",")] if args.inject_failure else None,
+        log=_log,
+    )
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from .report import write_report
+
+    html, csv = write_report(Path(args.run_dir))
+    print(f"wrote {html} and {csv}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .finalize import export_plan
+
+    out = export_plan(Path(args.run_dir), max_drop=args.max_drop, min_rate=args.min_rate, trial=args.trial, out=args.out, log=_log)
+    print(f"wrote {out}")
+
+
+def cmd_final(args: argparse.Namespace) -> None:
+    from .finalize import run_final
+
+    run_final(Path(args.run_dir), config=args.config, overrides=args.overrides, address=args.address, log=_log)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """pretrain -> search -> report -> export -> final on one space."""
+    from .finalize import export_plan, run_final
+    from .report import write_report
+    from .search import run_search
+    from .space import load_space
+
+    space = load_space(args.space, args.overrides)
+    summary = run_search(space, results_root=args.results, name=args.name, log=_log)
+    html, _ = write_report(summary.run_dir)
+    _log(f"report: {html}")
+    plan_path = export_plan(summary.run_dir, log=_log)
+    _log(f"exported plan: {plan_path}")
+    run_final(summary.run_dir, config=str(plan_path), overrides=[], log=_log)
+    html, _ = write_report(summary.run_dir)
+    _log(f"report with the final result: {html}")
 
 
 def register(sub: argparse._SubParsersAction, add_space_args: Callable, positive_int: Callable) -> None:
-    """Add the pretrain / search / report / export / final sub-commands."""
+    """Add the pretrain / search / report / export / final / demo sub-commands."""
+
+    def nonneg_float(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not v >= 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+        return v
+
+    p = sub.add_parser("pretrain", help="train (or reuse) the dense baseline a space names")
+    add_space_args(p)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("search", help="run or resume a search (Optuna + Ray Tune)")
+    add_space_args(p)
+    p.add_argument("--trials", type=positive_int, help="total finished trials wanted (default: search.trials)")
+    p.add_argument("--concurrency", type=positive_int, help="trials at once (default: search.concurrency)")
+    p.add_argument("--sampler", choices=["tpe", "gp", "nsga2", "random", "paper"], help="default: search.sampler")
+    p.add_argument("--seed", type=int, help="sampler seed (default: search.seed)")
+    p.add_argument("--name", help="run name: results/<name>/ (default: the space's name)")
+    p.add_argument("--address", help="Ray cluster address HOST:PORT (default: a private local Ray instance)")
+    p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///<run dir>/study.db)")
+    p.add_argument("--inject-failure", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("report", help="write report.html and pareto.csv for a run")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="write the chosen plan as JSON")
+    p.add_argument("run_dir")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--max-drop", type=nonneg_float, help="highest rate within X points of the baseline (default 1.0)")
+    g.add_argument("--min-rate", type=nonneg_float, help="best accuracy with rate at least R")
+    g.add_argument("--trial", type=int, help="a given trial number")
+    p.add_argument("--out", help="output file (default: <run dir>/plan.json)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("final", help="full-length CLIP-Q fine-tune of a plan -> final/model.clipq")
+    p.add_argument("run_dir")
+    p.add_argument("--config", help="plan JSON (default: what `export` picks with its defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    p.add_argument("--address", help="Ray cluster address (default: local)")
+    p.set_defaults(func=cmd_final)
+
+    p = sub.add_parser("demo", help="pretrain, search, report, export and final in one go")
+    add_space_args(p)
+    p.add_argument("--name", help="run name (default: the space's name)")
+    p.set_defaults(func=cmd_demo)
+
+
+
+

@@ -45,6 +45,7 @@ __all__ = [
     "load_compressed",
     "read_compressed",
     "save_compressed",
+    "sparse_layer_bytes",
 ]
 
 MAGIC = b"CLIPQ\0"
@@ -157,6 +158,14 @@ def _sparse_size(name: str, ndim: int, bits: int, k: int, entries: int) -> int:
         + 4 * (2**bits - 1)
         + math.ceil(entries * (bits + k) / 8)
     )
+
+
+def sparse_layer_bytes(name: str, weight: torch.Tensor, bits: int) -> int:
+    """Bytes of one compressed layer's record for an already pruned-quantized ``weight``."""
+    flat = weight.detach().float().cpu().reshape(-1).numpy()
+    _, _, gaps = _codes_and_gaps(flat, bits, name)
+    k, entries = _best_k(gaps, bits)
+    return _sparse_size(name, weight.dim(), bits, k, entries)
 
 
 def _pack(codes: np.ndarray, gaps: np.ndarray, bits: int, k: int) -> bytes:

@@ -1,0 +1,449 @@
+"""The search: Optuna proposes per-layer plans, Ray Tune runs them as trials.
+
+The Optuna study in durable storage (SQLite in the run directory by default)
+is the single source of truth: a rerun of the same command counts its
+finished trials and runs only what is missing. A Ray Tune ``Searcher`` bridges
+the two: ``suggest`` asks the study for a plan, ``on_trial_complete`` tells it
+the result (or the failure, with its error).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from ._io import write_json, write_text
+from .errors import ClipQError, ConfigError
+from .pipeline import Baseline, ensure_baseline, layer_names, run_trial, trial_payload
+from .space import LayerSearchParam, Space
+
+__all__ = ["SearchSummary", "run_search", "trials_frame", "write_trials_csv"]
+
+STUDY_NAME = "clipq"
+METRIC_NAMES = ["val_top1", "log10_rate"]
+# Attributes that record why a trial failed (Optuna keeps them in its storage).
+ERROR_ATTR, INTERRUPTED_ATTR = "error", "interrupted"
+
+
+@dataclass(frozen=True)
+class SearchSummary:
+    run_dir: Path
+    finished: int
+    complete: int
+    failed: int
+    wall_seconds: float
+    trial_seconds: float
+    concurrency: int
+
+
+# -- study and samplers ---------------------------------------------------------------------
+
+
+def _constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
+    return list(trial.user_attrs.get("constraint", [0.0]))
+
+
+def make_sampler(name: str, seed: int, n_trials: int, has_constraint: bool) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler for ``--sampler`` (``paper`` seeds TPE with the paper's plans)."""
+    cons = _constraints if has_constraint else None
+    if name in ("tpe", "paper"):
+        return optuna.samplers.TPESampler(
+            seed=seed, multivariate=True, n_startup_trials=max(4, min(10, n_trials // 4)), constraints_func=cons
+        )
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=max(4, min(10, n_trials // 4)), constraints_func=cons)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, n_trials // 4)), constraints_func=cons)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ConfigError(f"sampler {name!r} is unknown; choose one of tpe, gp, nsga2, random, paper")
+
+
+def open_study(storage: str, sampler: optuna.samplers.BaseSampler | None = None, *, create: bool = True) -> optuna.Study:
+    """Open (or create) the run's study; an unusable storage URL is one clear error."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        if create:
+            study = optuna.create_study(
+                study_name=STUDY_NAME, storage=storage, sampler=sampler, directions=["maximize", "maximize"], load_if_exists=True
+            )
+            if study.metric_names is None:
+                import warnings
+
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    study.set_metric_names(METRIC_NAMES)
+            return study
+        return optuna.load_study(study_name=STUDY_NAME, storage=storage, sampler=sampler)
+    except KeyError:
+        raise ClipQError(f"storage {storage} holds no clipq-search study; is this a run directory?") from None
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy/driver errors vary by backend
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise ClipQError(f"cannot open storage {storage!r} ({first}); give a writable sqlite:/// path or a reachable database URL") from None
+
+
+def distributions(units: list[LayerSearchParam]) -> dict[str, optuna.distributions.BaseDistribution]:
+    out: dict[str, optuna.distributions.BaseDistribution] = {}
+    for u in units:
+        if u.p[0] < u.p[1]:
+            out[f"p:{u.key}"] = optuna.distributions.FloatDistribution(u.p[0], u.p[1])
+        if u.bits[0] < u.bits[1]:
+            out[f"bits:{u.key}"] = optuna.distributions.IntDistribution(u.bits[0], u.bits[1])
+    if not out:
+        raise ConfigError("the search space has nothing to search: every p and bits range is a single value")
+    return out
+
+
+def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
+    return [t for t in study.get_trials(deepcopy=False, states=states) if not t.user_attrs.get(INTERRUPTED_ATTR)]
+
+
+def recover_interrupted(study: optuna.Study, log: Callable[[str], None]) -> int:
+    """Trials left RUNNING by a killed search: mark them failed-interrupted and queue their plans again."""
+    stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    for t in stale:
+        study._storage.set_trial_user_attr(t._trial_id, INTERRUPTED_ATTR, True)
+        study._storage.set_trial_user_attr(t._trial_id, ERROR_ATTR, "interrupted before it finished; re-queued")
+        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
+    if stale:
+        log(f"recovered {len(stale)} interrupted trial(s) ({', '.join(str(t.number) for t in stale)}): queued to run again")
+    return len(stale)
+
+
+# -- trials.csv ---------------------------------------------------------------------------------
+
+
+def trials_frame(study: optuna.Study) -> Any:
+    """One row per trial: state, every layer's p and bits, metrics and timings (a DataFrame)."""
+    import pandas as pd
+
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        a = t.user_attrs
+        row: dict[str, Any] = {
+            "number": t.number,
+            "state": "INTERRUPTED" if a.get(INTERRUPTED_ATTR) else t.state.name,
+            "val_top1": a.get("val_top1"),
+            "rate": a.get("rate"),
+            "size_bytes": a.get("size_bytes"),
+            "val_loss": a.get("val_loss"),
+            "train_seconds": a.get("train_seconds"),
+            "trial_seconds": a.get("trial_seconds"),
+            "node": a.get("node"),
+            "source": a.get("source", "sampler"),
+            "error": a.get(ERROR_ATTR),
+            "datetime_start": t.datetime_start,
+            "datetime_complete": t.datetime_complete,
+        }
+        for layer, cfg in (a.get("layers") or {}).items():
+            row[f"p:{layer}"] = cfg["p"]
+            row[f"bits:{layer}"] = cfg["bits"]
+        for layer, kept in (a.get("kept") or {}).items():
+            row[f"kept:{layer}"] = kept
+        for key, value in t.params.items():
+            row.setdefault(f"param:{key}", value)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def write_trials_csv(study: optuna.Study, run_dir: Path) -> Any:
+    df = trials_frame(study)
+    write_text(run_dir / "trials.csv", df.to_csv(index=False))
+    return df
+
+
+# -- the Ray side -------------------------------------------------------------------------------
+
+
+def _trainable(config: dict[str, Any], payload: dict[str, Any]) -> None:
+    """Ray Tune function trainable: run the trial, report success or the error (never raise)."""
+    from ray import tune
+
+    threads = max(1, int(config["threads"]))
+    try:
+        if config.get("inject_failure") and config["number"] in config["inject_failure"]:
+            raise RuntimeError("injected failure (test hook)")
+        out = run_trial(config["space"], config["plan"], payload, threads=threads)
+        # Ray flattens nested result dicts; ship the whole record as one JSON string.
+        result = {"ok": 1, "val_top1": out["val_top1"], "record": json.dumps(out)}
+    except BaseException as exc:  # noqa: BLE001 - every failure is recorded, the search goes on
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        msg = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:500]
+        result = {"ok": 0, "error": msg, "traceback": traceback.format_exc()[-4000:]}
+    tune.report(result)
+
+
+def _make_searcher(study: optuna.Study, units: list[LayerSearchParam], space: Space, to_run: int,
+                   on_done: Callable[[optuna.trial.FrozenTrial], None], baseline: Baseline, threads: int,
+                   inject_failure: list[int]) -> Any:
+    from ray.tune.search import Searcher
+
+    from .space import Space as _Space
+
+    dists = distributions(units)
+    max_drop = space.data["search"]["max_accuracy_drop"]
+
+    class StudySearcher(Searcher):
+        """Ask the Optuna study for plans; tell it the outcomes."""
+
+        def __init__(self) -> None:
+            super().__init__(metric="val_top1", mode="max")
+            self.issued = 0
+            self.by_tune_id: dict[str, optuna.trial.Trial] = {}
+
+        def suggest(self, trial_id: str) -> dict[str, Any] | None:
+            if self.issued >= to_run:
+                return Searcher.FINISHED
+            trial = study.ask(dists)
+            self.issued += 1
+            params = dict(trial.params)
+            plan = _Space.plan_from_params(params, units)
+            trial.set_user_attr("layers", {k: v.to_dict() for k, v in plan.layers.items()})
+            self.by_tune_id[trial_id] = trial
+            return {
+                "number": trial.number,
+                "plan": plan.to_dict(),
+                "space": space.data,
+                "threads": threads,
+                "inject_failure": inject_failure,
+            }
+
+        def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+            trial = self.by_tune_id.pop(trial_id, None)
+            if trial is None:
+                return
+            if error or not result or not result.get("ok"):
+                msg = (result or {}).get("error") or "the trial's worker died (node lost, out of memory, or killed)"
+                trial.set_user_attr(ERROR_ATTR, msg)
+                if result and result.get("traceback"):
+                    trial.set_user_attr("traceback", result["traceback"])
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            else:
+                result = json.loads(result["record"])
+                for key in ("val_top1", "val_loss", "rate", "size_bytes", "train_seconds", "trial_seconds", "node", "kept", "train_loss"):
+                    trial.set_user_attr(key, result[key])
+                if max_drop is not None:
+                    trial.set_user_attr("constraint", [baseline.val_top1 - result["val_top1"] - max_drop])
+                study.tell(trial, [result["val_top1"], math.log10(result["rate"])])
+            on_done(study._storage.get_trial(trial._trial_id))
+
+        def interrupted(self) -> list[optuna.trial.Trial]:
+            return list(self.by_tune_id.values())
+
+    return StudySearcher()
+
+
+def _init_ray(address: str | None, concurrency: int, cpus_per_trial: float, gpus_per_trial: float, log: Callable[[str], None]) -> None:
+    import ray
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "0")
+    if ray.is_initialized():
+        return
+    if address:
+        try:
+            ray.init(address=address, logging_level="ERROR", log_to_driver=False, include_dashboard=False)
+        except Exception as exc:  # noqa: BLE001 - connection failures come in many types
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise ClipQError(
+                f"no Ray cluster answers at --address {address} ({first}); start one with `ray start --head` "
+                "or drop --address to run locally"
+            ) from None
+        res = ray.cluster_resources()
+        log(f"connected to Ray cluster at {address}: {len(ray.nodes())} node(s), {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs")
+        return
+    cpus = max(os.cpu_count() or 1, math.ceil(concurrency * cpus_per_trial))
+    kwargs: dict[str, Any] = {"num_cpus": cpus, "include_dashboard": False, "logging_level": "ERROR", "log_to_driver": False}
+    if gpus_per_trial == 0:
+        kwargs["num_gpus"] = 0
+    ray.init(**kwargs, _node_ip_address="127.0.0.1")
+    log(f"started a local Ray instance ({cpus} CPUs)")
+
+
+def _check_address_fast(address: str) -> None:
+    """Fail in seconds, not minutes, when nothing listens at host:port."""
+    if address in ("auto", "local") or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClipQError(f"--address {address!r} is not HOST:PORT (e.g. 127.0.0.1:6379)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=3):
+            pass
+    except OSError as exc:
+        raise ClipQError(
+            f"no Ray cluster answers at --address {address} ({exc.strerror or exc}); start one with "
+            "`ray start --head` or drop --address to run locally"
+        ) from None
+
+
+# -- the command ---------------------------------------------------------------------------------
+
+
+def run_search(
+    space: Space,
+    *,
+    results_root: str | Path = "results",
+    name: str | None = None,
+    trials: int | None = None,
+    concurrency: int | None = None,
+    sampler: str | None = None,
+    seed: int | None = None,
+    address: str | None = None,
+    storage: str | None = None,
+    progress: bool | None = None,
+    inject_failure: list[int] | None = None,
+    log: Callable[[str], None] = print,
+) -> SearchSummary:
+    """Run (or resume) a search until ``trials`` trials have finished; see the module doc."""
+    t0 = time.perf_counter()
+    s = space.data["search"]
+    if trials is not None:
+        s["trials"] = trials
+    if concurrency is not None:
+        s["concurrency"] = concurrency
+    if sampler is not None:
+        s["sampler"] = sampler
+    if seed is not None:
+        s["seed"] = seed
+    make_sampler(s["sampler"], s["seed"], s["trials"], False)  # validates the name early
+    if address:
+        _check_address_fast(address)
+    run_dir = Path(results_root) / (name or space.name)
+    storage = storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
+
+    # Everything that can fail on bad input runs before the run directory exists.
+    baseline = ensure_baseline(space, results_root, progress=progress, log=log)
+    payload = trial_payload(space, baseline)
+    units = space.search_params(layer_names(space, payload["info"]))
+    distributions(units)
+
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        study = open_study(storage, make_sampler(s["sampler"], s["seed"], s["trials"], s["max_accuracy_drop"] is not None))
+    except ClipQError:
+        if created:
+            import shutil
+
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    write_text(run_dir / "space.yaml", space.to_yaml())
+    write_json(run_dir / "baseline.json", baseline.to_dict())
+    write_json(run_dir / "run.json", {"storage": storage, "space_source": space.source, "name": run_dir.name,
+                                      "layers": [u.key for u in units]})
+    recover_interrupted(study, log)
+    done = _finished(study)
+    to_run = s["trials"] - len(done)
+    log(f"run {run_dir}: {len(done)} of {s['trials']} trials finished; {max(to_run, 0)} to run, "
+        f"{s['concurrency']} at a time, sampler {s['sampler']}, baseline val {baseline.val_top1:.2f}%")
+    if to_run <= 0:
+        write_trials_csv(study, run_dir)
+        return _summary(study, run_dir, t0, s["concurrency"])
+
+    if s["sampler"] == "paper" and not any(t.user_attrs.get("source") == "paper" for t in study.get_trials(deepcopy=False)):
+        from .paper import paper_plans
+
+        res = space.data["resources"]
+        _init_ray(address, s["concurrency"], res["cpus_per_trial"], res["gpus_per_trial"], log)
+        for lam, params in paper_plans(space, units, payload, log=log):
+            study.enqueue_trial(params, user_attrs={"source": "paper", "lambda": lam})
+
+    _run_with_tune(study, space, units, payload, baseline, run_dir, to_run, address, inject_failure or [], log)
+    write_trials_csv(study, run_dir)
+    summary = _summary(study, run_dir, t0, s["concurrency"])
+    log(
+        f"done: {summary.finished} finished ({summary.complete} complete, {summary.failed} failed) in "
+        f"{summary.wall_seconds:.0f}s; trials.csv and study.db in {run_dir}"
+    )
+    return summary
+
+
+def _summary(study: optuna.Study, run_dir: Path, t0: float, concurrency: int) -> SearchSummary:
+    done = _finished(study)
+    complete = [t for t in done if t.state == optuna.trial.TrialState.COMPLETE]
+    return SearchSummary(
+        run_dir,
+        len(done),
+        len(complete),
+        len(done) - len(complete),
+        time.perf_counter() - t0,
+        sum(t.user_attrs.get("trial_seconds", 0.0) for t in complete),
+        concurrency,
+    )
+
+
+def _best_line(study: optuna.Study, baseline: Baseline) -> str:
+    best = None
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        acc, rate = t.user_attrs["val_top1"], t.user_attrs["rate"]
+        if baseline.val_top1 - acc <= 1.0 and (best is None or rate > best[1]):
+            best = (t.number, rate, acc)
+    return f"best within 1 pt: #{best[0]} {best[1]:.1f}x @ {best[2]:.2f}%" if best else "best within 1 pt: none yet"
+
+
+def _run_with_tune(study: optuna.Study, space: Space, units: list[LayerSearchParam], payload: dict[str, Any],
+                   baseline: Baseline, run_dir: Path, to_run: int, address: str | None,
+                   inject_failure: list[int], log: Callable[[str], None]) -> None:
+    from ray import tune
+
+    s, res = space.data["search"], space.data["resources"]
+    _init_ray(address, s["concurrency"], res["cpus_per_trial"], res["gpus_per_trial"], log)
+    total = s["trials"]
+
+    def on_done(t: optuna.trial.FrozenTrial) -> None:
+        n_done = len(_finished(study))
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            a = t.user_attrs
+            line = (f"[{n_done}/{total}] trial {t.number}: val {a['val_top1']:.2f}%  rate {a['rate']:.1f}x  "
+                    f"{a['trial_seconds']:.1f}s on {a['node']}  | {_best_line(study, baseline)}")
+        else:
+            line = f"[{n_done}/{total}] trial {t.number}: FAILED ({t.user_attrs.get(ERROR_ATTR, 'unknown error')})"
+        log(line)
+        write_trials_csv(study, run_dir)
+
+    threads = max(1, int(res["cpus_per_trial"]))
+    searcher = _make_searcher(study, units, space, to_run, on_done, baseline, threads, inject_failure)
+    resources = {"cpu": res["cpus_per_trial"], "gpu": res["gpus_per_trial"]}
+    trainable = tune.with_resources(tune.with_parameters(_trainable, payload=payload), resources)
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher, num_samples=to_run, max_concurrent_trials=s["concurrency"], reuse_actors=False,
+        ),
+        run_config=tune.RunConfig(
+            name=f"tune-{int(time.time())}",
+            storage_path=str((run_dir / "ray").resolve()),
+            failure_config=tune.FailureConfig(max_failures=s["retries"]),
+            verbose=0,
+            log_to_file=True,
+        ),
+    )
+    try:
+        tuner.fit()
+    finally:
+        # A Ctrl-C (or a crash) leaves the in-flight trials RUNNING in the study;
+        # record them as interrupted now so a rerun re-queues them.
+        left = searcher.interrupted()
+        if left:
+            recover_interrupted(study, lambda m: None)
+            log(f"{len(left)} trial(s) were interrupted and will run again on resume")
+        write_trials_csv(study, run_dir)
+    if sys.stdout.isatty():
+        sys.stdout.flush()

@@ -1,0 +1,411 @@
+"""Search-space files: schema, validation, ``--set`` overrides, and the per-layer parameters.
+
+A space is a YAML mapping (see ``docs/search-space.md`` and ``search_spaces/``).
+It is validated against :data:`SCHEMA` on load: unknown keys get the closest
+known key suggested, values are type- and range-checked with messages that
+name the key. The resolved space is plain data (a nested dict), written to
+the run directory and shipped to Ray workers as is.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import fnmatch
+import hashlib
+import json
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+from .ops import BITS_RANGE
+from .plan import LayerConfig, Plan
+
+__all__ = [
+    "SAMPLERS",
+    "SCHEMA",
+    "LayerSearchParam",
+    "Space",
+    "apply_override",
+    "load_space",
+]
+
+SAMPLERS = ("tpe", "gp", "nsga2", "random", "paper")
+
+
+@dataclass(frozen=True)
+class Field:
+    """One leaf of the schema: its default, a type description and a checker."""
+
+    default: Any
+    kind: str
+    check: Callable[[Any], bool]
+    help: str = ""
+
+
+def _num(lo: float | None = None, hi: float | None = None, *, open_hi: bool = False, optional: bool = False) -> Field:
+    def check(v: Any) -> bool:
+        if v is None:
+            return optional
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return False
+        if lo is not None and v < lo:
+            return False
+        return hi is None or (v < hi if open_hi else v <= hi)
+
+    rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}{')' if open_hi else ']'}"
+    return Field(None, f"a number in {rng}" + (" or null" if optional else ""), check)
+
+
+def _int(lo: int | None = None, hi: int | None = None, *, optional: bool = False) -> Field:
+    def check(v: Any) -> bool:
+        if v is None:
+            return optional
+        if isinstance(v, bool) or not isinstance(v, int):
+            return False
+        return (lo is None or v >= lo) and (hi is None or v <= hi)
+
+    rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+    return Field(None, f"an integer in {rng}" + (" or null" if optional else ""), check)
+
+
+def _str(*choices: str, optional: bool = False) -> Field:
+    def check(v: Any) -> bool:
+        if v is None:
+            return optional
+        return isinstance(v, str) and (not choices or v in choices)
+
+    kind = ("one of " + ", ".join(choices)) if choices else "a string"
+    return Field(None, kind + (" or null" if optional else ""), check)
+
+
+def _bool() -> Field:
+    return Field(None, "true or false", lambda v: isinstance(v, bool))
+
+
+def _list_of_str() -> Field:
+    return Field(None, "a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v))
+
+
+def _list_of_num() -> Field:
+    return Field(
+        None,
+        "a list of numbers",
+        lambda v: isinstance(v, list) and len(v) > 0 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v),
+    )
+
+
+def _d(field: Field, default: Any) -> Field:
+    return Field(default, field.kind, field.check, field.help)
+
+
+def _train_schema(epochs: float | None, lr: float | None, schedule: str | None) -> dict[str, Field]:
+    # null means "the model's shipped default" (train.DEFAULT_PRETRAIN) for the baseline.
+    return {
+        "epochs": _d(_num(0, None, optional=True), epochs),
+        "batch_size": _d(_int(1, optional=True), None),
+        "lr": _d(_num(0, None, optional=True), lr),
+        "momentum": _d(_num(0, 1, open_hi=True, optional=True), None),
+        "weight_decay": _d(_num(0, None, optional=True), None),
+        "schedule": _d(_str("cosine", "step", "constant", optional=True), schedule),
+        "step_epochs": _d(_num(0, None, optional=True), None),
+        "gamma": _d(_num(0, 1, optional=True), None),
+        "nesterov": _d(Field(None, "true, false or null", lambda v: v is None or isinstance(v, bool)), None),
+        "seed": _d(_int(0, optional=True), None),
+        "amp": _d(Field(None, "true, false or null", lambda v: v is None or isinstance(v, bool)), None),
+        "max_steps": _d(_int(1, optional=True), None),
+    }
+
+
+# Layer ranges: `p: [lo, hi]` or a fixed number; `bits: [lo, hi]` or a fixed integer.
+_RANGE_KIND = "a [low, high] pair or a single value"
+_LAYER_RANGE = {"p": _d(Field(None, _RANGE_KIND, lambda v: True), [0.5, 0.98]), "bits": _d(Field(None, _RANGE_KIND, lambda v: True), [2, 6])}
+
+SCHEMA: dict[str, Any] = {
+    "name": _d(_str(optional=True), None),
+    "description": _d(_str(optional=True), None),
+    "model": _d(_str(), "lenet300"),
+    "dataset": {
+        "name": _d(_str(), "fashion-mnist"),
+        "root": _d(_str(optional=True), None),
+        "val_size": _d(_int(1), 5000),
+        "split_seed": _d(_int(0), 0),
+    },
+    "baseline": {
+        "checkpoint": _d(_str(optional=True), None),
+        "train": _train_schema(None, None, None),
+    },
+    "trial": {
+        "train": _train_schema(1.0, 0.01, "cosine"),
+        "eval_batch_size": _d(_int(1), 1000),
+    },
+    "final": {
+        "train": _train_schema(20.0, 0.01, "cosine"),
+    },
+    "layers": {
+        "default": dict(_LAYER_RANGE),
+        "overrides": _d(Field(None, "a mapping of layer name or pattern to {p: .., bits: ..}", lambda v: isinstance(v, dict)), {}),
+        "dense": _d(_list_of_str(), []),
+        "groups": _d(
+            Field(
+                None,
+                "a mapping of group name to a list of layer names or patterns",
+                lambda v: isinstance(v, dict) and all(isinstance(x, list) and all(isinstance(y, str) for y in x) for x in v.values()),
+            ),
+            {},
+        ),
+    },
+    "search": {
+        "sampler": _d(_str(*SAMPLERS), "tpe"),
+        "trials": _d(_int(1), 32),
+        "concurrency": _d(_int(1), 2),
+        "seed": _d(_int(0), 0),
+        "max_accuracy_drop": _d(_num(0, 100, optional=True), None),
+        "retries": _d(_int(0, 10), 1),
+        "paper": {
+            "lambdas": _d(_list_of_num(), [1.0, 3.0, 10.0, 30.0]),
+            "evals_per_layer": _d(_int(2), 30),
+            "subset": _d(_int(1), 2000),
+        },
+    },
+    "resources": {
+        "device": _d(_str(optional=True), "auto"),
+        "cpus_per_trial": _d(_num(0.01), 1),
+        "gpus_per_trial": _d(_num(0), 0),
+    },
+}
+
+
+def _defaults(schema: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: (_defaults(v) if isinstance(v, Mapping) else copy.deepcopy(v.default)) for k, v in schema.items()}
+
+
+def _suggest(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    return f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
+
+
+def _merge(base: dict[str, Any], user: Mapping[str, Any], schema: Mapping[str, Any], path: str, source: str) -> None:
+    for key, value in user.items():
+        where = f"{path}{key}"
+        if key not in schema:
+            raise ConfigError(f"{source}: unknown key {where!r}; {_suggest(str(key), list(schema))}")
+        sub = schema[key]
+        if isinstance(sub, Mapping):
+            if value is None:
+                continue
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{source}: {where!r} must be a mapping with keys {', '.join(sub)}, got {value!r}")
+            _merge(base[key], value, sub, where + ".", source)
+        else:
+            if not sub.check(value):
+                raise ConfigError(f"{source}: {where}={value!r} is invalid; expected {sub.kind}")
+            base[key] = copy.deepcopy(value)
+
+
+def _parse_range(value: Any, *, what: str, integer: bool, lo: float, hi: float, open_hi: bool, where: str) -> tuple[float, float]:
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2:
+            raise ConfigError(f"{where}.{what}={value!r} is invalid; expected [low, high] or a single value")
+        low, high = value
+    else:
+        low = high = value
+    for v in (low, high):
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if integer:
+            ok = ok and float(v).is_integer()
+        ok = ok and lo <= v and (v < hi if open_hi else v <= hi)
+        if not ok:
+            rng = f"[{lo}, {hi})" if open_hi else f"[{lo}, {hi}]"
+            kind = "integers" if integer else "numbers"
+            raise ConfigError(f"{where}.{what}={value!r} is invalid; {what} must be {kind} in {rng}")
+    if low > high:
+        raise ConfigError(f"{where}.{what}={value!r} has low > high; write [low, high] with low <= high")
+    return (int(low), int(high)) if integer else (float(low), float(high))
+
+
+@dataclass(frozen=True)
+class LayerSearchParam:
+    """One searched unit: a layer or a group of layers sharing (p, bits)."""
+
+    key: str
+    layers: tuple[str, ...]
+    p: tuple[float, float]
+    bits: tuple[int, int]
+
+
+def _matches(pattern: str, name: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+class Space:
+    """A validated search space (``data`` is the resolved nested dict)."""
+
+    def __init__(self, data: dict[str, Any], source: str = "space") -> None:
+        self.data = data
+        self.source = source
+        layers = data["layers"]
+        self._default_p = _parse_range(layers["default"]["p"], what="p", integer=False, lo=0.0, hi=1.0, open_hi=True, where="layers.default")
+        self._default_bits = _parse_range(layers["default"]["bits"], what="bits", integer=True, lo=BITS_RANGE[0], hi=BITS_RANGE[1], open_hi=False, where="layers.default")
+        self._overrides: dict[str, tuple[tuple[float, float], tuple[int, int]]] = {}
+        for key, spec in layers["overrides"].items():
+            where = f"layers.overrides.{key}"
+            if not isinstance(spec, Mapping) or not set(spec) <= {"p", "bits"} or not spec:
+                raise ConfigError(f"{source}: {where} must be a mapping with p and/or bits, got {spec!r}")
+            p = _parse_range(spec.get("p", list(self._default_p)), what="p", integer=False, lo=0.0, hi=1.0, open_hi=True, where=where)
+            b = _parse_range(spec.get("bits", list(self._default_bits)), what="bits", integer=True, lo=BITS_RANGE[0], hi=BITS_RANGE[1], open_hi=False, where=where)
+            self._overrides[str(key)] = (p, b)  # type: ignore[assignment]
+        if data["search"]["concurrency"] > data["search"]["trials"]:
+            pass  # allowed: concurrency is capped by the number of trials to run
+
+    # -- convenience accessors --------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.data.get("name") or Path(self.source).stem
+
+    def get(self, dotted: str) -> Any:
+        node: Any = self.data
+        for part in dotted.split("."):
+            node = node[part]
+        return node
+
+    def train_overrides(self, section: str) -> dict[str, Any]:
+        """Non-null training settings of ``baseline``, ``trial`` or ``final``."""
+        return {k: v for k, v in self.data[section]["train"].items() if v is not None}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.data, sort_keys=False)
+
+    def fingerprint(self, *sections: str) -> str:
+        blob = json.dumps({s: self.data[s] for s in sections}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    # -- layers -----------------------------------------------------------------------
+
+    def search_params(self, layer_names: list[str]) -> list[LayerSearchParam]:
+        """The searched units for a model's compressible layers (groups share one (p, bits)).
+
+        Raises ``ConfigError`` listing the real layers when an override, dense
+        entry or group member matches nothing, or when every layer is dense.
+        """
+        layers = self.data["layers"]
+        shown = ", ".join(layer_names)
+
+        def check(pattern: str, what: str) -> list[str]:
+            hits = [n for n in layer_names if n == pattern or _matches(pattern, n)]
+            if not hits:
+                raise ConfigError(f"{self.source}: {what} {pattern!r} matches no compressible layer; layers are: {shown}")
+            return hits
+
+        dense: set[str] = set()
+        for pat in layers["dense"]:
+            dense.update(check(pat, "layers.dense entry"))
+        for pat in self._overrides:
+            check(pat, "layers.overrides key")
+        remaining = [n for n in layer_names if n not in dense]
+        if not remaining:
+            raise ConfigError(f"{self.source}: every layer is in layers.dense; leave at least one of {shown} compressible")
+
+        def ranges(name: str) -> tuple[tuple[float, float], tuple[int, int]]:
+            if name in self._overrides:
+                return self._overrides[name]
+            for pat, r in self._overrides.items():
+                if _matches(pat, name):
+                    return r
+            return self._default_p, self._default_bits  # type: ignore[return-value]
+
+        out: list[LayerSearchParam] = []
+        grouped: set[str] = set()
+        for group, members in layers["groups"].items():
+            names = [n for pat in members for n in check(pat, f"layers.groups.{group} member") if n not in dense]
+            names = list(dict.fromkeys(n for n in names if n not in grouped))
+            if not names:
+                continue
+            grouped.update(names)
+            p, b = ranges(names[0])
+            out.append(LayerSearchParam(str(group), tuple(names), p, b))
+        for name in remaining:
+            if name not in grouped:
+                p, b = ranges(name)
+                out.append(LayerSearchParam(name, (name,), p, b))
+        return out
+
+    @staticmethod
+    def plan_from_params(params: Mapping[str, Any], units: list[LayerSearchParam]) -> Plan:
+        """Turn sampled values ``{"p:<unit>": .., "bits:<unit>": ..}`` into a per-layer plan."""
+        layers: dict[str, LayerConfig] = {}
+        for u in units:
+            p = params.get(f"p:{u.key}", u.p[0])
+            b = params.get(f"bits:{u.key}", u.bits[0])
+            for name in u.layers:
+                layers[name] = LayerConfig(float(p), int(b))
+        return Plan(layers=layers)
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply ``key.path=value`` (value parsed as YAML) to the resolved space, validating it."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected KEY.PATH=VALUE, e.g. --set trial.train.epochs=2")
+    key, _, raw = assignment.partition("=")
+    parts = key.strip().split(".")
+    schema: Any = SCHEMA
+    node: Any = data
+    for i, part in enumerate(parts):
+        here = ".".join(parts[: i + 1])
+        is_free_mapping = isinstance(schema, Field) and isinstance(node, dict)
+        if is_free_mapping:  # layers.overrides.<name>.p and friends
+            schema = Field(None, "a value", lambda v: True)
+        elif not isinstance(schema, Mapping) or part not in schema:
+            known = list(schema) if isinstance(schema, Mapping) else []
+            raise ConfigError(f"--set {key}: unknown key {here!r}; {_suggest(part, known)}")
+        else:
+            schema = schema[part]
+        if i < len(parts) - 1:
+            if part not in node or not isinstance(node[part], dict):
+                node[part] = {}
+            node = node[part]
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(schema, Mapping):
+        raise ConfigError(f"--set {key}: {key!r} is a section; set one of its keys: {', '.join(schema)}")
+    if not schema.check(value):
+        raise ConfigError(f"--set {key}={raw}: invalid value; expected {schema.kind}")
+    node[parts[-1]] = value
+
+
+def load_space(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Space:
+    """Read, validate and resolve a space file, then apply ``--set`` overrides."""
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"space file {path} does not exist; pick one from search_spaces/ or write one (docs/search-space.md)") from None
+    except IsADirectoryError:
+        raise ConfigError(f"space file {path} is a directory; give a .yaml file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"space file {path} is not text; give a YAML search-space file") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"space file {path} is not valid YAML{at}; fix the syntax (see search_spaces/ for examples)") from None
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"space file {path} must be a YAML mapping of keys (model, dataset, layers, ...), got {type(raw).__name__}")
+    data = _defaults(SCHEMA)
+    _merge(data, raw, SCHEMA, "", source)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return Space(data, source)
