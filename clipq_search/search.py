@@ -183,7 +183,7 @@ def _trainable(config: dict[str, Any], payload: dict[str, Any]) -> None:
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
         msg = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:500]
-        result = {"ok": 0, "error": msg, "traceback": traceback.format_exc()[-4000:]}
+        result = {"ok": 0, "val_top1": float("nan"), "error": msg, "traceback": traceback.format_exc()[-4000:]}
     tune.report(result)
 
 
@@ -247,6 +247,20 @@ def _make_searcher(study: optuna.Study, units: list[LayerSearchParam], space: Sp
     return StudySearcher()
 
 
+def _stay_on_loopback() -> None:
+    """Keep a local instance, or a cluster of nodes on this machine, on 127.0.0.1.
+
+    Ray replaces a loopback address by the machine's outward IP (the address a
+    remote node would use); for a private instance or several nodes on one
+    machine that sends traffic off loopback, and it cannot reach a cluster
+    started with ``--node-ip-address 127.0.0.1``. Ray reads this switch at call
+    time (it is how Ray itself behaves on macOS and Windows).
+    """
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def _init_ray(address: str | None, concurrency: int, cpus_per_trial: float, gpus_per_trial: float, log: Callable[[str], None]) -> None:
     import ray
 
@@ -256,9 +270,14 @@ def _init_ray(address: str | None, concurrency: int, cpus_per_trial: float, gpus
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "0")
     if ray.is_initialized():
         return
+    if not address or address.rpartition(":")[0] in ("127.0.0.1", "localhost"):
+        _stay_on_loopback()
     if address:
         try:
-            ray.init(address=address, logging_level="ERROR", log_to_driver=False, include_dashboard=False)
+            host = address.rpartition(":")[0]
+            # A cluster on loopback (several nodes on one machine): the driver is on loopback too.
+            local = {"_node_ip_address": "127.0.0.1"} if host in ("127.0.0.1", "localhost") else {}
+            ray.init(address=address, logging_level="ERROR", log_to_driver=False, **local)
         except Exception as exc:  # noqa: BLE001 - connection failures come in many types
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
             raise ClipQError(

@@ -1,0 +1,653 @@
+"""Datasets: readers for the on-disk formats, a fast in-memory dataset, fixed splits.
+
+Small image datasets (Fashion-MNIST, MNIST, CIFAR-10) are decoded once per
+process into uint8 tensors and served by :class:`ArrayDataset`, which batches
+by tensor indexing (no per-item ``DataLoader`` overhead) and serialises to
+plain numpy arrays so it can be shipped to Ray workers. Image folders (e.g. an
+ImageNet-style tree) go through torchvision and a ``DataLoader`` wrapped in
+:class:`FolderDataset`. Both expose the same ``batches(...)`` interface; use
+:func:`iter_batches` / :func:`num_batches` to consume either (or a plain
+``DataLoader``).
+
+The validation split is a fixed, seeded permutation of the training set, so the
+same :class:`DatasetSpec` gives the same split on every call and machine.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import math
+import os
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import ClipQError, ConfigError, FormatError
+
+__all__ = [
+    "DATASET_NAMES",
+    "DEFAULT_ROOTS",
+    "NORMALIZATION",
+    "ArrayDataset",
+    "BatchSource",
+    "DataSplits",
+    "DatasetSpec",
+    "FolderDataset",
+    "dataset_from_state",
+    "iter_batches",
+    "load_dataset",
+    "num_batches",
+    "read_cifar10",
+    "read_cifar10_batch",
+    "read_idx",
+    "read_mnist",
+]
+
+DATASET_NAMES: tuple[str, ...] = ("fashion-mnist", "mnist", "cifar10", "imagefolder")
+
+DEFAULT_ROOTS: dict[str, str] = {"fashion-mnist": "/usr/share/datasets/fashion-mnist"}
+
+#: Per-channel (mean, std) of the training images scaled to [0, 1].
+NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "fashion-mnist": ((0.2860,), (0.3530,)),
+    "mnist": ((0.1307,), (0.3081,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet
+}
+
+_HOW_TO_GET = {
+    "fashion-mnist": (
+        "install the Debian package (apt-get install dataset-fashion-mnist) or "
+        "put the four Fashion-MNIST IDX files in that folder"
+    ),
+    "mnist": "put the four MNIST IDX files (from https://yann.lecun.com/exdb/mnist/) in that folder",
+}
+
+IDX_FILES: dict[str, str] = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+CIFAR10_TRAIN_FILES: tuple[str, ...] = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
+CIFAR10_TEST_FILE = "test_batch.bin"
+_CIFAR_RECORD = 1 + 3 * 32 * 32
+
+# IDX type codes (third magic byte) -> big-endian numpy dtype.
+_IDX_DTYPES: dict[int, str] = {
+    0x08: "u1",
+    0x09: "i1",
+    0x0B: ">i2",
+    0x0C: ">i4",
+    0x0D: ">f4",
+    0x0E: ">f8",
+}
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def _read_bytes(path: Path) -> bytes:
+    """Whole file content, gunzipped when the name ends in ``.gz``."""
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as fh:
+                return fh.read()
+        return path.read_bytes()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise FormatError(f"{path}: corrupt or truncated gzip data ({exc}); download the file again") from exc
+    except OSError as exc:
+        raise ClipQError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def read_idx(path: str | os.PathLike[str], *, ndim: int | None = None) -> np.ndarray:
+    """Decode one IDX file (MNIST format), gzipped or not, into a numpy array.
+
+    Checks the magic number (two zero bytes, a type code, the number of dims),
+    optionally that there are exactly ``ndim`` dimensions, and that the payload
+    size matches the header. Any mismatch raises :class:`FormatError`.
+    """
+    path = Path(path)
+    raw = _read_bytes(path)
+    if len(raw) < 4:
+        raise FormatError(f"{path}: file is {len(raw)} bytes, too short for an IDX header; download it again")
+    if raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise FormatError(
+            f"{path}: bad IDX magic number 0x{raw[:4].hex()} (expected 0x0000 + type code + ndim); "
+            "not an MNIST-format file"
+        )
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    nd = raw[3]
+    if ndim is not None and nd != ndim:
+        raise FormatError(f"{path}: IDX file has {nd} dimensions, expected {ndim}; wrong file in this slot?")
+    header = 4 + 4 * nd
+    if len(raw) < header:
+        raise FormatError(f"{path}: truncated IDX header ({len(raw)} bytes, need {header}); download it again")
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=nd, offset=4))
+    expected = header + math.prod(dims) * dtype.itemsize
+    if len(raw) != expected:
+        what = "truncated" if len(raw) < expected else "has trailing bytes"
+        raise FormatError(
+            f"{path}: IDX file {what}: {len(raw)} bytes, header dims {dims} need {expected}; download it again"
+        )
+    arr = np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+    return arr.astype(dtype.newbyteorder("="), copy=True)
+
+
+def _find_file(root: Path, name: str) -> Path | None:
+    for candidate in (root / name, root / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _missing(name: str, root: Path, expected: str) -> ClipQError:
+    how = _HOW_TO_GET.get(name, f"put {expected} in that folder")
+    if not root.is_dir():
+        return ClipQError(f"{name} data folder {root} does not exist (expected {expected} there); {how}")
+    return ClipQError(f"{name} data incomplete in {root}: expected {expected}; {how}")
+
+
+def read_mnist(root: str | os.PathLike[str], *, name: str = "mnist") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Read the four MNIST-format IDX files in ``root`` (``.gz`` or raw).
+
+    Returns uint8 images ``(N, 1, H, W)`` and int64 labels ``(N,)`` for train
+    and test: ``(train_x, train_y, test_x, test_y)``.
+    """
+    root = Path(root)
+    paths: dict[str, Path] = {}
+    for key, fname in IDX_FILES.items():
+        found = _find_file(root, fname)
+        if found is None:
+            expected = "the four IDX files " + ", ".join(f"{f}[.gz]" for f in IDX_FILES.values())
+            raise _missing(name, root, expected)
+        paths[key] = found
+    out: list[Tensor] = []
+    for split in ("train", "test"):
+        img_path, lab_path = paths[f"{split}_images"], paths[f"{split}_labels"]
+        images = read_idx(img_path, ndim=3)
+        labels = read_idx(lab_path, ndim=1)
+        if images.dtype != np.uint8 or labels.dtype != np.uint8:
+            raise FormatError(f"{img_path}/{lab_path}: expected unsigned-byte IDX data (type code 0x08)")
+        if images.shape[0] != labels.shape[0]:
+            raise FormatError(
+                f"{lab_path}: {labels.shape[0]} labels but {img_path} holds {images.shape[0]} images; "
+                "the files come from different sets"
+            )
+        if images.shape[1] != images.shape[2]:
+            raise FormatError(f"{img_path}: images are {images.shape[1]}x{images.shape[2]}, expected square")
+        if labels.size and int(labels.max()) >= 10:
+            raise FormatError(f"{lab_path}: label {int(labels.max())} out of range 0..9; not an MNIST label file")
+        out.append(torch.from_numpy(images).unsqueeze(1))
+        out.append(torch.from_numpy(labels.astype(np.int64)))
+    return out[0], out[1], out[2], out[3]
+
+
+def read_cifar10_batch(path: str | os.PathLike[str]) -> tuple[Tensor, Tensor]:
+    """Decode one CIFAR-10 binary batch: records of 1 label byte + 3072 CHW bytes.
+
+    Returns uint8 images ``(N, 3, 32, 32)`` and int64 labels ``(N,)``.
+    """
+    path = Path(path)
+    raw = _read_bytes(path)
+    if len(raw) == 0 or len(raw) % _CIFAR_RECORD:
+        raise FormatError(
+            f"{path}: {len(raw)} bytes is not a whole number of {_CIFAR_RECORD}-byte CIFAR-10 records; "
+            "truncated or not a CIFAR-10 binary batch"
+        )
+    rec = np.frombuffer(raw, dtype=np.uint8).reshape(-1, _CIFAR_RECORD)
+    labels = rec[:, 0].astype(np.int64)
+    if int(labels.max()) >= 10:
+        raise FormatError(f"{path}: label {int(labels.max())} out of range 0..9; not a CIFAR-10 batch")
+    images = rec[:, 1:].reshape(-1, 3, 32, 32).copy()
+    return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+def read_cifar10(root: str | os.PathLike[str]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Read the CIFAR-10 binary distribution from ``root`` or ``root/cifar-10-batches-bin``.
+
+    Returns ``(train_x, train_y, test_x, test_y)``; images uint8 ``(N, 3, 32, 32)``.
+    """
+    root = Path(root)
+    base = root / "cifar-10-batches-bin" if (root / "cifar-10-batches-bin").is_dir() else root
+    names = (*CIFAR10_TRAIN_FILES, CIFAR10_TEST_FILE)
+    if not all((base / n).is_file() for n in names):
+        expected = "data_batch_1.bin..data_batch_5.bin and test_batch.bin"
+        how = (
+            "download cifar-10-binary.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html "
+            "and extract it there"
+        )
+        where = "does not exist" if not root.is_dir() else "lacks them"
+        raise ClipQError(f"cifar10 needs {expected} in {root} (or its cifar-10-batches-bin/), but it {where}; {how}")
+    parts = [read_cifar10_batch(base / n) for n in CIFAR10_TRAIN_FILES]
+    test_x, test_y = read_cifar10_batch(base / CIFAR10_TEST_FILE)
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), test_x, test_y
+
+
+@functools.lru_cache(maxsize=4)
+def _load_arrays(name: str, root: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Decoded arrays per (dataset, folder), cached for the process: decoding is the slow part.
+
+    Callers must not modify the returned tensors in place.
+    """
+    if name == "cifar10":
+        return read_cifar10(root)
+    return read_mnist(root, name=name)
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    """What training and evaluation consume: a sized dataset that yields ``(x, y)`` batches."""
+
+    def __len__(self) -> int: ...
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        drop_last: bool = False,
+    ) -> Iterator[tuple[Tensor, Tensor]]: ...
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size!r} is invalid; use an integer >= 1")
+
+
+class ArrayDataset:
+    """Images held in memory as uint8, normalised per batch.
+
+    ``images``: uint8 ``(N, C, H, W)``; ``labels``: int64 ``(N,)``; ``mean``/``std``:
+    per-channel statistics of images scaled to [0, 1] (length C). Batches are
+    float32 ``(B, C, H, W)``, ``(x / 255 - mean) / std``, and int64 ``(B,)``.
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> None:
+        if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
+            got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"ArrayDataset.images must be a uint8 tensor (N, C, H, W), got {got}")
+        if not isinstance(labels, Tensor) or labels.dtype != torch.int64 or labels.shape != images.shape[:1]:
+            got = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, Tensor) else type(labels).__name__
+            raise ValueError(f"ArrayDataset.labels must be an int64 tensor of shape ({images.shape[0]},), got {got}")
+        channels = images.shape[1]
+        mean_t, std_t = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        if len(mean_t) != channels or len(std_t) != channels:
+            raise ValueError(
+                f"ArrayDataset mean/std have {len(mean_t)}/{len(std_t)} entries; expected one per channel ({channels})"
+            )
+        if any(not s > 0 for s in std_t):
+            raise ValueError(f"ArrayDataset.std={std_t} must be > 0 in every channel")
+        self.images = images
+        self.labels = labels
+        self.mean = mean_t
+        self.std = std_t
+        self._consts: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __repr__(self) -> str:
+        return f"ArrayDataset(n={len(self)}, shape={tuple(self.images.shape[1:])}, device={self.images.device})"
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[-1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    def to(self, device: torch.device | str) -> ArrayDataset:
+        """A copy whose tensors live on ``device`` (e.g. keep a small dataset resident on the GPU)."""
+        return ArrayDataset(self.images.to(device), self.labels.to(device), self.mean, self.std)
+
+    def subset(self, indices: Tensor | Sequence[int] | np.ndarray) -> ArrayDataset:
+        """A new dataset holding the items at ``indices`` (copied), same normalisation."""
+        idx = torch.as_tensor(indices, dtype=torch.int64, device=self.images.device)
+        return ArrayDataset(self.images[idx], self.labels[idx], self.mean, self.std)
+
+    def _normalize(self, x: Tensor) -> Tensor:
+        # (x/255 - mean)/std as one fused multiply-add per channel; constants cached per device.
+        consts = self._consts.get(x.device)
+        if consts is None:
+            scale = torch.tensor([1.0 / (255.0 * s) for s in self.std], device=x.device).view(1, -1, 1, 1)
+            shift = torch.tensor([-m / s for m, s in zip(self.mean, self.std, strict=True)], device=x.device)
+            consts = self._consts[x.device] = (shift.view(1, -1, 1, 1), scale)
+        return torch.addcmul(consts[0], x.float(), consts[1])
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        drop_last: bool = False,
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield ``(x, y)``: float32 ``(B, C, H, W)`` normalised images, int64 ``(B,)`` labels.
+
+        With ``shuffle`` the order is ``torch.randperm(N, generator=generator)``
+        (drawn once per call), so a seeded generator gives a reproducible epoch.
+        Indexing happens where the data lives; only the uint8 batch is moved.
+        """
+        _check_batch_size(batch_size)
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if shuffle else None
+        stop = n - n % batch_size if drop_last else n
+        target = torch.device(device) if device is not None else self.images.device
+        for start in range(0, stop, batch_size):
+            end = min(start + batch_size, n)
+            if order is None:
+                xb, yb = self.images[start:end], self.labels[start:end]
+            else:
+                idx = order[start:end].to(self.images.device)
+                xb, yb = self.images[idx], self.labels[idx]
+            xb = xb.to(target, non_blocking=True)
+            yb = yb.to(target, non_blocking=True)
+            yield self._normalize(xb), yb
+
+    def num_batches(self, batch_size: int, *, drop_last: bool = False) -> int:
+        _check_batch_size(batch_size)
+        return len(self) // batch_size if drop_last else -(-len(self) // batch_size)
+
+    def to_state(self) -> dict[str, Any]:
+        """Plain numpy arrays and numbers (no pickled objects): cheap to ship to Ray workers."""
+        return {
+            "kind": "array",
+            "images": self.images.cpu().numpy(),
+            "labels": self.labels.cpu().numpy(),
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> ArrayDataset:
+        """Inverse of :meth:`to_state`. Shares memory with the arrays when possible."""
+        images = np.asarray(state["images"])
+        labels = np.asarray(state["labels"])
+        # Arrays from Ray's object store are read-only; torch wants writable memory.
+        if not images.flags.writeable:
+            images = images.copy()
+        if not labels.flags.writeable:
+            labels = labels.copy()
+        return cls(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64, copy=False)),
+                   state["mean"], state["std"])
+
+
+def _import_torchvision() -> Any:
+    try:
+        import torchvision
+    except ImportError as exc:
+        raise ClipQError(
+            "this needs torchvision, which is not installed; "
+            "pip install torchvision (or pip install 'clipq-search[vision]')"
+        ) from exc
+    return torchvision
+
+
+class FolderDataset:
+    """An image-folder split (one sub-folder per class) read through torchvision and a ``DataLoader``.
+
+    Holds only the folder, the item indices and whether to augment, so its
+    state is plain data; images are decoded by ``num_workers`` loader processes.
+    Batches are float32 ``(B, 3, 224, 224)`` with ImageNet normalisation.
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike[str],
+        *,
+        train: bool,
+        indices: Sequence[int] | None = None,
+        num_workers: int | None = None,
+    ) -> None:
+        tv = _import_torchvision()
+        from torchvision import transforms as T
+
+        mean, std = NORMALIZATION["imagefolder"]
+        if train:
+            tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+        else:
+            tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(mean, std)])
+        self.folder = str(folder)
+        self.train = train
+        self.num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
+        self._full = tv.datasets.ImageFolder(self.folder, transform=tf)
+        self.classes: list[str] = list(self._full.classes)
+        self.indices: list[int] | None = None if indices is None else [int(i) for i in indices]
+        self.dataset: torch.utils.data.Dataset[Any] = (
+            self._full if self.indices is None else torch.utils.data.Subset(self._full, self.indices)
+        )
+
+    def __len__(self) -> int:
+        return len(self._full) if self.indices is None else len(self.indices)
+
+    def __repr__(self) -> str:
+        return f"FolderDataset({self.folder!r}, train={self.train}, n={len(self)})"
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        drop_last: bool = False,
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield ``(x, y)`` batches from a ``DataLoader`` (pinned memory when copying to CUDA)."""
+        _check_batch_size(batch_size)
+        target = torch.device(device) if device is not None else torch.device("cpu")
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            pin_memory=target.type == "cuda",
+            persistent_workers=False,
+        )
+        for xb, yb in loader:
+            yield xb.to(target, non_blocking=True), yb.to(target, non_blocking=True)
+
+    def num_batches(self, batch_size: int, *, drop_last: bool = False) -> int:
+        _check_batch_size(batch_size)
+        return len(self) // batch_size if drop_last else -(-len(self) // batch_size)
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "kind": "folder",
+            "folder": self.folder,
+            "train": self.train,
+            "indices": None if self.indices is None else np.asarray(self.indices, dtype=np.int64),
+            "num_workers": self.num_workers,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> FolderDataset:
+        idx = state["indices"]
+        return cls(state["folder"], train=bool(state["train"]),
+                   indices=None if idx is None else [int(i) for i in idx], num_workers=int(state["num_workers"]))
+
+
+def dataset_from_state(state: dict[str, Any]) -> ArrayDataset | FolderDataset:
+    """Rebuild an :class:`ArrayDataset` or :class:`FolderDataset` from its ``to_state()``."""
+    kind = state.get("kind", "array")
+    if kind == "array":
+        return ArrayDataset.from_state(state)
+    if kind == "folder":
+        return FolderDataset.from_state(state)
+    raise FormatError(f"dataset state has kind={kind!r}; expected 'array' or 'folder'")
+
+
+def num_batches(data: BatchSource | Iterable[Any], batch_size: int, *, drop_last: bool = False) -> int:
+    """Batches per pass over ``data``: from ``data.num_batches`` or, for a ``DataLoader``, ``len(data)``."""
+    if hasattr(data, "num_batches"):
+        return int(data.num_batches(batch_size, drop_last=drop_last))
+    return len(data)  # type: ignore[arg-type]  # a DataLoader: its own batch size applies
+
+
+def iter_batches(
+    data: BatchSource | Iterable[Any],
+    batch_size: int,
+    *,
+    shuffle: bool,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    drop_last: bool = False,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """One pass over ``data`` as ``(x, y)`` batches on ``device``.
+
+    ``data`` is anything with ``batches(...)`` (:class:`ArrayDataset`,
+    :class:`FolderDataset`) or an iterable of ``(x, y)`` pairs such as a
+    ``DataLoader``, whose own batch size and shuffling then apply.
+    """
+    if isinstance(data, BatchSource):
+        yield from data.batches(batch_size, shuffle=shuffle, generator=generator, device=device, drop_last=drop_last)
+        return
+    for xb, yb in data:
+        if device is not None:
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        yield xb, yb
+
+
+# --------------------------------------------------------------------------- specs and splits
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Which dataset, where it lives, and how the validation split is drawn.
+
+    ``val_size`` images are held out of the training set by a permutation
+    seeded with ``split_seed``; 0 means no validation split.
+    """
+
+    name: str
+    root: str | None = None
+    val_size: int = 5000
+    split_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.name not in DATASET_NAMES:
+            raise ConfigError(f"DatasetSpec.name={self.name!r} is unknown; valid names: {', '.join(DATASET_NAMES)}")
+        if self.root is None and self.name not in DEFAULT_ROOTS:
+            raise ConfigError(f"DatasetSpec.root is required for {self.name!r}; pass the folder holding its files")
+        if self.root is not None:
+            if not isinstance(self.root, str | os.PathLike):
+                raise ConfigError(f"DatasetSpec.root={self.root!r} is invalid; pass a folder path string")
+            object.__setattr__(self, "root", os.fspath(self.root))  # keep the spec plain data
+        if isinstance(self.val_size, bool) or not isinstance(self.val_size, int) or self.val_size < 0:
+            raise ConfigError(f"DatasetSpec.val_size={self.val_size!r} is invalid; use an integer >= 0")
+        if isinstance(self.split_seed, bool) or not isinstance(self.split_seed, int) or self.split_seed < 0:
+            raise ConfigError(f"DatasetSpec.split_seed={self.split_seed!r} is invalid; use an integer >= 0")
+
+    @property
+    def resolved_root(self) -> str:
+        """``root``, or the default folder for the dataset, with ``~`` expanded."""
+        root = self.root if self.root is not None else DEFAULT_ROOTS[self.name]
+        return str(Path(root).expanduser())
+
+
+@dataclass
+class DataSplits:
+    """Train / validation / test splits plus the shape facts a model needs."""
+
+    train: ArrayDataset | FolderDataset
+    val: ArrayDataset | FolderDataset | None
+    test: ArrayDataset | FolderDataset
+    num_classes: int
+    in_channels: int
+    image_size: int
+    name: str
+
+
+def split_indices(n: int, val_size: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Sorted ``(train_idx, val_idx)``: the first ``val_size`` of a seeded permutation of ``range(n)`` are val."""
+    if val_size >= n:
+        raise ConfigError(f"DatasetSpec.val_size={val_size} must be smaller than the training set ({n} images)")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    val_idx, _ = torch.sort(perm[:val_size])
+    train_idx, _ = torch.sort(perm[val_size:])
+    return train_idx, val_idx
+
+
+def load_dataset(spec: DatasetSpec) -> DataSplits:
+    """Load ``spec``'s dataset and split it; decoded arrays are cached per process.
+
+    Raises :class:`ClipQError` when the folder or files are missing and
+    :class:`FormatError` when a file is malformed.
+    """
+    root = spec.resolved_root
+    if spec.name == "imagefolder":
+        return _load_imagefolder(spec, Path(root))
+    train_x, train_y, test_x, test_y = _load_arrays(spec.name, root)
+    mean, std = NORMALIZATION[spec.name]
+    full = ArrayDataset(train_x, train_y, mean, std)
+    test = ArrayDataset(test_x.clone(), test_y.clone(), mean, std)  # never hand out the cached tensors
+    if spec.val_size == 0:
+        if len(full) == 0:
+            raise FormatError(f"{root}: the training set is empty")
+        train, val = full.subset(torch.arange(len(full))), None
+    else:
+        train_idx, val_idx = split_indices(len(full), spec.val_size, spec.split_seed)
+        train, val = full.subset(train_idx), full.subset(val_idx)
+    return DataSplits(
+        train=train,
+        val=val,
+        test=test,
+        num_classes=10,
+        in_channels=int(train_x.shape[1]),
+        image_size=int(train_x.shape[-1]),
+        name=spec.name,
+    )
+
+
+def _load_imagefolder(spec: DatasetSpec, root: Path) -> DataSplits:
+    _import_torchvision()
+    train_dir = root / "train"
+    test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+    if not train_dir.is_dir() or test_dir is None:
+        raise ClipQError(
+            f"imagefolder needs {root}/train/ and {root}/val/ (or test/), each with one sub-folder per class; "
+            "arrange the images that way"
+        )
+    probe = FolderDataset(train_dir, train=False)
+    if spec.val_size == 0:
+        train: FolderDataset = FolderDataset(train_dir, train=True)
+        val: FolderDataset | None = None
+    else:
+        train_idx, val_idx = split_indices(len(probe), spec.val_size, spec.split_seed)
+        train = FolderDataset(train_dir, train=True, indices=train_idx.tolist())
+        val = FolderDataset(train_dir, train=False, indices=val_idx.tolist())
+    test = FolderDataset(test_dir, train=False)
+    if test.classes != probe.classes:
+        raise FormatError(f"{test_dir} has classes {test.classes[:5]}... but {train_dir} has {probe.classes[:5]}...; "
+                          "use the same class sub-folders in both")
+    return DataSplits(
+        train=train, val=val, test=test, num_classes=len(probe.classes), in_channels=3, image_size=224,
+        name=spec.name,
+    )

@@ -1,0 +1,205 @@
+"""Export a chosen plan, and run it to a final, truly smaller model file.
+
+``final`` runs two full-length fine-tunes as Ray tasks (so a cluster GPU is
+used when there is one): the plan with CLIP-Q attached, and a **control** (the
+same dense baseline fine-tuned for the same epochs without compression).
+Both checkpoint every epoch and resume after an interruption. The compressed
+model is written as ``final/model.clipq`` and its test accuracy is measured on
+the model **as reloaded from that file**.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ._io import write_json
+from .errors import ClipQError
+from .plan import Plan
+
+__all__ = ["export_plan", "run_final"]
+
+DEFAULT_MAX_DROP = 1.0
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """One clear error when ``run_dir`` is not a search run."""
+    if not run_dir.is_dir():
+        raise ClipQError(f"{run_dir} does not exist; give a run directory made by `run_search.py search` (results/<name>)")
+    for needed in ("run.json", "space.yaml", "baseline.json"):
+        if not (run_dir / needed).is_file():
+            raise ClipQError(f"{run_dir} is not a run directory (no {needed}); run `run_search.py search` first")
+
+
+def export_plan(
+    run_dir: Path,
+    *,
+    max_drop: float | None = None,
+    min_rate: float | None = None,
+    trial: int | None = None,
+    out: str | Path | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Pick a trial by one rule and write its plan JSON (``{"layers": ...}`` plus metrics and source)."""
+    from .pareto import load_trials, plan_of, select_max_drop, select_min_rate, select_trial
+
+    check_run_dir(run_dir)
+    df = load_trials(run_dir)
+    baseline = json.loads((run_dir / "baseline.json").read_text())
+    if trial is not None:
+        sel = select_trial(df, trial)
+    elif min_rate is not None:
+        sel = select_min_rate(df, min_rate)
+    else:
+        sel = select_max_drop(df, baseline["val_top1"], DEFAULT_MAX_DROP if max_drop is None else max_drop)
+    if sel.trial is None:
+        raise ClipQError(sel.message)
+    row = df[df["number"] == sel.trial].iloc[0]
+    plan = Plan.from_dict(plan_of(df, sel.trial))
+    path = Path(out) if out else run_dir / "plan.json"
+    metrics = {k: (None if row.get(k) != row.get(k) else float(row[k])) for k in ("val_top1", "rate", "size_bytes")}
+    write_json(
+        path,
+        {
+            **plan.to_dict(),
+            "metrics": {**metrics, "baseline_val_top1": baseline["val_top1"]},
+            "source": {"run": str(run_dir), "trial": int(sel.trial), "rule": sel.rule},
+        },
+    )
+    log(f"selected trial {sel.trial} ({sel.rule}): val {metrics['val_top1']:.2f}%, rate {metrics['rate']:.1f}x")
+    return path
+
+
+def _final_task(space_data: dict[str, Any], plan: dict[str, Any] | None, payload: dict[str, Any], ckpt: str,
+                threads: int, queue: Any, tag: str) -> dict[str, Any]:
+    """Ray task: full-length fine-tune (CLIP-Q when ``plan`` is given, else the dense control)."""
+    from .pipeline import model_for, state_from_bytes, state_to_bytes, train_config
+    from .surgery import attach_clipq
+    from .train import configure_threads, select_device, train
+
+    configure_threads(threads)
+    device = select_device(space_data["resources"]["device"])
+    model = model_for(space_data, payload["info"])
+    model.load_state_dict(state_from_bytes(payload["baseline"]), strict=True)
+    if plan is not None:
+        attach_clipq(model, Plan.from_dict(plan))
+    from .data import dataset_from_state
+
+    cfg = train_config(space_data, "final")
+
+    def on_epoch(rec: dict[str, float]) -> None:
+        if queue is not None:
+            val = f", val {rec['val_top1']:.2f}%" if "val_top1" in rec else ""
+            queue.put(f"  {tag}: epoch {rec['epoch']:g}/{cfg.epochs:g} loss {rec['train_loss']:.4f}{val}")
+
+    res = train(model, dataset_from_state(payload["train"]), cfg, device=device, val_data=dataset_from_state(payload["val"]),
+                progress=False, desc=tag, on_epoch_end=on_epoch, checkpoint_path=ckpt, resume=True)
+    model.cpu()
+    return {"state": state_to_bytes(model), "seconds": res.seconds, "resumed_from_step": res.resumed_from_step,
+            "final_train_loss": res.final_train_loss}
+
+
+def run_final(
+    run_dir: Path,
+    *,
+    config: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    address: str | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Full-length CLIP-Q run of a plan -> ``final/model.clipq`` and ``final/metrics.json``."""
+    import ray
+
+    from .data import load_dataset
+    from .encoding import read_compressed, save_compressed
+    from .pipeline import Baseline, dataset_spec, model_for, splits_info, state_from_bytes, train_config, trial_payload
+    from .search import _check_address_fast, _init_ray
+    from .space import load_space
+    from .surgery import attach_clipq
+    from .train import evaluate
+
+    check_run_dir(run_dir)
+    space = load_space(run_dir / "space.yaml", overrides)
+    cfg = train_config(space.data, "final")
+    if config:
+        plan = Plan.load(config)
+        try:
+            source = json.loads(Path(config).read_text()).get("source")
+        except (OSError, ValueError):
+            source = None
+    else:
+        plan_path = export_plan(run_dir, out=run_dir / "final" / "plan.json", log=log)
+        plan = Plan.load(plan_path)
+        source = json.loads(plan_path.read_text()).get("source")
+    baseline = Baseline(**json.loads((run_dir / "baseline.json").read_text()))
+    payload = trial_payload(space, baseline)
+    plan.resolve(model_for(space.data, payload["info"]))  # unknown layers fail before any training
+    final_dir = run_dir / "final"
+    final_dir.mkdir(parents=True, exist_ok=True)
+    if address:
+        _check_address_fast(address)
+    res = space.data["resources"]
+    _init_ray(address, 2, res["cpus_per_trial"], res["gpus_per_trial"], log)
+    from ray.util.queue import Queue
+
+    queue = Queue()
+    threads = max(1, int(res["cpus_per_trial"]))
+    task = ray.remote(num_cpus=res["cpus_per_trial"], num_gpus=res["gpus_per_trial"], max_retries=1)(_final_task)
+    ref_payload = ray.put(payload)
+    log(f"final run: {cfg.epochs:g} epochs of CLIP-Q fine-tuning and of the dense control, in parallel on Ray")
+    t0 = time.perf_counter()
+    refs = {
+        "compressed": task.remote(space.data, plan.to_dict(), ref_payload, str((final_dir / "ckpt-compressed.pt").resolve()), threads, queue, "compressed"),
+        "control": task.remote(space.data, None, ref_payload, str((final_dir / "ckpt-control.pt").resolve()), threads, queue, "control"),
+    }
+    pending = list(refs.values())
+    while pending:
+        _, pending = ray.wait(pending, timeout=1.0, num_returns=len(pending))
+        while not queue.empty():
+            log(queue.get())
+    while not queue.empty():
+        log(queue.get())
+    try:
+        results = {k: ray.get(r) for k, r in refs.items()}
+    except ray.exceptions.RayError as exc:
+        raise ClipQError(f"the final run failed: {str(exc).strip().splitlines()[-1][:300]}; rerun `final` to resume") from None
+
+    splits = load_dataset(dataset_spec(space))
+    info = splits_info(splits)
+    device = "cpu"
+    model = model_for(space.data, info)
+    attach_clipq(model, plan)
+    model.load_state_dict(state_from_bytes(results["compressed"]["state"]), strict=True)
+    written = save_compressed(model, final_dir / "model.clipq")
+    reloaded = model_for(space.data, info)
+    reloaded.load_state_dict(read_compressed(final_dir / "model.clipq")[0], strict=True)
+    compressed = evaluate(reloaded, splits.test, device=device)
+    control_model = model_for(space.data, info)
+    control_model.load_state_dict(state_from_bytes(results["control"]["state"]), strict=True)
+    control = evaluate(control_model, splits.test, device=device)
+    metrics = {
+        "baseline_test_top1": baseline.test_top1,
+        "control_test_top1": control["top1"],
+        "compressed_test_top1": compressed["top1"],
+        "compressed_val_top1": evaluate(reloaded, splits.val, device=device)["top1"] if splits.val is not None else None,
+        "rate": written.original_bytes / (final_dir / "model.clipq").stat().st_size,
+        "file_bytes": (final_dir / "model.clipq").stat().st_size,
+        "original_bytes": written.original_bytes,
+        "plan": plan.to_dict(),
+        "epochs": cfg.epochs,
+        "seconds": time.perf_counter() - t0,
+        "trial": (source or {}).get("trial"),
+        "source": source,
+    }
+    write_json(final_dir / "metrics.json", metrics)
+    for tag in ("compressed", "control"):
+        (final_dir / f"ckpt-{tag}.pt").unlink(missing_ok=True)
+    log(
+        f"final: test accuracy baseline {metrics['baseline_test_top1']:.2f}%, control {metrics['control_test_top1']:.2f}%, "
+        f"compressed (reloaded from file) {metrics['compressed_test_top1']:.2f}%; file {metrics['file_bytes']:,} bytes, "
+        f"rate {metrics['rate']:.1f}x -> {final_dir / 'model.clipq'}"
+    )
+    return metrics

@@ -1,0 +1,574 @@
+"""Analysis of a finished (or running) search: Pareto front, hypervolume, knee, plan selection.
+
+Plain data only: functions take a run directory or the ``trials.csv`` frame and
+return numbers, dataclasses and DataFrames. Drawing lives in ``report.py``.
+
+Both objectives are maximised: validation top-1 accuracy (percent) and the
+compression rate. Distances and areas use ``log10(rate)``, so that going from
+10x to 20x counts as much as going from 20x to 40x.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .errors import ClipQError, ConfigError
+
+__all__ = [
+    "COMPLETE",
+    "HV_REF_DROP",
+    "ParetoInfo",
+    "RunData",
+    "Selection",
+    "complete_trials",
+    "hypervolume",
+    "hypervolume_history",
+    "knee_point",
+    "layer_names",
+    "load_baseline_info",
+    "load_final_metrics",
+    "load_run",
+    "load_run_info",
+    "load_trials",
+    "pareto_info",
+    "pareto_mask",
+    "pareto_ranks",
+    "pareto_table",
+    "plan_of",
+    "select_max_drop",
+    "select_min_rate",
+    "select_trial",
+]
+
+COMPLETE, FAIL, INTERRUPTED = "COMPLETE", "FAIL", "INTERRUPTED"
+PENDING_STATES = ("RUNNING", "WAITING")
+# Default hypervolume reference: this many accuracy points below the dense baseline, at rate 1x.
+HV_REF_DROP = 10.0
+# Float slack for "drop <= max_drop": 87.2 - 86.2 is 1.0000000000000142 in binary floating point.
+_EPS = 1e-9
+
+_NUMERIC_COLUMNS = ("val_top1", "rate", "size_bytes", "val_loss", "train_seconds", "trial_seconds")
+_TEXT_COLUMNS = ("state", "node", "source", "error")
+_BASE_COLUMNS = ("number", "state", *_NUMERIC_COLUMNS, "node", "source", "error", "datetime_start", "datetime_complete")
+
+
+# -- loading a run directory -------------------------------------------------------------------
+
+
+def _not_a_run(run_dir: Path) -> ClipQError:
+    return ClipQError(f"{run_dir} is not a run directory (no trials.csv); run `run_search.py search` first")
+
+
+def load_trials(run_dir: str | Path) -> pd.DataFrame:
+    """Read ``RUN_DIR/trials.csv`` with numeric metrics, parsed datetimes and integer trial numbers.
+
+    An empty file (a search that has not finished a trial yet) gives an empty frame with the usual columns.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / "trials.csv"
+    if not path.is_file():
+        raise _not_a_run(run_dir)
+    try:
+        df = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        df = pd.DataFrame({c: pd.Series(dtype=object) for c in _BASE_COLUMNS})
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError) as e:
+        fix = "rerun `run_search.py search` to rewrite it"
+        raise ClipQError(f"{path} is unreadable ({type(e).__name__}); {fix}") from e
+    for col in ("number", "state"):
+        if col not in df.columns:
+            raise ClipQError(f"{path} has no {col!r} column; it is not a trials.csv written by `run_search.py search`")
+    for col in _BASE_COLUMNS:
+        if col not in df.columns:
+            df[col] = np.nan
+    numbers = pd.to_numeric(df["number"], errors="coerce")
+    if numbers.isna().any():
+        raise ClipQError(f"{path} has a non-integer trial number; rerun `run_search.py search` to rewrite it")
+    df["number"] = numbers.astype("int64")
+    for col in (*_NUMERIC_COLUMNS, *(c for c in df.columns if c.startswith(("p:", "bits:", "kept:")))):
+        df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
+    for col in _TEXT_COLUMNS:
+        df[col] = df[col].astype(object).where(df[col].notna(), None)
+    df["state"] = df["state"].fillna("UNKNOWN").astype(str)
+    for col in ("datetime_start", "datetime_complete"):
+        df[col] = pd.to_datetime(df[col], errors="coerce", format="ISO8601")
+    return df.sort_values("number", kind="stable").reset_index(drop=True)
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ClipQError(f"{path} is unreadable ({type(e).__name__}); {what}") from e
+    if not isinstance(data, dict):
+        raise ClipQError(f"{path} does not hold a JSON object; {what}")
+    return data
+
+
+def load_baseline_info(run_dir: str | Path) -> dict[str, Any]:
+    """``RUN_DIR/baseline.json`` as a dict; ``val_top1`` is checked to be a number."""
+    run_dir = Path(run_dir)
+    path = run_dir / "baseline.json"
+    fix = "rerun `run_search.py search` on this run to rewrite it"
+    if not path.is_file():
+        if not (run_dir / "trials.csv").is_file():
+            raise _not_a_run(run_dir)
+        raise ClipQError(f"{run_dir} has no baseline.json; {fix}")
+    info = _read_json(path, fix)
+    val = info.get("val_top1")
+    if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val):
+        raise ClipQError(f"{path} has val_top1={val!r}, not a number; {fix}")
+    return info
+
+
+def load_run_info(run_dir: str | Path) -> dict[str, Any]:
+    """``RUN_DIR/run.json`` as a dict (``{"name": <dir name>}`` when the file is absent)."""
+    run_dir = Path(run_dir)
+    path = run_dir / "run.json"
+    if not path.is_file():
+        return {"name": run_dir.resolve().name}
+    info = _read_json(path, "rerun `run_search.py search` on this run to rewrite it")
+    info.setdefault("name", run_dir.resolve().name)
+    return info
+
+
+def load_final_metrics(run_dir: str | Path) -> dict[str, Any] | None:
+    """``RUN_DIR/final/metrics.json`` as a dict, or None when `final` has not been run."""
+    path = Path(run_dir) / "final" / "metrics.json"
+    if not path.is_file():
+        return None
+    return _read_json(path, "rerun `run_search.py final` to rewrite it")
+
+
+def layer_names(df: pd.DataFrame, order: Sequence[str] | None = None) -> list[str]:
+    """Layers with a ``p:<layer>`` column, in ``order`` (e.g. run.json's list) first, then as in the CSV."""
+    in_csv = [c[2:] for c in df.columns if c.startswith("p:")]
+    first = [name for name in (order or []) if name in in_csv]
+    return first + [name for name in in_csv if name not in first]
+
+
+# -- pure Pareto math on arrays ------------------------------------------------------------------
+
+
+def _as_points(acc: Any, rate: Any) -> tuple[np.ndarray, np.ndarray]:
+    a = np.asarray(acc, dtype=float).reshape(-1)
+    r = np.asarray(rate, dtype=float).reshape(-1)
+    if a.shape != r.shape:
+        raise ValueError(f"acc and rate must have the same length, got {a.size} and {r.size}")
+    if np.isnan(a).any() or np.isnan(r).any():
+        raise ValueError("acc and rate must not contain NaN; filter the trials first (see complete_trials)")
+    return a, r
+
+
+def pareto_mask(acc: Any, rate: Any) -> np.ndarray:
+    """Boolean mask of the non-dominated points, maximising both ``acc`` and ``rate``.
+
+    A point is dominated when another is >= on both objectives and > on at least one, so exact
+    duplicates of a front point are all on the front. O(n log n): sort by accuracy, then a prefix max.
+    """
+    a, r = _as_points(acc, rate)
+    n = a.size
+    mask = np.zeros(n, dtype=bool)
+    if n == 0:
+        return mask
+    order = np.lexsort((-r, -a))  # accuracy descending, then rate descending
+    a_s, r_s = a[order], r[order]
+    starts = np.flatnonzero(np.r_[True, a_s[1:] != a_s[:-1]])  # first index of each equal-accuracy group
+    group_max = r_s[starts]  # rates are descending inside a group
+    group = np.repeat(np.arange(starts.size), np.diff(np.r_[starts, n]))
+    # Highest rate among strictly more accurate points: those dominate anything with a rate <= it.
+    better = np.r_[-np.inf, np.maximum.accumulate(group_max)[:-1]]
+    keep = (r_s == group_max[group]) & (r_s > better[group])
+    mask[order] = keep
+    return mask
+
+
+def pareto_ranks(acc: Any, rate: Any) -> np.ndarray:
+    """Non-domination rank of each point: 0 for the front, 1 for the front once 0 is removed, ...
+
+    O(n log n): in order of accuracy descending, a point joins the first front whose latest member
+    does not dominate it; those latest members form a decreasing sequence, so a binary search finds it.
+    """
+    a, r = _as_points(acc, rate)
+    ranks = np.zeros(a.size, dtype=np.int64)
+    # Keys (-rate, -acc) of each front's latest member, increasing with the front index. Given the
+    # processing order, that member dominates the new point exactly when its key is smaller.
+    keys: list[tuple[float, float]] = []
+    for i in np.lexsort((-r, -a)):
+        key = (-r[i], -a[i])
+        k = bisect.bisect_left(keys, key)
+        if k == len(keys):
+            keys.append(key)
+        else:
+            keys[k] = key
+        ranks[i] = k
+    return ranks
+
+
+def hypervolume(acc: Any, rate: Any, ref_acc: float, ref_log_rate: float = 0.0) -> float:
+    """Area dominated by the points in (accuracy, log10 rate) space, above the reference point.
+
+    Only points strictly better than ``(ref_acc, ref_log_rate)`` on both objectives count.
+    Units: accuracy points times decades of compression rate.
+    """
+    a, r = _as_points(acc, rate)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lr = np.where(r > 0, np.log10(np.where(r > 0, r, 1.0)), -np.inf)
+    ok = (a > ref_acc) & (lr > ref_log_rate)
+    a, lr = a[ok], lr[ok]
+    if a.size == 0:
+        return 0.0
+    front = pareto_mask(a, lr)
+    a, lr = a[front], lr[front]
+    order = np.lexsort((a, lr))  # rate ascending; along the front accuracy then descends
+    a, lr = a[order], lr[order]
+    widths = np.diff(np.r_[ref_log_rate, lr])
+    return float(np.sum(widths * (a - ref_acc)))
+
+
+def knee_point(acc: Any, rate: Any) -> int | None:
+    """Index of the front point farthest from the line joining the front's two extreme points.
+
+    Distances are taken in (accuracy, log10 rate) scaled to [0, 1] over the front, and only on the
+    side of the ideal corner (high accuracy, high rate): a point bulging away from the line is a good
+    trade-off, a point sagging below it is not. None when the front has fewer than three distinct
+    points, or when no point lies above the line.
+    """
+    a, r = _as_points(acc, rate)
+    idx = np.flatnonzero(r > 0)
+    idx = idx[pareto_mask(a[idx], r[idx])]
+    if idx.size < 3:
+        return None
+    idx = idx[np.lexsort((-a[idx], r[idx]))]  # rate ascending
+    x, y = np.log10(r[idx]), a[idx]
+    span_x, span_y = x[-1] - x[0], y[0] - y[-1]
+    if span_x <= 0 or span_y <= 0:
+        return None
+    x, y = (x - x[0]) / span_x, (y - y[-1]) / span_y
+    # Line from (0, 1) to (1, 0): x + y = 1. Signed distance, positive towards the ideal corner (1, 1).
+    dist = (x + y - 1.0) / math.sqrt(2.0)
+    best = int(np.argmax(dist))
+    return int(idx[best]) if dist[best] > _EPS else None
+
+
+# -- trials.csv -> Pareto data -------------------------------------------------------------------
+
+
+def complete_trials(df: pd.DataFrame) -> pd.DataFrame:
+    """COMPLETE trials with a finite accuracy and a finite positive rate (the ones analysis counts)."""
+    ok = (
+        (df["state"] == COMPLETE)
+        & np.isfinite(df["val_top1"].to_numpy(dtype=float))
+        & np.isfinite(df["rate"].to_numpy(dtype=float))
+        & (df["rate"].to_numpy(dtype=float) > 0)
+    )
+    return df.loc[ok]
+
+
+@dataclass(frozen=True)
+class ParetoInfo:
+    """The Pareto analysis of one run's COMPLETE trials.
+
+    ``front`` lists trial numbers by rate ascending. The hypervolume is measured in (accuracy points,
+    log10 rate) from the reference point (``ref_acc``, ``ref_log_rate``), i.e. ``ref_drop`` points below
+    the dense baseline and rate ``10 ** ref_log_rate``.
+    """
+
+    front: tuple[int, ...]
+    ranks: Mapping[int, int]
+    hypervolume: float
+    ref_acc: float
+    ref_log_rate: float
+    ref_drop: float
+    knee: int | None
+    baseline_val_top1: float
+    n_complete: int
+    n_failed: int
+    n_interrupted: int
+    n_pending: int
+    n_total: int
+
+    @property
+    def ref_rate(self) -> float:
+        return float(10.0**self.ref_log_rate)
+
+
+def pareto_info(df: pd.DataFrame, baseline_val_top1: float, *, ref_drop: float = HV_REF_DROP) -> ParetoInfo:
+    """Front, ranks, hypervolume, knee and trial counts for ``df`` (a ``load_trials`` frame)."""
+    done = complete_trials(df)
+    numbers = done["number"].to_numpy()
+    acc, rate = done["val_top1"].to_numpy(dtype=float), done["rate"].to_numpy(dtype=float)
+    ranks = pareto_ranks(acc, rate)
+    on_front = ranks == 0
+    front = numbers[on_front][np.lexsort((-acc[on_front], rate[on_front]))]
+    knee = knee_point(acc, rate)
+    ref_acc = float(baseline_val_top1) - ref_drop
+    states = df["state"]
+    return ParetoInfo(
+        front=tuple(int(n) for n in front),
+        ranks=MappingProxyType({int(n): int(k) for n, k in zip(numbers, ranks, strict=True)}),
+        hypervolume=hypervolume(acc, rate, ref_acc, 0.0),
+        ref_acc=ref_acc,
+        ref_log_rate=0.0,
+        ref_drop=float(ref_drop),
+        knee=None if knee is None else int(numbers[knee]),
+        baseline_val_top1=float(baseline_val_top1),
+        n_complete=len(done),
+        n_failed=int((states == FAIL).sum()),
+        n_interrupted=int((states == INTERRUPTED).sum()),
+        n_pending=int(states.isin(PENDING_STATES).sum()),
+        n_total=len(df),
+    )
+
+
+def hypervolume_history(
+    df: pd.DataFrame, baseline_val_top1: float, *, ref_drop: float = HV_REF_DROP, within: float = 1.0
+) -> pd.DataFrame:
+    """Hypervolume and best rate within ``within`` points of the baseline after each finished trial.
+
+    Columns: ``n_finished``, ``number``, ``state``, ``hypervolume``, ``best_rate_within_1pt`` (NaN while no
+    trial is close enough). Finished = COMPLETE or FAIL, in completion order (``datetime_complete``,
+    then trial number).
+    """
+    fin = df.loc[df["state"].isin((COMPLETE, FAIL))].sort_values(
+        ["datetime_complete", "number"], kind="stable", na_position="last"
+    )
+    valid = fin.index.isin(complete_trials(fin).index)
+    acc = fin["val_top1"].to_numpy(dtype=float)
+    rate = fin["rate"].to_numpy(dtype=float)
+    ref_acc = float(baseline_val_top1) - ref_drop
+    hv = np.zeros(len(fin))
+    front_acc = np.empty(0)
+    front_rate = np.empty(0)
+    for i in range(len(fin)):
+        if valid[i]:
+            # The front so far plus the new point is enough: dominated points never add area.
+            front_acc, front_rate = np.r_[front_acc, acc[i]], np.r_[front_rate, rate[i]]
+            keep = pareto_mask(front_acc, front_rate)
+            front_acc, front_rate = front_acc[keep], front_rate[keep]
+            hv[i] = hypervolume(front_acc, front_rate, ref_acc, 0.0)
+        else:
+            hv[i] = hv[i - 1] if i else 0.0
+    close = valid & (baseline_val_top1 - acc <= within + _EPS)
+    best = np.maximum.accumulate(np.where(close, rate, -np.inf)) if len(fin) else np.empty(0)
+    return pd.DataFrame(
+        {
+            "n_finished": np.arange(1, len(fin) + 1, dtype=np.int64),
+            "number": fin["number"].to_numpy(dtype=np.int64),
+            "state": fin["state"].to_numpy(dtype=object),
+            "hypervolume": hv,
+            "best_rate_within_1pt": np.where(np.isfinite(best), best, np.nan),
+        }
+    )
+
+
+def pareto_table(df: pd.DataFrame, info: ParetoInfo, *, order: Sequence[str] | None = None) -> pd.DataFrame:
+    """The Pareto trials (rate ascending): number, rank, knee, val_top1, drop, rate, size_bytes, p:/bits: per layer.
+
+    This is what ``pareto.csv`` holds; ``drop`` is baseline val accuracy minus the trial's.
+    """
+    layers = layer_names(df, order)
+    rows = df.set_index("number").loc[list(info.front)] if info.front else df.iloc[:0].set_index("number")
+    table = pd.DataFrame(
+        {
+            "number": np.asarray(info.front, dtype=np.int64),
+            "rank": np.asarray([info.ranks[n] for n in info.front], dtype=np.int64),
+            "knee": np.asarray([n == info.knee for n in info.front], dtype=bool),
+            "val_top1": rows["val_top1"].to_numpy(dtype=float),
+            # Rounded so that 87.25 - 86.65 reads 0.6, not 0.5999999999999943.
+            "drop": np.round(info.baseline_val_top1 - rows["val_top1"].to_numpy(dtype=float), 6),
+            "rate": rows["rate"].to_numpy(dtype=float),
+            "size_bytes": pd.array(rows["size_bytes"].to_numpy(dtype=float), dtype="Int64"),
+        }
+    )
+    for layer in layers:
+        table[f"p:{layer}"] = rows[f"p:{layer}"].to_numpy(dtype=float)
+        bits = rows[f"bits:{layer}"] if f"bits:{layer}" in rows.columns else pd.Series(np.nan, index=rows.index)
+        table[f"bits:{layer}"] = pd.array(bits.to_numpy(dtype=float), dtype="Int64")
+    return table
+
+
+def plan_of(df: pd.DataFrame, number: int) -> dict[str, Any]:
+    """``{"layers": {layer: {"p": float, "bits": int}}}`` from trial ``number``'s p:/bits: columns."""
+    row = _row(df, number)
+    layers: dict[str, dict[str, Any]] = {}
+    for layer in layer_names(df):
+        p, bits = row.get(f"p:{layer}"), row.get(f"bits:{layer}")
+        if p is None or bits is None or not (np.isfinite(p) and np.isfinite(bits)):
+            continue
+        layers[layer] = {"p": float(p), "bits": int(bits)}
+    if not layers:
+        raise ClipQError(f"trial {number} has no per-layer plan in trials.csv; pick a COMPLETE trial instead")
+    return {"layers": layers}
+
+
+def _row(df: pd.DataFrame, number: int) -> pd.Series:
+    hit = df.loc[df["number"] == number]
+    if hit.empty:
+        raise ClipQError(f"trial {number} does not exist; trials are {_number_list(df['number'])}")
+    return hit.iloc[0]
+
+
+def _number_list(numbers: Any, limit: int = 12) -> str:
+    """'0-4, 7, 9-12' for a set of integers, cut after ``limit`` runs with the total count."""
+    values = sorted({int(n) for n in numbers})
+    if not values:
+        return "none"
+    runs: list[str] = []
+    start = prev = values[0]
+    for v in [*values[1:], None]:
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        runs.append(str(start) if start == prev else f"{start}-{prev}")
+        if v is not None:
+            start = prev = v
+    text = ", ".join(runs[:limit])
+    return f"{text}, ... ({len(values)} in all)" if len(runs) > limit else text
+
+
+# -- choosing a plan ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The trial a rule picked (None when none qualifies), and the closest one in that case."""
+
+    trial: int | None
+    rule: str
+    closest: int | None
+    message: str
+
+
+_NONE_YET = "no complete trial yet; run `run_search.py search` (or wait for the running search to finish one)"
+
+
+def _check_limit(name: str, value: float, flag: str) -> float:
+    value = float(value)
+    if not (math.isfinite(value) and value >= 0):
+        raise ConfigError(f"{name}={value!r} is invalid; pass a non-negative number to {flag}")
+    return value
+
+
+def _n_points(value: float) -> str:
+    return f"{value:g} point" if value == 1 else f"{value:g} points"
+
+
+def _describe(row: pd.Series, baseline: float | None = None) -> str:
+    acc, rate = float(row["val_top1"]), float(row["rate"])
+    drop = "" if baseline is None else f" (drop {baseline - acc:.1f})"
+    return f"trial {int(row['number'])} at {acc:.2f}%{drop} with rate {rate:.1f}x"
+
+
+def select_max_drop(df: pd.DataFrame, baseline_val_top1: float, max_drop: float = 1.0) -> Selection:
+    """Highest rate among COMPLETE trials at most ``max_drop`` points below the baseline (tie: higher accuracy)."""
+    max_drop = _check_limit("max_drop", max_drop, "--max-drop")
+    base = float(baseline_val_top1)
+    rule = f"max-drop {max_drop:g}"
+    done = complete_trials(df)
+    if done.empty:
+        return Selection(None, rule, None, _NONE_YET)
+    ok = done.loc[base - done["val_top1"] <= max_drop + _EPS]
+    if ok.empty:
+        near = done.sort_values(["val_top1", "rate", "number"], ascending=[False, False, True]).iloc[0]
+        return Selection(
+            None,
+            rule,
+            int(near["number"]),
+            f"no trial within {_n_points(max_drop)} of the baseline ({base:.2f}%); closest: {_describe(near, base)}; "
+            "relax --max-drop or run more trials",
+        )
+    best = ok.sort_values(["rate", "val_top1", "number"], ascending=[False, False, True]).iloc[0]
+    return Selection(
+        int(best["number"]),
+        rule,
+        None,
+        f"{_describe(best, base)}: the highest rate within {_n_points(max_drop)} of the baseline ({base:.2f}%)",
+    )
+
+
+def select_min_rate(df: pd.DataFrame, min_rate: float) -> Selection:
+    """Best val accuracy among COMPLETE trials with rate >= ``min_rate`` (tie: higher rate)."""
+    min_rate = _check_limit("min_rate", min_rate, "--min-rate")
+    rule = f"min-rate {min_rate:g}"
+    done = complete_trials(df)
+    if done.empty:
+        return Selection(None, rule, None, _NONE_YET)
+    ok = done.loc[done["rate"] >= min_rate * (1 - _EPS)]
+    if ok.empty:
+        near = done.sort_values(["rate", "val_top1", "number"], ascending=[False, False, True]).iloc[0]
+        return Selection(
+            None,
+            rule,
+            int(near["number"]),
+            f"no trial reaches rate {min_rate:g}x; closest: {_describe(near)}; lower --min-rate or run more trials",
+        )
+    best = ok.sort_values(["val_top1", "rate", "number"], ascending=[False, False, True]).iloc[0]
+    return Selection(int(best["number"]), rule, None, f"{_describe(best)}: the best accuracy at rate >= {min_rate:g}x")
+
+
+def select_trial(df: pd.DataFrame, number: int) -> Selection:
+    """Trial ``number`` itself; it must exist and be COMPLETE with finite metrics."""
+    row = _row(df, number)
+    done = complete_trials(df)
+    if int(number) not in set(done["number"].tolist()):
+        why, error = str(row["state"]), row.get("error")
+        if isinstance(error, str) and error.strip():
+            why += f" ({error.strip().splitlines()[0][:120]})"
+        raise ClipQError(
+            f"trial {number} is {why}, not a complete trial; pick one of the complete trials: "
+            f"{_number_list(done['number'])}"
+        )
+    return Selection(int(number), f"trial {number}", None, _describe(row))
+
+
+# -- everything a report needs ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunData:
+    """One run directory, loaded and analysed: what ``report.py`` draws."""
+
+    run_dir: Path
+    run: Mapping[str, Any]
+    baseline: Mapping[str, Any]
+    trials: pd.DataFrame
+    layers: tuple[str, ...]
+    info: ParetoInfo
+    history: pd.DataFrame
+    table: pd.DataFrame
+    within_1pt: Selection
+    final: Mapping[str, Any] | None
+
+
+def load_run(run_dir: str | Path) -> RunData:
+    """Load ``run_dir`` and compute the Pareto analysis, hypervolume history and table."""
+    run_dir = Path(run_dir)
+    df = load_trials(run_dir)
+    baseline = load_baseline_info(run_dir)
+    run = load_run_info(run_dir)
+    base = float(baseline["val_top1"])
+    order = run.get("layers") if isinstance(run.get("layers"), list) else None
+    info = pareto_info(df, base)
+    return RunData(
+        run_dir=run_dir,
+        run=run,
+        baseline=baseline,
+        trials=df,
+        layers=tuple(layer_names(df, order)),
+        info=info,
+        history=hypervolume_history(df, base),
+        table=pareto_table(df, info, order=order),
+        within_1pt=select_max_drop(df, base, 1.0),
+        final=load_final_metrics(run_dir),
+    )

@@ -1,0 +1,558 @@
+"""Training and evaluation: one SGD loop for pretraining, fine-tuning and search trials.
+
+The loop only touches ``model.parameters()``, so it fine-tunes models whose
+weights carry ``torch.nn.utils.parametrize`` parametrizations (CLIP-Q) exactly
+as it trains dense ones. It is seeded, checkpoints at epoch ends (atomically),
+resumes from a checkpoint, and stops with :class:`TrainingDiverged` on a
+non-finite loss.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ._io import atomic_open
+from .data import ArrayDataset, BatchSource, iter_batches, num_batches
+from .errors import ClipQError, ConfigError
+
+__all__ = [
+    "DEFAULT_PRETRAIN",
+    "SCHEDULES",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingDiverged",
+    "configure_threads",
+    "evaluate",
+    "load_state_dict_file",
+    "lr_at",
+    "save_state_dict",
+    "select_device",
+    "train",
+]
+
+SCHEDULES: tuple[str, ...] = ("cosine", "step", "constant")
+
+# How often (in steps) the loss is checked for NaN/inf and the progress bar updated.
+# Each check synchronises with the GPU, so it is not done every step.
+_CHECK_EVERY = 20
+
+_CHECKPOINT_VERSION = 1
+
+
+class TrainingDiverged(ClipQError):
+    """The training loss became NaN or infinite."""
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def select_device(name: str | None = "auto") -> torch.device:
+    """``"auto"``/None: CUDA if available, else CPU. An explicit device must exist."""
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"device={name!r} is not a device name; use auto, cpu, cuda or cuda:N") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ClipQError(f"device {name!r} requested but CUDA is not available here; use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ClipQError(
+                f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist; "
+                f"use cuda:0..cuda:{torch.cuda.device_count() - 1}"
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ClipQError(f"device {name!r} requested but MPS is not available here; use cpu or auto")
+    return device
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (respects affinity masks, e.g. ``taskset``), at least 1."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def configure_threads(n: int | None) -> int:
+    """Set torch's intra-op thread count to ``n`` (None or 0: all available CPUs); returns it.
+
+    Small models on a few cores are compute bound per batch, so one thread per
+    core is what ``benchmarks/bench_baseline.py`` measures as fastest.
+    """
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+        raise ConfigError(f"threads={n!r} is invalid; use an integer >= 1, or 0/None for all CPUs")
+    threads = n or available_cpus()
+    torch.set_num_threads(threads)
+    return threads
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """SGD training recipe. ``epochs`` may be fractional (0.5 = half a pass).
+
+    Total steps are ``ceil(epochs * steps_per_epoch)``, or ``max_steps`` when
+    given. The learning rate follows ``schedule`` per step: ``cosine`` decays
+    to 0, ``step`` multiplies by ``gamma`` every ``step_epochs`` epochs,
+    ``constant`` keeps it. ``amp`` uses bfloat16 (or float16 with loss
+    scaling) autocast on CUDA and is ignored elsewhere.
+    """
+
+    epochs: float
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    step_epochs: float | None = None
+    gamma: float = 0.1
+    nesterov: bool = True
+    seed: int = 0
+    amp: bool = True
+    max_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        def bad(name: str, accepted: str) -> ConfigError:
+            return ConfigError(f"TrainConfig.{name}={getattr(self, name)!r} is invalid; accepted: {accepted}")
+
+        if not _is_number(self.epochs) or self.epochs <= 0:
+            raise bad("epochs", "a number > 0 (fractions allowed)")
+        if not _is_int(self.batch_size) or self.batch_size < 1:
+            raise bad("batch_size", "an integer >= 1")
+        if not _is_number(self.lr) or self.lr <= 0:
+            raise bad("lr", "a number > 0")
+        if not _is_number(self.momentum) or not 0 <= self.momentum < 1:
+            raise bad("momentum", "a number in [0, 1)")
+        if not _is_number(self.weight_decay) or self.weight_decay < 0:
+            raise bad("weight_decay", "a number >= 0")
+        if self.schedule not in SCHEDULES:
+            raise bad("schedule", " | ".join(SCHEDULES))
+        if self.step_epochs is not None and (not _is_number(self.step_epochs) or self.step_epochs <= 0):
+            raise bad("step_epochs", "a number > 0, or None")
+        if self.schedule == "step" and self.step_epochs is None:
+            raise ConfigError("TrainConfig.step_epochs is required when schedule='step'; e.g. step_epochs=10")
+        if not _is_number(self.gamma) or not 0 < self.gamma <= 1:
+            raise bad("gamma", "a number in (0, 1]")
+        if not isinstance(self.nesterov, bool):
+            raise bad("nesterov", "true or false")
+        if self.nesterov and self.momentum == 0:
+            raise ConfigError("TrainConfig.nesterov=True needs momentum > 0; set nesterov=False or momentum=0.9")
+        if not _is_int(self.seed) or self.seed < 0:
+            raise bad("seed", "an integer >= 0")
+        if not isinstance(self.amp, bool):
+            raise bad("amp", "true or false")
+        if self.max_steps is not None and (not _is_int(self.max_steps) or self.max_steps < 1):
+            raise bad("max_steps", "an integer >= 1, or None")
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """Optimizer steps for this config when one epoch is ``steps_per_epoch`` batches."""
+        if self.max_steps is not None:
+            return self.max_steps
+        return max(1, math.ceil(self.epochs * steps_per_epoch - 1e-9))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown TrainConfig field(s) {unknown}; valid fields: {', '.join(sorted(known))}")
+        return cls(**data)
+
+
+def lr_at(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    """Learning rate for optimizer step ``step`` (0-based) of ``total_steps``."""
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "step":
+        assert cfg.step_epochs is not None  # guaranteed by TrainConfig validation
+        return cfg.lr * cfg.gamma ** math.floor(step / (cfg.step_epochs * steps_per_epoch))
+    return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * step / total_steps))
+
+
+#: Shipped pretraining recipes per model, chosen on Fashion-MNIST (5,000-image
+#: validation split held out) on a 2-core CPU: the shortest cosine runs whose
+#: test top-1 sits clearly past the targets (LeNet-300-100 >= 89.5%, LeNet-5
+#: >= 90.5%). Measured: lenet300 10/15/20 epochs -> 89.4/89.8/90.0%;
+#: lenet5 6/8/10/15 epochs -> 91.7/91.9/91.8/91.9% (longer only overfits).
+#: ``benchmarks/bench_baseline.py`` writes the figures to
+#: ``benchmarks/results/baseline.json``.
+DEFAULT_PRETRAIN: dict[str, TrainConfig] = {
+    "lenet300": TrainConfig(epochs=20, batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine"),
+    "lenet5": TrainConfig(epochs=8, batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine"),
+}
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did.
+
+    ``history`` has one dict per epoch end: ``epoch`` (float, fractional for a
+    final partial epoch), ``step``, ``train_loss`` (mean over the epoch's
+    steps), ``lr`` (at the epoch's last step), ``seconds`` (training time of
+    the epoch, without validation) and, with validation data, ``val_top1`` and
+    ``val_loss``. ``seconds`` is the wall time of this call; ``steps`` the
+    total optimizer steps done (including any before a resume).
+    """
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    final_train_loss: float = math.nan
+    seconds: float = 0.0
+    steps: int = 0
+    resumed_from_step: int = 0
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _resident(data: Any, device: torch.device) -> Any:
+    """An in-memory dataset copied to the accelerator once, so batches are indexed there (no per-step copy)."""
+    if isinstance(data, ArrayDataset) and device.type == "cuda" and data.device != device:
+        return data.to(device)
+    return data
+
+
+def _show_progress(progress: bool | None) -> bool:
+    if progress is None:
+        return bool(getattr(sys.stderr, "isatty", lambda: False)())
+    return progress
+
+
+def _amp_setup(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
+    if not (cfg.amp and device.type == "cuda"):
+        return None, None
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16, None
+    return torch.float16, torch.amp.GradScaler("cuda")
+
+
+def _rng_state(generator: torch.Generator, device: torch.device) -> dict[str, Tensor]:
+    state = {"torch": torch.get_rng_state(), "shuffle": generator.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _write_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    with atomic_open(path, "wb") as fh:
+        torch.save(payload, fh)
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ClipQError(
+            f"cannot read training checkpoint {path} ({type(exc).__name__}); delete it or pass resume=False"
+        ) from exc
+    if not isinstance(ckpt, dict) or ckpt.get("version") != _CHECKPOINT_VERSION or "model" not in ckpt:
+        raise ClipQError(f"{path} is not a clipq_search training checkpoint; delete it or pass resume=False")
+    return ckpt
+
+
+def _first_bad(losses: list[Tensor], start_step: int) -> tuple[int, float] | None:
+    """``(step, value)`` of the first non-finite loss among ``losses`` (steps from ``start_step``), else None."""
+    stacked = torch.stack(losses)
+    finite = torch.isfinite(stacked)
+    if bool(finite.all()):
+        return None
+    i = int((~finite).nonzero()[0, 0])
+    return start_step + i, float(stacked[i])
+
+
+def train(
+    model: nn.Module,
+    train_data: BatchSource | Iterable[Any],
+    cfg: TrainConfig,
+    *,
+    device: torch.device | str,
+    val_data: BatchSource | Iterable[Any] | None = None,
+    progress: bool | None = None,
+    desc: str = "train",
+    on_epoch_end: Callable[[dict[str, float]], None] | None = None,
+    checkpoint_path: str | os.PathLike[str] | None = None,
+    resume: bool = True,
+) -> TrainResult:
+    """Train ``model`` in place with SGD + cross-entropy on ``train_data``; returns a :class:`TrainResult`.
+
+    Batches ``(x, y)``: float ``(B, C, H, W)``, int64 ``(B,)``. The learning
+    rate is set every step from ``cfg.schedule``. At each epoch end (and at
+    the end of a final partial epoch) the model is evaluated on ``val_data``
+    if given, a checkpoint is written if ``checkpoint_path`` is set, then
+    ``on_epoch_end(record)`` is called; an exception it raises (e.g. a pruned
+    Optuna trial) stops training. With ``resume`` and an existing checkpoint,
+    training continues from it instead of starting over.
+    """
+    device = torch.device(device)
+    started = time.perf_counter()
+    train_data = _resident(train_data, device)
+    val_data = _resident(val_data, device) if val_data is not None else None
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    model.to(device)
+
+    # Drop a ragged last batch (every step the same size; BatchNorm never sees a batch of 1).
+    n_items = len(train_data) if isinstance(train_data, BatchSource) else None
+    drop_last = n_items is not None and n_items > cfg.batch_size
+    steps_per_epoch = num_batches(train_data, cfg.batch_size, drop_last=drop_last)
+    if steps_per_epoch < 1:
+        raise ClipQError("training data is empty; check the dataset and the validation split size")
+    total = cfg.total_steps(steps_per_epoch)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ClipQError("model has no trainable parameters; nothing to train")
+    optimizer = torch.optim.SGD(
+        params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
+    )
+    amp_dtype, scaler = _amp_setup(cfg, device)
+
+    result = TrainResult()
+    step = 0
+    ckpt_path = Path(checkpoint_path) if checkpoint_path is not None else None
+    if ckpt_path is not None and resume and ckpt_path.exists():
+        ckpt = _load_checkpoint(ckpt_path)
+        if ckpt.get("config") != cfg.to_dict() or ckpt.get("steps_per_epoch") != steps_per_epoch:
+            raise ClipQError(
+                f"checkpoint {ckpt_path} was written by a different training setup (config or data size); "
+                "delete it or pass resume=False"
+            )
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as exc:
+            raise ClipQError(
+                f"checkpoint {ckpt_path} does not match this model ({str(exc).splitlines()[0]}); "
+                "delete it or pass resume=False"
+            ) from exc
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
+        rng = ckpt["rng"]
+        torch.set_rng_state(rng["torch"])
+        generator.set_state(rng["shuffle"])
+        if "cuda" in rng and device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], device)
+        step = int(ckpt["step"])
+        result.history = [dict(h) for h in ckpt["history"]]
+        result.resumed_from_step = step
+
+    show = _show_progress(progress)
+    bar = None
+    if show:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=step, desc=desc, unit="step", dynamic_ncols=True, leave=False)
+
+    def check(losses: list[Tensor], checked: int, first_step: int, lr: float) -> int:
+        """Raise on a non-finite loss among the unchecked ones; update the bar. Returns #checked."""
+        bad = _first_bad(losses[checked:], first_step + checked + 1)
+        if bad is not None:
+            raise TrainingDiverged(
+                f"training diverged at step {bad[0]} of {total} ({desc}): loss is {bad[1]}; "
+                f"lower TrainConfig.lr (now {cfg.lr}) or check the data"
+            )
+        if bar is not None:
+            bar.update(len(losses) - checked)
+            bar.set_postfix(loss=f"{float(losses[-1]):.4f}", lr=f"{lr:.3g}")
+        return len(losses)
+
+    model.train()
+    try:
+        while step < total:
+            epoch_start, epoch_first_step = time.perf_counter(), step
+            losses: list[Tensor] = []
+            checked = 0
+            lr = cfg.lr
+            for xb, yb in iter_batches(train_data, cfg.batch_size, shuffle=True, generator=generator,
+                                       device=device, drop_last=drop_last):
+                lr = lr_at(cfg, step, total, steps_per_epoch)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss = F.cross_entropy(model(xb), yb)
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    optimizer.step()
+                losses.append(loss.detach().float())
+                step += 1
+                if len(losses) - checked >= _CHECK_EVERY:
+                    checked = check(losses, checked, epoch_first_step, lr)
+                if step >= total:
+                    break
+            if not losses:
+                raise ClipQError("training data yielded no batches; check the dataset")
+            if checked < len(losses):
+                check(losses, checked, epoch_first_step, lr)
+            train_loss = float(torch.stack(losses).mean())
+            record: dict[str, float] = {
+                "epoch": round(step / steps_per_epoch, 6),
+                "step": step,
+                "train_loss": train_loss,
+                "lr": lr,
+                "seconds": time.perf_counter() - epoch_start,
+            }
+            if val_data is not None:
+                metrics = evaluate(model, val_data, device=device)
+                record["val_top1"] = metrics["top1"]
+                record["val_loss"] = metrics["loss"]
+                model.train()
+            result.history.append(record)
+            if ckpt_path is not None:
+                payload: dict[str, Any] = {
+                    "version": _CHECKPOINT_VERSION,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "epoch": record["epoch"],
+                    "step": step,
+                    "steps_per_epoch": steps_per_epoch,
+                    "rng": _rng_state(generator, device),
+                    "history": result.history,
+                    "config": cfg.to_dict(),
+                }
+                if scaler is not None:
+                    payload["scaler"] = scaler.state_dict()
+                _write_checkpoint(ckpt_path, payload)
+            if on_epoch_end is not None:
+                on_epoch_end(dict(record))
+    finally:
+        if bar is not None:
+            bar.close()
+
+    result.steps = step
+    result.final_train_loss = result.history[-1]["train_loss"] if result.history else math.nan
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, data: BatchSource | Iterable[Any], *, device: torch.device | str, batch_size: int = 1000
+) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of ``model`` on ``data``.
+
+    Returns ``top1`` (percent), ``loss``, ``n`` (items) and, when there are
+    more than 5 classes, ``top5`` (percent). The model's train/eval mode is
+    restored afterwards.
+    """
+    device = torch.device(device)
+    data = _resident(data, device)
+    was_training = model.training
+    model.eval()
+    model.to(device)
+    correct1 = torch.zeros((), dtype=torch.int64, device=device)
+    correct5 = torch.zeros((), dtype=torch.int64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    n = 0
+    classes = 0
+    try:
+        for xb, yb in iter_batches(data, batch_size, shuffle=False, device=device):
+            logits = model(xb).float()
+            classes = logits.shape[1]
+            loss_sum += F.cross_entropy(logits, yb, reduction="sum").double()
+            k = min(5, classes)
+            topk = logits.topk(k, dim=1).indices
+            hits = topk == yb.unsqueeze(1)
+            correct1 += hits[:, 0].sum()
+            correct5 += hits.any(dim=1).sum()
+            n += int(yb.shape[0])
+    finally:
+        model.train(was_training)
+    if n == 0:
+        raise ClipQError("evaluation data is empty; check the dataset")
+    out = {"top1": 100.0 * int(correct1) / n, "loss": float(loss_sum) / n, "n": n}
+    if classes > 5:
+        out["top5"] = 100.0 * int(correct5) / n
+    return out
+
+
+# --------------------------------------------------------------------------- state dict files
+
+
+def save_state_dict(model: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Write ``model.state_dict()`` to ``path`` with ``torch.save``, atomically (tmp file + rename)."""
+    with atomic_open(path, "wb") as fh:
+        torch.save(model.state_dict(), fh)
+
+
+def _describe(keys: list[str], limit: int = 3) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_state_dict_file(
+    model: nn.Module, path: str | os.PathLike[str], *, model_name: str | None = None
+) -> None:
+    """Load weights written by :func:`save_state_dict` (or a :func:`train` checkpoint) into ``model``.
+
+    Uses ``torch.load(weights_only=True)``: no arbitrary code runs. A missing
+    file, a file that is not a state dict, or one for another architecture
+    raises :class:`ClipQError` naming the file and the problem.
+    """
+    path = Path(path)
+    label = model_name or type(model).__name__
+    if not path.is_file():
+        raise ClipQError(f"checkpoint {path} does not exist; run pretrain first or fix the path")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ClipQError(f"{path} is not a PyTorch state-dict file ({reason[:120]}); re-run pretrain") from exc
+    if isinstance(state, dict) and state.get("version") == _CHECKPOINT_VERSION and "model" in state:
+        state = state["model"]
+    if not isinstance(state, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
+    ):
+        raise ClipQError(f"{path} holds a {type(state).__name__}, not a state dict of tensors; re-run pretrain")
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {_describe(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_describe(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatch {_describe(mismatched)}")
+    if problems:
+        raise ClipQError(f"checkpoint {path} does not match model {label}: {'; '.join(problems)}; re-run pretrain")
+    model.load_state_dict(state)

@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Keep every Ray process of the tests on loopback (see search._stay_on_loopback).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+FASHION = Path(os.environ.get("CLIPQ_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = REPO / "search_spaces" / "smoke.yaml"
+
+needs_fashion = pytest.mark.skipif(
+    not (FASHION / "train-images-idx3-ubyte.gz").exists() and not (FASHION / "train-images-idx3-ubyte").exists(),
+    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)",
+)
+
+
+@pytest.fixture(scope="session")
+def results_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One results root per session, so the smoke baseline is trained once and reused."""
+    return tmp_path_factory.mktemp("results")
+
+
+@pytest.fixture
+def ray_local():
+    """A private local Ray instance for in-process searches; shut down afterwards."""
+    import ray
+
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
