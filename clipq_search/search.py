@@ -291,7 +291,7 @@ def _init_ray(address: str | None, concurrency: int, cpus_per_trial: float, gpus
     kwargs: dict[str, Any] = {"num_cpus": cpus, "include_dashboard": False, "logging_level": "ERROR", "log_to_driver": False}
     if gpus_per_trial == 0:
         kwargs["num_gpus"] = 0
-    ray.init(**kwargs, _node_ip_address="127.0.0.1")
+    ray.init(address="local", **kwargs, _node_ip_address="127.0.0.1")
     log(f"started a local Ray instance ({cpus} CPUs)")
 
 
@@ -368,6 +368,9 @@ def run_search(
     write_json(run_dir / "run.json", {"storage": storage, "space_source": space.source, "name": run_dir.name,
                                       "layers": [u.key for u in units]})
     recover_interrupted(study, log)
+    # A resumed run continues the sampler's stream instead of replaying it.
+    n_existing = len(study.get_trials(deepcopy=False))
+    study.sampler = make_sampler(s["sampler"], s["seed"] + n_existing, s["trials"], s["max_accuracy_drop"] is not None)
     done = _finished(study)
     to_run = s["trials"] - len(done)
     log(f"run {run_dir}: {len(done)} of {s['trials']} trials finished; {max(to_run, 0)} to run, "
@@ -456,6 +459,9 @@ def _run_with_tune(study: optuna.Study, space: Space, units: list[LayerSearchPar
     )
     try:
         tuner.fit()
+        if len(_finished(study)) < total and searcher.interrupted():
+            # Ray Tune turns Ctrl-C into a graceful stop; surface it as one.
+            raise KeyboardInterrupt
     finally:
         # A Ctrl-C (or a crash) leaves the in-flight trials RUNNING in the study;
         # record them as interrupted now so a rerun re-queues them.
