@@ -20,7 +20,7 @@ from ._io import write_json
 from .errors import ClipQError
 from .plan import Plan
 
-__all__ = ["export_plan", "run_final"]
+__all__ = ["choose_plan", "export_plan", "run_final"]
 
 DEFAULT_MAX_DROP = 1.0
 
@@ -34,16 +34,17 @@ def check_run_dir(run_dir: Path) -> None:
             raise ClipQError(f"{run_dir} is not a run directory (no {needed}); run `run_search.py search` first")
 
 
-def export_plan(
+def choose_plan(
     run_dir: Path,
     *,
     max_drop: float | None = None,
     min_rate: float | None = None,
     trial: int | None = None,
-    out: str | Path | None = None,
-    log: Callable[[str], None] = print,
-) -> Path:
-    """Pick a trial by one rule and write its plan JSON (``{"layers": ...}`` plus metrics and source)."""
+) -> tuple[Plan, dict[str, Any], str]:
+    """Pick a trial by one rule: its plan, the plan JSON document (plan, metrics, source) and a log line.
+
+    Reads only; :func:`export_plan` writes the document.
+    """
     from .pareto import load_trials, plan_of, select_max_drop, select_min_rate, select_trial
 
     check_run_dir(run_dir)
@@ -59,17 +60,30 @@ def export_plan(
         raise ClipQError(sel.message)
     row = df[df["number"] == sel.trial].iloc[0]
     plan = Plan.from_dict(plan_of(df, sel.trial))
-    path = Path(out) if out else run_dir / "plan.json"
     metrics = {k: (None if row.get(k) != row.get(k) else float(row[k])) for k in ("val_top1", "rate", "size_bytes")}
-    write_json(
-        path,
-        {
-            **plan.to_dict(),
-            "metrics": {**metrics, "baseline_val_top1": baseline["val_top1"]},
-            "source": {"run": str(run_dir), "trial": int(sel.trial), "rule": sel.rule},
-        },
-    )
-    log(f"selected trial {sel.trial} ({sel.rule}): val {metrics['val_top1']:.2f}%, rate {metrics['rate']:.1f}x")
+    doc = {
+        **plan.to_dict(),
+        "metrics": {**metrics, "baseline_val_top1": baseline["val_top1"]},
+        "source": {"run": str(run_dir), "trial": int(sel.trial), "rule": sel.rule},
+    }
+    line = f"selected trial {sel.trial} ({sel.rule}): val {metrics['val_top1']:.2f}%, rate {metrics['rate']:.1f}x"
+    return plan, doc, line
+
+
+def export_plan(
+    run_dir: Path,
+    *,
+    max_drop: float | None = None,
+    min_rate: float | None = None,
+    trial: int | None = None,
+    out: str | Path | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Pick a trial by one rule and write its plan JSON (``{"layers": ...}`` plus metrics and source)."""
+    _, doc, line = choose_plan(run_dir, max_drop=max_drop, min_rate=min_rate, trial=trial)
+    path = Path(out) if out else run_dir / "plan.json"
+    write_json(path, doc)
+    log(line)
     return path
 
 
@@ -121,26 +135,30 @@ def run_final(
     from .surgery import attach_clipq
     from .train import evaluate
 
+    # Everything that can fail on bad input runs before anything is written.
     check_run_dir(run_dir)
+    if address:
+        _check_address_fast(address)
     space = load_space(run_dir / "space.yaml", overrides)
     cfg = train_config(space.data, "final")
+    chosen: dict[str, Any] | None = None
     if config:
         plan = Plan.load(config)
         try:
             source = json.loads(Path(config).read_text()).get("source")
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):
             source = None
     else:
-        plan_path = export_plan(run_dir, out=run_dir / "final" / "plan.json", log=log)
-        plan = Plan.load(plan_path)
-        source = json.loads(plan_path.read_text()).get("source")
+        plan, chosen, chosen_line = choose_plan(run_dir)
+        source = chosen["source"]
     baseline = Baseline(**json.loads((run_dir / "baseline.json").read_text()))
     payload = trial_payload(space, baseline)
     plan.resolve(model_for(space.data, payload["info"]))  # unknown layers fail before any training
     final_dir = run_dir / "final"
     final_dir.mkdir(parents=True, exist_ok=True)
-    if address:
-        _check_address_fast(address)
+    if chosen is not None:
+        write_json(final_dir / "plan.json", chosen)
+        log(chosen_line)
     res = space.data["resources"]
     _init_ray(address, 2, res["cpus_per_trial"], res["gpus_per_trial"], log)
     from ray.util.queue import Queue
@@ -166,6 +184,9 @@ def run_final(
         results = {k: ray.get(r) for k, r in refs.items()}
     except ray.exceptions.RayError as exc:
         raise ClipQError(f"the final run failed: {str(exc).strip().splitlines()[-1][:300]}; rerun `final` to resume") from None
+    for tag, r in results.items():
+        if r["resumed_from_step"]:
+            log(f"  {tag}: resumed from its checkpoint at step {r['resumed_from_step']}")
 
     splits = load_dataset(dataset_spec(space))
     info = splits_info(splits)
@@ -193,6 +214,7 @@ def run_final(
         "seconds": time.perf_counter() - t0,
         "trial": (source or {}).get("trial"),
         "source": source,
+        "resumed_from_step": {k: r["resumed_from_step"] for k, r in results.items()},
     }
     write_json(final_dir / "metrics.json", metrics)
     for tag in ("compressed", "control"):

@@ -1,0 +1,96 @@
+"""export and final on real Fashion-MNIST with smoke.yaml, through the command line."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from clipq_search import Plan, attach_clipq, load_compressed
+from clipq_search.data import load_dataset
+from clipq_search.models import build_model
+from clipq_search.pipeline import dataset_spec
+from clipq_search.space import load_space
+from clipq_search.train import evaluate
+
+from .conftest import REPO, SMOKE, needs_fashion
+
+pytestmark = [needs_fashion, pytest.mark.slow]
+
+
+def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "run_search.py", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def run_dir(results_root: Path) -> Path:
+    r = _cli("search", str(SMOKE), "--results", str(results_root), "--name", "final-smoke", "--trials", "4")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return results_root / "final-smoke"
+
+
+def test_export_round_trips_and_attaches(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "plan.json"
+    r = _cli("export", str(run_dir), "--max-drop", "100", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert set(data["layers"]) == {"fc1", "fc2", "fc3"}
+    assert data["source"]["trial"] in range(4) and data["metrics"]["rate"] > 1
+    plan = Plan.load(out)
+    assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+    assert set(attach_clipq(build_model("lenet300"), plan)) == {"fc1", "fc2", "fc3"}
+    # the same trial by number gives the same plan
+    r = _cli("export", str(run_dir), "--trial", str(data["source"]["trial"]), "--out", str(tmp_path / "again.json"))
+    assert r.returncode == 0 and Plan.load(tmp_path / "again.json") == plan
+    # no trial qualifies: one clear line naming the closest trial, no file
+    r = _cli("export", str(run_dir), "--min-rate", "100000", "--out", str(tmp_path / "none.json"))
+    assert r.returncode == 2 and "closest" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "none.json").exists()
+
+
+def test_final_writes_a_file_whose_reloaded_model_gives_the_reported_accuracy(run_dir: Path) -> None:
+    r = _cli("final", str(run_dir))
+    assert r.returncode == 0, r.stderr[-2000:]
+    metrics = json.loads((run_dir / "final" / "metrics.json").read_text())
+    path = run_dir / "final" / "model.clipq"
+    assert metrics["file_bytes"] == path.stat().st_size
+    assert metrics["rate"] == pytest.approx(metrics["original_bytes"] / path.stat().st_size)
+    for key in ("baseline_test_top1", "control_test_top1", "compressed_test_top1"):
+        assert 50 < metrics[key] <= 100
+    space = load_space(run_dir / "space.yaml")
+    splits = load_dataset(dataset_spec(space))
+    model = build_model("lenet300")
+    model.load_state_dict(load_compressed(path), strict=True)
+    assert evaluate(model, splits.test, device="cpu")["top1"] == pytest.approx(metrics["compressed_test_top1"])
+    # the weights really are pruned-quantized with the plan's bits
+    plan = Plan.from_dict(metrics["plan"])
+    for name, cfg in plan.layers.items():
+        w = getattr(model, name).weight
+        assert torch.unique(w[w != 0]).numel() <= 2**cfg.bits - 1
+    report = _cli("report", str(run_dir))
+    assert report.returncode == 0
+    assert "compressed_test_top1" in (run_dir / "report.html").read_text() or "Final" in (run_dir / "report.html").read_text()
+
+
+def test_final_resumes_from_its_checkpoint_after_a_kill(run_dir: Path, tmp_path: Path) -> None:
+    args = [sys.executable, "run_search.py", "final", str(run_dir), "--set", "final.train.epochs=3"]
+    log = tmp_path / "final.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(args, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while time.time() < deadline and "compressed: epoch 1/" not in log.read_text():
+            time.sleep(0.3)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert (run_dir / "final" / "ckpt-compressed.pt").exists()
+    r = _cli("final", str(run_dir), "--set", "final.train.epochs=3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "compressed: resumed from its checkpoint" in r.stdout
+    metrics = json.loads((run_dir / "final" / "metrics.json").read_text())
+    assert metrics["resumed_from_step"]["compressed"] > 0 and metrics["epochs"] == 3
