@@ -447,7 +447,7 @@ def _run_with_tune(study: optuna.Study, space: Space, units: list[LayerSearchPar
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=searcher, num_samples=to_run, max_concurrent_trials=s["concurrency"], reuse_actors=False,
+            search_alg=searcher, num_samples=to_run, max_concurrent_trials=s["concurrency"], reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=f"tune-{int(time.time())}",
