@@ -123,8 +123,14 @@ def run_final(
     overrides: list[str] | tuple[str, ...] = (),
     address: str | None = None,
     log: Callable[[str], None] = print,
+    out_dir: Path | None = None,
+    control: bool = True,
 ) -> dict[str, Any]:
-    """Full-length CLIP-Q run of a plan -> ``final/model.clipq`` and ``final/metrics.json``."""
+    """Full-length CLIP-Q run of a plan -> ``final/model.clipq`` and ``final/metrics.json``.
+
+    ``out_dir`` (default ``RUN_DIR/final``) and ``control=False`` (skip the dense
+    control run) serve benchmarks that finalise several plans of one run.
+    """
     import ray
 
     from .data import load_dataset
@@ -154,7 +160,7 @@ def run_final(
     baseline = Baseline(**json.loads((run_dir / "baseline.json").read_text()))
     payload = trial_payload(space, baseline)
     plan.resolve(model_for(space.data, payload["info"]))  # unknown layers fail before any training
-    final_dir = run_dir / "final"
+    final_dir = out_dir or run_dir / "final"
     final_dir.mkdir(parents=True, exist_ok=True)
     if chosen is not None:
         write_json(final_dir / "plan.json", chosen)
@@ -167,12 +173,14 @@ def run_final(
     threads = max(1, int(res["cpus_per_trial"]))
     task = ray.remote(num_cpus=res["cpus_per_trial"], num_gpus=res["gpus_per_trial"], max_retries=1)(_final_task)
     ref_payload = ray.put(payload)
-    log(f"final run: {cfg.epochs:g} epochs of CLIP-Q fine-tuning and of the dense control, in parallel on Ray")
+    log(f"final run: {cfg.epochs:g} epochs of CLIP-Q fine-tuning" + (" and of the dense control, in parallel" if control else "") + " on Ray")
     t0 = time.perf_counter()
     refs = {
         "compressed": task.remote(space.data, plan.to_dict(), ref_payload, str((final_dir / "ckpt-compressed.pt").resolve()), threads, queue, "compressed"),
-        "control": task.remote(space.data, None, ref_payload, str((final_dir / "ckpt-control.pt").resolve()), threads, queue, "control"),
     }
+    if control:
+        refs["control"] = task.remote(space.data, None, ref_payload, str((final_dir / "ckpt-control.pt").resolve()), threads,
+                                      queue, "control")
     pending = list(refs.values())
     while pending:
         _, pending = ray.wait(pending, timeout=1.0, num_returns=len(pending))
@@ -198,12 +206,14 @@ def run_final(
     reloaded = model_for(space.data, info)
     reloaded.load_state_dict(read_compressed(final_dir / "model.clipq")[0], strict=True)
     compressed = evaluate(reloaded, splits.test, device=device)
-    control_model = model_for(space.data, info)
-    control_model.load_state_dict(state_from_bytes(results["control"]["state"]), strict=True)
-    control = evaluate(control_model, splits.test, device=device)
+    control_top1 = None
+    if control:
+        control_model = model_for(space.data, info)
+        control_model.load_state_dict(state_from_bytes(results["control"]["state"]), strict=True)
+        control_top1 = evaluate(control_model, splits.test, device=device)["top1"]
     metrics = {
         "baseline_test_top1": baseline.test_top1,
-        "control_test_top1": control["top1"],
+        "control_test_top1": control_top1,
         "compressed_test_top1": compressed["top1"],
         "compressed_val_top1": evaluate(reloaded, splits.val, device=device)["top1"] if splits.val is not None else None,
         "rate": written.original_bytes / (final_dir / "model.clipq").stat().st_size,
@@ -220,8 +230,9 @@ def run_final(
     for tag in ("compressed", "control"):
         (final_dir / f"ckpt-{tag}.pt").unlink(missing_ok=True)
     log(
-        f"final: test accuracy baseline {metrics['baseline_test_top1']:.2f}%, control {metrics['control_test_top1']:.2f}%, "
-        f"compressed (reloaded from file) {metrics['compressed_test_top1']:.2f}%; file {metrics['file_bytes']:,} bytes, "
+        f"final: test accuracy baseline {metrics['baseline_test_top1']:.2f}%, "
+        + (f"control {control_top1:.2f}%, " if control_top1 is not None else "")
+        + f"compressed (reloaded from file) {metrics['compressed_test_top1']:.2f}%; file {metrics['file_bytes']:,} bytes, "
         f"rate {metrics['rate']:.1f}x -> {final_dir / 'model.clipq'}"
     )
     return metrics
