@@ -5,18 +5,51 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from .errors import ClipQError
+
+if TYPE_CHECKING:
+    from .space import Space
 
 
 def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def cmd_pretrain(args: argparse.Namespace) -> None:
-    from .pipeline import ensure_baseline
+def _prepare(
+    args: argparse.Namespace, *, search: bool, address: str | None = None, storage: str | None = None
+) -> Space:
+    """Load the space and check every input of the command, before any training, Ray start or write.
+
+    Cheap checks first: ``address`` answers and ``storage`` can work (when
+    given), then the space (file, ``--set``, dataset, model, layers); with
+    ``search`` also that the space leaves something to search.
+    """
+    from .pipeline import check_space
     from .space import load_space
 
+    if address:
+        from .search import check_address
+
+        check_address(address)
+    if storage:
+        from .search import check_storage
+
+        check_storage(storage)
     space = load_space(args.space, args.overrides)
+    units = check_space(space)
+    if search:
+        from .search import distributions
+
+        distributions(units)
+    return space
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from .pipeline import ensure_baseline
+
+    space = _prepare(args, search=False)
     b = ensure_baseline(space, args.results, log=_log)
     took = f" in {b.seconds:.0f}s" if b.seconds else " (cached)"
     top5 = f", top-5 {b.test_top5:.2f}%" if b.test_top5 is not None else ""
@@ -25,9 +58,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 def cmd_search(args: argparse.Namespace) -> None:
     from .search import run_search
-    from .space import load_space
 
-    space = load_space(args.space, args.overrides)
+    space = _prepare(args, search=True, address=args.address, storage=args.storage)
     run_search(
         space,
         results_root=args.results,
@@ -46,7 +78,12 @@ def cmd_search(args: argparse.Namespace) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from .report import write_report
 
-    html, csv = write_report(Path(args.run_dir))
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise ClipQError(
+            f"{run_dir} does not exist; give a run directory made by `run_search.py search` (results/<name>)"
+        )
+    html, csv = write_report(run_dir)
     print(f"wrote {html} and {csv}")
 
 
@@ -68,9 +105,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from .finalize import export_plan, run_final
     from .report import write_report
     from .search import run_search
-    from .space import load_space
 
-    space = load_space(args.space, args.overrides)
+    space = _prepare(args, search=True)
     summary = run_search(space, results_root=args.results, name=args.name, log=_log)
     html, _ = write_report(summary.run_dir)
     _log(f"report: {html}")
@@ -133,7 +169,3 @@ def register(sub: argparse._SubParsersAction, add_space_args: Callable, positive
     add_space_args(p)
     p.add_argument("--name", help="run name (default: the space's name)")
     p.set_defaults(func=cmd_demo)
-
-
-
-

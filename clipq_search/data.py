@@ -41,6 +41,7 @@ __all__ = [
     "DatasetSpec",
     "FolderDataset",
     "dataset_from_state",
+    "dataset_info",
     "iter_batches",
     "load_dataset",
     "num_batches",
@@ -121,8 +122,8 @@ def read_idx(path: str | os.PathLike[str], *, ndim: int | None = None) -> np.nda
         raise FormatError(f"{path}: file is {len(raw)} bytes, too short for an IDX header; download it again")
     if raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise FormatError(
-            f"{path}: bad IDX magic number 0x{raw[:4].hex()} (expected 0x0000 + type code + ndim); "
-            "not an MNIST-format file"
+            f"{path}: bad IDX magic number 0x{raw[:4].hex()} (expected 0x0000 + type code + ndim), "
+            "not an MNIST-format file; replace it with the real IDX file"
         )
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
     nd = raw[3]
@@ -588,7 +589,10 @@ class DataSplits:
 def split_indices(n: int, val_size: int, seed: int) -> tuple[Tensor, Tensor]:
     """Sorted ``(train_idx, val_idx)``: the first ``val_size`` of a seeded permutation of ``range(n)`` are val."""
     if val_size >= n:
-        raise ConfigError(f"DatasetSpec.val_size={val_size} must be smaller than the training set ({n} images)")
+        raise ConfigError(
+            f"DatasetSpec.val_size={val_size} must be smaller than the training set ({n} images); "
+            "hold out fewer images for validation"
+        )
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     val_idx, _ = torch.sort(perm[:val_size])
     train_idx, _ = torch.sort(perm[val_size:])
@@ -626,8 +630,26 @@ def load_dataset(spec: DatasetSpec) -> DataSplits:
     )
 
 
-def _load_imagefolder(spec: DatasetSpec, root: Path) -> DataSplits:
-    _import_torchvision()
+def dataset_info(spec: DatasetSpec) -> dict[str, int]:
+    """``num_classes``, ``in_channels`` and ``image_size`` of ``spec``'s dataset, checking its files.
+
+    What a model needs to be built, without the cost of a full load where that
+    is high: an image folder is only listed (its classes are its sub-folders);
+    array datasets are decoded (cached per process, so a later load is free).
+    Raises like :func:`load_dataset` on missing or malformed files.
+    """
+    if spec.name == "imagefolder":
+        train_dir, _ = _imagefolder_dirs(Path(spec.resolved_root))
+        classes = sum(1 for entry in os.scandir(train_dir) if entry.is_dir())
+        if classes == 0:
+            raise ClipQError(f"{train_dir} has no class sub-folders; put one sub-folder of images per class there")
+        return {"num_classes": classes, "in_channels": 3, "image_size": 224}
+    splits = load_dataset(spec)
+    return {"num_classes": splits.num_classes, "in_channels": splits.in_channels, "image_size": splits.image_size}
+
+
+def _imagefolder_dirs(root: Path) -> tuple[Path, Path]:
+    """(train, val-or-test) folders of an image-folder dataset; one clear error when they are missing."""
     train_dir = root / "train"
     test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
     if not train_dir.is_dir() or test_dir is None:
@@ -635,6 +657,12 @@ def _load_imagefolder(spec: DatasetSpec, root: Path) -> DataSplits:
             f"imagefolder needs {root}/train/ and {root}/val/ (or test/), each with one sub-folder per class; "
             "arrange the images that way"
         )
+    return train_dir, test_dir
+
+
+def _load_imagefolder(spec: DatasetSpec, root: Path) -> DataSplits:
+    _import_torchvision()
+    train_dir, test_dir = _imagefolder_dirs(root)
     probe = FolderDataset(train_dir, train=False)
     if spec.val_size == 0:
         train: FolderDataset = FolderDataset(train_dir, train=True)

@@ -136,7 +136,7 @@ def run_final(
     from .data import load_dataset
     from .encoding import read_compressed, save_compressed
     from .pipeline import Baseline, dataset_spec, model_for, splits_info, state_from_bytes, train_config, trial_payload
-    from .search import _check_address_fast, _init_ray
+    from .search import check_address, _init_ray
     from .space import load_space
     from .surgery import attach_clipq
     from .train import evaluate
@@ -144,7 +144,7 @@ def run_final(
     # Everything that can fail on bad input runs before anything is written.
     check_run_dir(run_dir)
     if address:
-        _check_address_fast(address)
+        check_address(address)
     space = load_space(run_dir / "space.yaml", overrides)
     cfg = train_config(space.data, "final")
     chosen: dict[str, Any] | None = None

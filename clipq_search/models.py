@@ -12,6 +12,7 @@ compression plans are keyed by them.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 from collections.abc import Callable
@@ -289,8 +290,10 @@ def build_model(name: str, *, num_classes: int = 10, in_channels: int = 1, image
         return _build_torchvision(name.removeprefix("torchvision:"), num_classes, in_channels)
     if ":" in name:
         return _build_user(name, num_classes, in_channels, image_size)
+    close = difflib.get_close_matches(name, list_models(), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
     raise ConfigError(
-        f"unknown model {name!r}; known models: {', '.join(list_models())}, "
+        f"unknown model {name!r}; {hint}known models: {', '.join(list_models())}, "
         "or 'torchvision:<name>', or 'package.module:factory'"
     )
 

@@ -21,18 +21,19 @@ import torch
 from torch import nn
 
 from ._io import write_bytes, write_json
-from .data import DatasetSpec, DataSplits, dataset_from_state, load_dataset
+from .data import DatasetSpec, DataSplits, dataset_from_state, dataset_info, load_dataset
 from .encoding import estimate_size
 from .errors import ClipQError
 from .models import build_model
 from .plan import Plan, compressible_layers
-from .space import Space
+from .space import LayerSearchParam, Space
 from .surgery import attach_clipq
 from .train import DEFAULT_PRETRAIN, TrainConfig, configure_threads, evaluate, select_device, train
 
 __all__ = [
     "Baseline",
     "baseline_paths",
+    "check_space",
     "dataset_spec",
     "ensure_baseline",
     "load_baseline",
@@ -126,7 +127,10 @@ def ensure_baseline(space: Space, results_root: str | Path, *, progress: bool | 
 
     seconds = 0.0
     if space.data["baseline"]["checkpoint"]:
-        load_state_dict_file(model, ckpt, model_name=space.data["model"])
+        load_state_dict_file(
+            model, ckpt, model_name=space.data["model"],
+            fix=f"point baseline.checkpoint at a {space.data['model']} state dict, or remove it to pretrain one",
+        )
     else:
         cfg = train_config(space.data, "baseline")
         log(f"pretraining dense {space.data['model']} on {splits.name}: {cfg.epochs:g} epochs (cached afterwards)")
@@ -141,6 +145,19 @@ def ensure_baseline(space: Space, results_root: str | Path, *, progress: bool | 
     info = Baseline(str(ckpt), val["top1"], test["top1"], test.get("top5"), seconds, space.data["model"], splits.name, fp)
     write_json(meta, {**info.to_dict(), "checkpoint_bytes": ckpt.stat().st_size})
     return info
+
+
+def check_space(space: Space) -> list[LayerSearchParam]:
+    """Check what a space names against the real world, without training; return the searched units.
+
+    The dataset files (decoded, or listed for an image folder), the model
+    name, the device, and every layer name, pattern and group against the
+    model's compressible layers. Commands call it first, so bad input fails in
+    seconds and before anything is written.
+    """
+    info = dataset_info(dataset_spec(space))
+    select_device(space.data["resources"]["device"])
+    return space.search_params(layer_names(space, info))
 
 
 def load_baseline(model: nn.Module, baseline: Baseline | dict[str, Any]) -> None:

@@ -173,9 +173,21 @@ class Plan:
             obj = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"plan file {path} does not exist; write one with `run_search.py export`") from None
+        except IsADirectoryError:
+            fix = "give a plan JSON file from `run_search.py export`"
+            raise ConfigError(f"plan file {path} is a directory; {fix}") from None
+        except OSError as exc:
+            reason = exc.strerror or exc
+            raise ConfigError(f"cannot read plan file {path} ({reason}); check the path and its permissions") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ConfigError(f"plan file {path} is not valid JSON ({exc}); expected {{\"layers\": {{...}}}}") from None
-        return cls.from_dict(obj, where=f"plan file {path}")
+        where = f"plan file {path}"
+        try:
+            return cls.from_dict(obj, where=where)
+        except ConfigError as exc:  # name the file in every message about its content
+            if str(exc).startswith(where):
+                raise
+            raise ConfigError(f"{where}: {exc}") from None
 
     @classmethod
     def uniform(cls, p: float, bits: int) -> Plan:

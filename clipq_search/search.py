@@ -25,7 +25,7 @@ import optuna
 
 from ._io import write_json, write_text
 from .errors import ClipQError, ConfigError
-from .pipeline import Baseline, ensure_baseline, layer_names, run_trial, trial_payload
+from .pipeline import Baseline, check_space, ensure_baseline, layer_names, run_trial, trial_payload
 from .space import LayerSearchParam, Space
 
 __all__ = ["SearchSummary", "run_search", "trials_frame", "write_trials_csv"]
@@ -101,7 +101,10 @@ def distributions(units: list[LayerSearchParam]) -> dict[str, optuna.distributio
         if u.bits[0] < u.bits[1]:
             out[f"bits:{u.key}"] = optuna.distributions.IntDistribution(u.bits[0], u.bits[1])
     if not out:
-        raise ConfigError("the search space has nothing to search: every p and bits range is a single value")
+        raise ConfigError(
+            "the search space has nothing to search: every p and bits range is a single value; "
+            "give at least one p or bits range [low, high] with low < high"
+        )
     return out
 
 
@@ -295,7 +298,7 @@ def _init_ray(address: str | None, concurrency: int, cpus_per_trial: float, gpus
     log(f"started a local Ray instance ({cpus} CPUs)")
 
 
-def _check_address_fast(address: str) -> None:
+def check_address(address: str) -> None:
     """Fail in seconds, not minutes, when nothing listens at host:port."""
     if address in ("auto", "local") or address.startswith("ray://"):
         return
@@ -310,6 +313,44 @@ def _check_address_fast(address: str) -> None:
             f"no Ray cluster answers at --address {address} ({exc.strerror or exc}); start one with "
             "`ray start --head` or drop --address to run locally"
         ) from None
+
+
+def check_storage(url: str) -> None:
+    """Reject a storage URL that cannot work, before any training: one clear line, nothing created.
+
+    Checks the URL's form, that SQLAlchemy knows its database type and its
+    driver is installed, and for SQLite that the file's folder exists and is
+    writable. Whether a database server answers is found out when the study
+    is opened.
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    fix = "give sqlite:///PATH (in an existing folder) or a database URL such as postgresql://user@host/db"
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ClipQError(f"--storage {url!r} is not a database URL; {fix}") from None
+    try:
+        dialect = parsed.get_dialect()
+    except NoSuchModuleError:
+        raise ClipQError(f"--storage {url!r} names an unknown database type {parsed.drivername!r}; {fix}") from None
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:"):
+            folder = Path(parsed.database).expanduser().absolute().parent
+            if not folder.is_dir():
+                raise ClipQError(f"--storage {url!r}: folder {folder} does not exist; create it or {fix}")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise ClipQError(f"--storage {url!r}: folder {folder} is not writable; {fix}")
+        return
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        raise ClipQError(
+            f"--storage {url!r} needs the Python module {exc.name or parsed.drivername!r}, which is not installed; "
+            f"install its driver (e.g. pip install psycopg2-binary for postgresql+psycopg2://)"
+        ) from None
+
 
 
 # -- the command ---------------------------------------------------------------------------------
@@ -342,12 +383,15 @@ def run_search(
     if seed is not None:
         s["seed"] = seed
     make_sampler(s["sampler"], s["seed"], s["trials"], False)  # validates the name early
+    # Everything that can fail on bad input is checked before any training or write.
     if address:
-        _check_address_fast(address)
+        check_address(address)
+    if storage:
+        check_storage(storage)
+    distributions(check_space(space))
     run_dir = Path(results_root) / (name or space.name)
     storage = storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
 
-    # Everything that can fail on bad input runs before the run directory exists.
     baseline = ensure_baseline(space, results_root, progress=progress, log=log)
     payload = trial_payload(space, baseline)
     units = space.search_params(layer_names(space, payload["info"]))

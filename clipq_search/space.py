@@ -23,7 +23,9 @@ from typing import Any
 
 import yaml
 
+from .data import DATASET_NAMES
 from .errors import ConfigError
+from .models import list_models
 from .ops import BITS_RANGE
 from .plan import LayerConfig, Plan
 
@@ -130,9 +132,16 @@ _LAYER_RANGE = {"p": _d(Field(None, _RANGE_KIND, lambda v: True), [0.5, 0.98]), 
 SCHEMA: dict[str, Any] = {
     "name": _d(_str(optional=True), None),
     "description": _d(_str(optional=True), None),
-    "model": _d(_str(), "lenet300"),
+    "model": _d(
+        Field(
+            None,
+            "a registered model (" + ", ".join(list_models()) + "), 'torchvision:<name>' or 'package.module:factory'",
+            lambda v: isinstance(v, str) and (v in list_models() or ":" in v),
+        ),
+        "lenet300",
+    ),
     "dataset": {
-        "name": _d(_str(), "fashion-mnist"),
+        "name": _d(_str(*DATASET_NAMES), "fashion-mnist"),
         "root": _d(_str(optional=True), None),
         "val_size": _d(_int(1), 5000),
         "split_seed": _d(_int(0), 0),
@@ -253,13 +262,15 @@ class Space:
         self.data = data
         self.source = source
         layers = data["layers"]
-        self._default_p = _parse_range(layers["default"]["p"], what="p", integer=False, lo=0.0, hi=1.0, open_hi=True, where="layers.default")
-        self._default_bits = _parse_range(layers["default"]["bits"], what="bits", integer=True, lo=BITS_RANGE[0], hi=BITS_RANGE[1], open_hi=False, where="layers.default")
+        where = f"{source}: layers.default"
+        self._default_p = _parse_range(layers["default"]["p"], what="p", integer=False, lo=0.0, hi=1.0, open_hi=True, where=where)
+        self._default_bits = _parse_range(layers["default"]["bits"], what="bits", integer=True, lo=BITS_RANGE[0], hi=BITS_RANGE[1], open_hi=False, where=where)
         self._overrides: dict[str, tuple[tuple[float, float], tuple[int, int]]] = {}
         for key, spec in layers["overrides"].items():
-            where = f"layers.overrides.{key}"
+            where = f"{source}: layers.overrides.{key}"
             if not isinstance(spec, Mapping) or not set(spec) <= {"p", "bits"} or not spec:
-                raise ConfigError(f"{source}: {where} must be a mapping with p and/or bits, got {spec!r}")
+                example = "{p: [0.5, 0.9], bits: 4}"
+                raise ConfigError(f"{where} must be a mapping with p and/or bits, e.g. {example}, got {spec!r}")
             p = _parse_range(spec.get("p", list(self._default_p)), what="p", integer=False, lo=0.0, hi=1.0, open_hi=True, where=where)
             b = _parse_range(spec.get("bits", list(self._default_bits)), what="bits", integer=True, lo=BITS_RANGE[0], hi=BITS_RANGE[1], open_hi=False, where=where)
             self._overrides[str(key)] = (p, b)  # type: ignore[assignment]
@@ -402,6 +413,11 @@ def load_space(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"space file {path} is not valid YAML{at}; fix the syntax (see search_spaces/ for examples)") from None
+    if raw is None:
+        raise ConfigError(
+            f"space file {path} is empty; write a mapping of keys (model, dataset, layers, ...) "
+            "as in search_spaces/smoke.yaml"
+        )
     if not isinstance(raw, Mapping):
         raise ConfigError(f"space file {path} must be a YAML mapping of keys (model, dataset, layers, ...), got {type(raw).__name__}")
     data = _defaults(SCHEMA)

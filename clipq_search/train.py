@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -514,30 +515,49 @@ def _describe(keys: list[str], limit: int = 3) -> str:
     return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def _load_failure(exc: BaseException) -> str:
+    """A short reason why ``torch.load`` failed (its own messages run to several lines)."""
+    text = str(exc).strip()
+    if "WeightsUnpickler error:" in text:  # not a weights-only torch.save file
+        detail = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0].strip()
+        return f"not a weights-only torch.save file: {detail}"[:120]
+    first = text.splitlines()[0].strip() if text else type(exc).__name__
+    return first[:120]
+
+
 def load_state_dict_file(
-    model: nn.Module, path: str | os.PathLike[str], *, model_name: str | None = None
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    model_name: str | None = None,
+    fix: str = "re-run pretrain",
 ) -> None:
     """Load weights written by :func:`save_state_dict` (or a :func:`train` checkpoint) into ``model``.
 
     Uses ``torch.load(weights_only=True)``: no arbitrary code runs. A missing
     file, a file that is not a state dict, or one for another architecture
-    raises :class:`ClipQError` naming the file and the problem.
+    raises :class:`ClipQError` naming the file and the problem, ending in ``fix``
+    (what the user should do; the caller knows where the path came from).
     """
     path = Path(path)
     label = model_name or type(model).__name__
     if not path.is_file():
-        raise ClipQError(f"checkpoint {path} does not exist; run pretrain first or fix the path")
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise ClipQError(f"checkpoint {path} {what}; {fix}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ClipQError(f"{path} is not a PyTorch state-dict file ({reason[:120]}); re-run pretrain") from exc
+        with open(path, "rb") as fh:
+            head = fh.read(1)
+        # torch.save writes a zip archive (or, in its legacy format, a pickle: b"\x80")
+        reason = _load_failure(exc) if zipfile.is_zipfile(path) or head == b"\x80" else "not written by torch.save"
+        raise ClipQError(f"{path} is not a PyTorch state-dict file ({reason}); {fix}") from exc
     if isinstance(state, dict) and state.get("version") == _CHECKPOINT_VERSION and "model" in state:
         state = state["model"]
     if not isinstance(state, Mapping) or not all(
         isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
     ):
-        raise ClipQError(f"{path} holds a {type(state).__name__}, not a state dict of tensors; re-run pretrain")
+        raise ClipQError(f"{path} holds a {type(state).__name__}, not a state dict of tensors; {fix}")
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -554,5 +574,5 @@ def load_state_dict_file(
     if mismatched:
         problems.append(f"shape mismatch {_describe(mismatched)}")
     if problems:
-        raise ClipQError(f"checkpoint {path} does not match model {label}: {'; '.join(problems)}; re-run pretrain")
+        raise ClipQError(f"checkpoint {path} does not match model {label}: {'; '.join(problems)}; {fix}")
     model.load_state_dict(state)
