@@ -112,6 +112,9 @@ class _Embedder:
 # -- figures ------------------------------------------------------------------------------------------
 
 
+_LOG_TICKS = [m * 10**e for e in range(0, 5) for m in (1, 2, 5)]
+
+
 def front_figure(data: RunData) -> go.Figure | None:
     """Val accuracy against compression rate (log axis): front, dominated trials, knee, baseline, final."""
     done = complete_trials(data.trials)
@@ -197,7 +200,13 @@ def front_figure(data: RunData) -> go.Figure | None:
     )
     fig.update_layout(
         title="Pareto front: validation accuracy vs compression rate",
-        xaxis={"title": "compression rate (x, log scale)", "type": "log"},
+        xaxis={
+            "title": "compression rate (x, log scale)",
+            "type": "log",
+            # Plain labels at 1-2-5 steps: plotly's default log ticks abbreviate 20 as "2".
+            "tickvals": _LOG_TICKS,
+            "ticktext": [f"{v:g}x" for v in _LOG_TICKS],
+        },
         yaxis={"title": "validation top-1 (%)"},
         height=560,
         template="plotly_white",
