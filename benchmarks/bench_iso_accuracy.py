@@ -74,24 +74,49 @@ def run_one(model: str, seed: int, results: Path, trials: int | None, k: int, ma
         else:
             plan_path = out / "plan.json"
             write_plan_json(plan_path, Plan.from_dict(plan_of(load_trials(run_dir), number)), source={"trial": number})
-            m = run_final(run_dir, config=str(plan_path), overrides=[f"final.train.seed={seed}"], log=log, out_dir=out,
-                          control=(i == 0))
+            m = run_final(
+                run_dir,
+                config=str(plan_path),
+                overrides=[f"final.train.seed={seed}"],
+                log=log,
+                out_dir=out,
+                control=(i == 0),
+            )
         m["trial"] = number
         finals.append(m)
-        log(f"{name}: trial {number} -> rate {m['rate']:.1f}x, val {m['compressed_val_top1']:.2f}%, test {m['compressed_test_top1']:.2f}%")
+        log(
+            f"{name}: trial {number} -> rate {m['rate']:.1f}x, val {m['compressed_val_top1']:.2f}%, "
+            f"test {m['compressed_test_top1']:.2f}%"
+        )
     control = next((m["control_test_top1"] for m in finals if m.get("control_test_top1") is not None), None)
     best = {}
     for tol in TOLERANCES:
         ok = [m for m in finals if baseline["val_top1"] - m["compressed_val_top1"] <= tol]
         b = max(ok, key=lambda m: m["rate"]) if ok else None
-        best[str(tol)] = None if b is None else {"rate": b["rate"], "val_top1": b["compressed_val_top1"],
-                                                  "test_top1": b["compressed_test_top1"], "file_bytes": b["file_bytes"],
-                                                  "trial": b["trial"]}
-    return {"model": model, "seed": seed, "baseline_val_top1": baseline["val_top1"],
-            "baseline_test_top1": baseline["test_top1"], "control_test_top1": control, "search_seconds": search_s,
-            "finals": [{k2: m[k2] for k2 in ("trial", "rate", "file_bytes", "compressed_val_top1", "compressed_test_top1", "plan")}
-                       for m in finals],
-            "best_within": best}
+        best[str(tol)] = (
+            None
+            if b is None
+            else {
+                "rate": b["rate"],
+                "val_top1": b["compressed_val_top1"],
+                "test_top1": b["compressed_test_top1"],
+                "file_bytes": b["file_bytes"],
+                "trial": b["trial"],
+            }
+        )
+    return {
+        "model": model,
+        "seed": seed,
+        "baseline_val_top1": baseline["val_top1"],
+        "baseline_test_top1": baseline["test_top1"],
+        "control_test_top1": control,
+        "search_seconds": search_s,
+        "finals": [
+            {k2: m[k2] for k2 in ("trial", "rate", "file_bytes", "compressed_val_top1", "compressed_test_top1", "plan")}
+            for m in finals
+        ],
+        "best_within": best,
+    }
 
 
 def main() -> None:
@@ -109,11 +134,19 @@ def main() -> None:
     out = Path(args.out)
     for model in args.models:
         for seed in args.seeds:
-            rows.append(run_one(model, seed, results, args.trials, args.finals, args.max_trial_drop,
-                                lambda m: print(m, flush=True)))
+            rows.append(
+                run_one(
+                    model, seed, results, args.trials, args.finals, args.max_trial_drop, lambda m: print(m, flush=True)
+                )
+            )
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps({"benchmark": "iso_accuracy", "machine": machine_line(), "rows": rows}, indent=2) + "\n")
-    print(f"\n{'model':<9} {'seed':>4} {'base test':>9} {'control':>8} " + " ".join(f"{'<=' + str(t) + 'pt':>16}" for t in TOLERANCES))
+            out.write_text(
+                json.dumps({"benchmark": "iso_accuracy", "machine": machine_line(), "rows": rows}, indent=2) + "\n"
+            )
+    print(
+        f"\n{'model':<9} {'seed':>4} {'base test':>9} {'control':>8} "
+        + " ".join(f"{'<=' + str(t) + 'pt':>16}" for t in TOLERANCES)
+    )
     for r in rows:
         cells = []
         for t in TOLERANCES:

@@ -46,8 +46,15 @@ def measure(results: Path, name: str, trials: int, concurrency: int, address: st
 
     space = load_space(ROOT / "search_spaces" / "smoke.yaml", [f"trial.train.epochs={epochs}"])
     t0 = time.perf_counter()
-    summary = run_search(space, results_root=results, name=name, trials=trials, concurrency=concurrency,
-                         address=address, log=lambda m: None)
+    summary = run_search(
+        space,
+        results_root=results,
+        name=name,
+        trials=trials,
+        concurrency=concurrency,
+        address=address,
+        log=lambda m: None,
+    )
     wall = time.perf_counter() - t0
     if address is None:
         ray.shutdown()
@@ -101,14 +108,31 @@ def main() -> None:
                 cluster.shutdown()
     finally:
         shutil.rmtree(results, ignore_errors=True)
-    print(f"\n{'run':<10} {'conc':>4} {'trials':>6} {'trial s':>8} {'phase s':>8} {'overhead':>8} {'cmd ovh':>8} {'trials/h':>9} {'nodes':>5}")
+    print(
+        f"\n{'run':<10} {'conc':>4} {'trials':>6} {'trial s':>8} {'phase s':>8} {'overhead':>8} "
+        f"{'cmd ovh':>8} {'trials/h':>9} {'nodes':>5}"
+    )
     for r in rows:
-        print(f"{r['name']:<10} {r['concurrency']:>4} {r['trials']:>6} {r['trial_seconds_median']:>8.1f} {r['trial_phase_seconds']:>8.1f} "
-              f"{r['overhead_trial_phase']:>8.2f} {r['overhead_command']:>8.2f} {r['trials_per_hour']:>9.0f} {r['nodes']:>5}")
+        print(
+            f"{r['name']:<10} {r['concurrency']:>4} {r['trials']:>6} {r['trial_seconds_median']:>8.1f} "
+            f"{r['trial_phase_seconds']:>8.1f} {r['overhead_trial_phase']:>8.2f} {r['overhead_command']:>8.2f} "
+            f"{r['trials_per_hour']:>9.0f} {r['nodes']:>5}"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "orchestration", "machine": machine_line(), "trials": args.trials,
-                               "trial_epochs": args.epochs, "rows": rows}, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "orchestration",
+                "machine": machine_line(),
+                "trials": args.trials,
+                "trial_epochs": args.epochs,
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {out}")
 
 

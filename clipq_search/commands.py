@@ -53,7 +53,10 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     b = ensure_baseline(space, args.results, log=_log)
     took = f" in {b.seconds:.0f}s" if b.seconds else " (cached)"
     top5 = f", top-5 {b.test_top5:.2f}%" if b.test_top5 is not None else ""
-    print(f"baseline {b.model} on {b.dataset}{took}: val {b.val_top1:.2f}%, test {b.test_top1:.2f}%{top5}  -> {b.checkpoint}")
+    print(
+        f"baseline {b.model} on {b.dataset}{took}: val {b.val_top1:.2f}%, test {b.test_top1:.2f}%{top5}"
+        f"  -> {b.checkpoint}"
+    )
 
 
 def cmd_search(args: argparse.Namespace) -> None:
@@ -90,7 +93,9 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from .finalize import export_plan
 
-    out = export_plan(Path(args.run_dir), max_drop=args.max_drop, min_rate=args.min_rate, trial=args.trial, out=args.out, log=_log)
+    out = export_plan(
+        Path(args.run_dir), max_drop=args.max_drop, min_rate=args.min_rate, trial=args.trial, out=args.out, log=_log
+    )
     print(f"wrote {out}")
 
 

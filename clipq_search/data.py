@@ -222,10 +222,7 @@ def read_cifar10(root: str | os.PathLike[str]) -> tuple[Tensor, Tensor, Tensor, 
     names = (*CIFAR10_TRAIN_FILES, CIFAR10_TEST_FILE)
     if not all((base / n).is_file() for n in names):
         expected = "data_batch_1.bin..data_batch_5.bin and test_batch.bin"
-        how = (
-            "download cifar-10-binary.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html "
-            "and extract it there"
-        )
+        how = "download cifar-10-binary.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html and extract it there"
         where = "does not exist" if not root.is_dir() else "lacks them"
         raise ClipQError(f"cifar10 needs {expected} in {root} (or its cifar-10-batches-bin/), but it {where}; {how}")
     parts = [read_cifar10_batch(base / n) for n in CIFAR10_TRAIN_FILES]
@@ -395,8 +392,9 @@ class ArrayDataset:
             images = images.copy()
         if not labels.flags.writeable:
             labels = labels.copy()
-        return cls(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64, copy=False)),
-                   state["mean"], state["std"])
+        return cls(
+            torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64, copy=False)), state["mean"], state["std"]
+        )
 
 
 def _import_torchvision() -> Any:
@@ -491,8 +489,12 @@ class FolderDataset:
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> FolderDataset:
         idx = state["indices"]
-        return cls(state["folder"], train=bool(state["train"]),
-                   indices=None if idx is None else [int(i) for i in idx], num_workers=int(state["num_workers"]))
+        return cls(
+            state["folder"],
+            train=bool(state["train"]),
+            indices=None if idx is None else [int(i) for i in idx],
+            num_workers=int(state["num_workers"]),
+        )
 
 
 def dataset_from_state(state: dict[str, Any]) -> ArrayDataset | FolderDataset:
@@ -673,9 +675,16 @@ def _load_imagefolder(spec: DatasetSpec, root: Path) -> DataSplits:
         val = FolderDataset(train_dir, train=False, indices=val_idx.tolist())
     test = FolderDataset(test_dir, train=False)
     if test.classes != probe.classes:
-        raise FormatError(f"{test_dir} has classes {test.classes[:5]}... but {train_dir} has {probe.classes[:5]}...; "
-                          "use the same class sub-folders in both")
+        raise FormatError(
+            f"{test_dir} has classes {test.classes[:5]}... but {train_dir} has {probe.classes[:5]}...; "
+            "use the same class sub-folders in both"
+        )
     return DataSplits(
-        train=train, val=val, test=test, num_classes=len(probe.classes), in_channels=3, image_size=224,
+        train=train,
+        val=val,
+        test=test,
+        num_classes=len(probe.classes),
+        in_channels=3,
+        image_size=224,
         name=spec.name,
     )

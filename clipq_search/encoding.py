@@ -55,7 +55,11 @@ _HEADER = struct.Struct("<6sHI")
 _SPARSE_HEAD = struct.Struct("<BBfI")
 _KIND_DENSE, _KIND_SPARSE = 0, 1
 _FLAG_BUFFER = 0x80
-_DTYPES: dict[int, tuple[torch.dtype, str]] = {0: (torch.float32, "<f4"), 1: (torch.int64, "<i8"), 2: (torch.bool, "|b1")}
+_DTYPES: dict[int, tuple[torch.dtype, str]] = {
+    0: (torch.float32, "<f4"),
+    1: (torch.int64, "<i8"),
+    2: (torch.bool, "|b1"),
+}
 _DTYPE_CODE = {torch.int64: 1, torch.bool: 2}
 
 
@@ -152,12 +156,7 @@ def _best_k(gaps: np.ndarray, bits: int) -> tuple[int, int]:
 
 
 def _sparse_size(name: str, ndim: int, bits: int, k: int, entries: int) -> int:
-    return (
-        _record_head_size(name, ndim)
-        + _SPARSE_HEAD.size
-        + 4 * (2**bits - 1)
-        + math.ceil(entries * (bits + k) / 8)
-    )
+    return _record_head_size(name, ndim) + _SPARSE_HEAD.size + 4 * (2**bits - 1) + math.ceil(entries * (bits + k) / 8)
 
 
 def sparse_layer_bytes(name: str, weight: torch.Tensor, bits: int) -> int:
@@ -196,7 +195,7 @@ def _unpack(payload: bytes, entries: int, bits: int, k: int, numel: int, codeboo
     if entries == 0:
         return flat
     bitstream = np.unpackbits(np.frombuffer(payload, dtype=np.uint8), bitorder="little")[: entries * width]
-    weights = (1 << np.arange(width, dtype=np.int64))
+    weights = 1 << np.arange(width, dtype=np.int64)
     values = bitstream.reshape(entries, width).astype(np.int64) @ weights
     codes = values & ((1 << bits) - 1)
     diffs = (values >> bits) + 1
@@ -211,7 +210,9 @@ def _unpack(payload: bytes, entries: int, bits: int, k: int, numel: int, codeboo
 # -- what gets compressed ------------------------------------------------------------------
 
 
-def _compressed_weights(model: nn.Module, plan: Plan | Mapping[str, object] | None) -> dict[str, tuple[LayerConfig, np.ndarray]]:
+def _compressed_weights(
+    model: nn.Module, plan: Plan | Mapping[str, object] | None
+) -> dict[str, tuple[LayerConfig, np.ndarray]]:
     """The forward weight of every compressed layer, as flat float32, with its config.
 
     Attached layers give their pruned-quantized weight. With a ``plan`` for a
@@ -249,7 +250,9 @@ def _dense_dtype(t: torch.Tensor) -> int:
     return 0 if t.is_floating_point() else _DTYPE_CODE.get(t.dtype, 1)
 
 
-def _plan_file(model: nn.Module, plan: Plan | Mapping[str, object] | None, *, write: bool) -> tuple[SizeEstimate, bytes]:
+def _plan_file(
+    model: nn.Module, plan: Plan | Mapping[str, object] | None, *, write: bool
+) -> tuple[SizeEstimate, bytes]:
     compressed = _compressed_weights(model, plan)
     modules = dict(model.named_modules())
     buf = io.BytesIO() if write else None
@@ -275,7 +278,9 @@ def _plan_file(model: nn.Module, plan: Plan | Mapping[str, object] | None, *, wr
             codebook, codes, gaps = _codes_and_gaps(flat, cfg.bits, key)
             k, entries = _best_k(gaps, cfg.bits)
             nbytes = _sparse_size(key, len(shape), cfg.bits, k, entries)
-            sizes.append(LayerSize(key, shape, flat.size, True, True, cfg.p, cfg.bits, k, int(codes.size), entries, nbytes))
+            sizes.append(
+                LayerSize(key, shape, flat.size, True, True, cfg.p, cfg.bits, k, int(codes.size), entries, nbytes)
+            )
             original += 4 * flat.size
             if buf is not None:
                 buf.write(struct.pack("<H", len(name_b)) + name_b)
@@ -297,7 +302,9 @@ def _plan_file(model: nn.Module, plan: Plan | Mapping[str, object] | None, *, wr
             if buf is not None:
                 flags = 0 if is_param else _FLAG_BUFFER
                 buf.write(struct.pack("<H", len(name_b)) + name_b)
-                buf.write(struct.pack("<BBB", _KIND_DENSE | flags, code, len(shape)) + struct.pack(f"<{len(shape)}I", *shape))
+                buf.write(
+                    struct.pack("<BBB", _KIND_DENSE | flags, code, len(shape)) + struct.pack(f"<{len(shape)}I", *shape)
+                )
                 arr = t.to(_DTYPES[code][0]).contiguous().numpy().astype(_DTYPES[code][1], copy=False)
                 buf.write(arr.tobytes())
     total = _HEADER.size + sum(s.bytes for s in sizes) + 4
@@ -314,7 +321,9 @@ def estimate_size(model: nn.Module, plan: Plan | Mapping[str, object] | None = N
     return _plan_file(model, plan, write=False)[0]
 
 
-def save_compressed(model: nn.Module, path: str | Path, plan: Plan | Mapping[str, object] | None = None) -> SizeEstimate:
+def save_compressed(
+    model: nn.Module, path: str | Path, plan: Plan | Mapping[str, object] | None = None
+) -> SizeEstimate:
     """Write ``model`` as a ``.clipq`` file (atomically) and return its sizes.
 
     Compressed layers are those carrying CLIP-Q (``attach_clipq``) plus those
@@ -388,7 +397,9 @@ def read_compressed(path: str | Path) -> tuple[dict[str, torch.Tensor], SizeEsti
                 flat = _unpack(payload, entries, bits, k, numel, codebook)
                 state[name] = torch.from_numpy(flat.reshape(shape).copy())
                 kept = int(np.count_nonzero(flat))
-                sizes.append(LayerSize(name, shape, numel, True, True, round(p, 6), bits, k, kept, entries, r.pos - start))
+                sizes.append(
+                    LayerSize(name, shape, numel, True, True, round(p, 6), bits, k, kept, entries, r.pos - start)
+                )
                 original += 4 * numel
             elif kind & 0x7F == _KIND_DENSE and dtype_code in _DTYPES:
                 torch_dtype, np_dtype = _DTYPES[dtype_code]
@@ -399,7 +410,9 @@ def read_compressed(path: str | Path) -> tuple[dict[str, torch.Tensor], SizeEsti
                 sizes.append(LayerSize(name, shape, numel, is_param, False, None, None, None, numel, 0, r.pos - start))
                 original += 4 * numel if is_param else 0
             else:
-                raise FormatError(f"{path}: record {name!r} has unknown kind {kind}/{dtype_code}; the file is corrupted")
+                raise FormatError(
+                    f"{path}: record {name!r} has unknown kind {kind}/{dtype_code}; the file is corrupted"
+                )
     except (UnicodeDecodeError, ValueError, struct.error) as exc:
         if isinstance(exc, FormatError):
             raise

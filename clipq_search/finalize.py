@@ -28,7 +28,9 @@ DEFAULT_MAX_DROP = 1.0
 def check_run_dir(run_dir: Path) -> None:
     """One clear error when ``run_dir`` is not a search run."""
     if not run_dir.is_dir():
-        raise ClipQError(f"{run_dir} does not exist; give a run directory made by `run_search.py search` (results/<name>)")
+        raise ClipQError(
+            f"{run_dir} does not exist; give a run directory made by `run_search.py search` (results/<name>)"
+        )
     for needed in ("run.json", "space.yaml", "baseline.json"):
         if not (run_dir / needed).is_file():
             raise ClipQError(f"{run_dir} is not a run directory (no {needed}); run `run_search.py search` first")
@@ -87,8 +89,15 @@ def export_plan(
     return path
 
 
-def _final_task(space_data: dict[str, Any], plan: dict[str, Any] | None, payload: dict[str, Any], ckpt: str,
-                threads: int, queue: Any, tag: str) -> dict[str, Any]:
+def _final_task(
+    space_data: dict[str, Any],
+    plan: dict[str, Any] | None,
+    payload: dict[str, Any],
+    ckpt: str,
+    threads: int,
+    queue: Any,
+    tag: str,
+) -> dict[str, Any]:
     """Ray task: full-length fine-tune (CLIP-Q when ``plan`` is given, else the dense control)."""
     from .pipeline import model_for, state_from_bytes, state_to_bytes, train_config
     from .surgery import attach_clipq
@@ -109,11 +118,25 @@ def _final_task(space_data: dict[str, Any], plan: dict[str, Any] | None, payload
             val = f", val {rec['val_top1']:.2f}%" if "val_top1" in rec else ""
             queue.put(f"  {tag}: epoch {rec['epoch']:g}/{cfg.epochs:g} loss {rec['train_loss']:.4f}{val}")
 
-    res = train(model, dataset_from_state(payload["train"]), cfg, device=device, val_data=dataset_from_state(payload["val"]),
-                progress=False, desc=tag, on_epoch_end=on_epoch, checkpoint_path=ckpt, resume=True)
+    res = train(
+        model,
+        dataset_from_state(payload["train"]),
+        cfg,
+        device=device,
+        val_data=dataset_from_state(payload["val"]),
+        progress=False,
+        desc=tag,
+        on_epoch_end=on_epoch,
+        checkpoint_path=ckpt,
+        resume=True,
+    )
     model.cpu()
-    return {"state": state_to_bytes(model), "seconds": res.seconds, "resumed_from_step": res.resumed_from_step,
-            "final_train_loss": res.final_train_loss}
+    return {
+        "state": state_to_bytes(model),
+        "seconds": res.seconds,
+        "resumed_from_step": res.resumed_from_step,
+        "final_train_loss": res.final_train_loss,
+    }
 
 
 def run_final(
@@ -136,7 +159,7 @@ def run_final(
     from .data import load_dataset
     from .encoding import read_compressed, save_compressed
     from .pipeline import Baseline, dataset_spec, model_for, splits_info, state_from_bytes, train_config, trial_payload
-    from .search import check_address, _init_ray
+    from .search import _init_ray, check_address
     from .space import load_space
     from .surgery import attach_clipq
     from .train import evaluate
@@ -173,14 +196,27 @@ def run_final(
     threads = max(1, int(res["cpus_per_trial"]))
     task = ray.remote(num_cpus=res["cpus_per_trial"], num_gpus=res["gpus_per_trial"], max_retries=1)(_final_task)
     ref_payload = ray.put(payload)
-    log(f"final run: {cfg.epochs:g} epochs of CLIP-Q fine-tuning" + (" and of the dense control, in parallel" if control else "") + " on Ray")
+    log(
+        f"final run: {cfg.epochs:g} epochs of CLIP-Q fine-tuning"
+        + (" and of the dense control, in parallel" if control else "")
+        + " on Ray"
+    )
     t0 = time.perf_counter()
     refs = {
-        "compressed": task.remote(space.data, plan.to_dict(), ref_payload, str((final_dir / "ckpt-compressed.pt").resolve()), threads, queue, "compressed"),
+        "compressed": task.remote(
+            space.data,
+            plan.to_dict(),
+            ref_payload,
+            str((final_dir / "ckpt-compressed.pt").resolve()),
+            threads,
+            queue,
+            "compressed",
+        ),
     }
     if control:
-        refs["control"] = task.remote(space.data, None, ref_payload, str((final_dir / "ckpt-control.pt").resolve()), threads,
-                                      queue, "control")
+        refs["control"] = task.remote(
+            space.data, None, ref_payload, str((final_dir / "ckpt-control.pt").resolve()), threads, queue, "control"
+        )
     pending = list(refs.values())
     while pending:
         _, pending = ray.wait(pending, timeout=1.0, num_returns=len(pending))
@@ -191,7 +227,9 @@ def run_final(
     try:
         results = {k: ray.get(r) for k, r in refs.items()}
     except ray.exceptions.RayError as exc:
-        raise ClipQError(f"the final run failed: {str(exc).strip().splitlines()[-1][:300]}; rerun `final` to resume") from None
+        raise ClipQError(
+            f"the final run failed: {str(exc).strip().splitlines()[-1][:300]}; rerun `final` to resume"
+        ) from None
     for tag, r in results.items():
         if r["resumed_from_step"]:
             log(f"  {tag}: resumed from its checkpoint at step {r['resumed_from_step']}")
@@ -215,7 +253,9 @@ def run_final(
         "baseline_test_top1": baseline.test_top1,
         "control_test_top1": control_top1,
         "compressed_test_top1": compressed["top1"],
-        "compressed_val_top1": evaluate(reloaded, splits.val, device=device)["top1"] if splits.val is not None else None,
+        "compressed_val_top1": evaluate(reloaded, splits.val, device=device)["top1"]
+        if splits.val is not None
+        else None,
         "rate": written.original_bytes / (final_dir / "model.clipq").stat().st_size,
         "file_bytes": (final_dir / "model.clipq").stat().st_size,
         "original_bytes": written.original_bytes,
@@ -232,7 +272,8 @@ def run_final(
     log(
         f"final: test accuracy baseline {metrics['baseline_test_top1']:.2f}%, "
         + (f"control {control_top1:.2f}%, " if control_top1 is not None else "")
-        + f"compressed (reloaded from file) {metrics['compressed_test_top1']:.2f}%; file {metrics['file_bytes']:,} bytes, "
+        + f"compressed (reloaded from file) {metrics['compressed_test_top1']:.2f}%; "
+        f"file {metrics['file_bytes']:,} bytes, "
         f"rate {metrics['rate']:.1f}x -> {final_dir / 'model.clipq'}"
     )
     return metrics

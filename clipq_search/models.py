@@ -191,8 +191,9 @@ class ResNet20(nn.Module):
         self.fc = nn.Linear(64, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d | nn.Linear):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out" if isinstance(m, nn.Conv2d) else "fan_in",
-                                        nonlinearity="relu")
+                nn.init.kaiming_normal_(
+                    m.weight, mode="fan_out" if isinstance(m, nn.Conv2d) else "fan_in", nonlinearity="relu"
+                )
 
     def forward(self, x: Tensor) -> Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
@@ -264,7 +265,8 @@ def _build_user(ref: str, num_classes: int, in_channels: int, image_size: int) -
             kwargs = offered
         else:
             kwargs = {
-                k: v for k, v in offered.items()
+                k: v
+                for k, v in offered.items()
                 if k in params and params[k].kind is not inspect.Parameter.POSITIONAL_ONLY
             }
     try:
@@ -301,4 +303,3 @@ def build_model(name: str, *, num_classes: int = 10, in_channels: int = 1, image
 def count_parameters(model: nn.Module) -> int:
     """Number of scalar parameters in ``model``."""
     return sum(p.numel() for p in model.parameters())
-

@@ -65,10 +65,12 @@ def paper_layer_search(
 
     out: dict[float, tuple[float, int, float, float]] = {}
     for lam in cfg["lambdas"]:
-        sampler = optuna.samplers.GPSampler(seed=space_data["search"]["seed"], n_startup_trials=min(8, cfg["evals_per_layer"]))
+        sampler = optuna.samplers.GPSampler(
+            seed=space_data["search"]["seed"], n_startup_trials=min(8, cfg["evals_per_layer"])
+        )
         study = optuna.create_study(direction="minimize", sampler=sampler)
 
-        def objective(trial: optuna.Trial) -> float:
+        def objective(trial: optuna.Trial, lam: float = lam) -> float:
             p = trial.suggest_float("p", *unit.p) if unit.p[0] < unit.p[1] else unit.p[0]
             if unit.bits[0] < unit.bits[1]:
                 bits = int(round(trial.suggest_float("b", unit.bits[0] - 0.49, unit.bits[1] + 0.49)))
@@ -94,8 +96,10 @@ def paper_plans(
     task = ray.remote(num_cpus=res["cpus_per_trial"], num_gpus=0)(paper_layer_search)
     payload_ref = ray.put(payload)
     lambdas = space.data["search"]["paper"]["lambdas"]
-    log(f"paper strategy: per-layer GP search for {len(units)} layer(s) x {len(lambdas)} lambda(s), "
-        f"{space.data['search']['paper']['evals_per_layer']} evaluations each, in parallel on Ray")
+    log(
+        f"paper strategy: per-layer GP search for {len(units)} layer(s) x {len(lambdas)} lambda(s), "
+        f"{space.data['search']['paper']['evals_per_layer']} evaluations each, in parallel on Ray"
+    )
     refs = [task.remote(space.data, u, payload_ref, threads=max(1, int(res["cpus_per_trial"]))) for u in units]
     results = ray.get(refs)
     plans = []

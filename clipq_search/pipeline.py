@@ -99,11 +99,17 @@ def baseline_paths(space: Space, results_root: str | Path) -> tuple[Path, Path]:
     if given:
         ckpt = Path(given)
         return ckpt, Path(results_root) / "baselines" / f"{ckpt.stem}-{fp}.json"
-    base = Path(results_root) / "baselines" / f"{space.data['model'].replace(':', '_').replace('/', '_')}-{space.data['dataset']['name']}-{fp}"
+    base = (
+        Path(results_root)
+        / "baselines"
+        / f"{space.data['model'].replace(':', '_').replace('/', '_')}-{space.data['dataset']['name']}-{fp}"
+    )
     return base.with_suffix(".pt"), base.with_suffix(".json")
 
 
-def ensure_baseline(space: Space, results_root: str | Path, *, progress: bool | None = None, log: Any = print) -> Baseline:
+def ensure_baseline(
+    space: Space, results_root: str | Path, *, progress: bool | None = None, log: Any = print
+) -> Baseline:
     """Train the space's dense baseline, or reuse the cached one when it exists and matches.
 
     A user-given ``baseline.checkpoint`` is never trained over: it is loaded
@@ -128,21 +134,33 @@ def ensure_baseline(space: Space, results_root: str | Path, *, progress: bool | 
     seconds = 0.0
     if space.data["baseline"]["checkpoint"]:
         load_state_dict_file(
-            model, ckpt, model_name=space.data["model"],
+            model,
+            ckpt,
+            model_name=space.data["model"],
             fix=f"point baseline.checkpoint at a {space.data['model']} state dict, or remove it to pretrain one",
         )
     else:
         cfg = train_config(space.data, "baseline")
         log(f"pretraining dense {space.data['model']} on {splits.name}: {cfg.epochs:g} epochs (cached afterwards)")
         t0 = time.perf_counter()
-        train(model, splits.train, cfg, device=device, val_data=splits.val, progress=progress, desc="pretrain",
-              checkpoint_path=ckpt.with_suffix(".resume.pt"))
+        train(
+            model,
+            splits.train,
+            cfg,
+            device=device,
+            val_data=splits.val,
+            progress=progress,
+            desc="pretrain",
+            checkpoint_path=ckpt.with_suffix(".resume.pt"),
+        )
         seconds = time.perf_counter() - t0
         save_state_dict(model, ckpt)
         ckpt.with_suffix(".resume.pt").unlink(missing_ok=True)
     val = evaluate(model, splits.val, device=device) if splits.val is not None else {"top1": math.nan}
     test = evaluate(model, splits.test, device=device)
-    info = Baseline(str(ckpt), val["top1"], test["top1"], test.get("top5"), seconds, space.data["model"], splits.name, fp)
+    info = Baseline(
+        str(ckpt), val["top1"], test["top1"], test.get("top5"), seconds, space.data["model"], splits.name, fp
+    )
     write_json(meta, {**info.to_dict(), "checkpoint_bytes": ckpt.stat().st_size})
     return info
 
@@ -260,4 +278,12 @@ def write_plan_json(path: str | Path, plan: Plan, **extra: Any) -> None:
     write_json(path, {**plan.to_dict(), **extra})
 
 
-__all__ += ["layer_names", "splits_info", "state_from_bytes", "state_to_bytes", "trial_payload", "write_bytes", "write_plan_json"]
+__all__ += [
+    "layer_names",
+    "splits_info",
+    "state_from_bytes",
+    "state_to_bytes",
+    "trial_payload",
+    "write_bytes",
+    "write_plan_json",
+]

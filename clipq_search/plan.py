@@ -180,7 +180,7 @@ class Plan:
             reason = exc.strerror or exc
             raise ConfigError(f"cannot read plan file {path} ({reason}); check the path and its permissions") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"plan file {path} is not valid JSON ({exc}); expected {{\"layers\": {{...}}}}") from None
+            raise ConfigError(f'plan file {path} is not valid JSON ({exc}); expected {{"layers": {{...}}}}') from None
         where = f"plan file {path}"
         try:
             return cls.from_dict(obj, where=where)

@@ -16,7 +16,10 @@ def format_size_table(sizes: SizeEstimate, *, title: str = "") -> str:
     rows = sizes.to_rows()
     name_w = max([len("name"), *(len(str(r["name"])) for r in rows)])
     shape_w = max([len("shape"), *(len(str(r["shape"])) for r in rows)])
-    head = f"{'name':<{name_w}}  {'shape':<{shape_w}}  {'p':>6}  {'bits':>4}  {'k':>3}  {'kept':>7}  {'bytes':>10}  {'rate':>8}"
+    head = (
+        f"{'name':<{name_w}}  {'shape':<{shape_w}}  {'p':>6}  {'bits':>4}  {'k':>3}  "
+        f"{'kept':>7}  {'bytes':>10}  {'rate':>8}"
+    )
     lines = [title] if title else []
     lines += [head, "-" * len(head)]
     for r in rows:

@@ -62,21 +62,31 @@ def make_sampler(name: str, seed: int, n_trials: int, has_constraint: bool) -> o
             seed=seed, multivariate=True, n_startup_trials=max(4, min(10, n_trials // 4)), constraints_func=cons
         )
     if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=max(4, min(10, n_trials // 4)), constraints_func=cons)
+        return optuna.samplers.GPSampler(
+            seed=seed, n_startup_trials=max(4, min(10, n_trials // 4)), constraints_func=cons
+        )
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, n_trials // 4)), constraints_func=cons)
+        return optuna.samplers.NSGAIISampler(
+            seed=seed, population_size=max(4, min(50, n_trials // 4)), constraints_func=cons
+        )
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise ConfigError(f"sampler {name!r} is unknown; choose one of tpe, gp, nsga2, random, paper")
 
 
-def open_study(storage: str, sampler: optuna.samplers.BaseSampler | None = None, *, create: bool = True) -> optuna.Study:
+def open_study(
+    storage: str, sampler: optuna.samplers.BaseSampler | None = None, *, create: bool = True
+) -> optuna.Study:
     """Open (or create) the run's study; an unusable storage URL is one clear error."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         if create:
             study = optuna.create_study(
-                study_name=STUDY_NAME, storage=storage, sampler=sampler, directions=["maximize", "maximize"], load_if_exists=True
+                study_name=STUDY_NAME,
+                storage=storage,
+                sampler=sampler,
+                directions=["maximize", "maximize"],
+                load_if_exists=True,
             )
             if study.metric_names is None:
                 import warnings
@@ -90,7 +100,9 @@ def open_study(storage: str, sampler: optuna.samplers.BaseSampler | None = None,
         raise ClipQError(f"storage {storage} holds no clipq-search study; is this a run directory?") from None
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy/driver errors vary by backend
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise ClipQError(f"cannot open storage {storage!r} ({first}); give a writable sqlite:/// path or a reachable database URL") from None
+        raise ClipQError(
+            f"cannot open storage {storage!r} ({first}); give a writable sqlite:/// path or a reachable database URL"
+        ) from None
 
 
 def distributions(units: list[LayerSearchParam]) -> dict[str, optuna.distributions.BaseDistribution]:
@@ -122,7 +134,10 @@ def recover_interrupted(study: optuna.Study, log: Callable[[str], None]) -> int:
         study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
         study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
     if stale:
-        log(f"recovered {len(stale)} interrupted trial(s) ({', '.join(str(t.number) for t in stale)}): queued to run again")
+        log(
+            f"recovered {len(stale)} interrupted trial(s) ({', '.join(str(t.number) for t in stale)}): "
+            "queued to run again"
+        )
     return len(stale)
 
 
@@ -190,9 +205,16 @@ def _trainable(config: dict[str, Any], payload: dict[str, Any]) -> None:
     tune.report(result)
 
 
-def _make_searcher(study: optuna.Study, units: list[LayerSearchParam], space: Space, to_run: int,
-                   on_done: Callable[[optuna.trial.FrozenTrial], None], baseline: Baseline, threads: int,
-                   inject_failure: list[int]) -> Any:
+def _make_searcher(
+    study: optuna.Study,
+    units: list[LayerSearchParam],
+    space: Space,
+    to_run: int,
+    on_done: Callable[[optuna.trial.FrozenTrial], None],
+    baseline: Baseline,
+    threads: int,
+    inject_failure: list[int],
+) -> Any:
     from ray.tune.search import Searcher
 
     from .space import Space as _Space
@@ -237,7 +259,17 @@ def _make_searcher(study: optuna.Study, units: list[LayerSearchParam], space: Sp
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
             else:
                 result = json.loads(result["record"])
-                for key in ("val_top1", "val_loss", "rate", "size_bytes", "train_seconds", "trial_seconds", "node", "kept", "train_loss"):
+                for key in (
+                    "val_top1",
+                    "val_loss",
+                    "rate",
+                    "size_bytes",
+                    "train_seconds",
+                    "trial_seconds",
+                    "node",
+                    "kept",
+                    "train_loss",
+                ):
                     trial.set_user_attr(key, result[key])
                 if max_drop is not None:
                     trial.set_user_attr("constraint", [baseline.val_top1 - result["val_top1"] - max_drop])
@@ -264,7 +296,9 @@ def _stay_on_loopback() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
-def _init_ray(address: str | None, concurrency: int, cpus_per_trial: float, gpus_per_trial: float, log: Callable[[str], None]) -> None:
+def _init_ray(
+    address: str | None, concurrency: int, cpus_per_trial: float, gpus_per_trial: float, log: Callable[[str], None]
+) -> None:
     import ray
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -288,10 +322,18 @@ def _init_ray(address: str | None, concurrency: int, cpus_per_trial: float, gpus
                 "or drop --address to run locally"
             ) from None
         res = ray.cluster_resources()
-        log(f"connected to Ray cluster at {address}: {len(ray.nodes())} node(s), {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs")
+        log(
+            f"connected to Ray cluster at {address}: {len(ray.nodes())} node(s), "
+            f"{res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs"
+        )
         return
     cpus = max(os.cpu_count() or 1, math.ceil(concurrency * cpus_per_trial))
-    kwargs: dict[str, Any] = {"num_cpus": cpus, "include_dashboard": False, "logging_level": "ERROR", "log_to_driver": False}
+    kwargs: dict[str, Any] = {
+        "num_cpus": cpus,
+        "include_dashboard": False,
+        "logging_level": "ERROR",
+        "log_to_driver": False,
+    }
     if gpus_per_trial == 0:
         kwargs["num_gpus"] = 0
     ray.init(address="local", **kwargs, _node_ip_address="127.0.0.1")
@@ -352,7 +394,6 @@ def check_storage(url: str) -> None:
         ) from None
 
 
-
 # -- the command ---------------------------------------------------------------------------------
 
 
@@ -400,7 +441,9 @@ def run_search(
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        study = open_study(storage, make_sampler(s["sampler"], s["seed"], s["trials"], s["max_accuracy_drop"] is not None))
+        study = open_study(
+            storage, make_sampler(s["sampler"], s["seed"], s["trials"], s["max_accuracy_drop"] is not None)
+        )
     except ClipQError:
         if created:
             import shutil
@@ -409,21 +452,27 @@ def run_search(
         raise
     write_text(run_dir / "space.yaml", space.to_yaml())
     write_json(run_dir / "baseline.json", baseline.to_dict())
-    write_json(run_dir / "run.json", {"storage": storage, "space_source": space.source, "name": run_dir.name,
-                                      "layers": [u.key for u in units]})
+    write_json(
+        run_dir / "run.json",
+        {"storage": storage, "space_source": space.source, "name": run_dir.name, "layers": [u.key for u in units]},
+    )
     recover_interrupted(study, log)
     # A resumed run continues the sampler's stream instead of replaying it.
     n_existing = len(study.get_trials(deepcopy=False))
     study.sampler = make_sampler(s["sampler"], s["seed"] + n_existing, s["trials"], s["max_accuracy_drop"] is not None)
     done = _finished(study)
     to_run = s["trials"] - len(done)
-    log(f"run {run_dir}: {len(done)} of {s['trials']} trials finished; {max(to_run, 0)} to run, "
-        f"{s['concurrency']} at a time, sampler {s['sampler']}, baseline val {baseline.val_top1:.2f}%")
+    log(
+        f"run {run_dir}: {len(done)} of {s['trials']} trials finished; {max(to_run, 0)} to run, "
+        f"{s['concurrency']} at a time, sampler {s['sampler']}, baseline val {baseline.val_top1:.2f}%"
+    )
     if to_run <= 0:
         write_trials_csv(study, run_dir)
         return _summary(study, run_dir, t0, s["concurrency"])
 
-    if s["sampler"] == "paper" and not any(t.user_attrs.get("source") == "paper" for t in study.get_trials(deepcopy=False)):
+    if s["sampler"] == "paper" and not any(
+        t.user_attrs.get("source") == "paper" for t in study.get_trials(deepcopy=False)
+    ):
         from .paper import paper_plans
 
         res = space.data["resources"]
@@ -464,9 +513,18 @@ def _best_line(study: optuna.Study, baseline: Baseline) -> str:
     return f"best within 1 pt: #{best[0]} {best[1]:.1f}x @ {best[2]:.2f}%" if best else "best within 1 pt: none yet"
 
 
-def _run_with_tune(study: optuna.Study, space: Space, units: list[LayerSearchParam], payload: dict[str, Any],
-                   baseline: Baseline, run_dir: Path, to_run: int, address: str | None,
-                   inject_failure: list[int], log: Callable[[str], None]) -> None:
+def _run_with_tune(
+    study: optuna.Study,
+    space: Space,
+    units: list[LayerSearchParam],
+    payload: dict[str, Any],
+    baseline: Baseline,
+    run_dir: Path,
+    to_run: int,
+    address: str | None,
+    inject_failure: list[int],
+    log: Callable[[str], None],
+) -> None:
     from ray import tune
 
     s, res = space.data["search"], space.data["resources"]
@@ -477,8 +535,10 @@ def _run_with_tune(study: optuna.Study, space: Space, units: list[LayerSearchPar
         n_done = len(_finished(study))
         if t.state == optuna.trial.TrialState.COMPLETE:
             a = t.user_attrs
-            line = (f"[{n_done}/{total}] trial {t.number}: val {a['val_top1']:.2f}%  rate {a['rate']:.1f}x  "
-                    f"{a['trial_seconds']:.1f}s on {a['node']}  | {_best_line(study, baseline)}")
+            line = (
+                f"[{n_done}/{total}] trial {t.number}: val {a['val_top1']:.2f}%  rate {a['rate']:.1f}x  "
+                f"{a['trial_seconds']:.1f}s on {a['node']}  | {_best_line(study, baseline)}"
+            )
         else:
             line = f"[{n_done}/{total}] trial {t.number}: FAILED ({t.user_attrs.get(ERROR_ATTR, 'unknown error')})"
         log(line)
@@ -491,7 +551,10 @@ def _run_with_tune(study: optuna.Study, space: Space, units: list[LayerSearchPar
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=searcher, num_samples=to_run, max_concurrent_trials=s["concurrency"], reuse_actors=True,
+            search_alg=searcher,
+            num_samples=to_run,
+            max_concurrent_trials=s["concurrency"],
+            reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=f"tune-{int(time.time())}",

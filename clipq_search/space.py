@@ -99,7 +99,11 @@ def _list_of_num() -> Field:
     return Field(
         None,
         "a list of numbers",
-        lambda v: isinstance(v, list) and len(v) > 0 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v),
+        lambda v: (
+            isinstance(v, list)
+            and len(v) > 0
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+        ),
     )
 
 
@@ -127,7 +131,10 @@ def _train_schema(epochs: float | None, lr: float | None, schedule: str | None) 
 
 # Layer ranges: `p: [lo, hi]` or a fixed number; `bits: [lo, hi]` or a fixed integer.
 _RANGE_KIND = "a [low, high] pair or a single value"
-_LAYER_RANGE = {"p": _d(Field(None, _RANGE_KIND, lambda v: True), [0.5, 0.98]), "bits": _d(Field(None, _RANGE_KIND, lambda v: True), [2, 6])}
+_LAYER_RANGE = {
+    "p": _d(Field(None, _RANGE_KIND, lambda v: True), [0.5, 0.98]),
+    "bits": _d(Field(None, _RANGE_KIND, lambda v: True), [2, 6]),
+}
 
 SCHEMA: dict[str, Any] = {
     "name": _d(_str(optional=True), None),
@@ -159,13 +166,18 @@ SCHEMA: dict[str, Any] = {
     },
     "layers": {
         "default": dict(_LAYER_RANGE),
-        "overrides": _d(Field(None, "a mapping of layer name or pattern to {p: .., bits: ..}", lambda v: isinstance(v, dict)), {}),
+        "overrides": _d(
+            Field(None, "a mapping of layer name or pattern to {p: .., bits: ..}", lambda v: isinstance(v, dict)), {}
+        ),
         "dense": _d(_list_of_str(), []),
         "groups": _d(
             Field(
                 None,
                 "a mapping of group name to a list of layer names or patterns",
-                lambda v: isinstance(v, dict) and all(isinstance(x, list) and all(isinstance(y, str) for y in x) for x in v.values()),
+                lambda v: (
+                    isinstance(v, dict)
+                    and all(isinstance(x, list) and all(isinstance(y, str) for y in x) for x in v.values())
+                ),
             ),
             {},
         ),
@@ -218,7 +230,9 @@ def _merge(base: dict[str, Any], user: Mapping[str, Any], schema: Mapping[str, A
             base[key] = copy.deepcopy(value)
 
 
-def _parse_range(value: Any, *, what: str, integer: bool, lo: float, hi: float, open_hi: bool, where: str) -> tuple[float, float]:
+def _parse_range(
+    value: Any, *, what: str, integer: bool, lo: float, hi: float, open_hi: bool, where: str
+) -> tuple[float, float]:
     if isinstance(value, (list, tuple)):
         if len(value) != 2:
             raise ConfigError(f"{where}.{what}={value!r} is invalid; expected [low, high] or a single value")
@@ -263,16 +277,36 @@ class Space:
         self.source = source
         layers = data["layers"]
         where = f"{source}: layers.default"
-        self._default_p = _parse_range(layers["default"]["p"], what="p", integer=False, lo=0.0, hi=1.0, open_hi=True, where=where)
-        self._default_bits = _parse_range(layers["default"]["bits"], what="bits", integer=True, lo=BITS_RANGE[0], hi=BITS_RANGE[1], open_hi=False, where=where)
+        self._default_p = _parse_range(
+            layers["default"]["p"], what="p", integer=False, lo=0.0, hi=1.0, open_hi=True, where=where
+        )
+        self._default_bits = _parse_range(
+            layers["default"]["bits"],
+            what="bits",
+            integer=True,
+            lo=BITS_RANGE[0],
+            hi=BITS_RANGE[1],
+            open_hi=False,
+            where=where,
+        )
         self._overrides: dict[str, tuple[tuple[float, float], tuple[int, int]]] = {}
         for key, spec in layers["overrides"].items():
             where = f"{source}: layers.overrides.{key}"
             if not isinstance(spec, Mapping) or not set(spec) <= {"p", "bits"} or not spec:
                 example = "{p: [0.5, 0.9], bits: 4}"
                 raise ConfigError(f"{where} must be a mapping with p and/or bits, e.g. {example}, got {spec!r}")
-            p = _parse_range(spec.get("p", list(self._default_p)), what="p", integer=False, lo=0.0, hi=1.0, open_hi=True, where=where)
-            b = _parse_range(spec.get("bits", list(self._default_bits)), what="bits", integer=True, lo=BITS_RANGE[0], hi=BITS_RANGE[1], open_hi=False, where=where)
+            p = _parse_range(
+                spec.get("p", list(self._default_p)), what="p", integer=False, lo=0.0, hi=1.0, open_hi=True, where=where
+            )
+            b = _parse_range(
+                spec.get("bits", list(self._default_bits)),
+                what="bits",
+                integer=True,
+                lo=BITS_RANGE[0],
+                hi=BITS_RANGE[1],
+                open_hi=False,
+                where=where,
+            )
             self._overrides[str(key)] = (p, b)  # type: ignore[assignment]
         if data["search"]["concurrency"] > data["search"]["trials"]:
             pass  # allowed: concurrency is capped by the number of trials to run
@@ -314,7 +348,9 @@ class Space:
         def check(pattern: str, what: str) -> list[str]:
             hits = [n for n in layer_names if n == pattern or _matches(pattern, n)]
             if not hits:
-                raise ConfigError(f"{self.source}: {what} {pattern!r} matches no compressible layer; layers are: {shown}")
+                raise ConfigError(
+                    f"{self.source}: {what} {pattern!r} matches no compressible layer; layers are: {shown}"
+                )
             return hits
 
         dense: set[str] = set()
@@ -324,7 +360,9 @@ class Space:
             check(pat, "layers.overrides key")
         remaining = [n for n in layer_names if n not in dense]
         if not remaining:
-            raise ConfigError(f"{self.source}: every layer is in layers.dense; leave at least one of {shown} compressible")
+            raise ConfigError(
+                f"{self.source}: every layer is in layers.dense; leave at least one of {shown} compressible"
+            )
 
         def ranges(name: str) -> tuple[tuple[float, float], tuple[int, int]]:
             if name in self._overrides:
@@ -402,7 +440,9 @@ def load_space(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"space file {path} does not exist; pick one from search_spaces/ or write one (docs/search-space.md)") from None
+        raise ConfigError(
+            f"space file {path} does not exist; pick one from search_spaces/ or write one (docs/search-space.md)"
+        ) from None
     except IsADirectoryError:
         raise ConfigError(f"space file {path} is a directory; give a .yaml file") from None
     except UnicodeDecodeError:
@@ -412,14 +452,18 @@ def load_space(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"space file {path} is not valid YAML{at}; fix the syntax (see search_spaces/ for examples)") from None
+        raise ConfigError(
+            f"space file {path} is not valid YAML{at}; fix the syntax (see search_spaces/ for examples)"
+        ) from None
     if raw is None:
         raise ConfigError(
             f"space file {path} is empty; write a mapping of keys (model, dataset, layers, ...) "
             "as in search_spaces/smoke.yaml"
         )
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"space file {path} must be a YAML mapping of keys (model, dataset, layers, ...), got {type(raw).__name__}")
+        raise ConfigError(
+            f"space file {path} must be a YAML mapping of keys (model, dataset, layers, ...), got {type(raw).__name__}"
+        )
     data = _defaults(SCHEMA)
     _merge(data, raw, SCHEMA, "", source)
     for assignment in overrides:

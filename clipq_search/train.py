@@ -391,8 +391,9 @@ def train(
             losses: list[Tensor] = []
             checked = 0
             lr = cfg.lr
-            for xb, yb in iter_batches(train_data, cfg.batch_size, shuffle=True, generator=generator,
-                                       device=device, drop_last=drop_last):
+            for xb, yb in iter_batches(
+                train_data, cfg.batch_size, shuffle=True, generator=generator, device=device, drop_last=drop_last
+            ):
                 lr = lr_at(cfg, step, total, steps_per_epoch)
                 for group in optimizer.param_groups:
                     group["lr"] = lr

@@ -136,8 +136,16 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
     run.mkdir()
     space = load_space(SMOKE)
     (run / "space.yaml").write_text(space.to_yaml())
-    baseline = {"checkpoint": str(root / "lenet300.pt"), "val_top1": 10.0, "test_top1": 10.0, "test_top5": 50.0,
-                "seconds": 0.0, "model": "lenet300", "dataset": "fashion-mnist", "fingerprint": "0"}
+    baseline = {
+        "checkpoint": str(root / "lenet300.pt"),
+        "val_top1": 10.0,
+        "test_top1": 10.0,
+        "test_top5": 50.0,
+        "seconds": 0.0,
+        "model": "lenet300",
+        "dataset": "fashion-mnist",
+        "fingerprint": "0",
+    }
     (run / "baseline.json").write_text(json.dumps(baseline))
     (run / "run.json").write_text(json.dumps({"storage": f"sqlite:///{run / 'study.db'}", "name": "run"}))
     plans = {name: root / f"plan_{name}.json" for name in ("good", "not_json", "unknown_layer", "bad_bits")}
@@ -225,15 +233,24 @@ TRIPLE_FC = ["fc1", "fc2", "fc3"]
 
 CASES: list[Case] = [
     # the space file
-    ("space-missing", cmd("pretrain", "{tmp}/nope.yaml", "--results", "{tmp}/results"),
-     ("nope.yaml", "does not exist", "search_spaces/")),
+    (
+        "space-missing",
+        cmd("pretrain", "{tmp}/nope.yaml", "--results", "{tmp}/results"),
+        ("nope.yaml", "does not exist", "search_spaces/"),
+    ),
     ("space-not-yaml", pretrain_text("model: [lenet300\nlayers: {\n"), ("not valid YAML", "line", "fix the syntax")),
     ("space-not-mapping", pretrain_text("- lenet300\n- fashion-mnist\n"), ("must be a YAML mapping", "list")),
     ("space-empty", pretrain_text(""), ("space.yaml", "is empty", "smoke.yaml")),
-    ("space-unknown-key", pretrain_text(SMOKE.read_text().replace("\nmodel:", "\nmodle:")),
-     ("'modle'", "did you mean 'model'")),
-    ("space-unknown-nested-key", pretrain_edited(_set("trial.train.epoch", 1)),
-     ("'trial.train.epoch'", "did you mean 'epochs'")),
+    (
+        "space-unknown-key",
+        pretrain_text(SMOKE.read_text().replace("\nmodel:", "\nmodle:")),
+        ("'modle'", "did you mean 'model'"),
+    ),
+    (
+        "space-unknown-nested-key",
+        pretrain_edited(_set("trial.train.epoch", 1)),
+        ("'trial.train.epoch'", "did you mean 'epochs'"),
+    ),
     # p, bits and ranges
     ("p-is-1", search_edited(_default(p=[0.3, 1.0])), ("space.yaml: layers.default.p", "[0.0, 1.0)")),
     ("p-negative", search_edited(_default(p=-0.1)), ("layers.default.p=-0.1", "[0.0, 1.0)")),
@@ -241,8 +258,11 @@ CASES: list[Case] = [
     ("bits-9", search_edited(_default(bits=[2, 9])), ("layers.default.bits", "[2, 8]")),
     ("bits-1", search_edited(_default(bits=1)), ("layers.default.bits=1", "[2, 8]")),
     ("bits-not-int", search_edited(_default(bits=3.5)), ("bits=3.5", "integers")),
-    ("override-bits", search_edited(_layers(overrides={"fc1": {"bits": [3, 12]}})),
-     ("layers.overrides.fc1.bits", "[2, 8]")),
+    (
+        "override-bits",
+        search_edited(_layers(overrides={"fc1": {"bits": [3, 12]}})),
+        ("layers.overrides.fc1.bits", "[2, 8]"),
+    ),
     ("override-not-mapping", search_edited(_layers(overrides={"fc1": 0.5})), ("layers.overrides.fc1", "p and/or bits")),
     ("p-low-above-high", search_edited(_default(p=[0.9, 0.3])), ("low > high", "low <= high")),
     ("bits-low-above-high", search_edited(_default(bits=[6, 2])), ("bits=[6, 2]", "low > high")),
@@ -250,8 +270,11 @@ CASES: list[Case] = [
     # layer names
     ("override-unknown-layer", search_edited(_layers(overrides={"fc9": {"p": 0.5}})), ("'fc9'", ALL_LAYERS)),
     ("dense-pattern-no-match", search_edited(_layers(dense=["conv*"])), ("'conv*'", ALL_LAYERS)),
-    ("group-unknown-member", search_edited(_layers(groups={"g": ["fc1", "re:features\\..*"]})),
-     ("features", ALL_LAYERS)),
+    (
+        "group-unknown-member",
+        search_edited(_layers(groups={"g": ["fc1", "re:features\\..*"]})),
+        ("features", ALL_LAYERS),
+    ),
     ("all-dense", search_edited(_layers(dense=["fc*"])), ("every layer", "layers.dense", ALL_LAYERS)),
     ("all-dense-pretrain", pretrain_edited(_layers(dense=TRIPLE_FC)), ("every layer", "layers.dense")),
     ("nothing-to-search", search_edited(_default(p=0.5, bits=3)), ("nothing to search", "range")),
@@ -263,23 +286,40 @@ CASES: list[Case] = [
     ("unknown-sampler-flag", search("--sampler", "bayes"), ("'bayes'", "tpe")),
     ("unknown-device", search("--set", "resources.device=tpu"), ("'tpu'", "cpu")),
     ("dataset-dir-missing", search("--set", "dataset.root={tmp}/no_data"), ("no_data", "does not exist")),
-    ("dataset-bad-idx", search("--set", "dataset.root={a.bad_idx_dir}"),
-     ("train-images-idx3-ubyte", "bad IDX magic", "replace it")),
+    (
+        "dataset-bad-idx",
+        search("--set", "dataset.root={a.bad_idx_dir}"),
+        ("train-images-idx3-ubyte", "bad IDX magic", "replace it"),
+    ),
     ("dataset-incomplete", search("--set", "dataset.root={a.root}"), ("incomplete", "IDX files")),
     ("val-size-too-big", search("--set", "dataset.val_size=60000"), ("val_size=60000", "fewer")),
     # the baseline checkpoint
-    ("checkpoint-missing", search("--set", "baseline.checkpoint={tmp}/none.pt"),
-     ("none.pt", "does not exist", "baseline.checkpoint")),
-    ("checkpoint-random-bytes", search("--set", "baseline.checkpoint={a.random_bytes}"),
-     ("random.pt", "not written by torch.save", "baseline.checkpoint")),
-    ("checkpoint-other-architecture", search("--set", "baseline.checkpoint={a.lenet5_ckpt}"),
-     ("lenet5.pt", "does not match", "lenet300", "baseline.checkpoint")),
-    ("checkpoint-other-architecture-pretrain", pretrain_edited(_set("model", "lenet300"), "--set",
-                                                               "baseline.checkpoint={a.lenet5_ckpt}"),
-     ("lenet5.pt", "does not match", "lenet300")),
+    (
+        "checkpoint-missing",
+        search("--set", "baseline.checkpoint={tmp}/none.pt"),
+        ("none.pt", "does not exist", "baseline.checkpoint"),
+    ),
+    (
+        "checkpoint-random-bytes",
+        search("--set", "baseline.checkpoint={a.random_bytes}"),
+        ("random.pt", "not written by torch.save", "baseline.checkpoint"),
+    ),
+    (
+        "checkpoint-other-architecture",
+        search("--set", "baseline.checkpoint={a.lenet5_ckpt}"),
+        ("lenet5.pt", "does not match", "lenet300", "baseline.checkpoint"),
+    ),
+    (
+        "checkpoint-other-architecture-pretrain",
+        pretrain_edited(_set("model", "lenet300"), "--set", "baseline.checkpoint={a.lenet5_ckpt}"),
+        ("lenet5.pt", "does not match", "lenet300"),
+    ),
     # flags and --set
-    *[(f"{flag[2:]}-{bad}", search(flag, bad), (flag, repr(bad), "positive integer"))
-      for flag in ("--trials", "--concurrency") for bad in ("0", "-1", "abc")],
+    *[
+        (f"{flag[2:]}-{bad}", search(flag, bad), (flag, repr(bad), "positive integer"))
+        for flag in ("--trials", "--concurrency")
+        for bad in ("0", "-1", "abc")
+    ],
     ("seed-not-int", search("--seed", "x"), ("--seed", "'x'")),
     ("set-unknown-key", search("--set", "serach.trials=3"), ("'serach'", "did you mean 'search'")),
     ("set-unknown-leaf", search("--set", "search.trails=3"), ("'search.trails'", "did you mean 'trials'")),
@@ -293,10 +333,14 @@ CASES: list[Case] = [
     ("storage-unknown-scheme", search("--storage", "foo://bar"), ("foo://bar", "'foo'", "sqlite:///")),
     ("storage-not-url", search("--storage", "study.db"), ("study.db", "not a database URL", "sqlite:///")),
     # run directories
-    *[(f"{c}-not-a-run", cmd(c, "{a.not_a_run}"), ("not_a_run", "not a run directory", "search"))
-      for c in ("report", "export", "final")],
-    *[(f"{c}-missing-path", cmd(c, "{tmp}/no_run"), ("no_run", "does not exist", "search"))
-      for c in ("report", "export", "final")],
+    *[
+        (f"{c}-not-a-run", cmd(c, "{a.not_a_run}"), ("not_a_run", "not a run directory", "search"))
+        for c in ("report", "export", "final")
+    ],
+    *[
+        (f"{c}-missing-path", cmd(c, "{tmp}/no_run"), ("no_run", "does not exist", "search"))
+        for c in ("report", "export", "final")
+    ],
     ("export-bad-trial", cmd("export", "{run}", "--trial", "x"), ("--trial", "'x'")),
     # .clipq files
     ("inspect-missing", cmd("inspect", "{tmp}/none.clipq"), ("none.clipq", "does not exist")),
@@ -307,21 +351,42 @@ CASES: list[Case] = [
     ("inspect-checksum", cmd("inspect", "{a.clipq[checksum]}"), ("checksum.clipq", "checksum", "re-create")),
     ("inspect-not-clipq", cmd("inspect", "{a.lenet300_ckpt}"), ("lenet300.pt", "not a .clipq file")),
     # plans for `final --config`, and other bad input to `final`
-    ("final-config-missing", cmd("final", "{run}", "--config", "{tmp}/plan.json"),
-     ("plan.json", "does not exist", "export")),
+    (
+        "final-config-missing",
+        cmd("final", "{run}", "--config", "{tmp}/plan.json"),
+        ("plan.json", "does not exist", "export"),
+    ),
     ("final-config-directory", cmd("final", "{run}", "--config", "{tmp}"), ("is a directory", "plan JSON")),
-    ("final-config-not-json", cmd("final", "{run}", "--config", "{a.plans[not_json]}"),
-     ("plan_not_json.json", "not valid JSON")),
-    ("final-config-not-a-plan", cmd("final", "{run}", "--config", "{a.plans[not_a_plan]}"),
-     ("plan_list.json", "expected a mapping")),
-    ("final-config-bad-bits", cmd("final", "{run}", "--config", "{a.plans[bad_bits]}"),
-     ("plan_bad_bits.json", "'fc1'", "[2, 8]")),
-    ("final-config-unknown-layer", cmd("final", "{run}", "--config", "{a.plans[unknown_layer]}"),
-     ("'fc9'", ALL_LAYERS)),
-    ("final-set-unknown-key", cmd("final", "{run}", "--set", "final.train.epoc=1"),
-     ("'final.train.epoc'", "did you mean 'epochs'")),
-    ("final-address-unreachable", cmd("final", "{run}", "--config", "{a.plans[good]}", "--address", "127.0.0.1:1"),
-     ("127.0.0.1:1", "ray start --head")),
+    (
+        "final-config-not-json",
+        cmd("final", "{run}", "--config", "{a.plans[not_json]}"),
+        ("plan_not_json.json", "not valid JSON"),
+    ),
+    (
+        "final-config-not-a-plan",
+        cmd("final", "{run}", "--config", "{a.plans[not_a_plan]}"),
+        ("plan_list.json", "expected a mapping"),
+    ),
+    (
+        "final-config-bad-bits",
+        cmd("final", "{run}", "--config", "{a.plans[bad_bits]}"),
+        ("plan_bad_bits.json", "'fc1'", "[2, 8]"),
+    ),
+    (
+        "final-config-unknown-layer",
+        cmd("final", "{run}", "--config", "{a.plans[unknown_layer]}"),
+        ("'fc9'", ALL_LAYERS),
+    ),
+    (
+        "final-set-unknown-key",
+        cmd("final", "{run}", "--set", "final.train.epoc=1"),
+        ("'final.train.epoc'", "did you mean 'epochs'"),
+    ),
+    (
+        "final-address-unreachable",
+        cmd("final", "{run}", "--config", "{a.plans[good]}", "--address", "127.0.0.1:1"),
+        ("127.0.0.1:1", "ray start --head"),
+    ),
     ("final-no-trials", cmd("final", "{run}"), ("no trials.csv", "search")),
 ]
 

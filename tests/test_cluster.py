@@ -50,8 +50,15 @@ def test_trials_are_placed_on_several_nodes_and_a_lost_node_is_survived(results_
 
     killer = threading.Thread(target=kill_a_node_mid_run, daemon=True)
     killer.start()
-    summary = run_search(space, results_root=results_root, name="cluster", trials=6, concurrency=3,
-                         address=cluster.address, log=logs.append)
+    summary = run_search(
+        space,
+        results_root=results_root,
+        name="cluster",
+        trials=6,
+        concurrency=3,
+        address=cluster.address,
+        log=logs.append,
+    )
     killer.join(timeout=5)
     assert summary.finished == 6
     df = pd.read_csv(results_root / "cluster" / "trials.csv")

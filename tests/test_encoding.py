@@ -34,7 +34,11 @@ def _perturb(model: nn.Module) -> None:
 @pytest.mark.parametrize(
     ("factory", "x_shape", "plan"),
     [
-        (lambda: build_model("lenet5"), (4, 1, 28, 28), {"layers": {"conv1": {"p": 0.3, "bits": 6}}, "default": {"p": 0.9, "bits": 3}}),
+        (
+            lambda: build_model("lenet5"),
+            (4, 1, 28, 28),
+            {"layers": {"conv1": {"p": 0.3, "bits": 6}}, "default": {"p": 0.9, "bits": 3}},
+        ),
         (GroupedNet, (2, 3, 8, 8), {"default": {"p": 0.6, "bits": 4}, "dense": ["stem"]}),
     ],
 )
@@ -155,7 +159,9 @@ def test_inspect_cli_prints_table_and_totals(tmp_path: Path, capsys: pytest.Capt
 
 
 @pytest.mark.parametrize("corruption", ["truncate", "foreign", "missing"])
-def test_inspect_cli_rejects_bad_files_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], corruption: str) -> None:
+def test_inspect_cli_rejects_bad_files_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], corruption: str
+) -> None:
     path = _good_file(tmp_path)
     if corruption == "truncate":
         path.write_bytes(path.read_bytes()[:-10])

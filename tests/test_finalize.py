@@ -25,7 +25,9 @@ pytestmark = [needs_fashion, pytest.mark.slow]
 
 
 def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "run_search.py", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "run_search.py", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +77,10 @@ def test_final_writes_a_file_whose_reloaded_model_gives_the_reported_accuracy(ru
         assert torch.unique(w[w != 0]).numel() <= 2**cfg.bits - 1
     report = _cli("report", str(run_dir))
     assert report.returncode == 0
-    assert "compressed_test_top1" in (run_dir / "report.html").read_text() or "Final" in (run_dir / "report.html").read_text()
+    assert (
+        "compressed_test_top1" in (run_dir / "report.html").read_text()
+        or "Final" in (run_dir / "report.html").read_text()
+    )
 
 
 def test_final_resumes_from_its_checkpoint_after_a_kill(run_dir: Path, tmp_path: Path) -> None:

@@ -18,8 +18,22 @@ pytestmark = [needs_fashion, pytest.mark.slow]
 
 
 def _cmd(results: Path, name: str) -> list[str]:
-    return [sys.executable, "run_search.py", "search", "search_spaces/smoke.yaml", "--results", str(results),
-            "--name", name, "--trials", "6", "--concurrency", "2", "--set", "trial.train.epochs=0.3"]
+    return [
+        sys.executable,
+        "run_search.py",
+        "search",
+        "search_spaces/smoke.yaml",
+        "--results",
+        str(results),
+        "--name",
+        name,
+        "--trials",
+        "6",
+        "--concurrency",
+        "2",
+        "--set",
+        "trial.train.epochs=0.3",
+    ]
 
 
 def _interrupt_mid_run(results: Path, name: str, sig: signal.Signals) -> int:

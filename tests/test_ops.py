@@ -116,7 +116,14 @@ def test_edge_cases() -> None:
 
 @pytest.mark.parametrize(
     ("p", "bits", "match"),
-    [(1.0, 3, "p=1.0"), (-0.1, 3, "p=-0.1"), (float("nan"), 3, "p=nan"), (0.5, 1, "bits=1"), (0.5, 9, "bits=9"), (0.5, 3.5, "bits=3.5")],
+    [
+        (1.0, 3, "p=1.0"),
+        (-0.1, 3, "p=-0.1"),
+        (float("nan"), 3, "p=nan"),
+        (0.5, 1, "bits=1"),
+        (0.5, 9, "bits=9"),
+        (0.5, 3.5, "bits=3.5"),
+    ],
 )
 def test_invalid_arguments_raise_value_error(p: float, bits: int, match: str) -> None:
     with pytest.raises(ValueError, match=match):

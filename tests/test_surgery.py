@@ -50,7 +50,7 @@ def test_straight_through_gradient_is_unchanged() -> None:
     attach_clipq(nn.Sequential(lin), {"layers": {"0": {"p": 0.5, "bits": 2}}})
     x = torch.randn(7, 20)
     (lin(x) * torch.arange(5.0)).sum().backward()
-    expected = (torch.arange(5.0)[:, None] * x.sum(0)[None, :])
+    expected = torch.arange(5.0)[:, None] * x.sum(0)[None, :]
     torch.testing.assert_close(lin.parametrizations.weight.original.grad, expected)
 
 
@@ -73,7 +73,11 @@ def test_plan_names_patterns_default_dense_and_errors() -> None:
     model = GroupedNet()
     plan = Plan.from_dict(
         {
-            "layers": {"head": {"p": 0.9, "bits": 2}, "re:.*conv.*": {"p": 0.3, "bits": 6}, "g*": {"p": 0.4, "bits": 4}},
+            "layers": {
+                "head": {"p": 0.9, "bits": 2},
+                "re:.*conv.*": {"p": 0.3, "bits": 6},
+                "g*": {"p": 0.4, "bits": 4},
+            },
             "default": {"p": 0.5, "bits": 5},
             "dense": ["stem"],
         }

@@ -114,8 +114,13 @@ def test_training_lowers_loss_on_fashion(fashion_subset: tuple[ArrayDataset, Arr
     before = evaluate(model, val_ds, device="cpu")
     seen: list[dict[str, float]] = []
     result = train(
-        model, train_ds, TrainConfig(epochs=2, batch_size=64), device="cpu", val_data=val_ds,
-        progress=False, on_epoch_end=seen.append,
+        model,
+        train_ds,
+        TrainConfig(epochs=2, batch_size=64),
+        device="cpu",
+        val_data=val_ds,
+        progress=False,
+        on_epoch_end=seen.append,
     )
     after = evaluate(model, val_ds, device="cpu")
     steps_per_epoch = 3000 // 64
@@ -148,8 +153,14 @@ def test_fractional_epoch_and_max_steps() -> None:
 
 
 def test_progress_bar(capsys: pytest.CaptureFixture[str]) -> None:
-    train(build_model("lenet300"), synthetic(64), TrainConfig(epochs=1, batch_size=32), device="cpu",
-          progress=True, desc="pretrain")
+    train(
+        build_model("lenet300"),
+        synthetic(64),
+        TrainConfig(epochs=1, batch_size=32),
+        device="cpu",
+        progress=True,
+        desc="pretrain",
+    )
     assert "pretrain" in capsys.readouterr().err
 
 
@@ -171,8 +182,15 @@ def test_checkpoint_resume_continues(tmp_path: Path) -> None:
     ckpt = tmp_path / "run" / "ckpt.pt"
     torch.manual_seed(0)
     with pytest.raises(Interrupt):
-        train(build_model("lenet300"), data, cfg, device="cpu", progress=False, checkpoint_path=ckpt,
-              on_epoch_end=stop_after_first)
+        train(
+            build_model("lenet300"),
+            data,
+            cfg,
+            device="cpu",
+            progress=False,
+            checkpoint_path=ckpt,
+            on_epoch_end=stop_after_first,
+        )
     assert ckpt.is_file()
 
     torch.manual_seed(123)  # a fresh process would start from other weights
@@ -189,8 +207,7 @@ def test_checkpoint_resume_continues(tmp_path: Path) -> None:
     assert again.steps == 24 and len(again.history) == 3
     with pytest.raises(ClipQError, match="different training setup"):
         train(resumed, data, TrainConfig(epochs=4, batch_size=32, seed=1), device="cpu", checkpoint_path=ckpt)
-    fresh = train(resumed, data, TrainConfig(epochs=1, batch_size=32), device="cpu", checkpoint_path=ckpt,
-                  resume=False)
+    fresh = train(resumed, data, TrainConfig(epochs=1, batch_size=32), device="cpu", checkpoint_path=ckpt, resume=False)
     assert fresh.resumed_from_step == 0 and fresh.steps == 8
 
 
