@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -46,16 +47,21 @@ TOLERANCES = (0.25, 0.5, 1.0, 2.0)
 
 
 def candidates(run_dir: Path, baseline_val: float, k: int, max_trial_drop: float) -> list[int]:
-    """Up to k Pareto trials with trial-level val drop <= max_trial_drop, spread over rate (highest first)."""
+    """Up to k Pareto trials with trial-level val drop <= max_trial_drop, spread evenly in log rate."""
     df = load_trials(run_dir)
     info = pareto_info(df, baseline_val)
     comp = complete_trials(df).set_index("number")
     front = [n for n in info.front if baseline_val - comp.loc[n, "val_top1"] <= max_trial_drop]
-    front.sort(key=lambda n: -comp.loc[n, "rate"])
     if len(front) <= k:
-        return front
-    step = (len(front) - 1) / (k - 1)
-    return sorted({front[round(i * step)] for i in range(k)}, key=lambda n: -comp.loc[n, "rate"])
+        return sorted(front, key=lambda n: -comp.loc[n, "rate"])
+    logs = {n: math.log(comp.loc[n, "rate"]) for n in front}
+    lo, hi = min(logs.values()), max(logs.values())
+    chosen: list[int] = []
+    for i in range(k):
+        target = hi - (hi - lo) * i / (k - 1)
+        best = min((n for n in front if n not in chosen), key=lambda n: abs(logs[n] - target))
+        chosen.append(best)
+    return sorted(chosen, key=lambda n: -comp.loc[n, "rate"])
 
 
 def run_one(model: str, seed: int, results: Path, trials: int | None, k: int, max_trial_drop: float, log) -> dict:
@@ -124,16 +130,18 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["lenet300", "lenet5"], choices=sorted(SPACES))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--trials", type=int, help="trials per search (default: the space's)")
-    ap.add_argument("--finals", type=int, default=4, help="Pareto plans finalised per search")
+    ap.add_argument("--finals", type=int, default=5, help="Pareto plans finalised per search")
     ap.add_argument("--max-trial-drop", type=float, default=3.0, help="candidates: trial val drop at most this")
     ap.add_argument("--results", default=str(ROOT / "results" / "bench"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "iso_accuracy.json"))
     args = ap.parse_args()
     results = Path(args.results)
-    rows = []
     out = Path(args.out)
+    # Keep rows of earlier invocations (other models or seeds) in the same file.
+    rows = json.loads(out.read_text())["rows"] if out.exists() else []
     for model in args.models:
         for seed in args.seeds:
+            rows = [r for r in rows if (r["model"], r["seed"]) != (model, seed)]
             rows.append(
                 run_one(
                     model, seed, results, args.trials, args.finals, args.max_trial_drop, lambda m: print(m, flush=True)
