@@ -183,7 +183,7 @@ SCHEMA: dict[str, Any] = {
         ),
     },
     "search": {
-        "sampler": _d(_str(*SAMPLERS), "tpe"),
+        "sampler": _d(_str(*SAMPLERS), "gp"),
         "trials": _d(_int(1), 32),
         "concurrency": _d(_int(1), 2),
         "seed": _d(_int(0), 0),
