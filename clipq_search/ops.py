@@ -4,11 +4,27 @@ Pure tensor math (see ``docs/method.md``); nothing here knows about models,
 Optuna or Ray. All work is vectorised and runs on any device and for float32,
 float16 and bfloat16 weights (statistics are computed in float32 and the result
 is cast back to the weight's dtype).
+
+The operator runs before every training step, so it is written for speed
+(``benchmarks/bench_overhead.py``) without giving up exactness:
+
+- thresholds are exact order statistics, read from a histogram whose bin is a
+  monotone function of the value (so counting bins never misplaces an
+  element), with fine bins around the previous step's thresholds;
+- interval codes come from the same float32 operations as the definition,
+  and sums and counts from ``bincount`` in element order, so the result
+  matches the plain implementation (``_reference_clipq`` in
+  ``tests/test_ops.py``) bit for bit on CPU;
+- no ``where``/boolean masks/``long`` indices in the hot path (slow on CPU):
+  comparisons write 0/1 floats and indices are int32;
+- on CPU, scratch buffers are reused between calls (``_scratch``): fresh
+  megabyte-sized tensors cost more in page faults than the arithmetic.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +40,25 @@ __all__ = [
 ]
 
 BITS_RANGE = (2, 8)
+
+# Tensors up to this many elements find their thresholds with ``kthvalue``;
+# above it the histogram search is cheaper. Tests lower it to cover both paths.
+_DIRECT_SELECT_MAX = 4096
+# Fine histogram bins per sign window: enough to leave the threshold alone in
+# its bin nearly always, few enough for a cheap bincount.
+_FINE_BINS = 2048
+# Counters per histogram bin (a power of two), see ``_lanes``.
+_LANES = 4
+# A hinted window spans this many average gaps between sorted weights on each
+# side of the previous threshold.
+_HINT_GAPS = 64.0
+# Histogram rounds (each narrows the window on a miss) before a full ``kthvalue``.
+_MAX_ROUNDS = 4
+# A bin with more than one but at most this many elements is resolved by extracting them.
+_EXTRACT_MAX = 64
+# Largest tensor (elements) whose CPU scratch buffers are kept between calls:
+# 4 float32 buffers, at most 32 MiB per thread.
+_SCRATCH_MAX = 1 << 21
 
 
 def validate_p_bits(p: float, bits: int, *, where: str = "") -> None:
@@ -60,28 +95,232 @@ def _clip_count(p: float, n: int) -> int:
     return min(n, round(p * n))
 
 
-def _kth_smallest(flat: torch.Tensor, rank: int, hint: float | None, value_range: float) -> float:
-    """Exact ``rank``-th smallest value (1-based) of ``flat``.
+def _ranks(p: float, n_negative: int, n_zero: int, n_positive: int) -> tuple[int, int]:
+    """1-based ranks of c- and c+ in the ascending tensor (negatives, zeros, positives); 0: nothing clipped."""
+    k_neg = _clip_count(p, n_negative)
+    k_pos = _clip_count(p, n_positive)
+    rank_neg = n_negative - k_neg + 1 if k_neg > 0 else 0
+    rank_pos = n_negative + n_zero + k_pos if k_pos > 0 else 0
+    return rank_neg, rank_pos
 
-    With a ``hint`` (the threshold of the previous training step) the value is
-    found in a narrow window around it with two comparison passes and a tiny
-    ``kthvalue``; weights move little per step, so the window almost always
-    holds the answer. Otherwise (or if it does not) a full ``kthvalue`` runs.
+
+# --------------------------------------------------------------------------- scratch
+
+_local = threading.local()
+
+
+def _scratch(n: int, device: torch.device, count: int) -> list[torch.Tensor]:
+    """``count`` float32 buffers of ``n`` elements, contents undefined.
+
+    On CPU they are views of per-thread buffers kept for the largest tensor
+    seen (up to ``_SCRATCH_MAX``), so a training loop touches no new pages;
+    elsewhere (CUDA has its own caching allocator) they are fresh.
     """
-    n = flat.numel()
-    if hint is not None and math.isfinite(hint):
-        # Window half-width: a small multiple of the typical gap between
-        # neighbouring values near the threshold, widened on a miss.
-        half = max(value_range * 64.0 / max(n, 1), 1e-12)
-        for _ in range(3):
-            lo, hi = hint - half, hint + half
-            below = int((flat < lo).sum())
-            if below < rank:
-                window = flat[(flat >= lo) & (flat <= hi)]
-                if below + window.numel() >= rank:
-                    return float(torch.kthvalue(window, rank - below).values)
-            half *= 16.0
-    return float(torch.kthvalue(flat, rank).values)
+    if device.type != "cpu" or n > _SCRATCH_MAX:
+        return [torch.empty(n, device=device) for _ in range(count)]
+    views = getattr(_local, "views", {})
+    if (n, count) in views:
+        return views[(n, count)]
+    bufs: list[torch.Tensor] = getattr(_local, "bufs", [])
+    if len(bufs) < count or bufs[0].numel() < n:
+        size = max(n, bufs[0].numel() if bufs else 0)
+        _local.bufs = bufs = [torch.empty(size) for _ in range(max(count, len(bufs)))]
+        _local.views = views = {}
+    if len(views) >= 32:  # many layer sizes: forget the views, not the buffers
+        views.clear()
+    views[(n, count)] = [b[:n] for b in bufs[:count]]
+    _local.views = views
+    return views[(n, count)]
+
+
+# --------------------------------------------------------------------------- thresholds
+
+
+def _select_direct(w: torch.Tensor, p: float) -> tuple[int, int, int, int, int, float, float]:
+    """Counts per sign, ranks and thresholds with ``kthvalue`` (small tensors)."""
+    n = w.numel()
+    n_negative = int((w < 0).sum())
+    n_positive = int((w > 0).sum())
+    n_zero = n - n_negative - n_positive
+    rank_neg, rank_pos = _ranks(p, n_negative, n_zero, n_positive)
+    c_neg = float(torch.kthvalue(w, rank_neg).values) if rank_neg else 0.0
+    c_pos = float(torch.kthvalue(w, rank_pos).values) if rank_pos else 0.0
+    return n_negative, n_zero, n_positive, rank_neg, rank_pos, c_neg, c_pos
+
+
+def _neg_window(lo: float, hi: float) -> tuple[float, float]:
+    """A window [lo, hi'] for the negative side, ending below zero far enough that 0 lies beyond its last bin."""
+    width = max(hi - lo, 1e-30)
+    hi = min(hi, -4.0 * width / _FINE_BINS)
+    if not hi > lo:
+        lo = hi - width
+    return lo, hi
+
+
+def _pos_window(lo: float, hi: float) -> tuple[float, float]:
+    lo2, hi2 = _neg_window(-hi, -lo)
+    return -hi2, -lo2
+
+
+def _lanes(w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """0.._LANES-1 per weight (float32, into ``out``) from its low mantissa bits.
+
+    ``bincount`` adds serially, and increments of one counter in a row wait on
+    each other: a bin holding 90% of the elements costs 3-4x. Spreading each
+    bin over ``_LANES`` counters picked pseudo-randomly removes that.
+    """
+    bits = torch.bitwise_and(w.view(torch.int32), _LANES - 1, out=out.view(torch.int32))
+    return out.copy_(bits)  # elementwise in place: each float overwrites its own int32
+
+
+def _hist_key(w: torch.Tensor, win_n: tuple[float, float], win_p: tuple[float, float], lanes: torch.Tensor,
+              a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """Histogram bin of every weight into ``a`` (float32), and ``bin + lane * n_bins`` (int32, returned).
+
+    The bin is a monotone (non-decreasing) function of the value, which is all
+    exactness needs: an element in a lower bin is never larger than one in a
+    higher bin, whatever the rounding. Layout (W = ``_FINE_BINS``): 0 below the
+    negative window, 1..W its fine bins, W+1 the other negatives, W+2 exact
+    zeros, W+3 positives below the positive window, W+4..2W+3 its fine bins,
+    2W+4 above it. ``b`` is scratch; the int32 result is a view of it. None when
+    the windows are too narrow or too far out for float32 (extreme magnitudes).
+    """
+    fine = float(_FINE_BINS)
+    (ln, un), (lp, up) = win_n, win_p
+    if not (un - ln > 0 and up - lp > 0):
+        return None
+    s_n, s_p = fine / (un - ln), fine / (up - lp)
+    if not max(s_n, s_p, abs(s_n * ln), abs(s_p * lp)) < 1e30:  # also False for inf/nan
+        return None
+    # Separately rounded sub and mul, not one fused add: the vectorised body and
+    # the scalar tail of a kernel may differ on fused multiply-adds, and the
+    # bin must be the same function of the value for every element.
+    # negatives: 2 + fine bin in [2, W+3]; zero and positives: W+3 (the window ends below 0)
+    torch.sub(w, ln - 3.0 / s_n, out=a).mul_(s_n).clamp_(2.0, fine + 3.0)
+    # zero and negatives: -1 (the window starts above 0); positives: fine bin - 1 in [-1, W]
+    torch.sub(w, lp, out=b).mul_(s_p).clamp_(-1.0, fine)
+    a.add_(b)
+    a.add_(torch.sign(w, out=b)).floor_()
+    torch.add(a, lanes, alpha=2 * _FINE_BINS + 5, out=b)  # exact: small integers
+    key = b.view(torch.int32)
+    return key.copy_(b)  # elementwise in place: each int32 overwrites its own float
+
+
+def _bin_window(side: int, j: int, win: tuple[float, float], w_min: float, w_max: float) -> tuple[float, float]:
+    """Approximate value range of bin ``j`` of one side (0: before the window, 1..W: fine, W+1: after), widened."""
+    lo, hi = win
+    step = (hi - lo) / _FINE_BINS
+    if side < 0:
+        if j <= 0:
+            return _neg_window(w_min, lo + step)
+        if j > _FINE_BINS:  # between the window and zero
+            return _neg_window(hi - step, hi * 0.125)
+        return _neg_window(lo + (j - 2) * step, lo + (j + 1) * step)
+    if j <= 0:  # between zero and the window
+        return _pos_window(lo * 0.125, lo + step)
+    if j > _FINE_BINS:
+        return _pos_window(hi - step, w_max)
+    return _pos_window(lo + (j - 2) * step, lo + (j + 1) * step)
+
+
+def _select_hist(
+    w: torch.Tensor, p: float, hint: tuple[float, float] | None, w_min: float, w_max: float,
+    lanes: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+) -> tuple[int, int, int, int, int, float, float]:
+    """Counts per sign, ranks and exact thresholds, usually from a single histogram pass.
+
+    Fine bins cover a window around each hinted threshold (or the whole sign
+    without a hint). The rank's bin is found from cumulative counts; if it
+    holds one element that element is the threshold, read with a 0/1 mask;
+    a few elements are extracted and sorted; a crowded or coarse bin narrows
+    the window for another round.
+    """
+    n = w.numel()
+    fine = _FINE_BINS
+    half = max(w_max - w_min, 1e-30) * _HINT_GAPS / n
+    h_neg, h_pos = hint if hint is not None else (math.nan, math.nan)
+    if math.isfinite(h_neg) and w_min <= h_neg < 0:
+        win_n = _neg_window(max(h_neg - half, w_min), h_neg + half)
+    else:
+        win_n = _neg_window(min(w_min, -1e-30), 0.0)
+    if math.isfinite(h_pos) and 0 < h_pos <= w_max:
+        win_p = _pos_window(h_pos - half, min(h_pos + half, w_max))
+    else:
+        win_p = _pos_window(0.0, max(w_max, 1e-30))
+
+    n_bins = 2 * fine + 5
+    counts: tuple[int, int, int] | None = None
+    ranks = (0, 0)
+    found: dict[int, float] = {}
+    for _ in range(_MAX_ROUNDS):
+        key = _hist_key(w, win_n, win_p, lanes, a, b)
+        if key is None:
+            if counts is None:
+                return _select_direct(w, p)
+            break
+        hist = torch.bincount(key, minlength=n_bins * _LANES)
+        cum = hist.view(_LANES, n_bins).sum(0).cumsum_(0)
+        if counts is None:
+            n_negative, n_nonpos = cum[[fine + 1, fine + 2]].tolist()
+            counts = (n_negative, n_nonpos - n_negative, n - n_nonpos)
+            ranks = _ranks(p, *counts)
+            found = {side: 0.0 for side, r in zip((-1, 1), ranks, strict=True) if r == 0}
+        todo = [(side, r) for side, r in zip((-1, 1), ranks, strict=True) if side not in found]
+        if not todo:
+            break
+        bins = torch.searchsorted(cum, torch.tensor([r for _, r in todo], device=cum.device)).tolist()
+        cums = cum[[i for k in bins for i in (k, max(k - 1, 0))]].tolist()
+        for i, ((side, r), k) in enumerate(zip(todo, bins, strict=True)):
+            below = cums[2 * i + 1] if k > 0 else 0
+            m, j = cums[2 * i] - below, r - below
+            if m == 1:  # the bin holds just the threshold: a 0/1 mask dotted with w reads it exactly
+                found[side] = float(torch.dot(torch.eq(a, float(k), out=b), w))
+            elif m <= _EXTRACT_MAX:
+                found[side] = float(torch.kthvalue(w[a == k], j).values)
+            elif side < 0:
+                win_n = _bin_window(-1, k, win_n, w_min, w_max)
+            else:
+                win_p = _bin_window(1, k - (fine + 3), win_p, w_min, w_max)
+        if len(found) == 2:
+            break
+    assert counts is not None
+    for side, r in zip((-1, 1), ranks, strict=True):
+        if side not in found:  # pathological value distribution: plain exact selection
+            found[side] = float(torch.kthvalue(w, r).values)
+    return (*counts, *ranks, found[-1], found[1])
+
+
+# --------------------------------------------------------------------------- operator
+
+
+def _codes(
+    w: torch.Tensor, base: torch.Tensor, w_min: float, c_neg: float, c_pos: float, n_neg_int: int, n_levels: int,
+    width_neg: float | None, width_pos: float | None, acc: torch.Tensor, tmp: torch.Tensor, mask: torch.Tensor,
+) -> torch.Tensor:
+    """Interval index per weight (int32, a view of ``mask``): negatives 0.., positives n_neg_int.., clipped ``base``.
+
+    Same float32 arithmetic as the definition, ``clamp(floor((w - start) / width))``
+    per side (values on an inner boundary go up, extremes to the last interval),
+    combined without ``where``: ``base (1 - [w < c-]) + neg [w < c-] + [w > c+] (pos - base)``
+    with 0/1 masks, which is exact (the negative side is floored by the final
+    truncation, its values being >= 0). ``base`` is ``n_levels + lane``: the
+    clipped weights, usually most of them, are spread over ``_LANES`` codes
+    whose level is zero, so that ``bincount`` runs fast.
+    """
+    if width_neg is not None:
+        torch.lt(w, c_neg, out=mask)
+        torch.addcmul(base, base, mask, value=-1.0, out=acc)
+        torch.sub(w, w_min, out=tmp).div_(width_neg).clamp_(0, n_neg_int - 1)
+        acc.addcmul_(tmp, mask)
+    else:
+        acc.copy_(base)
+    if width_pos is not None:
+        n_pos_int = n_levels - n_neg_int
+        torch.sub(w, c_pos, out=tmp).div_(width_pos).floor_().clamp_(0, n_pos_int - 1)
+        tmp.add_(n_neg_int).sub_(base)
+        acc.addcmul_(tmp, torch.gt(w, c_pos, out=mask))
+    idx = mask.view(torch.int32)
+    return idx.copy_(acc)  # truncation toward zero; elementwise in place
 
 
 def clipq_quantize_with_stats(
@@ -98,33 +337,32 @@ def clipq_quantize_with_stats(
     """
     validate_p_bits(p, bits)
     out_dtype = weight.dtype
-    w = weight.detach().reshape(-1)
-    if w.dtype != torch.float32:
-        w = w.float()
     n_levels = 2**bits - 1
-    n = w.numel()
-
+    n = weight.numel()
     if n == 0:
-        levels = torch.full((n_levels,), float("nan"), device=w.device)
+        levels = torch.full((n_levels,), float("nan"), device=weight.device)
         return torch.zeros_like(weight), ClipQStats(0.0, 0.0, 0, levels, 0, 0)
+
+    w = weight.detach().reshape(-1)
+    if w.dtype == torch.float32:
+        a, b, c, lanes = _scratch(n, w.device, 4)
+    else:
+        a, b, c, lanes, w32 = _scratch(n, w.device, 5)
+        w = w32.copy_(w)
     w_min, w_max = (float(v) for v in torch.aminmax(w))
-    n_negative = int((w < 0).sum())
-    n_positive = int((w > 0).sum())
-    n_zero = n - n_negative - n_positive
+    _lanes(w, lanes)
+    if n <= _DIRECT_SELECT_MAX:
+        selected = _select_direct(w, p)
+    else:
+        selected = _select_hist(w, p, hint, w_min, w_max, lanes, a, b)
+    n_negative, n_zero, n_positive, rank_neg, rank_pos, c_neg, c_pos = selected
     k_neg = _clip_count(p, n_negative)
     k_pos = _clip_count(p, n_positive)
 
-    # Ranks in the ascending tensor: negatives, then zeros, then positives.
-    rank_neg = n_negative - k_neg + 1 if k_neg > 0 else 0
-    rank_pos = n_negative + n_zero + k_pos if k_pos > 0 else 0
-    value_range = w_max - w_min
-    c_neg = _kth_smallest(w, rank_neg, hint[0] if hint else None, value_range) if rank_neg else 0.0
-    c_pos = _kth_smallest(w, rank_pos, hint[1] if hint else None, value_range) if rank_pos else 0.0
-
-    keep_neg = w < c_neg
-    keep_pos = w > c_pos
-    has_neg = n_negative > k_neg and bool(keep_neg.any())
-    has_pos = n_positive > k_pos and bool(keep_pos.any())
+    # A side keeps something iff some weight lies strictly beyond its threshold;
+    # with ties at the threshold that can be none even when k < count.
+    has_neg = n_negative > k_neg and (rank_neg == 0 or w_min < c_neg)
+    has_pos = n_positive > k_pos and (rank_pos == 0 or w_max > c_pos)
 
     if not (has_neg or has_pos):
         levels = torch.full((n_levels,), float("nan"), device=w.device)
@@ -141,26 +379,22 @@ def clipq_quantize_with_stats(
     n_pos_int = n_levels - n_neg_int
 
     # Interval index per weight: uniform bins need no search. Clipped weights
-    # go to an extra bin (index n_levels) whose level is forced to zero.
-    # Values on an inner boundary belong to the upper interval; the extreme
-    # value belongs to the last interval of its side.
-    idx = torch.full((n,), n_levels, dtype=torch.long, device=w.device)
-    if has_neg:
-        width = span_neg / n_neg_int
-        b = ((w - w_min) / width).floor_().clamp_(0, n_neg_int - 1).long()
-        idx = torch.where(keep_neg, b, idx)
-    if has_pos:
-        width = span_pos / n_pos_int
-        b = ((w - c_pos) / width).floor_().clamp_(0, n_pos_int - 1).long() + n_neg_int
-        idx = torch.where(keep_pos, b, idx)
-
-    sums = torch.zeros(n_levels + 1, dtype=torch.float32, device=w.device).index_add_(0, idx, w)
-    counts = torch.bincount(idx, minlength=n_levels + 1).to(torch.float32)
-    table = sums / counts  # NaN for empty intervals (0/0): those codes are unused
-    table[n_levels] = 0.0
-    out = table[idx].reshape(weight.shape).to(out_dtype)
-    stats = ClipQStats(c_neg, c_pos, n_neg_int, table[:n_levels].clone(), rank_neg, rank_pos)
-    return out, stats
+    # go to extra codes (n_levels and up) whose level is zero. Values on an
+    # inner boundary belong to the upper interval; the extreme value belongs
+    # to the last interval of its side.
+    idx = _codes(
+        w, lanes.add_(n_levels), w_min, c_neg, c_pos, n_neg_int, n_levels,
+        span_neg / n_neg_int if has_neg else None,
+        span_pos / n_pos_int if has_pos else None,
+        a, b, c,
+    )
+    # bincount adds a bin's weights in element order in float32, as index_add_ does.
+    n_codes = n_levels + _LANES
+    table = torch.bincount(idx, weights=w, minlength=n_codes)
+    table.div_(torch.bincount(idx, minlength=n_codes).to(torch.float32))  # NaN (0/0) for unused codes
+    table[n_levels:] = 0.0  # clipped
+    out = table.index_select(0, idx).reshape(weight.shape).to(out_dtype)
+    return out, ClipQStats(c_neg, c_pos, n_neg_int, table[:n_levels], rank_neg, rank_pos)
 
 
 def clipq_quantize(weight: torch.Tensor, p: float, bits: int) -> torch.Tensor:

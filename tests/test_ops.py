@@ -128,3 +128,156 @@ def test_edge_cases() -> None:
 def test_invalid_arguments_raise_value_error(p: float, bits: int, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         clipq_quantize(torch.randn(10), p, bits)
+
+
+# --------------------------------------------------------------------------- fast path == definition
+#
+# The operator in clipq_search.ops is optimised (histogram threshold search,
+# scratch buffers, no `where`); `_reference_clipq` below is the plain
+# definition it replaced, kept verbatim. On CPU the two must agree bit for bit:
+# same thresholds, same codes, same float32 sums in the same element order.
+
+
+def _reference_clipq(weight: torch.Tensor, p: float, bits: int) -> tuple[torch.Tensor, tuple]:
+    w = weight.detach().reshape(-1).float()
+    n_levels = 2**bits - 1
+    n = w.numel()
+    if n == 0:
+        return torch.zeros_like(weight), (0.0, 0.0, 0, 0, 0, torch.full((n_levels,), float("nan")))
+    w_min, w_max = (float(v) for v in torch.aminmax(w))
+    n_negative = int((w < 0).sum())
+    n_positive = int((w > 0).sum())
+    n_zero = n - n_negative - n_positive
+    k_neg = min(n_negative, round(p * n_negative))
+    k_pos = min(n_positive, round(p * n_positive))
+    rank_neg = n_negative - k_neg + 1 if k_neg > 0 else 0
+    rank_pos = n_negative + n_zero + k_pos if k_pos > 0 else 0
+    c_neg = float(torch.kthvalue(w, rank_neg).values) if rank_neg else 0.0
+    c_pos = float(torch.kthvalue(w, rank_pos).values) if rank_pos else 0.0
+    keep_neg = w < c_neg
+    keep_pos = w > c_pos
+    has_neg = n_negative > k_neg and bool(keep_neg.any())
+    has_pos = n_positive > k_pos and bool(keep_pos.any())
+    if not (has_neg or has_pos):
+        nan = torch.full((n_levels,), float("nan"))
+        return torch.zeros_like(weight), (c_neg, c_pos, 0, rank_neg, rank_pos, nan)
+    span_neg = (c_neg - w_min) if has_neg else 0.0
+    span_pos = (w_max - c_pos) if has_pos else 0.0
+    if has_neg and has_pos:
+        n_neg_int = min(max(round(n_levels * span_neg / (span_neg + span_pos)), 1), n_levels - 1)
+    else:
+        n_neg_int = n_levels if has_neg else 0
+    n_pos_int = n_levels - n_neg_int
+    idx = torch.full((n,), n_levels, dtype=torch.long)
+    if has_neg:
+        b = ((w - w_min) / (span_neg / n_neg_int)).floor_().clamp_(0, n_neg_int - 1).long()
+        idx = torch.where(keep_neg, b, idx)
+    if has_pos:
+        b = ((w - c_pos) / (span_pos / n_pos_int)).floor_().clamp_(0, n_pos_int - 1).long() + n_neg_int
+        idx = torch.where(keep_pos, b, idx)
+    sums = torch.zeros(n_levels + 1).index_add_(0, idx, w)
+    counts = torch.bincount(idx, minlength=n_levels + 1).to(torch.float32)
+    table = sums / counts
+    table[n_levels] = 0.0
+    out = table[idx].reshape(weight.shape).to(weight.dtype)
+    return out, (c_neg, c_pos, n_neg_int, rank_neg, rank_pos, table[:n_levels].clone())
+
+
+def _assert_matches_reference(w: torch.Tensor, p: float, bits: int, hint: tuple[float, float] | None = None) -> None:
+    ref_out, (c_neg, c_pos, n_neg_int, rank_neg, rank_pos, levels) = _reference_clipq(w, p, bits)
+    out, st = clipq_quantize_with_stats(w, p, bits, hint=hint)
+    assert (st.c_neg, st.c_pos, st.n_neg_intervals, st.rank_neg, st.rank_pos) == (
+        c_neg, c_pos, n_neg_int, rank_neg, rank_pos
+    ), (w.shape, p, bits, hint)
+    assert out.dtype == ref_out.dtype and out.shape == ref_out.shape
+    assert torch.equal(out, ref_out), (w.shape, p, bits, hint, int((out != ref_out).sum()))
+    assert torch.equal(st.levels.nan_to_num(7.0), levels.nan_to_num(7.0))
+
+
+def _awkward_tensor(kind: int, n: int, g: torch.Generator) -> torch.Tensor:
+    w = torch.randn(n, generator=g) * float(torch.rand(1, generator=g) * 2 + 1e-3)
+    if kind == 1:
+        w = w + 0.3  # skewed
+    elif kind == 2:
+        w[w.abs() < 0.1] = 0.0  # exact zeros
+    elif kind == 3:
+        w = (w * 8).round() / 8  # heavy ties, also at the thresholds
+    elif kind == 4:
+        w = w.abs() + 0.01  # one sign only
+    elif kind == 5:
+        w = -w.abs()  # no positives
+    elif kind == 6:
+        w = w * 1e-30  # tiny magnitudes
+    elif kind == 7:
+        w = torch.exp(w * 5) * torch.sign(torch.randn(n, generator=g))  # very wide range
+    return w
+
+
+@pytest.fixture(params=["direct", "histogram"])
+def select_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with the small-tensor threshold search and again with the histogram one."""
+    import clipq_search.ops as ops
+
+    if request.param == "histogram":
+        monkeypatch.setattr(ops, "_DIRECT_SELECT_MAX", 0)
+    return request.param
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_matches_reference_bit_for_bit(seed: int, select_path: str) -> None:
+    g = torch.Generator().manual_seed(1000 + seed)
+    n = int(torch.randint(1, 12000, (1,), generator=g))
+    w = _awkward_tensor(seed % 8, n, g)
+    p = [0.0, 0.001, 0.5, 0.9, 0.97, float(torch.rand(1, generator=g) * 0.99)][seed % 6]
+    bits = int(torch.randint(2, 9, (1,), generator=g))
+    _assert_matches_reference(w, p, bits)
+    _, ref = _reference_clipq(w, p, bits)
+    for hint in [(ref[0], ref[1]), (-1e-3, 1e-3), (float("nan"), float("inf")), (1.0, -1.0), (0.0, 0.0)]:
+        _assert_matches_reference(w, p, bits, hint)
+
+
+def test_matches_reference_along_a_training_run(select_path: str) -> None:
+    """Many steps of small updates with the previous thresholds as hint, as ClipQWeight does."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(40, 200, generator=g) * 0.05
+    hint = None
+    for step in range(20):
+        w = w + torch.randn(w.shape, generator=g) * (1e-4 if step % 10 else 1e-2)  # a big jump now and then
+        _assert_matches_reference(w, 0.9, 4, hint)
+        _, st = clipq_quantize_with_stats(w, 0.9, 4, hint=hint)
+        hint = (st.c_neg, st.c_pos)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_matches_reference(dtype: torch.dtype, select_path: str) -> None:
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(40, 130, generator=g) * 0.05).to(dtype)
+    _assert_matches_reference(w, 0.8, 5)
+    _assert_matches_reference(w, 0.8, 5, hint=(-0.05, 0.05))
+
+
+def test_results_do_not_alias_scratch_buffers(select_path: str) -> None:
+    """Outputs and levels stay valid after later calls of other sizes reuse the scratch space."""
+    g = torch.Generator().manual_seed(5)
+    big, small = torch.randn(9000, generator=g), torch.randn(5000, generator=g)
+    out_big, st_big = clipq_quantize_with_stats(big, 0.7, 3)
+    kept_out, kept_levels = out_big.clone(), st_big.levels.clone()
+    clipq_quantize_with_stats(small, 0.5, 6)
+    clipq_quantize_with_stats(big * 2, 0.2, 8)
+    assert torch.equal(out_big, kept_out) and torch.equal(st_big.levels, kept_levels)
+    _assert_matches_reference(small, 0.5, 6)
+
+
+def test_threads_get_their_own_scratch(select_path: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    g = torch.Generator().manual_seed(11)
+    tensors = [torch.randn(int(torch.randint(5000, 20000, (1,), generator=g)), generator=g) for _ in range(8)]
+
+    def run(w: torch.Tensor) -> torch.Tensor:
+        return clipq_quantize(w, 0.9, 4)
+
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(run, tensors * 3))
+    for w, out in zip(tensors * 3, outs, strict=True):
+        assert torch.equal(out, _reference_clipq(w, 0.9, 4)[0])
