@@ -26,21 +26,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _machine import machine_line  # noqa: E402
+
 from clipq_search.finalize import run_final  # noqa: E402
 from clipq_search.pareto import complete_trials, load_trials, pareto_info, plan_of  # noqa: E402
 from clipq_search.pipeline import write_plan_json  # noqa: E402
 from clipq_search.plan import Plan  # noqa: E402
 from clipq_search.search import run_search  # noqa: E402
 from clipq_search.space import load_space  # noqa: E402
-
-try:
-    from _machine import machine_line  # noqa: E402
-except ImportError:  # pragma: no cover
-    import platform
-
-    def machine_line() -> str:
-        return f"{platform.platform()}; {os.cpu_count()} CPUs"
-
 
 SPACES = {"lenet300": "lenet300_fashion.yaml", "lenet5": "lenet5_fashion.yaml"}
 TOLERANCES = (0.25, 0.5, 1.0, 2.0)

@@ -28,17 +28,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pandas as pd  # noqa: E402
+from _machine import machine_line  # noqa: E402
 
 from clipq_search.search import run_search  # noqa: E402
 from clipq_search.space import load_space  # noqa: E402
-
-try:
-    from _machine import machine_line  # noqa: E402
-except ImportError:  # pragma: no cover
-    import platform
-
-    def machine_line() -> str:
-        return f"{platform.platform()}; {os.cpu_count()} CPUs"
 
 
 def measure(results: Path, name: str, trials: int, concurrency: int, address: str | None, epochs: float) -> dict:

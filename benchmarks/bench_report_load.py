@@ -27,18 +27,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import optuna  # noqa: E402
+from _machine import machine_line  # noqa: E402
 
 from clipq_search._io import write_json  # noqa: E402
 from clipq_search.search import ERROR_ATTR, distributions, open_study, write_trials_csv  # noqa: E402
 from clipq_search.space import LayerSearchParam  # noqa: E402
-
-try:
-    from _machine import machine_line  # noqa: E402
-except ImportError:  # pragma: no cover
-    import platform
-
-    def machine_line() -> str:
-        return platform.platform()
 
 
 def build_run(run_dir: Path, n: int, seed: int = 0) -> float:
