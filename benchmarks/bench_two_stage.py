@@ -61,7 +61,7 @@ from clipq_search.errors import ClipQError  # noqa: E402
 from clipq_search.models import build_model  # noqa: E402
 from clipq_search.ops import clipq_quantize, clipq_quantize_with_stats  # noqa: E402
 from clipq_search.plan import LayerConfig, Plan  # noqa: E402
-from clipq_search.surgery import attach_clipq, strip_clipq  # noqa: E402
+from clipq_search.surgery import _StraightThrough, attach_clipq, strip_clipq  # noqa: E402
 from clipq_search.train import (  # noqa: E402
     DEFAULT_PRETRAIN,
     TrainConfig,
@@ -92,18 +92,6 @@ def log(msg: str) -> None:
 
 
 # --------------------------------------------------------------------------- two-stage parametrizations
-
-
-class _StraightThrough(torch.autograd.Function):
-    """Forward: the transformed weight; backward: the gradient unchanged to the full-precision weight."""
-
-    @staticmethod
-    def forward(ctx: Any, original: torch.Tensor, transformed: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return transformed
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        return grad, None
 
 
 class _Cached(nn.Module):
