@@ -27,8 +27,10 @@ import math
 import threading
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from . import _fused
 from .errors import ConfigError
 
 __all__ = [
@@ -290,6 +292,100 @@ def _select_hist(
     return (*counts, *ranks, found[-1], found[1])
 
 
+# --------------------------------------------------------------------------- compiled CPU path
+
+# Window elements kept by one scan; a window holding more is a miss.
+_WINDOW_CAP = 4096
+# Half-width of a hinted window of the compiled path, in average gaps between
+# sorted weights: every element inside is copied, so narrower than ``_HINT_GAPS``.
+_FUSED_HINT_GAPS = 64.0
+
+
+def _side_window(lo: float, hi: float, lo_lim: float, hi_lim: float) -> tuple[float, float]:
+    """float32 bounds of [lo, hi] within [lo_lim, hi_lim]."""
+    return float(np.float32(max(lo, lo_lim))), float(np.float32(min(hi, hi_lim)))
+
+
+def _select_fused(
+    w: torch.Tensor, p: float, hint: tuple[float, float] | None, w_min: float, w_max: float
+) -> tuple[int, int, int, int, int, float, float]:
+    """Counts per sign, ranks and exact thresholds from compiled scans around the hinted thresholds.
+
+    A scan counts the elements below each window and copies those inside it;
+    a threshold whose rank falls inside its window is read off the sorted
+    window. On a miss (the threshold moved further than the window) the
+    window grows toward the rank, by the element density just seen, for
+    another scan; without a usable hint, or after ``_MAX_ROUNDS`` scans, a
+    side falls back to ``kthvalue``.
+    """
+    n = w.numel()
+    w_np = w.numpy()
+    tiny = float(np.finfo(np.float32).smallest_subnormal)
+    half = max(w_max - w_min, 1e-30) * _FUSED_HINT_GAPS / n
+    h_neg, h_pos = hint if hint is not None else (math.nan, math.nan)
+    limits = {-1: (w_min, -tiny), 1: (tiny, w_max)}
+    windows: dict[int, tuple[float, float]] = {}
+    if math.isfinite(h_neg) and w_min <= h_neg < 0:
+        windows[-1] = _side_window(h_neg - half, h_neg + half, *limits[-1])
+    if math.isfinite(h_pos) and 0 < h_pos <= w_max:
+        windows[1] = _side_window(h_pos - half, h_pos + half, *limits[1])
+    buf = np.empty(_WINDOW_CAP, np.float32)
+    counts: tuple[int, int, int] | None = None
+    ranks = {-1: 0, 1: 0}
+    found: dict[int, float] = {}
+    for _ in range(_MAX_ROUNDS):
+        lo_n, hi_n = windows.get(-1, (-math.inf, -math.inf))  # empty window: nothing in or below it
+        lo_p, hi_p = windows.get(1, (math.inf, math.inf))
+        neg, nonpos, below_n, below_p, m, m_neg = _fused.kernels().window_scan(
+            w_np, np.float32(lo_n), np.float32(hi_n), np.float32(lo_p), np.float32(hi_p), buf
+        )
+        if counts is None:
+            counts = (int(neg), int(nonpos - neg), n - int(nonpos))
+            ranks[-1], ranks[1] = _ranks(p, *counts)
+            found = {side: 0.0 for side in (-1, 1) if ranks[side] == 0}
+        if m > _WINDOW_CAP:
+            break
+        for side, below, vals in ((-1, int(below_n), buf[:m_neg]), (1, int(below_p), buf[m_neg:m])):
+            if side in found or side not in windows:
+                continue
+            rank, k = ranks[side], vals.shape[0]
+            if below < rank <= below + k:
+                found[side] = float(vals[rank - below - 1])
+                continue
+            # Miss: widen toward the rank by twice the expected distance.
+            lo, hi = windows[side]
+            gap = (hi - lo) / max(k, 1)
+            if rank <= below:
+                lo -= 2.0 * (below - rank + 1) * gap + (hi - lo)
+            else:
+                hi += 2.0 * (rank - below - k) * gap + (hi - lo)
+            windows[side] = _side_window(lo, hi, *limits[side])
+        if len(found) == 2 or not windows.keys() - found.keys():
+            break
+    assert counts is not None
+    for side in (-1, 1):
+        if side not in found:
+            found[side] = float(torch.kthvalue(w, ranks[side]).values)
+    return (*counts, ranks[-1], ranks[1], found[-1], found[1])
+
+
+def _quantize_fused(
+    w: torch.Tensor, w_min: float, c_neg: float, c_pos: float, n_neg_int: int, n_levels: int,
+    width_neg: float | None, width_pos: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The quantized float32 vector and the levels, from one compiled call."""
+    f32 = np.float32
+    w_np = w.numpy()
+    out = torch.empty(w_np.shape[0])
+    table = np.empty(256, np.float32)
+    _fused.kernels().quantize_into(
+        w_np, np.empty(w_np.shape[0], np.uint8), out.numpy(), table, f32(w_min), f32(c_neg), f32(c_pos),
+        f32(width_neg if width_neg is not None else 1.0), f32(width_pos if width_pos is not None else 1.0),
+        n_neg_int, n_levels, width_neg is not None, width_pos is not None,
+    )
+    return out, torch.from_numpy(table[:n_levels])
+
+
 # --------------------------------------------------------------------------- operator
 
 
@@ -342,16 +438,22 @@ def clipq_quantize_with_stats(
         return torch.zeros_like(weight), ClipQStats(0.0, 0.0, 0, levels, 0, 0)
 
     w = weight.detach().reshape(-1)
-    if w.dtype == torch.float32:
+    fused = w.device.type == "cpu" and _fused.enabled()
+    if fused:
+        w = w.to(torch.float32).contiguous()
+    elif w.dtype == torch.float32:
         a, b, c, lanes = _scratch(n, w.device, 4)
     else:
         a, b, c, lanes, w32 = _scratch(n, w.device, 5)
         w = w32.copy_(w)
     w_min, w_max = (float(v) for v in torch.aminmax(w))
-    _lanes(w, lanes)
-    if n <= _DIRECT_SELECT_MAX:
+    if fused:
+        selected = _select_fused(w, p, hint, w_min, w_max)
+    elif n <= _DIRECT_SELECT_MAX:
+        _lanes(w, lanes)
         selected = _select_direct(w, p)
     else:
+        _lanes(w, lanes)
         selected = _select_hist(w, p, hint, w_min, w_max, lanes, a, b)
     n_negative, n_zero, n_positive, rank_neg, rank_pos, c_neg, c_pos = selected
     k_neg = _clip_count(p, n_negative)
@@ -375,6 +477,15 @@ def clipq_quantize_with_stats(
     else:
         n_neg_int = n_levels if has_neg else 0
     n_pos_int = n_levels - n_neg_int
+
+    if fused:
+        out, levels = _quantize_fused(
+            w, w_min, c_neg, c_pos, n_neg_int, n_levels,
+            span_neg / n_neg_int if has_neg else None,
+            span_pos / n_pos_int if has_pos else None,
+        )
+        out = out.reshape(weight.shape).to(out_dtype)
+        return out, ClipQStats(c_neg, c_pos, n_neg_int, levels, rank_neg, rank_pos)
 
     # Interval index per weight: uniform bins need no search. Clipped weights
     # go to extra codes (n_levels and up) whose level is zero. Values on an

@@ -132,8 +132,9 @@ def test_invalid_arguments_raise_value_error(p: float, bits: int, match: str) ->
 
 # --------------------------------------------------------------------------- fast path == definition
 #
-# The operator in clipq_search.ops is optimised (histogram threshold search,
-# scratch buffers, no `where`); `_reference_clipq` below is the plain
+# The operator in clipq_search.ops is optimised (compiled kernels on CPU; in
+# the tensor implementation a histogram threshold search, scratch buffers, no
+# `where`); `_reference_clipq` below is the plain
 # definition it replaced, kept verbatim. On CPU the two must agree bit for bit:
 # same thresholds, same codes, same float32 sums in the same element order.
 
@@ -213,14 +214,48 @@ def _awkward_tensor(kind: int, n: int, g: torch.Generator) -> torch.Tensor:
     return w
 
 
-@pytest.fixture(params=["direct", "histogram"])
+@pytest.fixture(params=["compiled", "compiled-narrow", "direct", "histogram"])
 def select_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test with the small-tensor threshold search and again with the histogram one."""
+    """Run a test on every CPU implementation.
+
+    ``compiled``: the numba kernels (the default on CPU); ``compiled-narrow``:
+    the same with tiny windows and a tiny window buffer, so that misses,
+    widening and the ``kthvalue`` fallback all run; ``direct`` and
+    ``histogram``: the tensor implementation's two threshold searches.
+    """
+    import clipq_search._fused as fused
     import clipq_search.ops as ops
 
-    if request.param == "histogram":
-        monkeypatch.setattr(ops, "_DIRECT_SELECT_MAX", 0)
+    if request.param.startswith("compiled"):
+        if not fused.AVAILABLE:
+            pytest.skip("numba is not installed")
+        monkeypatch.setenv("CLIPQ_SEARCH_KERNEL", "numba")
+        if request.param == "compiled-narrow":
+            monkeypatch.setattr(ops, "_FUSED_HINT_GAPS", 0.5)
+            monkeypatch.setattr(ops, "_WINDOW_CAP", 3)
+    else:
+        monkeypatch.setenv("CLIPQ_SEARCH_KERNEL", "torch")
+        if request.param == "histogram":
+            monkeypatch.setattr(ops, "_DIRECT_SELECT_MAX", 0)
     return request.param
+
+
+def test_compiled_kernels_are_the_default_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With numba installed the CPU operator runs the compiled kernels, and the switch turns them off."""
+    import clipq_search._fused as fused
+
+    monkeypatch.delenv("CLIPQ_SEARCH_KERNEL", raising=False)
+    assert fused.AVAILABLE, "numba is a dependency: the compiled CPU path must be available"
+    assert fused.enabled()
+    calls = []
+    real = fused.kernels()
+    monkeypatch.setattr(fused, "kernels", lambda: calls.append(1) or real)
+    clipq_quantize(torch.randn(3000), 0.8, 3)
+    assert calls
+    calls.clear()
+    monkeypatch.setenv("CLIPQ_SEARCH_KERNEL", "torch")
+    clipq_quantize(torch.randn(3000), 0.8, 3)
+    assert not calls
 
 
 @pytest.mark.parametrize("seed", range(24))
