@@ -132,7 +132,9 @@ def recover_interrupted(study: optuna.Study, log: Callable[[str], None]) -> int:
         study._storage.set_trial_user_attr(t._trial_id, INTERRUPTED_ATTR, True)
         study._storage.set_trial_user_attr(t._trial_id, ERROR_ATTR, "interrupted before it finished; re-queued")
         study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
+        # Keep where the plan came from (a paper-procedure plan stays labelled as one).
+        kept = {k: t.user_attrs[k] for k in ("source", "lambda") if k in t.user_attrs}
+        study.enqueue_trial(t.params, user_attrs={**kept, "retry_of": t.number}, skip_if_exists=False)
     if stale:
         log(
             f"recovered {len(stale)} interrupted trial(s) ({', '.join(str(t.number) for t in stale)}): "

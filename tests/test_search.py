@@ -85,3 +85,26 @@ def test_paper_strategy_produces_valid_plans(results_root: Path, ray_local) -> N
     by_lam = {t.user_attrs["lambda"]: t for t in paper if t.state == optuna.trial.TrialState.COMPLETE}
     if len(by_lam) == 2:
         assert by_lam[10.0].user_attrs["rate"] >= by_lam[1.0].user_attrs["rate"] * 0.8
+
+
+def test_recovered_interrupted_trials_keep_their_source() -> None:
+    """A paper-procedure plan cut off mid-trial is re-queued with its label and lambda; others stay sampler plans."""
+    from clipq_search.search import INTERRUPTED_ATTR, recover_interrupted
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["maximize", "maximize"])
+    dist = {"fc1.p": optuna.distributions.FloatDistribution(0.0, 0.99)}
+    study.enqueue_trial({"fc1.p": 0.9}, user_attrs={"source": "paper", "lambda": 0.5})
+    paper = study.ask(dist)
+    plain = study.ask(dist)
+    logs: list[str] = []
+    assert recover_interrupted(study, logs.append) == 2
+    assert "recovered 2 interrupted trial(s)" in logs[0]
+    old = {t.number: t for t in study.get_trials(deepcopy=False)}
+    assert old[paper.number].user_attrs[INTERRUPTED_ATTR] and old[plain.number].user_attrs[INTERRUPTED_ATTR]
+    waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    by_retry = {t.user_attrs["retry_of"]: t for t in waiting}
+    assert by_retry[paper.number].user_attrs["source"] == "paper"
+    assert by_retry[paper.number].user_attrs["lambda"] == 0.5
+    assert by_retry[paper.number].system_attrs["fixed_params"] == {"fc1.p": 0.9}
+    assert "source" not in by_retry[plain.number].user_attrs
