@@ -33,13 +33,12 @@ __all__ = ["AVAILABLE", "CLIPPED", "enabled", "kernels"]
 # numba is a dependency, but the operator keeps working without it. It is
 # imported on first use, not with the package: the command line stays quick.
 AVAILABLE = importlib.util.find_spec("numba") is not None
-# Code of a clipped weight; its sums go to one of four dummy slots after the
+# Code of a clipped weight; its sums go to one of 16 dummy slots after the
 # real ones, chosen by position, so that runs of clipped weights (most of a
 # tensor at high p) do not wait on each other's additions.
 CLIPPED = 255
-_SLOTS = 256 + 4
-_BLOCK = 512
-_SCAN_BLOCK = 128
+_DUMMY_MASK = 15
+_SLOTS = 256 + _DUMMY_MASK + 1
 
 
 def enabled() -> bool:
@@ -56,14 +55,15 @@ def kernels() -> SimpleNamespace:
     return SimpleNamespace(window_scan=jit(window_scan), quantize_into=jit(quantize_into))
 
 
-def window_scan(w, lo_n, hi_n, lo_p, hi_p, buf):  # pragma: no cover - compiled
+def window_scan(w, lo_n, hi_n, lo_p, hi_p, buf, mask):  # pragma: no cover - compiled
     """Counts (negatives, non-positives, below lo_n, below lo_p) and the window elements.
 
     ``w`` is float32; the windows are [lo_n, hi_n] (hi_n < 0) and [lo_p, hi_p]
     (lo_p > 0), float32 bounds, an empty window when lo > hi. The elements
     inside either window are copied to ``buf`` and sorted when they fit; the
     last two values returned are how many there were (more than ``buf`` holds:
-    not copied) and how many of them are negative.
+    not copied) and how many of them are negative. ``mask`` is bool scratch
+    of ``w``'s length.
     """
     n = w.shape[0]
     cap = buf.shape[0]
@@ -72,24 +72,29 @@ def window_scan(w, lo_n, hi_n, lo_p, hi_p, buf):  # pragma: no cover - compiled
     nonpos = 0
     below_n = 0
     below_p = 0
+    for i in range(n):  # branch-free: vectorised
+        x = w[i]
+        neg += x < zero
+        nonpos += x <= zero
+        below_n += x < lo_n
+        below_p += x < lo_p
+        mask[i] = ((x >= lo_n) & (x <= hi_n)) | ((x >= lo_p) & (x <= hi_p))
+    # The window holds a few dozen elements: find them eight mask bytes at a time.
+    whole = n - n % 8
+    words = mask[:whole].view(np.uint64)
     m = 0
-    for s in range(0, n, _SCAN_BLOCK):
-        e = min(n, s + _SCAN_BLOCK)
-        hit = 0
-        for i in range(s, e):  # branch-free: vectorised
-            x = w[i]
-            neg += x < zero
-            nonpos += x <= zero
-            below_n += x < lo_n
-            below_p += x < lo_p
-            hit += ((x >= lo_n) & (x <= hi_n)) | ((x >= lo_p) & (x <= hi_p))
-        if hit:
-            for i in range(s, e):
-                x = w[i]
-                if (x >= lo_n and x <= hi_n) or (x >= lo_p and x <= hi_p):
+    for k in range(words.shape[0]):
+        if words[k]:
+            for i in range(8 * k, 8 * k + 8):
+                if mask[i]:
                     if m < cap:
-                        buf[m] = x
+                        buf[m] = w[i]
                     m += 1
+    for i in range(whole, n):
+        if mask[i]:
+            if m < cap:
+                buf[m] = w[i]
+            m += 1
     m_neg = 0
     if m <= cap:
         buf[:m].sort()
@@ -118,20 +123,18 @@ def quantize_into(w, codes, out, table, w_min, c_neg, c_pos, width_neg, width_po
     clipped = np.float32(CLIPPED)
     sums = np.zeros(_SLOTS, np.float32)
     counts = np.zeros(_SLOTS, np.int64)
-    for s in range(0, n, _BLOCK):
-        e = min(n, s + _BLOCK)
-        for i in range(s, e):  # branch-free: vectorised
-            x = w[i]
-            tn = min(max((x - w_min) / width_neg, zero), top_n)
-            tp = min(max(np.floor((x - c_pos) / width_pos), zero), top_p) + base
-            r = tn if (has_neg & (x < c_neg)) else clipped
-            r = tp if (has_pos & (x > c_pos)) else r
-            codes[i] = np.uint8(r)
-        for i in range(s, e):
-            c = np.int64(codes[i])
-            j = c if c != CLIPPED else 256 + (i & 3)
-            sums[j] += w[i]
-            counts[j] += 1
+    for i in range(n):  # branch-free: vectorised
+        x = w[i]
+        tn = min(max((x - w_min) / width_neg, zero), top_n)
+        tp = min(max(np.floor((x - c_pos) / width_pos), zero), top_p) + base
+        r = tn if (has_neg & (x < c_neg)) else clipped
+        r = tp if (has_pos & (x > c_pos)) else r
+        codes[i] = np.uint8(r)
+    for i in range(n):  # serial: each sum in element order
+        c = np.int64(codes[i])
+        j = c if c != CLIPPED else 256 + (i & _DUMMY_MASK)
+        sums[j] += w[i]
+        counts[j] += 1
     for j in range(256):
         table[j] = sums[j] / np.float32(counts[j]) if j < n_levels else zero
     for i in range(n):

@@ -330,6 +330,7 @@ def _select_fused(
     if math.isfinite(h_pos) and 0 < h_pos <= w_max:
         windows[1] = _side_window(h_pos - half, h_pos + half, *limits[1])
     buf = np.empty(_WINDOW_CAP, np.float32)
+    mask = np.empty(n, np.bool_)
     counts: tuple[int, int, int] | None = None
     ranks = {-1: 0, 1: 0}
     found: dict[int, float] = {}
@@ -337,7 +338,7 @@ def _select_fused(
         lo_n, hi_n = windows.get(-1, (-math.inf, -math.inf))  # empty window: nothing in or below it
         lo_p, hi_p = windows.get(1, (math.inf, math.inf))
         neg, nonpos, below_n, below_p, m, m_neg = _fused.kernels().window_scan(
-            w_np, np.float32(lo_n), np.float32(hi_n), np.float32(lo_p), np.float32(hi_p), buf
+            w_np, np.float32(lo_n), np.float32(hi_n), np.float32(lo_p), np.float32(hi_p), buf, mask
         )
         if counts is None:
             counts = (int(neg), int(nonpos - neg), n - int(nonpos))
