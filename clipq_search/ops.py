@@ -294,6 +294,7 @@ def _select_hist(
 
 # --------------------------------------------------------------------------- compiled CPU path
 
+_F32_TINY = float(np.finfo(np.float32).smallest_subnormal)
 # Window elements kept by one scan; a window holding more is a miss.
 _WINDOW_CAP = 4096
 # Half-width of a hinted window of the compiled path, in average gaps between
@@ -320,7 +321,7 @@ def _select_fused(
     """
     n = w.numel()
     w_np = w.numpy()
-    tiny = float(np.finfo(np.float32).smallest_subnormal)
+    tiny = _F32_TINY
     half = max(w_max - w_min, 1e-30) * _FUSED_HINT_GAPS / n
     h_neg, h_pos = hint if hint is not None else (math.nan, math.nan)
     limits = {-1: (w_min, -tiny), 1: (tiny, w_max)}

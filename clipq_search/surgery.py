@@ -50,24 +50,34 @@ class ClipQWeight(nn.Module):
         super().__init__()
         cfg = LayerConfig(p, bits)
         self.p, self.bits = cfg.p, cfg.bits
-        self.last_stats: ClipQStats | None = None
-        self._cache_key: tuple[int, int, int, torch.dtype] | None = None
-        self._cache: torch.Tensor | None = None
+        # Per-step state lives in a plain dict: nn.Module.__setattr__ costs
+        # more than the operator on a small layer.
+        self._state: dict[str, Any] = {"stats": None, "key": None, "cache": None}
 
     @property
     def config(self) -> LayerConfig:
         return LayerConfig(self.p, self.bits)
 
+    @property
+    def last_stats(self) -> ClipQStats | None:
+        """Thresholds and levels of the latest computation (None before the first)."""
+        return self._state["stats"]
+
+    def invalidate(self) -> None:
+        """Forget the cached result (after p or bits changed)."""
+        self._state["cache"] = None
+
     def quantize(self, original: torch.Tensor) -> torch.Tensor:
         """The pruned-quantized weight (no autograd graph), from cache when unchanged."""
+        state = self._state
         key = (original.data_ptr(), original._version, id(original), original.dtype)
-        if self._cache is not None and key == self._cache_key:
-            return self._cache
-        hint = (self.last_stats.c_neg, self.last_stats.c_pos) if self.last_stats is not None else None
+        if state["cache"] is not None and key == state["key"]:
+            return state["cache"]
+        stats = state["stats"]
+        hint = (stats.c_neg, stats.c_pos) if stats is not None else None
         with torch.no_grad():
             q, stats = clipq_quantize_with_stats(original, self.p, self.bits, hint=hint)
-        self.last_stats = stats
-        self._cache, self._cache_key = q, key
+        state["stats"], state["cache"], state["key"] = stats, q, key
         return q
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
@@ -117,7 +127,7 @@ def attach_clipq(model: nn.Module, plan: Plan | Mapping[str, Any]) -> dict[str, 
         existing = _clipq_param(module)
         if existing is not None:
             existing.p, existing.bits = cfg.p, cfg.bits
-            existing._cache = None
+            existing.invalidate()
             continue
         parametrize.register_parametrization(module, "weight", ClipQWeight(cfg.p, cfg.bits), unsafe=True)
         module.register_state_dict_post_hook(_save_hook)
