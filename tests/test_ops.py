@@ -316,3 +316,43 @@ def test_threads_get_their_own_scratch(select_path: str) -> None:
         outs = list(pool.map(run, tensors * 3))
     for w, out in zip(tensors * 3, outs, strict=True):
         assert torch.equal(out, _reference_clipq(w, 0.9, 4)[0])
+
+
+def test_compiled_path_finds_moving_thresholds_without_full_selection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Along a training-like run the hinted window (widened on a miss) finds every threshold: no ``kthvalue``."""
+    import clipq_search._fused as fused
+
+    if not fused.AVAILABLE:
+        pytest.skip("numba is not installed")
+    monkeypatch.setenv("CLIPQ_SEARCH_KERNEL", "numba")
+    real_kth = torch.kthvalue
+    calls: list[int] = []
+
+    def counting_kthvalue(*args, **kwargs):
+        calls.append(1)
+        return real_kth(*args, **kwargs)
+
+    g = torch.Generator().manual_seed(21)
+    w = torch.randn(300, 784, generator=g) * 0.05
+    _, st = clipq_quantize_with_stats(w, 0.9, 4)  # no hint: full selection
+    monkeypatch.setattr(torch, "kthvalue", counting_kthvalue)
+    for step in range(12):
+        # small steps, and now and then a jump far beyond the window (forces widening)
+        w = w + torch.randn(w.shape, generator=g) * (3e-3 if step % 4 == 3 else 1e-4)
+        out, st2 = clipq_quantize_with_stats(w, 0.9, 4, hint=(st.c_neg, st.c_pos))
+        monkeypatch.setattr(torch, "kthvalue", real_kth)
+        _assert_matches_reference(w, 0.9, 4)
+        monkeypatch.setattr(torch, "kthvalue", counting_kthvalue)
+        st = st2
+    assert not calls
+
+
+def test_without_numba_the_tensor_implementation_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    import clipq_search._fused as fused
+
+    monkeypatch.delenv("CLIPQ_SEARCH_KERNEL", raising=False)
+    monkeypatch.setattr(fused, "AVAILABLE", False)
+    assert not fused.enabled()
+    monkeypatch.setattr(fused, "kernels", lambda: pytest.fail("compiled kernels used without numba"))
+    g = torch.Generator().manual_seed(4)
+    _assert_matches_reference(torch.randn(5000, generator=g), 0.7, 3)
