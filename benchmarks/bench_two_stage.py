@@ -251,8 +251,12 @@ def cached_baseline(model_name: str, seed: int) -> Path | None:
 # --------------------------------------------------------------------------- one run
 
 
+# Fine-tuning learning rate of every run (both methods and the control); --lr.
+FINETUNE_LR = 0.01
+
+
 def finetune_config(epochs: float, seed: int) -> TrainConfig:
-    return TrainConfig(epochs=epochs, batch_size=128, lr=0.01, momentum=0.9, weight_decay=5e-4,
+    return TrainConfig(epochs=epochs, batch_size=128, lr=FINETUNE_LR, momentum=0.9, weight_decay=5e-4,
                        schedule="cosine", seed=seed)
 
 
@@ -442,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", nargs="+", default=list(DEFAULT_LEVELS), metavar="P:BITS",
                         help="uniform plans, every compressible layer (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="fine-tuning seed (both methods and the control)")
+    parser.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate (both methods, control)")
     parser.add_argument("--baseline-seed", type=int, default=0, help="seed of the dense DEFAULT_PRETRAIN baseline")
     parser.add_argument("--stage2-span", choices=("survivors", "zero"), default="survivors")
     parser.add_argument("--no-cache", action="store_true", help="train the baselines even if a cached one matches")
@@ -450,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
+    global FINETUNE_LR
+    FINETUNE_LR = args.lr
     levels = parse_levels(args.levels)
     epochs = parse_epochs(args.epochs, args.models)
 
