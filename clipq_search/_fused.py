@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -42,8 +43,15 @@ _SLOTS = 256 + _DUMMY_MASK + 1
 
 
 def enabled() -> bool:
-    """Whether the compiled kernels are used for CPU tensors (numba present, not switched off)."""
-    return AVAILABLE and os.environ.get("CLIPQ_SEARCH_KERNEL", "numba").lower() != "torch"
+    """Whether the compiled kernels are used for CPU tensors.
+
+    True when numba is installed, ``CLIPQ_SEARCH_KERNEL`` is not ``torch``, and
+    the kernels compiled (checked once, on tiny inputs). A numba that cannot
+    import or compile here gives one warning and the tensor implementation.
+    """
+    if not AVAILABLE or os.environ.get("CLIPQ_SEARCH_KERNEL", "numba").lower() == "torch":
+        return False
+    return _ready()
 
 
 @functools.cache
@@ -51,8 +59,33 @@ def kernels() -> SimpleNamespace:
     """The compiled ``window_scan`` and ``quantize_into`` (compiled once, cached on disk by numba)."""
     from numba import njit
 
-    jit = njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
-    return SimpleNamespace(window_scan=jit(window_scan), quantize_into=jit(quantize_into))
+    opts = {"nogil": True, "boundscheck": False, "error_model": "numpy"}
+    try:
+        jit = njit(cache=True, **opts)
+        return SimpleNamespace(window_scan=jit(window_scan), quantize_into=jit(quantize_into))
+    except RuntimeError:  # no writable place for numba's cache: compile in every process
+        jit = njit(**opts)
+        return SimpleNamespace(window_scan=jit(window_scan), quantize_into=jit(quantize_into))
+
+
+@functools.cache
+def _ready() -> bool:
+    f32 = np.float32
+    w = np.array([-2.0, -1.0, 0.0, 1.0, 2.0], np.float32)
+    try:
+        k = kernels()
+        k.window_scan(w, f32(-1.5), f32(-0.5), f32(0.5), f32(1.5), np.empty(8, np.float32), np.empty(5, np.bool_))
+        k.quantize_into(w, np.empty(5, np.uint8), np.empty(5, np.float32), np.empty(256, np.float32), f32(-2.0),
+                        f32(-1.0), f32(1.0), f32(1.0), f32(1.0), 1, 3, True, True)
+    except Exception as exc:  # noqa: BLE001 - any failure: the tensor implementation still works
+        warnings.warn(
+            f"clipq_search: the compiled CLIP-Q kernels are unavailable ({type(exc).__name__}: {exc}); "
+            "using the slower tensor implementation",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    return True
 
 
 def window_scan(w, lo_n, hi_n, lo_p, hi_p, buf, mask):  # pragma: no cover - compiled

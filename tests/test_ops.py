@@ -356,3 +356,24 @@ def test_without_numba_the_tensor_implementation_runs(monkeypatch: pytest.Monkey
     monkeypatch.setattr(fused, "kernels", lambda: pytest.fail("compiled kernels used without numba"))
     g = torch.Generator().manual_seed(4)
     _assert_matches_reference(torch.randn(5000, generator=g), 0.7, 3)
+
+
+def test_kernels_that_fail_to_compile_fall_back_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    import clipq_search._fused as fused
+
+    if not fused.AVAILABLE:
+        pytest.skip("numba is not installed")
+    monkeypatch.delenv("CLIPQ_SEARCH_KERNEL", raising=False)
+
+    def broken():
+        raise ImportError("numba needs a newer NumPy")
+
+    monkeypatch.setattr(fused, "kernels", broken)
+    fused._ready.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="compiled CLIP-Q kernels are unavailable.*numba needs a newer NumPy"):
+            assert not fused.enabled()
+        g = torch.Generator().manual_seed(8)
+        _assert_matches_reference(torch.randn(6000, generator=g), 0.9, 4)  # the tensor implementation
+    finally:
+        fused._ready.cache_clear()
