@@ -6,7 +6,9 @@ and 2, and on a local two-node Ray cluster, and reports:
 
 - overhead = wall time of the trial phase / (summed trial compute / concurrency)
   (1.0 = no orchestration cost), and the same for the whole command;
-- trials per hour at each concurrency.
+- trials per hour at each concurrency;
+- queue time (a plan's proposal to its start on a worker) of the first trials,
+  which start the Ray workers, and the median of the later ones.
 
     python benchmarks/bench_orchestration.py [--trials 8] [--out benchmarks/results/orchestration.json]
 """
@@ -56,6 +58,8 @@ def measure(results: Path, name: str, trials: int, concurrency: int, address: st
     phase = (df["datetime_complete"].max() - df["datetime_start"].min()).total_seconds()
     compute = float(df["trial_seconds"].sum())
     ideal = compute / concurrency
+    by_start = df.sort_values("datetime_start")
+    queue = by_start["queue_seconds"]
     return {
         "name": name,
         "trials": int(len(df)),
@@ -67,6 +71,9 @@ def measure(results: Path, name: str, trials: int, concurrency: int, address: st
         "overhead_trial_phase": phase / ideal,
         "overhead_command": wall / ideal,
         "trials_per_hour": 3600.0 * len(df) / phase,
+        # proposal -> start on a worker: the first trials include starting the workers
+        "queue_seconds_first_trials": [round(float(q), 3) for q in queue.iloc[:concurrency]],
+        "queue_seconds_median_later": float(queue.iloc[concurrency:].median()),
         "nodes": int(df["node"].nunique()),
         "complete": summary.complete,
     }
@@ -103,13 +110,14 @@ def main() -> None:
         shutil.rmtree(results, ignore_errors=True)
     print(
         f"\n{'run':<10} {'conc':>4} {'trials':>6} {'trial s':>8} {'phase s':>8} {'overhead':>8} "
-        f"{'cmd ovh':>8} {'trials/h':>9} {'nodes':>5}"
+        f"{'cmd ovh':>8} {'trials/h':>9} {'nodes':>5} {'queue 1st':>9} {'queue later':>11}"
     )
     for r in rows:
         print(
             f"{r['name']:<10} {r['concurrency']:>4} {r['trials']:>6} {r['trial_seconds_median']:>8.1f} "
             f"{r['trial_phase_seconds']:>8.1f} {r['overhead_trial_phase']:>8.2f} {r['overhead_command']:>8.2f} "
-            f"{r['trials_per_hour']:>9.0f} {r['nodes']:>5}"
+            f"{r['trials_per_hour']:>9.0f} {r['nodes']:>5} {max(r['queue_seconds_first_trials']):>8.1f}s "
+            f"{r['queue_seconds_median_later']:>10.2f}s"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -57,7 +57,7 @@ HV_REF_DROP = 10.0
 # Float slack for "drop <= max_drop": 87.2 - 86.2 is 1.0000000000000142 in binary floating point.
 _EPS = 1e-9
 
-_NUMERIC_COLUMNS = ("val_top1", "rate", "size_bytes", "val_loss", "train_seconds", "trial_seconds")
+_NUMERIC_COLUMNS = ("val_top1", "rate", "size_bytes", "val_loss", "train_seconds", "trial_seconds", "queue_seconds")
 _TEXT_COLUMNS = ("state", "node", "source", "error")
 _BASE_COLUMNS = ("number", "state", *_NUMERIC_COLUMNS, "node", "source", "error", "datetime_start", "datetime_complete")
 

@@ -162,6 +162,7 @@ def trials_frame(study: optuna.Study) -> Any:
             "val_loss": a.get("val_loss"),
             "train_seconds": a.get("train_seconds"),
             "trial_seconds": a.get("trial_seconds"),
+            "queue_seconds": a.get("queue_seconds"),
             "node": a.get("node"),
             "source": a.get("source", "sampler"),
             "error": a.get(ERROR_ATTR),
@@ -193,10 +194,12 @@ def _trainable(config: dict[str, Any], payload: dict[str, Any]) -> None:
     from ray import tune
 
     threads = max(1, int(config["threads"]))
+    started = time.time()  # wall clock: compared with the study's start time of the trial
     try:
         if config.get("inject_failure") and config["number"] in config["inject_failure"]:
             raise RuntimeError("injected failure (test hook)")
         out = run_trial(config["space"], config["plan"], payload, threads=threads)
+        out["started_unix"] = started
         # Ray flattens nested result dicts; ship the whole record as one JSON string.
         result = {"ok": 1, "val_top1": out["val_top1"], "record": json.dumps(out)}
     except BaseException as exc:  # noqa: BLE001 - every failure is recorded, the search goes on
@@ -273,6 +276,11 @@ def _make_searcher(
                     "train_loss",
                 ):
                     trial.set_user_attr(key, result[key])
+                # From the plan's proposal to its start on a worker (worker start-up, scheduling).
+                proposed = study._storage.get_trial(trial._trial_id).datetime_start
+                if proposed is not None:
+                    queued = max(0.0, result["started_unix"] - proposed.timestamp())
+                    trial.set_user_attr("queue_seconds", round(queued, 3))
                 if max_drop is not None:
                     trial.set_user_attr("constraint", [baseline.val_top1 - result["val_top1"] - max_drop])
                 study.tell(trial, [result["val_top1"], math.log10(result["rate"])])

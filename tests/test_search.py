@@ -39,6 +39,10 @@ def test_search_concurrency_2_writes_run_files_and_resumes(results_root: Path, r
         assert df[f"p:{layer}"].between(0.3, 0.95).all() and df[f"bits:{layer}"].between(2, 6).all()
         assert df[f"kept:{layer}"].between(0, 1).all()
     assert (df["rate"] > 1).all() and df["val_top1"].between(10, 100).all()
+    # queue time: from the proposal to the start on a worker, a fraction of the whole trial's span
+    span = (pd.to_datetime(df["datetime_complete"]) - pd.to_datetime(df["datetime_start"])).dt.total_seconds()
+    assert (df["queue_seconds"] >= 0).all() and (df["queue_seconds"] < span).all()
+    assert (df["queue_seconds"] + df["trial_seconds"] <= span + 1.0).all()
     # two trials really ran at the same time
     start = pd.to_datetime(df["datetime_start"])
     end = pd.to_datetime(df["datetime_complete"])
