@@ -10,6 +10,11 @@ per-pair ratios and the ratio of the medians; then the operator alone
 thresholds as hint (as in training) and without.
 
     python benchmarks/bench_overhead.py [--models lenet300 lenet5] [--steps 200] [--threads 0]
+        [--kernels numba torch]
+
+Both operator implementations are timed by default: the compiled CPU kernels
+(what training uses when numba is installed; the headline) and the tensor
+implementation (``CLIPQ_SEARCH_KERNEL=torch``), side by side.
 
 Targets from the issue: ratio <= 1.25 (LeNet-300-100) and <= 1.10 (LeNet-5).
 The machine may be shared: run it when quiet, and quote the ratios.
@@ -165,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall: perf_counter (default); cpu: thread CPU time, needs --threads 1")
     parser.add_argument("--root", default=DEFAULT_ROOTS["fashion-mnist"], help="folder with the four IDX files")
+    parser.add_argument("--kernels", nargs="+", choices=("numba", "torch"), default=["numba", "torch"],
+                        help="operator implementations to time: the compiled CPU kernels (the default path) "
+                             "and the tensor implementation; the first is the headline")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.op_reps < 1:
@@ -187,23 +195,34 @@ def main(argv: list[str] | None = None) -> int:
         "models": {},
     }
     print(f"\nclock: {args.clock}")
-    print(f"{'model':9s} {'plain ms':>9s} {'clipq ms':>9s} {'ratio*':>7s} {'ratio**':>7s} {'target':>6s}")
+    print(f"{'model':9s} {'kernels':7s} {'plain ms':>9s} {'clipq ms':>9s} {'ratio*':>7s} {'ratio**':>7s} "
+          f"{'target':>6s}")
     for name in args.models:
-        entry, clipq = step_overhead(name, splits, args)
-        entry["operator"] = operator_times(clipq, args.op_reps, args.seed, CLOCKS[args.clock])
-        entry["operator_ms_per_step"] = round(sum(r["ms_with_hint"] for r in entry["operator"]), 4)
-        results["models"][name] = entry
-        target = entry["target_ratio"]
-        print(f"{name:9s} {entry['plain_ms']:9.3f} {entry['clipq_ms']:9.3f} {entry['ratio_median_of_pairs']:7.3f} "
-              f"{entry['ratio_of_medians']:7.3f} {target if target else '-':>6}")
+        for kernel in args.kernels:
+            os.environ["CLIPQ_SEARCH_KERNEL"] = kernel
+            entry, clipq = step_overhead(name, splits, args)
+            entry["kernels"] = kernel
+            entry["operator"] = operator_times(clipq, args.op_reps, args.seed, CLOCKS[args.clock])
+            entry["operator_ms_per_step"] = round(sum(r["ms_with_hint"] for r in entry["operator"]), 4)
+            if kernel == args.kernels[0]:
+                results["models"][name] = entry
+            else:
+                results["models"][name].setdefault("other_kernels", {})[kernel] = entry
+            target = entry["target_ratio"]
+            print(f"{name:9s} {kernel:7s} {entry['plain_ms']:9.3f} {entry['clipq_ms']:9.3f} "
+                  f"{entry['ratio_median_of_pairs']:7.3f} {entry['ratio_of_medians']:7.3f} "
+                  f"{target if target else '-':>6}")
     print("  * median of per-pair ratios; ** ratio of medians")
-    print(f"\n{'model':9s} {'layer':8s} {'shape':>16s} {'hint ms':>8s} {'cold ms':>8s}")
-    for name, entry in results["models"].items():
-        for row in entry["operator"]:
-            shape = "x".join(map(str, row["shape"]))
-            print(f"{name:9s} {row['layer']:8s} {shape:>16s} {row['ms_with_hint']:8.3f} {row['ms_without_hint']:8.3f}")
-        print(f"{name:9s} {'(sum)':8s} {'':>16s} {entry['operator_ms_per_step']:8.3f}   "
-              f"step overhead {entry['overhead_ms']:.3f} ms")
+    print(f"\n{'model':9s} {'kernels':7s} {'layer':8s} {'shape':>16s} {'hint ms':>8s} {'cold ms':>8s}")
+    for name, main_entry in results["models"].items():
+        for entry in (main_entry, *main_entry.get("other_kernels", {}).values()):
+            kernel = entry["kernels"]
+            for row in entry["operator"]:
+                shape = "x".join(map(str, row["shape"]))
+                print(f"{name:9s} {kernel:7s} {row['layer']:8s} {shape:>16s} {row['ms_with_hint']:8.3f} "
+                      f"{row['ms_without_hint']:8.3f}")
+            print(f"{name:9s} {kernel:7s} {'(sum)':8s} {'':>16s} {entry['operator_ms_per_step']:8.3f}   "
+                  f"step overhead {entry['overhead_ms']:.3f} ms")
     results["machine"]["load_1min_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     write_json(args.out, results)
     print(f"\nwrote {args.out}")
