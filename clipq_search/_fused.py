@@ -88,7 +88,10 @@ def _ready() -> bool:
     return True
 
 
-def window_scan(w, lo_n, hi_n, lo_p, hi_p, buf, mask):  # pragma: no cover - compiled
+def window_scan(
+    w: np.ndarray, lo_n: np.float32, hi_n: np.float32, lo_p: np.float32, hi_p: np.float32,
+    buf: np.ndarray, mask: np.ndarray,
+) -> tuple[int, int, int, int, int, int]:  # pragma: no cover - compiled
     """Counts (negatives, non-positives, below lo_n, below lo_p) and the window elements.
 
     ``w`` is float32; the windows are [lo_n, hi_n] (hi_n < 0) and [lo_p, hi_p]
@@ -136,8 +139,11 @@ def window_scan(w, lo_n, hi_n, lo_p, hi_p, buf, mask):  # pragma: no cover - com
     return neg, nonpos, below_n, below_p, m, m_neg
 
 
-def quantize_into(w, codes, out, table, w_min, c_neg, c_pos, width_neg, width_pos, n_neg_int, n_levels,
-                  has_neg, has_pos):  # pragma: no cover - compiled
+def quantize_into(
+    w: np.ndarray, codes: np.ndarray, out: np.ndarray, table: np.ndarray, w_min: np.float32,
+    c_neg: np.float32, c_pos: np.float32, width_neg: np.float32, width_pos: np.float32,
+    n_neg_int: int, n_levels: int, has_neg: bool, has_pos: bool,
+) -> None:  # pragma: no cover - compiled
     """Interval codes, interval means into ``table`` and the quantized weights into ``out``.
 
     Codes (uint8 scratch, ``CLIPPED`` when clipped): negatives below ``c_neg``
