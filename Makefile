@@ -22,7 +22,7 @@ test: setup
 bench: setup
 	$(PYTHON) benchmarks/bench_overhead.py
 	$(PYTHON) benchmarks/bench_storage.py
-	$(PYTHON) benchmarks/bench_orchestration.py
+	$(PYTHON) benchmarks/bench_orchestration.py --trials 16 --epochs 1
 
 lint:
 	ruff check clipq_search tests benchmarks run_search.py

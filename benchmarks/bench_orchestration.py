@@ -10,7 +10,7 @@ and 2, and on a local two-node Ray cluster, and reports:
 - queue time (a plan's proposal to its start on a worker) of the first trials,
   which start the Ray workers, and the median of the later ones.
 
-    python benchmarks/bench_orchestration.py [--trials 8] [--out benchmarks/results/orchestration.json]
+    python benchmarks/bench_orchestration.py [--trials 16] [--epochs 1] [--out benchmarks/results/orchestration.json]
 """
 
 from __future__ import annotations
@@ -81,8 +81,8 @@ def measure(results: Path, name: str, trials: int, concurrency: int, address: st
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--trials", type=int, default=8)
-    ap.add_argument("--epochs", type=float, default=0.5, help="trial fine-tune length (epochs)")
+    ap.add_argument("--trials", type=int, default=16)
+    ap.add_argument("--epochs", type=float, default=1.0, help="trial fine-tune length (epochs)")
     ap.add_argument("--no-cluster", action="store_true", help="skip the two-node cluster run")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "orchestration.json"))
     args = ap.parse_args()
