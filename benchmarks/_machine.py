@@ -13,9 +13,12 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
+from pathlib import Path
 from typing import Any
 
-__all__ = ["machine_info", "machine_line"]
+__all__ = ["machine_info", "machine_line", "shown_path"]
+
+_PROJECT = Path(__file__).resolve().parent.parent
 
 
 def _cpu_model() -> str:
@@ -75,3 +78,12 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
 def machine_line(threads: int | None = None) -> str:
     """``machine_info(threads)["line"]``: everything on one line."""
     return str(machine_info(threads)["line"])
+
+
+def shown_path(path: str | os.PathLike[str]) -> str:
+    """A path as results quote it: relative to the project when inside it (no machine paths in results)."""
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(_PROJECT))
+    except ValueError:
+        return str(p)

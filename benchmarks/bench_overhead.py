@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _machine import machine_info  # noqa: E402
+from _machine import machine_info, shown_path  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "benchmark": "overhead",
         "machine": machine,
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": {k: (shown_path(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "models": {},
     }
     print(f"\nclock: {args.clock}")

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _machine import machine_info  # noqa: E402
+from _machine import machine_info, shown_path  # noqa: E402
 from torch import nn  # noqa: E402
 
 from clipq_search import estimate_size, read_compressed, save_compressed  # noqa: E402
@@ -135,7 +135,7 @@ def found_files(runs: Path, tmp: Path) -> list[dict[str, Any]]:
     out = []
     paths = sorted(p for p in runs.rglob("model.clipq") if p.parent.name.startswith("final"))
     for i, path in enumerate(paths):
-        entry: dict[str, Any] = {"case": str(path)}
+        entry: dict[str, Any] = {"case": shown_path(path)}
         try:
             state, sizes = read_compressed(path)
             match = _model_for(state)
