@@ -59,13 +59,14 @@ def kernels() -> SimpleNamespace:
     """The compiled ``window_scan`` and ``quantize_into`` (compiled once, cached on disk by numba)."""
     from numba import njit
 
-    opts = {"nogil": True, "boundscheck": False, "error_model": "numpy"}
+    def compiled(cache: bool) -> SimpleNamespace:
+        jit = njit(cache=cache, nogil=True, boundscheck=False, error_model="numpy")
+        return SimpleNamespace(window_scan=jit(window_scan), quantize_into=jit(quantize_into))
+
     try:
-        jit = njit(cache=True, **opts)
-        return SimpleNamespace(window_scan=jit(window_scan), quantize_into=jit(quantize_into))
+        return compiled(cache=True)
     except RuntimeError:  # no writable place for numba's cache: compile in every process
-        jit = njit(**opts)
-        return SimpleNamespace(window_scan=jit(window_scan), quantize_into=jit(quantize_into))
+        return compiled(cache=False)
 
 
 @functools.cache

@@ -6,7 +6,10 @@ float16 and bfloat16 weights (statistics are computed in float32 and the result
 is cast back to the weight's dtype).
 
 The operator runs before every training step, so it is written for speed
-(``benchmarks/bench_overhead.py``) without giving up exactness:
+(``benchmarks/bench_overhead.py``) without giving up exactness. On CPU it runs
+as compiled kernels (``_fused.py``, numba: one scan for the thresholds, one
+pass pair for codes, sums and levels); the tensor implementation below serves
+CUDA and machines without numba:
 
 - thresholds are exact order statistics, read from a histogram whose bin is a
   monotone function of the value (so counting bins never misplaces an
@@ -298,7 +301,8 @@ _F32_TINY = float(np.finfo(np.float32).smallest_subnormal)
 # Window elements kept by one scan; a window holding more is a miss.
 _WINDOW_CAP = 4096
 # Half-width of a hinted window of the compiled path, in average gaps between
-# sorted weights: every element inside is copied, so narrower than ``_HINT_GAPS``.
+# sorted weights. Every element inside is copied, but a miss costs a whole
+# extra scan: at 16 gaps about 18% of training steps missed, at 64 none.
 _FUSED_HINT_GAPS = 64.0
 
 

@@ -277,7 +277,7 @@ def _make_searcher(
                 ):
                     trial.set_user_attr(key, result[key])
                 # From the plan's proposal to its start on a worker (worker start-up, scheduling).
-                proposed = study._storage.get_trial(trial._trial_id).datetime_start
+                proposed = trial.datetime_start
                 if proposed is not None:
                     queued = max(0.0, result["started_unix"] - proposed.timestamp())
                     trial.set_user_attr("queue_seconds", round(queued, 3))
