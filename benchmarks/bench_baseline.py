@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import platform
 import statistics
 import sys
 import time
@@ -21,23 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import fashion_setup
+from _machine import machine_line
 from torch.nn import functional as F
 
 from clipq_search._io import write_json
-from clipq_search.data import DEFAULT_ROOTS, ArrayDataset, DatasetSpec, load_dataset
-from clipq_search.errors import ClipQError
+from clipq_search.data import DEFAULT_ROOTS, ArrayDataset
 from clipq_search.models import build_model, count_parameters
-from clipq_search.train import DEFAULT_PRETRAIN, available_cpus, configure_threads, evaluate, train
+from clipq_search.train import DEFAULT_PRETRAIN, evaluate, train
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "baseline.json"
-
-
-def machine_line(threads: int) -> str:
-    cpu = platform.processor() or platform.machine()
-    return (
-        f"{platform.platform()}; {cpu}; {os.cpu_count()} CPUs ({available_cpus()} usable); "
-        f"Python {platform.python_version()}; torch {torch.__version__}; {threads} threads"
-    )
 
 
 def step_times(model_name: str, data: ArrayDataset, batch_size: int, threads: list[int], rounds: int = 5,
@@ -72,12 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-scaling", action="store_true", help="do not measure 1-thread vs all-threads steps")
     args = parser.parse_args(argv)
 
-    try:
-        threads = configure_threads(args.threads)
-        splits = load_dataset(DatasetSpec("fashion-mnist", root=args.root))
-    except ClipQError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    threads, _, splits = fashion_setup(args.threads, args.root)
     assert splits.val is not None and isinstance(splits.train, ArrayDataset)
     machine = machine_line(threads)
     print(machine)

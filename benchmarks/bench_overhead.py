@@ -37,18 +37,17 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from _common import fashion_setup  # noqa: E402
 from _machine import machine_info, shown_path  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from clipq_search import attach_clipq  # noqa: E402
 from clipq_search._io import write_json  # noqa: E402
-from clipq_search.data import DEFAULT_ROOTS, DatasetSpec, load_dataset  # noqa: E402
-from clipq_search.errors import ClipQError  # noqa: E402
+from clipq_search.data import DEFAULT_ROOTS  # noqa: E402
 from clipq_search.models import build_model  # noqa: E402
 from clipq_search.ops import clipq_quantize_with_stats  # noqa: E402
 from clipq_search.surgery import attached_configs  # noqa: E402
-from clipq_search.train import configure_threads  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "overhead.json"
 TARGETS = {"lenet300": 1.25, "lenet5": 1.10}
@@ -180,12 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.clock == "cpu" and args.threads != 1:
         parser.error("--clock cpu measures this thread only: use it with --threads 1")
 
-    try:
-        threads = configure_threads(args.threads)
-        splits = load_dataset(DatasetSpec("fashion-mnist", root=args.root))
-    except ClipQError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    threads, _, splits = fashion_setup(args.threads, args.root)
     machine = machine_info(threads)
     print(machine["line"])
     results: dict[str, Any] = {

@@ -40,8 +40,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -55,7 +53,10 @@ from torch.nn.utils import parametrize
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from clipq_search.data import DEFAULT_ROOTS, DatasetSpec, load_dataset  # noqa: E402
+from _common import fashion_setup  # noqa: E402
+from _machine import machine_line  # noqa: E402
+
+from clipq_search.data import DEFAULT_ROOTS, DatasetSpec  # noqa: E402
 from clipq_search.encoding import estimate_size, load_compressed, save_compressed  # noqa: E402
 from clipq_search.errors import ClipQError  # noqa: E402
 from clipq_search.models import build_model  # noqa: E402
@@ -65,11 +66,8 @@ from clipq_search.surgery import _StraightThrough, attach_clipq, strip_clipq  # 
 from clipq_search.train import (  # noqa: E402
     DEFAULT_PRETRAIN,
     TrainConfig,
-    available_cpus,
-    configure_threads,
     evaluate,
     load_state_dict_file,
-    select_device,
     train,
 )
 
@@ -77,14 +75,6 @@ DEFAULT_OUT = ROOT / "benchmarks" / "results" / "two_stage.json"
 SPACES = {"lenet300": "lenet300_fashion.yaml", "lenet5": "lenet5_fashion.yaml"}
 DEFAULT_EPOCHS = {"lenet300": 6.0, "lenet5": 4.0}
 DEFAULT_LEVELS = ("0.8:4", "0.93:3", "0.98:2")
-
-
-def machine_line(threads: int) -> str:
-    cpu = platform.processor() or platform.machine()
-    return (
-        f"{platform.platform()}; {cpu}; {os.cpu_count()} CPUs ({available_cpus()} usable); "
-        f"Python {platform.python_version()}; torch {torch.__version__}; {threads} threads"
-    )
 
 
 def log(msg: str) -> None:
@@ -461,13 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     epochs = parse_epochs(args.epochs, args.models)
 
     started = time.perf_counter()
-    try:
-        threads = configure_threads(args.threads)
-        device = select_device(args.device)
-        splits = load_dataset(DatasetSpec("fashion-mnist", root=args.root))
-    except ClipQError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    threads, device, splits = fashion_setup(args.threads, args.root, args.device)
     machine = machine_line(threads)
     log(machine)
     results: dict[str, Any] = {
