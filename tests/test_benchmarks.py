@@ -1,0 +1,69 @@
+"""The benchmark scripts run as a user runs them, on real Fashion-MNIST, at tiny sizes, and save their JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import FASHION, REPO, needs_fashion
+
+BENCH = REPO / "benchmarks"
+
+
+def _run(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(BENCH / script), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@needs_fashion
+def test_overhead_benchmark_times_both_implementations(tmp_path: Path) -> None:
+    out = tmp_path / "overhead.json"
+    r = _run("bench_overhead.py", "--models", "lenet300", "--steps", "3", "--warmup", "1", "--op-reps", "2",
+             "--root", str(FASHION), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    entry = data["models"]["lenet300"]
+    assert entry["kernels"] == "numba" and entry["other_kernels"]["torch"]["kernels"] == "torch"
+    for e in (entry, entry["other_kernels"]["torch"]):
+        assert e["plain_ms"] > 0 and e["clipq_ms"] > 0 and e["ratio_median_of_pairs"] > 0
+        assert [row["layer"] for row in e["operator"]] == ["fc1", "fc2", "fc3"]
+    assert data["settings"]["out"] == str(out)  # outside the project: quoted as given
+    assert "lenet300" in r.stdout and "wrote" in r.stdout
+
+
+def test_benchmark_with_missing_data_says_so_in_one_line(tmp_path: Path) -> None:
+    out = tmp_path / "overhead.json"
+    r = _run("bench_overhead.py", "--models", "lenet300", "--root", str(tmp_path / "nowhere"), "--out", str(out))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: fashion-mnist data folder") and "apt-get" in lines[0]
+    assert not out.exists()
+
+
+def test_storage_benchmark_finds_estimate_equal_to_file_bytes(tmp_path: Path) -> None:
+    out = tmp_path / "storage.json"
+    r = _run("bench_storage.py", "--models", "lenet300", "--plans", "0.9:4", "--runs", str(tmp_path), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert data["mismatches"] == []
+    (case,) = data["plans"]
+    assert case["estimate_total"] == case["file_total"] > 0 and case["diff_total"] == 0
+
+
+@pytest.mark.slow
+@needs_fashion
+def test_orchestration_benchmark_reports_overhead_and_queue_times(tmp_path: Path) -> None:
+    out = tmp_path / "orchestration.json"
+    r = _run("bench_orchestration.py", "--trials", "2", "--epochs", "0.05", "--no-cluster", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    rows = {row["name"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"c1", "c2"}
+    for c, row in rows.items():
+        assert row["complete"] == 2 and row["concurrency"] == int(c[1])
+        assert row["overhead_trial_phase"] >= 1.0 - 1e-6 and row["trials_per_hour"] > 0
+        assert len(row["queue_seconds_first_trials"]) == row["concurrency"]
