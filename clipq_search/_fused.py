@@ -34,12 +34,22 @@ __all__ = ["AVAILABLE", "CLIPPED", "enabled", "kernels"]
 # numba is a dependency, but the operator keeps working without it. It is
 # imported on first use, not with the package: the command line stays quick.
 AVAILABLE = importlib.util.find_spec("numba") is not None
-# Code of a clipped weight; its sums go to one of 16 dummy slots after the
-# real ones, chosen by position, so that runs of clipped weights (most of a
-# tensor at high p) do not wait on each other's additions.
+# Codes of clipped weights (see ``quantize_into``): 128.. when the levels
+# (at most 127 below 8 bits) leave room, else 255 with spare sum slots.
 CLIPPED = 255
-_DUMMY_MASK = 15
-_SLOTS = 256 + _DUMMY_MASK + 1
+_SPREAD_BASE = 128
+_SPREAD = 16
+_SLOTS = 256 + _SPREAD
+
+# ``clipq_cpu``'s parameters and results (float64 arrays: one argument each,
+# since numba's dispatch costs about a microsecond per argument).
+P_P, P_LEVELS, P_HINT_NEG, P_HINT_POS, P_MIN, P_MAX, P_GAPS, P_ROUNDS, P_GIVEN_NEG, P_GIVEN_POS = range(10)
+(R_STATUS, R_NEG, R_ZERO, R_POS, R_RANK_NEG, R_RANK_POS, R_C_NEG, R_C_POS, R_MIN, R_MAX, R_N_NEG_INT,
+ R_FOUND_NEG, R_FOUND_POS, R_SCANS) = range(14)
+RESULT_SIZE = 16
+DONE, MISSED, NOT_FINITE, NOTHING_KEPT = range(4)
+_F32_TINY = float(np.finfo(np.float32).smallest_subnormal)
+_window_scan = _quantize_into = _key32 = _unkey32 = None  # compiled, set by ``kernels()``
 
 
 def enabled() -> bool:
@@ -61,7 +71,11 @@ def kernels() -> SimpleNamespace:
 
     def compiled(cache: bool) -> SimpleNamespace:
         jit = njit(cache=cache, nogil=True, boundscheck=False, error_model="numpy")
-        return SimpleNamespace(window_scan=jit(window_scan), quantize_into=jit(quantize_into))
+        # ``clipq_cpu`` calls the others through these module globals.
+        global _window_scan, _quantize_into, _key32, _unkey32
+        _key32, _unkey32 = jit(f32_key), jit(f32_unkey)
+        _window_scan, _quantize_into = jit(window_scan), jit(quantize_into)
+        return SimpleNamespace(window_scan=_window_scan, quantize_into=_quantize_into, clipq_cpu=jit(clipq_cpu))
 
     try:
         return compiled(cache=True)
@@ -71,13 +85,12 @@ def kernels() -> SimpleNamespace:
 
 @functools.cache
 def _ready() -> bool:
-    f32 = np.float32
     w = np.array([-2.0, -1.0, 0.0, 1.0, 2.0], np.float32)
     try:
         k = kernels()
-        k.window_scan(w, f32(-1.5), f32(-0.5), f32(0.5), f32(1.5), np.empty(8, np.float32), np.empty(5, np.bool_))
-        k.quantize_into(w, np.empty(5, np.uint8), np.empty(5, np.float32), np.empty(256, np.float32), f32(-2.0),
-                        f32(-1.0), f32(1.0), f32(1.0), f32(1.0), 1, 3, True, True)
+        params = np.array([0.5, 3, -1.0, 1.0, -2.0, 2.0, 64.0, 4, np.nan, np.nan])
+        k.clipq_cpu(w, np.empty(5, np.float32), np.empty(5, np.uint8), np.empty(5, np.uint8), np.empty(8, np.float32),
+                    np.empty(256, np.float32), params, np.empty(RESULT_SIZE))
     except Exception as exc:  # noqa: BLE001 - any failure: the tensor implementation still works
         warnings.warn(
             f"clipq_search: the compiled CLIP-Q kernels are unavailable ({type(exc).__name__}: {exc}); "
@@ -89,40 +102,60 @@ def _ready() -> bool:
     return True
 
 
-def window_scan(
-    w: np.ndarray, lo_n: np.float32, hi_n: np.float32, lo_p: np.float32, hi_p: np.float32,
-    buf: np.ndarray, mask: np.ndarray,
-) -> tuple[int, int, int, int, int, int]:  # pragma: no cover - compiled
-    """Counts (negatives, non-positives, below lo_n, below lo_p) and the window elements.
+def key(x: float) -> int:
+    """Order key of ``x`` rounded to float32: an int32 that sorts as the floats do (-0.0 just below +0.0)."""
+    bits = int(np.array(x, np.float32).view(np.int32))
+    return bits ^ 0x7FFFFFFF if bits < 0 else bits
 
-    ``w`` is float32; the windows are [lo_n, hi_n] (hi_n < 0) and [lo_p, hi_p]
-    (lo_p > 0), float32 bounds, an empty window when lo > hi. The elements
-    inside either window are copied to ``buf`` and sorted when they fit; the
-    last two values returned are how many there were (more than ``buf`` holds:
-    not copied) and how many of them are negative. ``mask`` is bool scratch
-    of ``w``'s length.
+
+def unkey(k: int) -> float:
+    """The float32 value (as a Python float) whose order key is ``k``."""
+    bits = k ^ 0x7FFFFFFF if k < 0 else k
+    return float(np.array(bits, np.int32).view(np.float32))
+
+
+def window_scan(
+    w: np.ndarray, klo_n: np.int32, khi_n: np.int32, klo_p: np.int32, khi_p: np.int32,
+    buf: np.ndarray, mask: np.ndarray,
+) -> tuple[int, int, int, int, int, int, int, int]:  # pragma: no cover - compiled
+    """Counts, extremes and window elements of float32 ``w`` in one vectorised pass.
+
+    Works on order keys (``key``: the float32 bits as int32, negatives
+    reflected), so every comparison and the minimum and maximum are int32
+    operations. The windows are [klo_n, khi_n] and [klo_p, khi_p] in keys
+    (empty when lo > hi). Returns the counts of negatives, of non-positives,
+    of keys below ``klo_n`` and below ``klo_p``, the smallest and largest key,
+    how many elements lie inside either window and how many of those are
+    negative. The window elements are copied to ``buf`` and sorted when they
+    fit (``m <= len(buf)``). ``mask`` is uint8 scratch of ``w``'s length.
     """
-    n = w.shape[0]
+    b = w.view(np.int32)
+    n = b.shape[0]
     cap = buf.shape[0]
-    zero = np.float32(0.0)
-    neg = 0
-    nonpos = 0
-    below_n = 0
-    below_p = 0
-    for i in range(n):  # branch-free: vectorised
-        x = w[i]
-        neg += x < zero
-        nonpos += x <= zero
-        below_n += x < lo_n
-        below_p += x < lo_p
-        mask[i] = ((x >= lo_n) & (x <= hi_n)) | ((x >= lo_p) & (x <= hi_p))
-    # The window holds a few dozen elements: find them eight mask bytes at a time.
+    i32 = np.int32
+    zero, one, minus_one = i32(0), i32(1), i32(-1)
+    sign, reflect = i32(31), i32(0x7FFFFFFF)
+    kmin, kmax = i32(0x7FFFFFFF), i32(-0x80000000)
+    neg = nonpos = below_n = below_p = zero
+    # int32 everywhere (numba widens int arithmetic to int64, which halves the
+    # vector width), so that LLVM vectorises the loop.
+    for i in range(n):
+        k = b[i]
+        k = i32(k ^ i32(i32(k >> sign) & reflect))
+        kmin = k if k < kmin else kmin
+        kmax = k if k > kmax else kmax
+        neg = i32(neg + (one if k < minus_one else zero))  # key(-0.0) is -1
+        nonpos = i32(nonpos + (one if k <= zero else zero))
+        below_n = i32(below_n + (one if k < klo_n else zero))
+        below_p = i32(below_p + (one if k < klo_p else zero))
+        mask[i] = np.uint8(((k >= klo_n) & (k <= khi_n)) | ((k >= klo_p) & (k <= khi_p)))
+    # The windows hold a few dozen elements: find them eight mask bytes at a time.
     whole = n - n % 8
     words = mask[:whole].view(np.uint64)
     m = 0
-    for k in range(words.shape[0]):
-        if words[k]:
-            for i in range(8 * k, 8 * k + 8):
+    for q in range(words.shape[0]):
+        if words[q]:
+            for i in range(8 * q, 8 * q + 8):
                 if mask[i]:
                     if m < cap:
                         buf[m] = w[i]
@@ -135,9 +168,9 @@ def window_scan(
     m_neg = 0
     if m <= cap:
         buf[:m].sort()
-        while m_neg < m and buf[m_neg] < zero:
+        while m_neg < m and buf[m_neg] < np.float32(0.0):
             m_neg += 1
-    return neg, nonpos, below_n, below_p, m, m_neg
+    return neg, nonpos, below_n, below_p, kmin, kmax, m, m_neg
 
 
 def quantize_into(
@@ -147,35 +180,189 @@ def quantize_into(
 ) -> None:  # pragma: no cover - compiled
     """Interval codes, interval means into ``table`` and the quantized weights into ``out``.
 
-    Codes (uint8 scratch, ``CLIPPED`` when clipped): negatives below ``c_neg``
-    get ``clamp((w - w_min) / width_neg, 0, n_neg_int - 1)`` truncated,
-    positives above ``c_pos`` get ``n_neg_int + clamp(floor((w - c_pos) /
-    width_pos), 0, n_pos_int - 1)``, float32 throughout as in the definition.
-    Each level is the float32 sum of its interval, added in element order (as
-    ``index_add_`` does), over the count; NaN for an empty interval.
-    ``table`` has 256 float32 entries; ``table[CLIPPED]`` is 0.
+    Codes (uint8 scratch): negatives below ``c_neg`` get ``clamp((w - w_min) /
+    width_neg, 0, n_neg_int - 1)`` truncated, positives above ``c_pos`` get
+    ``n_neg_int + clamp((w - c_pos) / width_pos, 0, n_pos_int - 1)`` truncated,
+    float32 throughout as in the definition (one division per weight, the
+    side picked by a select). Each level is the float32 sum of its interval,
+    added in element order (as ``index_add_`` does), over the count; NaN for
+    an empty interval. ``table`` has 256 float32 entries, zero from
+    ``n_levels`` on.
+
+    A clipped weight gets a code whose level is zero: one of ``_SPREAD``
+    codes from 128 on (picked by its low mantissa bits) when the levels leave
+    room, else ``CLIPPED``; its sum then goes to one of ``_SPREAD`` spare
+    slots. Most weights are usually clipped, and additions into one slot in
+    a row would wait on each other.
     """
     n = w.shape[0]
-    zero = np.float32(0.0)
-    top_n = np.float32(max(n_neg_int - 1, 0))
-    top_p = np.float32(max(n_levels - n_neg_int - 1, 0))
-    base = np.float32(n_neg_int)
-    clipped = np.float32(CLIPPED)
+    b = w.view(np.int32)
+    f32, i32 = np.float32, np.int32
+    zero = f32(0.0)
+    top_n = f32(max(n_neg_int - 1, 0))
+    top_p = f32(max(n_levels - n_neg_int - 1, 0))
+    base_p = i32(n_neg_int)
+    roomy = n_levels < _SPREAD_BASE
+    clipped = i32(_SPREAD_BASE) if roomy else i32(CLIPPED)
+    spread = i32(_SPREAD - 1) if roomy else i32(0)
+    lim_n = c_neg if has_neg else f32(-np.inf)
+    lim_p = c_pos if has_pos else f32(np.inf)
+    for i in range(n):  # vectorised
+        x = w[i]
+        pos = x > zero
+        start = c_pos if pos else w_min
+        width = width_pos if pos else width_neg
+        top = top_p if pos else top_n
+        base = base_p if pos else i32(0)
+        # clamp, then truncate: the floor of the clamped value, as the definition has it
+        code = i32(i32(min(max(f32(f32(x - start) / width), zero), top)) + base)
+        kept = (x < lim_n) | (x > lim_p)
+        codes[i] = np.uint8(code if kept else i32(clipped + i32(b[i] & spread)))
     sums = np.zeros(_SLOTS, np.float32)
     counts = np.zeros(_SLOTS, np.int64)
-    for i in range(n):  # branch-free: vectorised
-        x = w[i]
-        tn = min(max((x - w_min) / width_neg, zero), top_n)
-        tp = min(max(np.floor((x - c_pos) / width_pos), zero), top_p) + base
-        r = tn if (has_neg & (x < c_neg)) else clipped
-        r = tp if (has_pos & (x > c_pos)) else r
-        codes[i] = np.uint8(r)
-    for i in range(n):  # serial: each sum in element order
-        c = np.int64(codes[i])
-        j = c if c != CLIPPED else 256 + (i & _DUMMY_MASK)
-        sums[j] += w[i]
-        counts[j] += 1
+    if roomy:
+        for i in range(n):  # serial: each sum in element order
+            j = codes[i]
+            sums[j] += w[i]
+            counts[j] += 1
+    else:
+        for i in range(n):
+            c = i32(codes[i])
+            j = c + (i32(1) + i32(b[i] & i32(_SPREAD - 1)) if c == CLIPPED else i32(0))
+            sums[j] += w[i]
+            counts[j] += 1
     for j in range(256):
-        table[j] = sums[j] / np.float32(counts[j]) if j < n_levels else zero
+        table[j] = sums[j] / f32(counts[j]) if j < n_levels else zero
     for i in range(n):
         out[i] = table[codes[i]]
+
+
+def f32_key(x: float, scratch: np.ndarray) -> np.int32:  # pragma: no cover - compiled
+    scratch[0] = np.float32(x)
+    k = scratch.view(np.int32)[0]
+    return np.int32(k ^ 0x7FFFFFFF) if k < 0 else k
+
+
+def f32_unkey(k: np.int32, scratch: np.ndarray) -> float:  # pragma: no cover - compiled
+    ints = scratch.view(np.int32)
+    ints[0] = np.int32(k ^ 0x7FFFFFFF) if k < 0 else k
+    return float(scratch[0])
+
+
+def clipq_cpu(
+    w: np.ndarray, out: np.ndarray, codes: np.ndarray, mask: np.ndarray, buf: np.ndarray, table: np.ndarray,
+    params: np.ndarray, result: np.ndarray,
+) -> None:  # pragma: no cover - compiled
+    """The whole operator on float32 ``w`` in one call: thresholds, partition, codes, levels, ``out``.
+
+    ``params`` (``P_*``): p, the number of levels, the hinted thresholds and
+    extremes (NaN: none), the window half-width in average gaps, the most
+    scans, and thresholds already known (NaN: search). The thresholds are
+    searched in windows around the hinted ones (``window_scan``); a miss
+    widens the window toward the rank by the element density just seen.
+    ``result`` (``R_*``) gets the status (``DONE``; ``MISSED``: a threshold
+    was not found within the scans, the caller selects it and calls again
+    with it given; ``NOT_FINITE``: a NaN or infinity; ``NOTHING_KEPT``: every
+    weight clipped), the counts per sign, ranks, thresholds, extremes, the
+    number of negative intervals and of scans; once the thresholds are known
+    they and the extremes become ``params``' hint for the next call. ``table`` (256 float32) gets
+    the levels, ``out`` the quantized weights when done. ``codes`` and
+    ``mask`` are uint8 scratch of ``w``'s length, ``buf`` float32 scratch
+    for window elements.
+    """
+    n = w.shape[0]
+    scratch = np.empty(1, np.float32)
+    p, n_levels = params[P_P], int(params[P_LEVELS])
+    h_neg, h_pos = params[P_HINT_NEG], params[P_HINT_POS]
+    span = params[P_MAX] - params[P_MIN]
+    half = (span if span > 0.0 else 1e-30) * params[P_GAPS] / n
+    tiny = _F32_TINY
+    inf = np.inf
+    none_lo, none_hi = np.int32(0x7FFFFFFF), np.int32(-0x80000000)  # lo > hi: an empty window
+    # windows: float32-rounded bounds, each on its own side of zero
+    use_n, use_p = h_neg < 0.0, h_pos > 0.0  # False for NaN
+    lo_n, hi_n = max(h_neg - half, -inf), min(h_neg + half, -tiny)
+    lo_p, hi_p = max(h_pos - half, tiny), min(h_pos + half, inf)
+    found_n, found_p = False, False
+    c_neg = c_pos = 0.0
+    rank_neg = rank_pos = 0
+    negatives = zeros = positives = 0
+    w_min = w_max = 0.0
+    scans = 0
+    for scan in range(int(params[P_ROUNDS])):
+        want_n, want_p = use_n and not found_n, use_p and not found_p
+        kn0 = _key32(lo_n, scratch) if want_n else none_lo
+        kn1 = _key32(hi_n, scratch) if want_n else none_hi
+        kp0 = _key32(lo_p, scratch) if want_p else none_lo
+        kp1 = _key32(hi_p, scratch) if want_p else none_hi
+        neg, nonpos, below_n, below_p, kmin, kmax, m, m_neg = _window_scan(w, kn0, kn1, kp0, kp1, buf, mask)
+        scans += 1
+        if scan == 0:
+            w_min, w_max = _unkey32(kmin, scratch), _unkey32(kmax, scratch)
+            if not (np.isfinite(w_min) and np.isfinite(w_max)):
+                result[R_STATUS] = NOT_FINITE
+                return
+            negatives, zeros, positives = neg, nonpos - neg, n - nonpos
+            k_neg = min(negatives, round(p * negatives))
+            k_pos = min(positives, round(p * positives))
+            rank_neg = negatives - k_neg + 1 if k_neg > 0 else 0
+            rank_pos = negatives + zeros + k_pos if k_pos > 0 else 0
+            found_n, found_p = rank_neg == 0, rank_pos == 0
+            if not found_n and not np.isnan(params[P_GIVEN_NEG]):
+                c_neg, found_n = params[P_GIVEN_NEG], True
+            if not found_p and not np.isnan(params[P_GIVEN_POS]):
+                c_pos, found_p = params[P_GIVEN_POS], True
+        if m > buf.shape[0]:
+            break
+        if want_n and not found_n:
+            if below_n < rank_neg <= below_n + m_neg:
+                c_neg, found_n = float(buf[rank_neg - below_n - 1]), True
+            else:  # miss: widen toward the rank by twice the expected distance
+                gap = (hi_n - lo_n) / max(m_neg, 1)
+                if rank_neg <= below_n:
+                    lo_n -= 2.0 * (below_n - rank_neg + 1) * gap + (hi_n - lo_n)
+                else:
+                    hi_n = min(hi_n + 2.0 * (rank_neg - below_n - m_neg) * gap + (hi_n - lo_n), -tiny)
+        if want_p and not found_p:
+            k = m - m_neg
+            if below_p < rank_pos <= below_p + k:
+                c_pos, found_p = float(buf[m_neg + rank_pos - below_p - 1]), True
+            else:
+                gap = (hi_p - lo_p) / max(k, 1)
+                if rank_pos <= below_p:
+                    lo_p = max(lo_p - 2.0 * (below_p - rank_pos + 1) * gap - (hi_p - lo_p), tiny)
+                else:
+                    hi_p += 2.0 * (rank_pos - below_p - k) * gap + (hi_p - lo_p)
+        if (found_n or not use_n) and (found_p or not use_p):
+            break
+    result[R_NEG], result[R_ZERO], result[R_POS] = negatives, zeros, positives
+    result[R_RANK_NEG], result[R_RANK_POS] = rank_neg, rank_pos
+    result[R_C_NEG], result[R_C_POS] = c_neg, c_pos
+    result[R_MIN], result[R_MAX] = w_min, w_max
+    result[R_FOUND_NEG], result[R_FOUND_POS], result[R_SCANS] = found_n, found_p, scans
+    if not (found_n and found_p):
+        result[R_STATUS] = MISSED
+        return
+    # Partition, as in ``ops.clipq_quantize_with_stats`` (same float64 arithmetic).
+    k_neg = min(negatives, round(p * negatives))
+    k_pos = min(positives, round(p * positives))
+    has_neg = negatives > k_neg and (rank_neg == 0 or w_min < c_neg)
+    has_pos = positives > k_pos and (rank_pos == 0 or w_max > c_pos)
+    # what the next call on the slightly changed tensor starts from
+    params[P_HINT_NEG], params[P_HINT_POS], params[P_MIN], params[P_MAX] = c_neg, c_pos, w_min, w_max
+    if not (has_neg or has_pos):
+        result[R_STATUS] = NOTHING_KEPT
+        return
+    span_neg = (c_neg - w_min) if has_neg else 0.0
+    span_pos = (w_max - c_pos) if has_pos else 0.0
+    if has_neg and has_pos:
+        n_neg_int = min(max(round(n_levels * span_neg / (span_neg + span_pos)), 1), n_levels - 1)
+    else:
+        n_neg_int = n_levels if has_neg else 0
+    width_neg = span_neg / n_neg_int if has_neg else 1.0
+    width_pos = span_pos / (n_levels - n_neg_int) if has_pos else 1.0
+    f32 = np.float32
+    _quantize_into(w, codes, out, table, f32(w_min), f32(c_neg), f32(c_pos), f32(width_neg), f32(width_pos),
+                   n_neg_int, n_levels, has_neg, has_pos)
+    result[R_N_NEG_INT] = n_neg_int
+    result[R_STATUS] = DONE

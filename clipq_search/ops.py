@@ -84,7 +84,8 @@ class ClipQStats:
     ``levels`` has ``2**bits - 1`` entries (negative intervals first, ascending);
     an empty interval's level is NaN. ``rank_neg`` / ``rank_pos`` are the
     1-based ranks of the thresholds in the ascending flattened tensor (0 when
-    that sign clips nothing); they let the next call find the thresholds fast.
+    that sign clips nothing). ``w_min`` / ``w_max`` are the tensor's extremes.
+    ``hint`` lets the next call find the thresholds fast.
     """
 
     c_neg: float
@@ -93,6 +94,13 @@ class ClipQStats:
     levels: torch.Tensor
     rank_neg: int
     rank_pos: int
+    w_min: float = math.nan
+    w_max: float = math.nan
+
+    @property
+    def hint(self) -> tuple[float, float, float, float]:
+        """What the next call on the slightly changed tensor takes as ``hint``."""
+        return (self.c_neg, self.c_pos, self.w_min, self.w_max)
 
 
 def _clip_count(p: float, n: int) -> int:
@@ -306,90 +314,82 @@ _WINDOW_CAP = 4096
 _FUSED_HINT_GAPS = 64.0
 
 
-def _side_window(lo: float, hi: float, lo_lim: float, hi_lim: float) -> tuple[float, float]:
-    """float32 bounds of [lo, hi] within [lo_lim, hi_lim]."""
-    return float(np.float32(max(lo, lo_lim))), float(np.float32(min(hi, hi_lim)))
+class CompiledOperator:
+    """The compiled CPU operator (``_fused.clipq_cpu``) for one (size, p, bits), reusable step after step.
 
-
-def _select_fused(
-    w: torch.Tensor, p: float, hint: tuple[float, float] | None, w_min: float, w_max: float
-) -> tuple[int, int, int, int, int, float, float]:
-    """Counts per sign, ranks and exact thresholds from compiled scans around the hinted thresholds.
-
-    A scan counts the elements below each window and copies those inside it;
-    a threshold whose rank falls inside its window is read off the sorted
-    window. On a miss (the threshold moved further than the window) the
-    window grows toward the rank, by the element density just seen, for
-    another scan; without a usable hint, or after ``_MAX_ROUNDS`` scans, a
-    side falls back to ``kthvalue``.
+    Holds the kernel's parameters, result and scratch arrays, so that a
+    training step runs one compiled call and a few lines of Python per layer
+    (``ClipQWeight`` keeps one per layer: a training step is the part of the
+    program that must be fast, and there the interpreter runs cold, so every
+    line costs). After each call the thresholds and extremes it found are
+    the hint of the next one.
     """
-    n = w.numel()
-    w_np = w.numpy()
-    tiny = _F32_TINY
-    half = max(w_max - w_min, 1e-30) * _FUSED_HINT_GAPS / n
-    h_neg, h_pos = hint if hint is not None else (math.nan, math.nan)
-    limits = {-1: (w_min, -tiny), 1: (tiny, w_max)}
-    windows: dict[int, tuple[float, float]] = {}
-    if math.isfinite(h_neg) and w_min <= h_neg < 0:
-        windows[-1] = _side_window(h_neg - half, h_neg + half, *limits[-1])
-    if math.isfinite(h_pos) and 0 < h_pos <= w_max:
-        windows[1] = _side_window(h_pos - half, h_pos + half, *limits[1])
-    buf = np.empty(_WINDOW_CAP, np.float32)
-    mask = np.empty(n, np.bool_)
-    counts: tuple[int, int, int] | None = None
-    ranks = {-1: 0, 1: 0}
-    found: dict[int, float] = {}
-    for _ in range(_MAX_ROUNDS):
-        lo_n, hi_n = windows.get(-1, (-math.inf, -math.inf))  # empty window: nothing in or below it
-        lo_p, hi_p = windows.get(1, (math.inf, math.inf))
-        neg, nonpos, below_n, below_p, m, m_neg = _fused.kernels().window_scan(
-            w_np, np.float32(lo_n), np.float32(hi_n), np.float32(lo_p), np.float32(hi_p), buf, mask
+
+    __slots__ = ("n", "n_levels", "params", "result", "table", "buf", "codes", "mask", "kernel")
+
+    def __init__(self, n: int, p: float, bits: int, *, scratch: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        validate_p_bits(p, bits)
+        f = _fused
+        nan = math.nan
+        self.n, self.n_levels = n, 2**bits - 1
+        self.params = np.array([p, self.n_levels, nan, nan, nan, nan, _FUSED_HINT_GAPS, _MAX_ROUNDS, nan, nan])
+        self.result = np.zeros(f.RESULT_SIZE)
+        self.table = np.empty(256, np.float32)
+        self.buf = np.empty(_WINDOW_CAP, np.float32)
+        self.codes, self.mask = scratch if scratch is not None else (np.empty(n, np.uint8), np.empty(n, np.uint8))
+        self.kernel = f.kernels().clipq_cpu
+
+    def set_hint(self, hint: tuple[float, ...] | None, w: torch.Tensor) -> None:
+        """Use ``hint`` (see ``clipq_quantize_with_stats``) for the next call on ``w``."""
+        f, nan = _fused, math.nan
+        if hint is None:
+            hint = (nan, nan, nan, nan)
+        elif len(hint) < 4:
+            hint = (hint[0], hint[1], *(float(v) for v in torch.aminmax(w)))
+        self.params[f.P_HINT_NEG:f.P_MAX + 1] = hint[:4]
+
+    def run(self, w: torch.Tensor, out: torch.Tensor) -> float:
+        """Quantize flat contiguous float32 CPU ``w`` into ``out`` (same); return the status (``_fused.DONE``...).
+
+        ``NOTHING_KEPT``: ``out`` is untouched, the result is all zeros;
+        ``NOT_FINITE``: ``w`` holds a NaN or an infinity, nothing was computed.
+        A threshold that the hinted windows miss within ``_MAX_ROUNDS`` scans
+        is selected with ``kthvalue`` and given to a second call.
+        """
+        f = _fused
+        w_np, out_np, params, result = w.numpy(), out.numpy(), self.params, self.result
+        self.kernel(w_np, out_np, self.codes, self.mask, self.buf, self.table, params, result)
+        if result[f.R_STATUS] == f.MISSED:
+            sides = ((f.R_FOUND_NEG, f.R_RANK_NEG, f.R_C_NEG, f.P_GIVEN_NEG),
+                     (f.R_FOUND_POS, f.R_RANK_POS, f.R_C_POS, f.P_GIVEN_POS))
+            for found, rank, value, given in sides:
+                params[given] = result[value] if result[found] else float(torch.kthvalue(w, int(result[rank])).values)
+            rounds, params[f.P_ROUNDS] = params[f.P_ROUNDS], 1
+            try:
+                self.kernel(w_np, out_np, self.codes, self.mask, self.buf, self.table, params, result)
+            finally:
+                params[f.P_ROUNDS], params[f.P_GIVEN_NEG], params[f.P_GIVEN_POS] = rounds, math.nan, math.nan
+        return result[f.R_STATUS]
+
+    def stats(self) -> ClipQStats:
+        """The statistics of the latest call (after ``DONE`` or ``NOTHING_KEPT``)."""
+        f, r = _fused, self.result
+        done = r[f.R_STATUS] == f.DONE
+        levels = torch.from_numpy(self.table[: self.n_levels].copy()) if done else torch.full((self.n_levels,), math.nan)
+        return ClipQStats(
+            float(r[f.R_C_NEG]), float(r[f.R_C_POS]), int(r[f.R_N_NEG_INT]) if done else 0, levels,
+            int(r[f.R_RANK_NEG]), int(r[f.R_RANK_POS]), float(r[f.R_MIN]), float(r[f.R_MAX]),
         )
-        if counts is None:
-            counts = (int(neg), int(nonpos - neg), n - int(nonpos))
-            ranks[-1], ranks[1] = _ranks(p, *counts)
-            found = {side: 0.0 for side in (-1, 1) if ranks[side] == 0}
-        if m > _WINDOW_CAP:
-            break
-        for side, below, vals in ((-1, int(below_n), buf[:m_neg]), (1, int(below_p), buf[m_neg:m])):
-            if side in found or side not in windows:
-                continue
-            rank, k = ranks[side], vals.shape[0]
-            if below < rank <= below + k:
-                found[side] = float(vals[rank - below - 1])
-                continue
-            # Miss: widen toward the rank by twice the expected distance.
-            lo, hi = windows[side]
-            gap = (hi - lo) / max(k, 1)
-            if rank <= below:
-                lo -= 2.0 * (below - rank + 1) * gap + (hi - lo)
-            else:
-                hi += 2.0 * (rank - below - k) * gap + (hi - lo)
-            windows[side] = _side_window(lo, hi, *limits[side])
-        if len(found) == 2 or not windows.keys() - found.keys():
-            break
-    assert counts is not None
-    for side in (-1, 1):
-        if side not in found:
-            found[side] = float(torch.kthvalue(w, ranks[side]).values)
-    return (*counts, ranks[-1], ranks[1], found[-1], found[1])
 
 
-def _quantize_fused(
-    w: torch.Tensor, w_min: float, c_neg: float, c_pos: float, n_neg_int: int, n_levels: int,
-    width_neg: float | None, width_pos: float | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The quantized float32 vector and the levels, from one compiled call."""
-    f32 = np.float32
-    w_np = w.numpy()
-    out = torch.empty(w_np.shape[0])
-    table = np.empty(256, np.float32)
-    _fused.kernels().quantize_into(
-        w_np, np.empty(w_np.shape[0], np.uint8), out.numpy(), table, f32(w_min), f32(c_neg), f32(c_pos),
-        f32(width_neg if width_neg is not None else 1.0), f32(width_pos if width_pos is not None else 1.0),
-        n_neg_int, n_levels, width_neg is not None, width_pos is not None,
-    )
-    return out, torch.from_numpy(table[:n_levels])
+def _byte_scratch(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two uint8 scratch arrays of ``n`` bytes, kept per thread for the largest size seen."""
+    have = getattr(_local, "bytes", None)
+    if have is None or have.shape[1] < n:
+        have = np.empty((2, n), np.uint8)
+        if n <= _SCRATCH_MAX:
+            _local.bytes = have
+    return have[0, :n], have[1, :n]
 
 
 # --------------------------------------------------------------------------- operator
@@ -428,12 +428,19 @@ def clipq_quantize_with_stats(
     p: float,
     bits: int,
     *,
-    hint: tuple[float, float] | None = None,
+    hint: tuple[float, ...] | None = None,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ClipQStats]:
     """Prune-quantize ``weight`` (any shape) and return it with the chosen statistics.
 
-    ``hint`` is ``(c_neg, c_pos)`` from a previous call on slowly changing
-    weights; it only speeds up the threshold search, the result is exact.
+    ``hint`` is ``(c_neg, c_pos)`` or ``(c_neg, c_pos, w_min, w_max)`` from a
+    previous call on slowly changing weights (``ClipQStats.hint``); it only
+    speeds up the threshold search, the result is exact. ``out`` is a tensor
+    that the result may be written into and returned as (used when it is a
+    contiguous float32 CPU tensor of the weight's shape and the weight is
+    float32); its contents are overwritten. Training reuses the previous
+    step's result this way: a fresh megabyte-sized tensor each step costs
+    the operating system's page handling.
     """
     validate_p_bits(p, bits)
     out_dtype = weight.dtype
@@ -444,23 +451,33 @@ def clipq_quantize_with_stats(
         return torch.zeros_like(weight), ClipQStats(0.0, 0.0, 0, levels, 0, 0)
 
     w = weight.detach().reshape(-1)
-    fused = w.device.type == "cpu" and _fused.enabled()
-    if fused:
-        w = w.to(torch.float32).contiguous()
-    elif w.dtype == torch.float32:
+    if w.device.type == "cpu" and _fused.enabled():
+        reuse = (
+            out is not None and out.device.type == "cpu" and out.dtype == torch.float32 == out_dtype
+            and out.shape == weight.shape and out.is_contiguous()
+        )
+        w32 = w.to(torch.float32).contiguous()
+        op = CompiledOperator(n, p, bits, scratch=_byte_scratch(n))
+        op.set_hint(hint, w32)
+        flat = out.view(-1) if reuse else torch.empty(n)
+        status = op.run(w32, flat)
+        if status != _fused.NOT_FINITE:  # else a NaN or an infinity: the tensor implementation decides
+            if status == _fused.DONE:
+                result = flat.view(weight.shape).to(out_dtype)
+            else:
+                result = torch.zeros_like(weight)
+            return result, op.stats()
+    if w.dtype == torch.float32:
         a, b, c, lanes = _scratch(n, w.device, 4)
     else:
         a, b, c, lanes, w32 = _scratch(n, w.device, 5)
         w = w32.copy_(w)
     w_min, w_max = (float(v) for v in torch.aminmax(w))
-    if fused:
-        selected = _select_fused(w, p, hint, w_min, w_max)
-    elif n <= _DIRECT_SELECT_MAX:
-        _lanes(w, lanes)
+    _lanes(w, lanes)
+    if n <= _DIRECT_SELECT_MAX:
         selected = _select_direct(w, p)
     else:
-        _lanes(w, lanes)
-        selected = _select_hist(w, p, hint, w_min, w_max, lanes, a, b)
+        selected = _select_hist(w, p, hint[:2] if hint is not None else None, w_min, w_max, lanes, a, b)
     n_negative, n_zero, n_positive, rank_neg, rank_pos, c_neg, c_pos = selected
     k_neg = _clip_count(p, n_negative)
     k_pos = _clip_count(p, n_positive)
@@ -472,7 +489,7 @@ def clipq_quantize_with_stats(
 
     if not (has_neg or has_pos):
         levels = torch.full((n_levels,), float("nan"), device=w.device)
-        stats = ClipQStats(c_neg, c_pos, 0, levels, rank_neg, rank_pos)
+        stats = ClipQStats(c_neg, c_pos, 0, levels, rank_neg, rank_pos, w_min, w_max)
         return torch.zeros_like(weight), stats
 
     span_neg = (c_neg - w_min) if has_neg else 0.0
@@ -483,15 +500,6 @@ def clipq_quantize_with_stats(
     else:
         n_neg_int = n_levels if has_neg else 0
     n_pos_int = n_levels - n_neg_int
-
-    if fused:
-        out, levels = _quantize_fused(
-            w, w_min, c_neg, c_pos, n_neg_int, n_levels,
-            span_neg / n_neg_int if has_neg else None,
-            span_pos / n_pos_int if has_pos else None,
-        )
-        out = out.reshape(weight.shape).to(out_dtype)
-        return out, ClipQStats(c_neg, c_pos, n_neg_int, levels, rank_neg, rank_pos)
 
     # Interval index per weight: uniform bins need no search. Clipped weights
     # go to extra codes (n_levels and up) whose level is zero. Values on an
@@ -509,7 +517,7 @@ def clipq_quantize_with_stats(
     table.div_(torch.bincount(idx, minlength=n_codes).to(torch.float32))  # NaN (0/0) for unused codes
     table[n_levels:] = 0.0  # clipped
     out = table.index_select(0, idx).reshape(weight.shape).to(out_dtype)
-    return out, ClipQStats(c_neg, c_pos, n_neg_int, table[:n_levels], rank_neg, rank_pos)
+    return out, ClipQStats(c_neg, c_pos, n_neg_int, table[:n_levels], rank_neg, rank_pos, w_min, w_max)
 
 
 def clipq_quantize(weight: torch.Tensor, p: float, bits: int) -> torch.Tensor:

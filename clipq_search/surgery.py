@@ -10,6 +10,8 @@ full-precision weight, clipped entries included. State dicts keep the ordinary
 
 from __future__ import annotations
 
+import sys
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,7 +19,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .ops import ClipQStats, clipq_quantize_with_stats
+from ._fused import DONE, NOT_FINITE
+from ._fused import enabled as fused_enabled
+from .ops import ClipQStats, CompiledOperator, clipq_quantize_with_stats
 from .plan import LayerConfig, Plan
 
 __all__ = ["ClipQWeight", "attach_clipq", "attached_configs", "clipq_weight", "strip_clipq"]
@@ -37,6 +41,28 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None
 
 
+def _fits(op: CompiledOperator, t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() == op.n and t.is_contiguous()
+
+
+def _unshared(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` if nothing but the caller's one variable refers to it or its memory, else None.
+
+    Checked: Python references to the tensor object (the caller's, this
+    argument, getrefcount's own: 3) and tensors using its storage (an autograd
+    graph's saved copy, a view, a detached alias: more than the tensor itself
+    and the temporary storage object).
+    """
+    if t is None or sys.getrefcount(t) > 3:
+        return None
+    try:
+        # references to the storage: t's, its base's when t is a view, the temporary storage object's
+        shared = torch._C._storage_Use_Count(t.untyped_storage()._cdata) > (2 if t._base is None else 3)
+    except (AttributeError, RuntimeError):  # a torch without this internal: do not reuse
+        return None
+    return None if shared else t
+
+
 class ClipQWeight(nn.Module):
     """Parametrization computing the CLIP-Q weight from the full-precision one.
 
@@ -51,8 +77,11 @@ class ClipQWeight(nn.Module):
         cfg = LayerConfig(p, bits)
         self.p, self.bits = cfg.p, cfg.bits
         # Per-step state lives in a plain dict: nn.Module.__setattr__ costs
-        # more than the operator on a small layer.
-        self._state: dict[str, Any] = {"stats": None, "key": None, "cache": None}
+        # more than the operator on a small layer. "op": the compiled CPU
+        # operator with its scratch, set up after the first call; "stats": a
+        # ClipQStats, or that operator (its latest result, read on demand).
+        self._state: dict[str, Any] = {"stats": None, "key": None, "cache": None, "op": None,
+                                       "lock": threading.Lock()}
 
     @property
     def config(self) -> LayerConfig:
@@ -61,11 +90,14 @@ class ClipQWeight(nn.Module):
     @property
     def last_stats(self) -> ClipQStats | None:
         """Thresholds and levels of the latest computation (None before the first)."""
-        return self._state["stats"]
+        stats = self._state["stats"]
+        if isinstance(stats, CompiledOperator):
+            stats = self._state["stats"] = stats.stats()
+        return stats
 
     def invalidate(self) -> None:
         """Forget the cached result (after p or bits changed)."""
-        self._state["cache"] = None
+        self._state["cache"] = self._state["op"] = None
 
     def quantize(self, original: torch.Tensor) -> torch.Tensor:
         """The pruned-quantized weight (no autograd graph), from cache when unchanged."""
@@ -73,11 +105,30 @@ class ClipQWeight(nn.Module):
         key = (original.data_ptr(), original._version, id(original), original.dtype)
         if state["cache"] is not None and key == state["key"]:
             return state["cache"]
-        stats = state["stats"]
-        hint = (stats.c_neg, stats.c_pos) if stats is not None else None
+        # The previous result's memory is reused when nothing else holds it.
+        previous, state["cache"] = state["cache"], None
+        reuse = _unshared(previous)
+        del previous
+        op = state["op"]
+        if op is not None and _fits(op, original) and state["lock"].acquire(blocking=False):
+            # the training step's path: one compiled call, the hint kept inside ``op``
+            try:
+                out = reuse if reuse is not None else torch.empty_like(original)
+                status = op.run(original.detach().view(-1), out.view(-1))
+            finally:
+                state["lock"].release()
+            if status != NOT_FINITE:
+                q = out if status == DONE else torch.zeros_like(original)
+                state["stats"], state["cache"], state["key"] = op, q, key
+                return q
+        stats = self.last_stats
+        hint = stats.hint if stats is not None else None
         with torch.no_grad():
-            q, stats = clipq_quantize_with_stats(original, self.p, self.bits, hint=hint)
+            q, stats = clipq_quantize_with_stats(original, self.p, self.bits, hint=hint, out=reuse)
         state["stats"], state["cache"], state["key"] = stats, q, key
+        if op is None and original.device.type == "cpu" and original.dtype == torch.float32 and fused_enabled():
+            op = state["op"] = CompiledOperator(original.numel(), self.p, self.bits)
+            op.set_hint(stats.hint, original)
         return q
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
