@@ -356,14 +356,19 @@ class CompiledOperator:
         A threshold that the hinted windows miss within ``_MAX_ROUNDS`` scans
         is selected with ``kthvalue`` and given to a second call.
         """
-        f = _fused
-        w_np, out_np, params, result = w.numpy(), out.numpy(), self.params, self.result
+        return self.run_arrays(w.numpy(), out.numpy(), w)
+
+    def run_arrays(self, w_np: np.ndarray, out_np: np.ndarray, w: torch.Tensor) -> float:
+        """``run`` on numpy views of ``w`` (flat float32, any shape for the ``kthvalue`` fallback) and ``out``."""
+        f, params, result = _fused, self.params, self.result
         self.kernel(w_np, out_np, self.codes, self.mask, self.buf, self.table, params, result)
         if result[f.R_STATUS] == f.MISSED:
             sides = ((f.R_FOUND_NEG, f.R_RANK_NEG, f.R_C_NEG, f.P_GIVEN_NEG),
                      (f.R_FOUND_POS, f.R_RANK_POS, f.R_C_POS, f.P_GIVEN_POS))
             for found, rank, value, given in sides:
-                params[given] = result[value] if result[found] else float(torch.kthvalue(w, int(result[rank])).values)
+                params[given] = (
+                    result[value] if result[found] else float(torch.kthvalue(w.detach().reshape(-1), int(result[rank])).values)
+                )
             rounds, params[f.P_ROUNDS] = params[f.P_ROUNDS], 1
             try:
                 self.kernel(w_np, out_np, self.codes, self.mask, self.buf, self.table, params, result)

@@ -81,7 +81,7 @@ class ClipQWeight(nn.Module):
         # operator with its scratch, set up after the first call; "stats": a
         # ClipQStats, or that operator (its latest result, read on demand).
         self._state: dict[str, Any] = {"stats": None, "key": None, "cache": None, "op": None,
-                                       "lock": threading.Lock()}
+                                       "source": None, "lock": threading.Lock()}
 
     @property
     def config(self) -> LayerConfig:
@@ -97,7 +97,7 @@ class ClipQWeight(nn.Module):
 
     def invalidate(self) -> None:
         """Forget the cached result (after p or bits changed)."""
-        self._state["cache"] = self._state["op"] = None
+        self._state["cache"] = self._state["op"] = self._state["source"] = None
 
     def quantize(self, original: torch.Tensor) -> torch.Tensor:
         """The pruned-quantized weight (no autograd graph), from cache when unchanged."""
@@ -113,8 +113,11 @@ class ClipQWeight(nn.Module):
         if op is not None and _fits(op, original) and state["lock"].acquire(blocking=False):
             # the training step's path: one compiled call, the hint kept inside ``op``
             try:
+                source = state["source"]
+                if source is None or source[0] != key[0]:  # a numpy view of the weight, made once
+                    source = state["source"] = (key[0], original.detach().view(-1).numpy())
                 out = reuse if reuse is not None else torch.empty_like(original)
-                status = op.run(original.detach().view(-1), out.view(-1))
+                status = op.run_arrays(source[1], out.view(-1).numpy(), original)
             finally:
                 state["lock"].release()
             if status != NOT_FINITE:
