@@ -1,18 +1,21 @@
-"""Compiled CPU kernels for the CLIP-Q operator (numba), three passes over the weights.
+"""Compiled CPU kernels for the CLIP-Q operator (numba).
 
 The tensor implementation in ``ops.py`` needs some 35 elementwise passes, three
 ``bincount``s and a gather per call; on a CPU that is several times the cost of
-a small layer's training step. These kernels do the same work in three passes
-(``docs/method.md``, "Speed"):
+a small layer's training step. ``clipq_cpu`` does the whole operator in one
+call (``docs/method.md``, "Speed"):
 
-1. ``window_scan``: per-sign counts and the elements inside a narrow window
-   around each previous threshold. Thresholds move little between steps, so
-   the exact order statistic is almost always among them (a miss falls back
-   to an exact selection);
-2. ``quantize_into``: interval code per weight with the same float32
+1. ``window_scan``: one vectorised pass over the weights' int32 order keys:
+   per-sign counts, extremes, and the elements inside a narrow window around
+   each previous threshold. Thresholds move little between steps, so the
+   exact order statistic is almost always among them (a miss widens the
+   window for another scan, or the caller selects it exactly);
+2. the partition (how many intervals per side, their widths), in the same
+   float64 arithmetic as ``ops.clipq_quantize_with_stats``;
+3. ``quantize_into``: interval code per weight with the same float32
    arithmetic as the definition, per-interval float32 sums and counts in
-   element order (so levels are bit-identical to ``torch.index_add_``);
-3. (same call) every weight replaced by its interval's level.
+   element order (so levels are bit-identical to ``torch.index_add_``), and
+   every weight replaced by its interval's level.
 
 numba compiles them on first use and caches the machine code next to this file
 (or under ``NUMBA_CACHE_DIR``); without numba, or with

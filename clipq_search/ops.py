@@ -7,9 +7,10 @@ is cast back to the weight's dtype).
 
 The operator runs before every training step, so it is written for speed
 (``benchmarks/bench_overhead.py``) without giving up exactness. On CPU it runs
-as compiled kernels (``_fused.py``, numba: one scan for the thresholds, one
-pass pair for codes, sums and levels); the tensor implementation below serves
-CUDA and machines without numba:
+as one compiled call (``_fused.clipq_cpu``, numba: a scan for the counts,
+extremes and thresholds, then codes, sums and levels), driven by a
+``CompiledOperator`` that a layer keeps from step to step; the tensor
+implementation below serves CUDA and machines without numba:
 
 - thresholds are exact order statistics, read from a histogram whose bin is a
   monotone function of the value (so counting bins never misplaces an
@@ -305,7 +306,6 @@ def _select_hist(
 
 # --------------------------------------------------------------------------- compiled CPU path
 
-_F32_TINY = float(np.finfo(np.float32).smallest_subnormal)
 # Window elements kept by one scan; a window holding more is a miss.
 _WINDOW_CAP = 4096
 # Half-width of a hinted window of the compiled path, in average gaps between
@@ -365,10 +365,10 @@ class CompiledOperator:
         if result[f.R_STATUS] == f.MISSED:
             sides = ((f.R_FOUND_NEG, f.R_RANK_NEG, f.R_C_NEG, f.P_GIVEN_NEG),
                      (f.R_FOUND_POS, f.R_RANK_POS, f.R_C_POS, f.P_GIVEN_POS))
+            flat = w.detach().reshape(-1)
             for found, rank, value, given in sides:
-                params[given] = (
-                    result[value] if result[found] else float(torch.kthvalue(w.detach().reshape(-1), int(result[rank])).values)
-                )
+                exact = result[value] if result[found] else torch.kthvalue(flat, int(result[rank])).values
+                params[given] = float(exact)
             rounds, params[f.P_ROUNDS] = params[f.P_ROUNDS], 1
             try:
                 self.kernel(w_np, out_np, self.codes, self.mask, self.buf, self.table, params, result)
@@ -380,7 +380,8 @@ class CompiledOperator:
         """The statistics of the latest call (after ``DONE`` or ``NOTHING_KEPT``)."""
         f, r = _fused, self.result
         done = r[f.R_STATUS] == f.DONE
-        levels = torch.from_numpy(self.table[: self.n_levels].copy()) if done else torch.full((self.n_levels,), math.nan)
+        n_levels = self.n_levels
+        levels = torch.from_numpy(self.table[:n_levels].copy()) if done else torch.full((n_levels,), math.nan)
         return ClipQStats(
             float(r[f.R_C_NEG]), float(r[f.R_C_POS]), int(r[f.R_N_NEG_INT]) if done else 0, levels,
             int(r[f.R_RANK_NEG]), int(r[f.R_RANK_POS]), float(r[f.R_MIN]), float(r[f.R_MAX]),
@@ -428,6 +429,13 @@ def _codes(
     return idx.copy_(acc)  # truncation toward zero; elementwise in place
 
 
+def _not_finite(weight: torch.Tensor, n_levels: int, w_min: float, w_max: float) -> tuple[torch.Tensor, ClipQStats]:
+    """All NaN: weights holding a NaN or an infinity (a diverged training) have no meaningful thresholds."""
+    nan = math.nan
+    levels = torch.full((n_levels,), nan, device=weight.device)
+    return torch.full_like(weight, nan), ClipQStats(nan, nan, 0, levels, 0, 0, w_min, w_max)
+
+
 def clipq_quantize_with_stats(
     weight: torch.Tensor,
     p: float,
@@ -446,6 +454,9 @@ def clipq_quantize_with_stats(
     float32); its contents are overwritten. Training reuses the previous
     step's result this way: a fresh megabyte-sized tensor each step costs
     the operating system's page handling.
+
+    Weights holding a NaN or an infinity (a diverged training) give an
+    all-NaN result, so that the loss shows it.
     """
     validate_p_bits(p, bits)
     out_dtype = weight.dtype
@@ -466,18 +477,21 @@ def clipq_quantize_with_stats(
         op.set_hint(hint, w32)
         flat = out.view(-1) if reuse else torch.empty(n)
         status = op.run(w32, flat)
-        if status != _fused.NOT_FINITE:  # else a NaN or an infinity: the tensor implementation decides
-            if status == _fused.DONE:
-                result = flat.view(weight.shape).to(out_dtype)
-            else:
-                result = torch.zeros_like(weight)
-            return result, op.stats()
+        if status == _fused.NOT_FINITE:
+            return _not_finite(weight, n_levels, float(w32.min()), float(w32.max()))
+        if status == _fused.DONE:
+            result = flat.view(weight.shape).to(out_dtype)
+        else:
+            result = torch.zeros_like(weight)
+        return result, op.stats()
     if w.dtype == torch.float32:
         a, b, c, lanes = _scratch(n, w.device, 4)
     else:
         a, b, c, lanes, w32 = _scratch(n, w.device, 5)
         w = w32.copy_(w)
     w_min, w_max = (float(v) for v in torch.aminmax(w))
+    if not (math.isfinite(w_min) and math.isfinite(w_max)):
+        return _not_finite(weight, n_levels, w_min, w_max)
     _lanes(w, lanes)
     if n <= _DIRECT_SELECT_MAX:
         selected = _select_direct(w, p)

@@ -120,7 +120,7 @@ class ClipQWeight(nn.Module):
                 status = op.run_arrays(source[1], out.view(-1).numpy(), original)
             finally:
                 state["lock"].release()
-            if status != NOT_FINITE:
+            if status != NOT_FINITE:  # else the general path below makes the all-NaN result
                 q = out if status == DONE else torch.zeros_like(original)
                 state["stats"], state["cache"], state["key"] = op, q, key
                 return q

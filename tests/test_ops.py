@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -377,3 +379,72 @@ def test_kernels_that_fail_to_compile_fall_back_with_one_warning(monkeypatch: py
         _assert_matches_reference(torch.randn(6000, generator=g), 0.9, 4)  # the tensor implementation
     finally:
         fused._ready.cache_clear()
+
+
+def test_order_keys_sort_as_the_floats_do() -> None:
+    """The compiled scan compares int32 order keys: they must order every float32 as the values do."""
+    import numpy as np
+
+    from clipq_search._fused import key, unkey
+
+    g = np.random.default_rng(0)
+    special = [0.0, -0.0, 1e-45, -1e-45, 1.2e-38, -1.2e-38, 3.4e38, -3.4e38, float("inf"), float("-inf"), 1.0, -1.0]
+    spread = g.standard_normal(2000) * 10.0 ** g.integers(-40, 38, 2000)
+    values = np.concatenate([np.array(special, np.float32), spread.astype(np.float32)])
+    keys = np.array([key(float(v)) for v in values])
+    assert keys.min() >= -(2**31) and keys.max() < 2**31
+    order = np.argsort(keys, kind="stable")
+    assert np.all(np.diff(values[order].astype(np.float64)) >= 0)
+    assert key(-0.0) == key(0.0) - 1  # -0.0 sorts just below +0.0, both between the negatives and positives
+    assert all(unkey(key(float(v))) == float(v) for v in values)
+
+
+def test_compiled_operator_keeps_its_hint_and_scans_once() -> None:
+    """After a first call, the next call on slightly moved weights finds both thresholds in its first scan."""
+    import clipq_search._fused as fused
+    from clipq_search.ops import CompiledOperator
+
+    if not fused.enabled():
+        pytest.skip("compiled kernels unavailable")
+    g = torch.Generator().manual_seed(30)
+    w = torch.randn(60000, generator=g) * 0.05
+    op = CompiledOperator(w.numel(), 0.9, 4)
+    out = torch.empty_like(w)
+    assert op.run(w, out) == fused.DONE  # no hint: counts, then an exact selection
+    ref_out, ref = _reference_clipq(w, 0.9, 4)
+    assert torch.equal(out, ref_out)
+    st = op.stats()
+    assert op.params[fused.P_HINT_NEG:fused.P_MAX + 1].tolist() == [st.c_neg, st.c_pos, st.w_min, st.w_max]
+    assert (st.w_min, st.w_max) == (float(w.min()), float(w.max()))
+    for _ in range(5):
+        w += torch.randn(w.shape, generator=g) * 1e-4
+        assert op.run(w, out) == fused.DONE
+        assert op.result[fused.R_SCANS] == 1
+        assert torch.equal(out, _reference_clipq(w, 0.9, 4)[0])
+        assert torch.equal(op.stats().levels.nan_to_num(7.0), _reference_clipq(w, 0.9, 4)[1][5].nan_to_num(7.0))
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_weights_give_all_nan(bad: float, select_path: str) -> None:
+    """A diverged training's weights (NaN, infinity) come out all NaN on every path, so that the loss shows it."""
+    g = torch.Generator().manual_seed(31)
+    w = torch.randn(9000, generator=g)
+    w[123] = bad
+    out, st = clipq_quantize_with_stats(w, 0.5, 3, hint=(-0.5, 0.5))
+    assert out.shape == w.shape and bool(out.isnan().all())
+    assert math.isnan(st.c_neg) and math.isnan(st.c_pos) and bool(st.levels.isnan().all())
+
+
+def test_out_tensor_is_written_and_returned_when_it_fits(select_path: str) -> None:
+    g = torch.Generator().manual_seed(32)
+    w = torch.randn(50, 80, generator=g)
+    ref_out = _reference_clipq(w, 0.7, 4)[0]
+    out = torch.full_like(w, 5.0)
+    got, _ = clipq_quantize_with_stats(w, 0.7, 4, out=out)
+    assert torch.equal(got, ref_out)
+    if select_path.startswith("compiled"):
+        assert got.data_ptr() == out.data_ptr() and torch.equal(out, ref_out)
+    unfits = (torch.full((80, 50), 5.0), torch.full((50, 80), 5.0, dtype=torch.float64), torch.full((80, 50), 5.0).t())
+    for unfit in unfits:
+        got, _ = clipq_quantize_with_stats(w, 0.7, 4, out=unfit)
+        assert torch.equal(got, ref_out) and bool((unfit == 5.0).all())  # not written

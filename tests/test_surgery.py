@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -122,3 +123,90 @@ def test_strip_bakes_weights_in_and_drops_fp_copies() -> None:
     assert attached_configs(model) == {}
     assert not any("original" in n for n, _ in model.named_parameters())
     assert torch.equal(model(x), y)
+
+
+def _train_steps(model: nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        opt.zero_grad()
+        x, y = torch.randn(16, 30, generator=g), torch.randint(0, 3, (16,), generator=g)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def test_training_steps_are_exact_and_reuse_the_previous_results_memory() -> None:
+    """Each step's weight equals the operator on the current fp weight, computed into the last step's memory."""
+    from clipq_search.ops import clipq_quantize_with_stats
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(30, 400), nn.ReLU(), nn.Linear(400, 3))
+    attach_clipq(model, {"default": {"p": 0.9, "bits": 4}})
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    par = model[0].parametrizations.weight
+    pointers = set()
+    for step in range(6):
+        _train_steps(model, opt, 1, seed=step)
+        with torch.no_grad():
+            ref, ref_stats = clipq_quantize_with_stats(par.original.detach(), 0.9, 4)
+            pointers.add(par[0]._state["cache"].data_ptr() if par[0]._state["cache"] is not None else None)
+            assert torch.equal(model[0].weight, ref)
+        stats = par[0].last_stats
+        assert (stats.c_neg, stats.c_pos, stats.rank_neg, stats.rank_pos) == (
+            ref_stats.c_neg, ref_stats.c_pos, ref_stats.rank_neg, ref_stats.rank_pos)
+        assert torch.equal(stats.levels.nan_to_num(7.0), ref_stats.levels.nan_to_num(7.0))
+    import clipq_search._fused as fused
+
+    if fused.enabled():
+        assert len(pointers) <= 2  # the first step's result, then one buffer reused
+
+
+@pytest.mark.parametrize("holder", ["result", "alias", "graph"])
+def test_a_weight_someone_holds_is_never_overwritten(holder: str) -> None:
+    """The reused memory is only ever the layer's own: a held result, an alias, a saved graph keep their values."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(30, 400), nn.ReLU(), nn.Linear(400, 3))
+    attach_clipq(model, {"default": {"p": 0.8, "bits": 3}})
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    _train_steps(model, opt, 2, seed=0)
+    x = torch.randn(4, 30, requires_grad=True)
+    if holder == "graph":  # the input gradient the kept graph must give: from an identical graph, now
+        x_now = x.detach().clone().requires_grad_()
+        model(x_now).sum().backward()
+        opt.zero_grad()
+    if holder == "result":
+        with torch.no_grad():
+            kept = model[0].weight  # the very tensor the layer caches
+    elif holder == "alias":
+        kept = model[0].weight.detach()  # another tensor on the same memory
+    else:
+        kept = model(x)  # a graph that saved the weight, kept without backward
+    before = kept.detach().clone()
+    weight_before = model[0].weight.detach().clone()
+    _train_steps(model, opt, 3, seed=1)
+    assert torch.equal(kept.detach(), before)
+    if holder == "graph":  # the weight the graph saved is intact: its gradient is the one from before
+        kept.sum().backward()
+        assert torch.equal(x.grad, x_now.grad)
+    assert not torch.equal(model[0].weight.detach(), weight_before)  # training did move on
+
+
+def test_a_layer_whose_weights_all_clip_trains_with_zeros() -> None:
+    lin = nn.Linear(50, 40)
+    with torch.no_grad():
+        lin.weight.fill_(0.25)  # every positive weight ties at the threshold: nothing is kept
+    attach_clipq(nn.Sequential(lin), {"layers": {"0": {"p": 0.5, "bits": 2}}})
+    for _ in range(3):
+        assert torch.equal(lin.weight.detach(), torch.zeros(40, 50))
+        lin(torch.randn(3, 50)).sum().backward()
+    assert lin.parametrizations.weight.original.grad is not None
+
+
+def test_diverged_weights_give_a_nan_loss() -> None:
+    model = nn.Sequential(nn.Linear(30, 400), nn.ReLU(), nn.Linear(400, 3))
+    attach_clipq(model, {"default": {"p": 0.5, "bits": 3}})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _train_steps(model, opt, 2, seed=3)
+    with torch.no_grad():
+        model[0].parametrizations.weight.original[0, 0] = float("inf")
+    loss = nn.functional.cross_entropy(model(torch.randn(4, 30)), torch.randint(0, 3, (4,)))
+    assert math.isnan(float(loss.detach()))
