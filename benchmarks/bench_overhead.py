@@ -10,11 +10,15 @@ per-pair ratios and the ratio of the medians; then the operator alone
 thresholds as hint (as in training) and without.
 
     python benchmarks/bench_overhead.py [--models lenet300 lenet5] [--steps 200] [--threads 0]
-        [--kernels numba torch]
+        [--kernels numba torch] [--floor]
 
 Both operator implementations are timed by default: the compiled CPU kernels
 (what training uses when numba is installed; the headline) and the tensor
 implementation (``CLIPQ_SEARCH_KERNEL=torch``), side by side.
+
+``--floor`` adds a row without the operator (the layers return their
+full-precision weights through the same parametrization and straight-through
+function): what the rest of the machinery costs, a floor for any operator.
 
 Targets from the issue: ratio <= 1.25 (LeNet-300-100) and <= 1.10 (LeNet-5).
 The machine may be shared: run it when quiet, and quote the ratios.
@@ -47,7 +51,7 @@ from clipq_search._io import write_json  # noqa: E402
 from clipq_search.data import DEFAULT_ROOTS  # noqa: E402
 from clipq_search.models import build_model  # noqa: E402
 from clipq_search.ops import clipq_quantize_with_stats  # noqa: E402
-from clipq_search.surgery import attached_configs  # noqa: E402
+from clipq_search.surgery import ClipQWeight, attached_configs  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "overhead.json"
 TARGETS = {"lenet300": 1.25, "lenet5": 1.10}
@@ -80,13 +84,28 @@ def _q(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
-def step_overhead(name: str, splits: Any, args: argparse.Namespace) -> tuple[dict[str, Any], nn.Module]:
-    """Alternate plain and CLIP-Q steps on identical models; per-step times and ratios."""
+def _without_operator(model: nn.Module) -> None:
+    """Make every CLIP-Q layer of ``model`` return its full-precision weight: the parametrization,
+    the straight-through function and the Python around them stay, the operator is gone."""
+    for module in model.modules():
+        if isinstance(module, ClipQWeight):
+            module.quantize = lambda original: original.detach()  # type: ignore[method-assign]
+
+
+def step_overhead(
+    name: str, splits: Any, args: argparse.Namespace, *, floor: bool = False
+) -> tuple[dict[str, Any], nn.Module]:
+    """Alternate plain and CLIP-Q steps on identical models; per-step times and ratios.
+
+    ``floor``: the CLIP-Q model runs without its operator (``_without_operator``).
+    """
     torch.manual_seed(args.seed)
     base = build_model(name, num_classes=splits.num_classes, in_channels=splits.in_channels,
                        image_size=splits.image_size)
     plain, clipq = copy.deepcopy(base), copy.deepcopy(base)
     attach_clipq(clipq, {"default": {"p": args.p, "bits": args.bits}})
+    if floor:
+        _without_operator(clipq)
     opts = {
         "plain": torch.optim.SGD(plain.parameters(), lr=args.lr, momentum=0.9),
         "clipq": torch.optim.SGD(clipq.parameters(), lr=args.lr, momentum=0.9),
@@ -135,7 +154,7 @@ def operator_times(model: nn.Module, reps: int, seed: int, clock) -> list[dict[s
         for i in range(reps):
             w.add_(torch.randn(w.shape, generator=gen), alpha=scale)  # outside the timed region
             start = clock()
-            _, stats = clipq_quantize_with_stats(w, cfg.p, cfg.bits, hint=(stats.c_neg, stats.c_pos))
+            _, stats = clipq_quantize_with_stats(w, cfg.p, cfg.bits, hint=stats.hint)
             hinted.append(clock() - start)
             if i % 4 == 0:
                 start = clock()
@@ -172,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernels", nargs="+", choices=("numba", "torch"), default=["numba", "torch"],
                         help="operator implementations to time: the compiled CPU kernels (the default path) "
                              "and the tensor implementation; the first is the headline")
+    parser.add_argument("--floor", action="store_true",
+                        help="also time the CLIP-Q model with its operator removed (parametrization, "
+                             "straight-through and Python stay): the overhead no operator can remove")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.op_reps < 1:
@@ -206,7 +228,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:9s} {kernel:7s} {entry['plain_ms']:9.3f} {entry['clipq_ms']:9.3f} "
                   f"{entry['ratio_median_of_pairs']:7.3f} {entry['ratio_of_medians']:7.3f} "
                   f"{target if target else '-':>6}")
-    print("  * median of per-pair ratios; ** ratio of medians")
+        if args.floor:
+            entry, _ = step_overhead(name, splits, args, floor=True)
+            results["models"][name]["without_operator"] = {k: v for k, v in entry.items() if k != "layers"}
+            print(f"{name:9s} {'none':7s} {entry['plain_ms']:9.3f} {entry['clipq_ms']:9.3f} "
+                  f"{entry['ratio_median_of_pairs']:7.3f} {entry['ratio_of_medians']:7.3f} {'-':>6}")
+    print("  * median of per-pair ratios; ** ratio of medians" + ("; none: operator removed" if args.floor else ""))
     print(f"\n{'model':9s} {'kernels':7s} {'layer':8s} {'shape':>16s} {'hint ms':>8s} {'cold ms':>8s}")
     for name, main_entry in results["models"].items():
         for entry in (main_entry, *main_entry.get("other_kernels", {}).values()):

@@ -24,10 +24,11 @@ def _run(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedPro
 def test_overhead_benchmark_times_both_implementations(tmp_path: Path) -> None:
     out = tmp_path / "overhead.json"
     r = _run("bench_overhead.py", "--models", "lenet300", "--steps", "3", "--warmup", "1", "--op-reps", "2",
-             "--root", str(FASHION), "--out", str(out))
+             "--floor", "--root", str(FASHION), "--out", str(out))
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
     entry = data["models"]["lenet300"]
+    assert entry["without_operator"]["clipq_ms"] > 0 and "none" in r.stdout
     assert entry["kernels"] == "numba" and entry["other_kernels"]["torch"]["kernels"] == "torch"
     for e in (entry, entry["other_kernels"]["torch"]):
         assert e["plain_ms"] > 0 and e["clipq_ms"] > 0 and e["ratio_median_of_pairs"] > 0
