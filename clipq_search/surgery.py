@@ -41,6 +41,10 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None
 
 
+def _fresh_state() -> dict[str, Any]:
+    return {"stats": None, "key": None, "cache": None, "op": None, "source": None, "lock": threading.Lock()}
+
+
 def _fits(op: CompiledOperator, t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() == op.n and t.is_contiguous()
 
@@ -80,8 +84,18 @@ class ClipQWeight(nn.Module):
         # more than the operator on a small layer. "op": the compiled CPU
         # operator with its scratch, set up after the first call; "stats": a
         # ClipQStats, or that operator (its latest result, read on demand).
-        self._state: dict[str, Any] = {"stats": None, "key": None, "cache": None, "op": None,
-                                       "source": None, "lock": threading.Lock()}
+        self._state = _fresh_state()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Copies (deepcopy) start afresh: the cached result, the compiled
+        # operator's scratch and the lock belong to this layer alone.
+        state = dict(super().__getstate__())
+        del state["_state"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._state = _fresh_state()
 
     @property
     def config(self) -> LayerConfig:

@@ -210,3 +210,20 @@ def test_diverged_weights_give_a_nan_loss() -> None:
         model[0].parametrizations.weight.original[0, 0] = float("inf")
     loss = nn.functional.cross_entropy(model(torch.randn(4, 30)), torch.randint(0, 3, (4,)))
     assert math.isnan(float(loss.detach()))
+
+
+def test_a_deep_copy_of_a_training_model_trains_on_its_own() -> None:
+    """deepcopy (as EMA or model-selection code does) works mid-training; the copy shares no step state."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(30, 400), nn.ReLU(), nn.Linear(400, 3))
+    attach_clipq(model, {"default": {"p": 0.9, "bits": 4}})
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    _train_steps(model, opt, 3, seed=0)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        assert torch.equal(twin[0].weight, model[0].weight)
+    frozen = model[0].weight.detach().clone()
+    _train_steps(twin, torch.optim.SGD(twin.parameters(), lr=0.05), 3, seed=1)
+    with torch.no_grad():
+        assert torch.equal(model[0].weight, frozen)  # the original is untouched by the copy's training
+        assert torch.equal(twin[0].weight, clipq_quantize(twin[0].parametrizations.weight.original, 0.9, 4))
