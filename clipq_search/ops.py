@@ -314,6 +314,15 @@ _WINDOW_CAP = 4096
 _FUSED_HINT_GAPS = 64.0
 
 
+# The compiled kernels count in int32.
+_COMPILED_MAX_ELEMENTS = 2**31 - 1
+
+
+def compiled_for(n: int) -> bool:
+    """Whether a CPU tensor of ``n`` elements runs the compiled operator (numba available, not switched off)."""
+    return n <= _COMPILED_MAX_ELEMENTS and _fused.enabled()
+
+
 class CompiledOperator:
     """The compiled CPU operator (``_fused.clipq_cpu``) for one (size, p, bits), reusable step after step.
 
@@ -467,7 +476,7 @@ def clipq_quantize_with_stats(
         return torch.zeros_like(weight), ClipQStats(0.0, 0.0, 0, levels, 0, 0)
 
     w = weight.detach().reshape(-1)
-    if w.device.type == "cpu" and _fused.enabled():
+    if w.device.type == "cpu" and compiled_for(n):
         reuse = (
             out is not None and out.device.type == "cpu" and out.dtype == torch.float32 == out_dtype
             and out.shape == weight.shape and out.is_contiguous()

@@ -20,8 +20,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ._fused import DONE, NOT_FINITE
-from ._fused import enabled as fused_enabled
-from .ops import ClipQStats, CompiledOperator, clipq_quantize_with_stats
+from .ops import ClipQStats, CompiledOperator, clipq_quantize_with_stats, compiled_for
 from .plan import LayerConfig, Plan
 
 __all__ = ["ClipQWeight", "attach_clipq", "attached_configs", "clipq_weight", "strip_clipq"]
@@ -143,8 +142,9 @@ class ClipQWeight(nn.Module):
         with torch.no_grad():
             q, stats = clipq_quantize_with_stats(original, self.p, self.bits, hint=hint, out=reuse)
         state["stats"], state["cache"], state["key"] = stats, q, key
-        if op is None and original.device.type == "cpu" and original.dtype == torch.float32 and fused_enabled():
-            op = state["op"] = CompiledOperator(original.numel(), self.p, self.bits)
+        n = original.numel()
+        if op is None and original.device.type == "cpu" and original.dtype == torch.float32 and compiled_for(n):
+            op = state["op"] = CompiledOperator(n, self.p, self.bits)
             op.set_hint(stats.hint, original)
         return q
 
