@@ -283,7 +283,8 @@ def clipq_cpu(
     inf = np.inf
     none_lo, none_hi = np.int32(0x7FFFFFFF), np.int32(-0x80000000)  # lo > hi: an empty window
     # windows: float32-rounded bounds, each on its own side of zero
-    use_n, use_p = h_neg < 0.0, h_pos > 0.0  # False for NaN
+    use_n, use_p = -inf < h_neg < 0.0, 0.0 < h_pos < inf  # False for NaN
+    use_n, use_p = use_n and half < inf, use_p and half < inf
     lo_n, hi_n = max(h_neg - half, -inf), min(h_neg + half, -tiny)
     lo_p, hi_p = max(h_pos - half, tiny), min(h_pos + half, inf)
     found_n, found_p = False, False
@@ -336,6 +337,9 @@ def clipq_cpu(
                     lo_p = max(lo_p - 2.0 * (below_p - rank_pos + 1) * gap - (hi_p - lo_p), tiny)
                 else:
                     hi_p += 2.0 * (rank_pos - below_p - k) * gap + (hi_p - lo_p)
+        # a window grown beyond the finite range is no use: the caller selects exactly
+        use_n = use_n and -inf < lo_n and hi_n < inf
+        use_p = use_p and -inf < lo_p and hi_p < inf
         if (found_n or not use_n) and (found_p or not use_p):
             break
     result[R_NEG], result[R_ZERO], result[R_POS] = negatives, zeros, positives

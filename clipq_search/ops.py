@@ -334,13 +334,13 @@ class CompiledOperator:
     the hint of the next one.
     """
 
-    __slots__ = ("n", "n_levels", "params", "result", "table", "buf", "codes", "mask", "kernel")
+    __slots__ = ("n", "p", "bits", "n_levels", "params", "result", "table", "buf", "codes", "mask", "kernel")
 
     def __init__(self, n: int, p: float, bits: int, *, scratch: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         validate_p_bits(p, bits)
         f = _fused
         nan = math.nan
-        self.n, self.n_levels = n, 2**bits - 1
+        self.n, self.p, self.bits, self.n_levels = n, p, bits, 2**bits - 1
         self.params = np.array([p, self.n_levels, nan, nan, nan, nan, _FUSED_HINT_GAPS, _MAX_ROUNDS, nan, nan])
         self.result = np.zeros(f.RESULT_SIZE)
         self.table = np.empty(256, np.float32)

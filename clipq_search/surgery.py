@@ -10,7 +10,6 @@ full-precision weight, clipped entries included. State dicts keep the ordinary
 
 from __future__ import annotations
 
-import sys
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -44,26 +43,10 @@ def _fresh_state() -> dict[str, Any]:
     return {"stats": None, "key": None, "cache": None, "op": None, "source": None, "lock": threading.Lock()}
 
 
-def _fits(op: CompiledOperator, t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() == op.n and t.is_contiguous()
-
-
-def _unshared(t: torch.Tensor | None) -> torch.Tensor | None:
-    """``t`` if nothing but the caller's one variable refers to it or its memory, else None.
-
-    Checked: Python references to the tensor object (the caller's, this
-    argument, getrefcount's own: 3) and tensors using its storage (an autograd
-    graph's saved copy, a view, a detached alias: more than the tensor itself
-    and the temporary storage object).
-    """
-    if t is None or sys.getrefcount(t) > 3:
-        return None
-    try:
-        # references to the storage: t's, its base's when t is a view, the temporary storage object's
-        shared = torch._C._storage_Use_Count(t.untyped_storage()._cdata) > (2 if t._base is None else 3)
-    except (AttributeError, RuntimeError):  # a torch without this internal: do not reuse
-        return None
-    return None if shared else t
+def _fits(op: CompiledOperator, t: torch.Tensor, p: float, bits: int) -> bool:
+    """Whether ``op`` computes the operator for ``t`` with (p, bits)."""
+    return (t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() == op.n and t.is_contiguous()
+            and op.p == p and op.bits == bits)
 
 
 class ClipQWeight(nn.Module):
@@ -105,7 +88,8 @@ class ClipQWeight(nn.Module):
         """Thresholds and levels of the latest computation (None before the first)."""
         stats = self._state["stats"]
         if isinstance(stats, CompiledOperator):
-            stats = self._state["stats"] = stats.stats()
+            with self._state["lock"]:  # not while another thread's call is filling it
+                stats = self._state["stats"] = stats.stats()
         return stats
 
     def invalidate(self) -> None:
@@ -115,21 +99,18 @@ class ClipQWeight(nn.Module):
     def quantize(self, original: torch.Tensor) -> torch.Tensor:
         """The pruned-quantized weight (no autograd graph), from cache when unchanged."""
         state = self._state
-        key = (original.data_ptr(), original._version, id(original), original.dtype)
+        # A result made under inference_mode cannot take part in autograd: not reused outside it.
+        key = (original.data_ptr(), original._version, id(original), original.dtype, torch.is_inference_mode_enabled())
         if state["cache"] is not None and key == state["key"]:
             return state["cache"]
-        # The previous result's memory is reused when nothing else holds it.
-        previous, state["cache"] = state["cache"], None
-        reuse = _unshared(previous)
-        del previous
         op = state["op"]
-        if op is not None and _fits(op, original) and state["lock"].acquire(blocking=False):
+        if op is not None and _fits(op, original, self.p, self.bits) and state["lock"].acquire(blocking=False):
             # the training step's path: one compiled call, the hint kept inside ``op``
             try:
                 source = state["source"]
                 if source is None or source[0] != key[0]:  # a numpy view of the weight, made once
                     source = state["source"] = (key[0], original.detach().view(-1).numpy())
-                out = reuse if reuse is not None else torch.empty_like(original)
+                out = torch.empty_like(original)
                 status = op.run_arrays(source[1], out.view(-1).numpy(), original)
             finally:
                 state["lock"].release()
@@ -140,12 +121,15 @@ class ClipQWeight(nn.Module):
         stats = self.last_stats
         hint = stats.hint if stats is not None else None
         with torch.no_grad():
-            q, stats = clipq_quantize_with_stats(original, self.p, self.bits, hint=hint, out=reuse)
+            q, stats = clipq_quantize_with_stats(original, self.p, self.bits, hint=hint)
         state["stats"], state["cache"], state["key"] = stats, q, key
+        state["source"] = None  # no view kept of memory the layer may have left
         n = original.numel()
-        if op is None and original.device.type == "cpu" and original.dtype == torch.float32 and compiled_for(n):
-            op = state["op"] = CompiledOperator(n, self.p, self.bits)
-            op.set_hint(stats.hint, original)
+        if original.device.type == "cpu" and original.dtype == torch.float32 and compiled_for(n):
+            if op is None or not _fits(op, original, self.p, self.bits):
+                op = state["op"] = CompiledOperator(n, self.p, self.bits)
+            with state["lock"]:
+                op.set_hint(stats.hint, original)
         return q
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:

@@ -269,7 +269,10 @@ def test_matches_reference_bit_for_bit(seed: int, select_path: str) -> None:
     bits = int(torch.randint(2, 9, (1,), generator=g))
     _assert_matches_reference(w, p, bits)
     _, ref = _reference_clipq(w, p, bits)
-    for hint in [(ref[0], ref[1]), (-1e-3, 1e-3), (float("nan"), float("inf")), (1.0, -1.0), (0.0, 0.0)]:
+    inf, nan = float("inf"), float("nan")
+    hints = [(ref[0], ref[1]), (-1e-3, 1e-3), (nan, inf), (1.0, -1.0), (0.0, 0.0), (-1.5, inf), (-inf, 0.5),
+             (-0.5, inf, -1.0, 1.0), (ref[0], ref[1], -inf, inf), (-1e300, 1e300, nan, nan), (-1e-3, 1e-3, 5.0, -5.0)]
+    for hint in hints:
         _assert_matches_reference(w, p, bits, hint)
 
 

@@ -134,8 +134,8 @@ def _train_steps(model: nn.Module, opt: torch.optim.Optimizer, steps: int, seed:
         opt.step()
 
 
-def test_training_steps_are_exact_and_reuse_the_previous_results_memory() -> None:
-    """Each step's weight equals the operator on the current fp weight, computed into the last step's memory."""
+def test_training_steps_are_exact_and_report_their_statistics() -> None:
+    """Each step's weight is the operator on the current fp weight (the compiled step path), stats included."""
     from clipq_search.ops import clipq_quantize_with_stats
 
     torch.manual_seed(1)
@@ -143,21 +143,61 @@ def test_training_steps_are_exact_and_reuse_the_previous_results_memory() -> Non
     attach_clipq(model, {"default": {"p": 0.9, "bits": 4}})
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     par = model[0].parametrizations.weight
-    pointers = set()
     for step in range(6):
         _train_steps(model, opt, 1, seed=step)
         with torch.no_grad():
             ref, ref_stats = clipq_quantize_with_stats(par.original.detach(), 0.9, 4)
-            pointers.add(par[0]._state["cache"].data_ptr() if par[0]._state["cache"] is not None else None)
             assert torch.equal(model[0].weight, ref)
         stats = par[0].last_stats
         assert (stats.c_neg, stats.c_pos, stats.rank_neg, stats.rank_pos) == (
             ref_stats.c_neg, ref_stats.c_pos, ref_stats.rank_neg, ref_stats.rank_pos)
         assert torch.equal(stats.levels.nan_to_num(7.0), ref_stats.levels.nan_to_num(7.0))
-    import clipq_search._fused as fused
 
-    if fused.enabled():
-        assert len(pointers) <= 2  # the first step's result, then one buffer reused
+
+def test_p_and_bits_set_on_a_layer_apply_from_the_next_update() -> None:
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(30, 400), nn.ReLU(), nn.Linear(400, 3))
+    attach_clipq(model, {"default": {"p": 0.5, "bits": 3}})
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    _train_steps(model, opt, 3, seed=0)
+    par = model[0].parametrizations.weight
+    par[0].p, par[0].bits = 0.9, 2
+    _train_steps(model, opt, 2, seed=1)
+    with torch.no_grad():
+        assert torch.equal(model[0].weight, clipq_quantize(par.original, 0.9, 2))
+
+
+@pytest.mark.parametrize("other", [torch.float64, torch.float16, torch.bfloat16])
+def test_training_continues_after_a_pass_in_another_precision(other: torch.dtype) -> None:
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(30, 400), nn.ReLU(), nn.Linear(400, 3))
+    attach_clipq(model, {"default": {"p": 0.7, "bits": 3}})
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    _train_steps(model, opt, 2, seed=0)
+    model.to(other)
+    with torch.no_grad():
+        model(torch.randn(2, 30, dtype=other))
+    model.float()
+    _train_steps(model, opt, 2, seed=1)
+    with torch.no_grad():
+        assert model[0].weight.dtype == torch.float32
+        assert torch.equal(model[0].weight, clipq_quantize(model[0].parametrizations.weight.original, 0.7, 3))
+
+
+def test_a_replaced_weight_of_another_shape_is_followed() -> None:
+    torch.manual_seed(7)
+    lin = nn.Linear(30, 20)
+    attach_clipq(nn.Sequential(lin), {"layers": {"0": {"p": 0.5, "bits": 3}}})
+    opt = torch.optim.SGD(lin.parameters(), lr=0.05)
+    for _ in range(2):
+        opt.zero_grad()
+        lin(torch.randn(4, 30)).sum().backward()
+        opt.step()
+    original = lin.parametrizations.weight.original
+    original.data = torch.randn(20, 30).t().contiguous()  # same size, other shape and memory
+    with torch.no_grad():
+        assert lin.weight.shape == (30, 20)
+        assert torch.equal(lin.weight, clipq_quantize(original, 0.5, 3))
 
 
 @pytest.mark.parametrize("holder", ["result", "alias", "graph"])
@@ -227,3 +267,19 @@ def test_a_deep_copy_of_a_training_model_trains_on_its_own() -> None:
     with torch.no_grad():
         assert torch.equal(model[0].weight, frozen)  # the original is untouched by the copy's training
         assert torch.equal(twin[0].weight, clipq_quantize(twin[0].parametrizations.weight.original, 0.9, 4))
+
+
+def test_training_goes_on_after_an_evaluation_under_inference_mode() -> None:
+    """A result computed under torch.inference_mode must not be reused by the next training step."""
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(30, 400), nn.ReLU(), nn.Linear(400, 3))
+    attach_clipq(model, {"default": {"p": 0.5, "bits": 3}})
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    _train_steps(model, opt, 2, seed=0)
+    with torch.inference_mode():
+        model(torch.randn(4, 30))
+    original = model[0].parametrizations.weight.original
+    before = original.detach().clone()
+    _train_steps(model, opt, 2, seed=1)
+    assert original.grad is not None and not torch.equal(original.detach(), before)
+    assert not model[0].weight.is_inference()
