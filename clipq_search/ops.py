@@ -460,9 +460,8 @@ def clipq_quantize_with_stats(
     speeds up the threshold search, the result is exact. ``out`` is a tensor
     that the result may be written into and returned as (used when it is a
     contiguous float32 CPU tensor of the weight's shape and the weight is
-    float32); its contents are overwritten. Training reuses the previous
-    step's result this way: a fresh megabyte-sized tensor each step costs
-    the operating system's page handling.
+    float32); its contents are overwritten, so it must be memory that
+    nothing else still reads (no saved autograd graph, no alias).
 
     Weights holding a NaN or an infinity (a diverged training) give an
     all-NaN result, so that the loss shows it.

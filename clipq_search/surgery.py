@@ -103,6 +103,9 @@ class ClipQWeight(nn.Module):
         key = (original.data_ptr(), original._version, id(original), original.dtype, torch.is_inference_mode_enabled())
         if state["cache"] is not None and key == state["key"]:
             return state["cache"]
+        # Let go of the previous result first: when nothing else holds it, the
+        # allocator hands its (warm) memory straight back for the new one.
+        state["cache"] = None
         op = state["op"]
         if op is not None and _fits(op, original, self.p, self.bits) and state["lock"].acquire(blocking=False):
             # the training step's path: one compiled call, the hint kept inside ``op``
