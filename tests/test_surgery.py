@@ -125,6 +125,16 @@ def test_strip_bakes_weights_in_and_drops_fp_copies() -> None:
     assert torch.equal(model(x), y)
 
 
+def _clipq_mlp(
+    p: float, bits: int, *, seed: int, lr: float, momentum: float = 0.0
+) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A 30-400-3 MLP with CLIP-Q on both layers, and its SGD optimizer."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(30, 400), nn.ReLU(), nn.Linear(400, 3))
+    attach_clipq(model, {"default": {"p": p, "bits": bits}})
+    return model, torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+
+
 def _train_steps(model: nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
@@ -138,10 +148,7 @@ def test_training_steps_are_exact_and_report_their_statistics() -> None:
     """Each step's weight is the operator on the current fp weight (the compiled step path), stats included."""
     from clipq_search.ops import clipq_quantize_with_stats
 
-    torch.manual_seed(1)
-    model = nn.Sequential(nn.Linear(30, 400), nn.ReLU(), nn.Linear(400, 3))
-    attach_clipq(model, {"default": {"p": 0.9, "bits": 4}})
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model, opt = _clipq_mlp(0.9, 4, seed=1, lr=0.05, momentum=0.9)
     par = model[0].parametrizations.weight
     for step in range(6):
         _train_steps(model, opt, 1, seed=step)
@@ -155,10 +162,7 @@ def test_training_steps_are_exact_and_report_their_statistics() -> None:
 
 
 def test_p_and_bits_set_on_a_layer_apply_from_the_next_update() -> None:
-    torch.manual_seed(5)
-    model = nn.Sequential(nn.Linear(30, 400), nn.ReLU(), nn.Linear(400, 3))
-    attach_clipq(model, {"default": {"p": 0.5, "bits": 3}})
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    model, opt = _clipq_mlp(0.5, 3, seed=5, lr=0.05)
     _train_steps(model, opt, 3, seed=0)
     par = model[0].parametrizations.weight
     par[0].p, par[0].bits = 0.9, 2
@@ -169,10 +173,7 @@ def test_p_and_bits_set_on_a_layer_apply_from_the_next_update() -> None:
 
 @pytest.mark.parametrize("other", [torch.float64, torch.float16, torch.bfloat16])
 def test_training_continues_after_a_pass_in_another_precision(other: torch.dtype) -> None:
-    torch.manual_seed(6)
-    model = nn.Sequential(nn.Linear(30, 400), nn.ReLU(), nn.Linear(400, 3))
-    attach_clipq(model, {"default": {"p": 0.7, "bits": 3}})
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    model, opt = _clipq_mlp(0.7, 3, seed=6, lr=0.05)
     _train_steps(model, opt, 2, seed=0)
     model.to(other)
     with torch.no_grad():
@@ -203,10 +204,7 @@ def test_a_replaced_weight_of_another_shape_is_followed() -> None:
 @pytest.mark.parametrize("holder", ["result", "alias", "graph"])
 def test_a_weight_someone_holds_is_never_overwritten(holder: str) -> None:
     """The reused memory is only ever the layer's own: a held result, an alias, a saved graph keep their values."""
-    torch.manual_seed(2)
-    model = nn.Sequential(nn.Linear(30, 400), nn.ReLU(), nn.Linear(400, 3))
-    attach_clipq(model, {"default": {"p": 0.8, "bits": 3}})
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model, opt = _clipq_mlp(0.8, 3, seed=2, lr=0.5)
     _train_steps(model, opt, 2, seed=0)
     x = torch.randn(4, 30, requires_grad=True)
     if holder == "graph":  # the input gradient the kept graph must give: from an identical graph, now
@@ -242,9 +240,7 @@ def test_a_layer_whose_weights_all_clip_trains_with_zeros() -> None:
 
 
 def test_diverged_weights_give_a_nan_loss() -> None:
-    model = nn.Sequential(nn.Linear(30, 400), nn.ReLU(), nn.Linear(400, 3))
-    attach_clipq(model, {"default": {"p": 0.5, "bits": 3}})
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, opt = _clipq_mlp(0.5, 3, seed=9, lr=0.1)
     _train_steps(model, opt, 2, seed=3)
     with torch.no_grad():
         model[0].parametrizations.weight.original[0, 0] = float("inf")
@@ -254,10 +250,7 @@ def test_diverged_weights_give_a_nan_loss() -> None:
 
 def test_a_deep_copy_of_a_training_model_trains_on_its_own() -> None:
     """deepcopy (as EMA or model-selection code does) works mid-training; the copy shares no step state."""
-    torch.manual_seed(4)
-    model = nn.Sequential(nn.Linear(30, 400), nn.ReLU(), nn.Linear(400, 3))
-    attach_clipq(model, {"default": {"p": 0.9, "bits": 4}})
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    model, opt = _clipq_mlp(0.9, 4, seed=4, lr=0.05)
     _train_steps(model, opt, 3, seed=0)
     twin = copy.deepcopy(model)
     with torch.no_grad():
@@ -271,10 +264,7 @@ def test_a_deep_copy_of_a_training_model_trains_on_its_own() -> None:
 
 def test_training_goes_on_after_an_evaluation_under_inference_mode() -> None:
     """A result computed under torch.inference_mode must not be reused by the next training step."""
-    torch.manual_seed(8)
-    model = nn.Sequential(nn.Linear(30, 400), nn.ReLU(), nn.Linear(400, 3))
-    attach_clipq(model, {"default": {"p": 0.5, "bits": 3}})
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    model, opt = _clipq_mlp(0.5, 3, seed=8, lr=0.05)
     _train_steps(model, opt, 2, seed=0)
     with torch.inference_mode():
         model(torch.randn(4, 30))
