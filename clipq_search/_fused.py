@@ -69,7 +69,11 @@ def enabled() -> bool:
 
 @functools.cache
 def kernels() -> SimpleNamespace:
-    """The compiled ``window_scan`` and ``quantize_into`` (compiled once, cached on disk by numba)."""
+    """The compiled kernels: ``clipq_cpu`` (what the operator calls) and the two passes it is made of.
+
+    Compiled once per process from numba's on-disk cache (compiled and cached
+    on first use).
+    """
     from numba import njit
 
     def compiled(cache: bool) -> SimpleNamespace:
