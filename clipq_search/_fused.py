@@ -82,7 +82,8 @@ def kernels() -> SimpleNamespace:
         global _window_scan, _quantize_into, _key32, _unkey32
         _key32, _unkey32 = jit(f32_key), jit(f32_unkey)
         _window_scan, _quantize_into = jit(window_scan), jit(quantize_into)
-        return SimpleNamespace(window_scan=_window_scan, quantize_into=_quantize_into, clipq_cpu=jit(clipq_cpu))
+        return SimpleNamespace(window_scan=_window_scan, quantize_into=_quantize_into, clipq_cpu=jit(clipq_cpu),
+                               f32_key=_key32, f32_unkey=_unkey32)
 
     try:
         return compiled(cache=True)
@@ -107,18 +108,6 @@ def _ready() -> bool:
         )
         return False
     return True
-
-
-def key(x: float) -> int:
-    """Order key of ``x`` rounded to float32: an int32 that sorts as the floats do (-0.0 just below +0.0)."""
-    bits = int(np.array(x, np.float32).view(np.int32))
-    return bits ^ 0x7FFFFFFF if bits < 0 else bits
-
-
-def unkey(k: int) -> float:
-    """The float32 value (as a Python float) whose order key is ``k``."""
-    bits = k ^ 0x7FFFFFFF if k < 0 else k
-    return float(np.array(bits, np.int32).view(np.float32))
 
 
 def window_scan(
@@ -245,12 +234,17 @@ def quantize_into(
 
 
 def f32_key(x: float, scratch: np.ndarray) -> np.int32:  # pragma: no cover - compiled
+    """Order key of ``x`` rounded to float32: an int32 that sorts as the floats do (-0.0 just below +0.0).
+
+    ``scratch`` is a float32 array of at least one element.
+    """
     scratch[0] = np.float32(x)
     k = scratch.view(np.int32)[0]
     return np.int32(k ^ 0x7FFFFFFF) if k < 0 else k
 
 
 def f32_unkey(k: np.int32, scratch: np.ndarray) -> float:  # pragma: no cover - compiled
+    """The float32 value (as a float) whose order key is ``k``."""
     ints = scratch.view(np.int32)
     ints[0] = np.int32(k ^ 0x7FFFFFFF) if k < 0 else k
     return float(scratch[0])
