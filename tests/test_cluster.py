@@ -36,17 +36,19 @@ def cluster():
 def test_trials_are_placed_on_several_nodes_and_a_lost_node_is_survived(results_root: Path, cluster) -> None:
     import ray
 
-    space = load_space(SMOKE, ["trial.train.epochs=0.3"])
+    space = load_space(SMOKE, ["trial.train.epochs=1.0"])  # trials of 1.5-2 s: the node goes mid-run
     logs: list[str] = []
     victim = list(cluster.worker_nodes)[-1]
+    killed = threading.Event()
 
     def kill_a_node_mid_run() -> None:
         # wait until trials are running, then take a worker node (and its trial) away
         deadline = time.time() + 240
         while time.time() < deadline and not any("started" in line or "[1/" in line for line in logs):
-            time.sleep(0.5)
-        time.sleep(1.0)
+            time.sleep(0.1)
+        time.sleep(0.3)
         cluster.remove_node(victim, allow_graceful=False)
+        killed.set()
 
     killer = threading.Thread(target=kill_a_node_mid_run, daemon=True)
     killer.start()
@@ -59,6 +61,7 @@ def test_trials_are_placed_on_several_nodes_and_a_lost_node_is_survived(results_
         address=cluster.address,
         log=logs.append,
     )
+    assert killed.is_set(), "the node was not lost while the search ran"
     killer.join(timeout=5)
     assert summary.finished == 6
     df = pd.read_csv(results_root / "cluster" / "trials.csv")

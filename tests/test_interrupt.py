@@ -32,7 +32,7 @@ def _cmd(results: Path, name: str) -> list[str]:
         "--concurrency",
         "2",
         "--set",
-        "trial.train.epochs=0.3",
+        "trial.train.epochs=1.0",  # about 1.4 s a trial here: the signal surely lands mid-run
     ]
 
 
@@ -42,8 +42,8 @@ def _interrupt_mid_run(results: Path, name: str, sig: signal.Signals) -> int:
         proc = subprocess.Popen(_cmd(results, name), cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
         deadline = time.time() + 300
         while time.time() < deadline and "[1/6]" not in log.read_text():
-            time.sleep(0.5)
-        time.sleep(1.0)  # the next trials are now in flight
+            time.sleep(0.1)
+        time.sleep(0.3)  # the next trials are now in flight
         proc.send_signal(sig)
         rc = proc.wait(timeout=120)
     return rc
