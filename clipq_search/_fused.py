@@ -10,8 +10,8 @@ call (``docs/method.md``, "Speed"):
    each previous threshold. Thresholds move little between steps, so the
    exact order statistic is almost always among them (a miss widens the
    window for another scan, or the caller selects it exactly);
-2. the partition (how many intervals per side, their widths), in the same
-   float64 arithmetic as ``ops.clipq_quantize_with_stats``;
+2. the partition (how many intervals per side, their widths): the rules of
+   ``_rules.py``, compiled, the same code the tensor implementation runs;
 3. ``quantize_into``: interval code per weight with the same float32
    arithmetic as the definition, per-interval float32 sums and counts in
    element order (so levels are bit-identical to ``torch.index_add_``), and
@@ -31,6 +31,8 @@ import warnings
 from types import SimpleNamespace
 
 import numpy as np
+
+from . import _rules
 
 __all__ = ["AVAILABLE", "CLIPPED", "enabled", "kernels"]
 
@@ -52,7 +54,8 @@ P_P, P_LEVELS, P_HINT_NEG, P_HINT_POS, P_MIN, P_MAX, P_GAPS, P_ROUNDS, P_GIVEN_N
 RESULT_SIZE = 16
 DONE, MISSED, NOT_FINITE, NOTHING_KEPT = range(4)
 _F32_TINY = float(np.finfo(np.float32).smallest_subnormal)
-_window_scan = _quantize_into = _key32 = _unkey32 = None  # compiled, set by ``kernels()``
+# compiled, set by ``kernels()``
+_window_scan = _quantize_into = _key32 = _unkey32 = _clip_ranks = _partition = None
 
 
 def enabled() -> bool:
@@ -79,8 +82,9 @@ def kernels() -> SimpleNamespace:
     def compiled(cache: bool) -> SimpleNamespace:
         jit = njit(cache=cache, nogil=True, boundscheck=False, error_model="numpy")
         # ``clipq_cpu`` calls the others through these module globals.
-        global _window_scan, _quantize_into, _key32, _unkey32
+        global _window_scan, _quantize_into, _key32, _unkey32, _clip_ranks, _partition
         _key32, _unkey32 = jit(f32_key), jit(f32_unkey)
+        _clip_ranks, _partition = jit(_rules.clip_ranks), jit(_rules.partition)
         _window_scan, _quantize_into = jit(window_scan), jit(quantize_into)
         return SimpleNamespace(window_scan=_window_scan, quantize_into=_quantize_into, clipq_cpu=jit(clipq_cpu),
                                f32_key=_key32, f32_unkey=_unkey32)
@@ -287,7 +291,7 @@ def clipq_cpu(
     lo_p, hi_p = max(h_pos - half, tiny), min(h_pos + half, inf)
     found_n, found_p = False, False
     c_neg = c_pos = 0.0
-    rank_neg = rank_pos = 0
+    k_neg = k_pos = rank_neg = rank_pos = 0
     negatives = zeros = positives = 0
     w_min = w_max = 0.0
     scans = 0
@@ -305,10 +309,7 @@ def clipq_cpu(
                 result[R_STATUS] = NOT_FINITE
                 return
             negatives, zeros, positives = neg, nonpos - neg, n - nonpos
-            k_neg = min(negatives, round(p * negatives))
-            k_pos = min(positives, round(p * positives))
-            rank_neg = negatives - k_neg + 1 if k_neg > 0 else 0
-            rank_pos = negatives + zeros + k_pos if k_pos > 0 else 0
+            k_neg, k_pos, rank_neg, rank_pos = _clip_ranks(p, negatives, zeros, positives)
             found_n, found_p = rank_neg == 0, rank_pos == 0
             if not found_n and not np.isnan(params[P_GIVEN_NEG]):
                 c_neg, found_n = params[P_GIVEN_NEG], True
@@ -348,24 +349,14 @@ def clipq_cpu(
     if not (found_n and found_p):
         result[R_STATUS] = MISSED
         return
-    # Partition, as in ``ops.clipq_quantize_with_stats`` (same float64 arithmetic).
-    k_neg = min(negatives, round(p * negatives))
-    k_pos = min(positives, round(p * positives))
-    has_neg = negatives > k_neg and (rank_neg == 0 or w_min < c_neg)
-    has_pos = positives > k_pos and (rank_pos == 0 or w_max > c_pos)
+    has_neg, has_pos, n_neg_int, width_neg, width_pos = _partition(
+        n_levels, negatives, positives, k_neg, k_pos, rank_neg, rank_pos, w_min, w_max, c_neg, c_pos
+    )
     # what the next call on the slightly changed tensor starts from
     params[P_HINT_NEG], params[P_HINT_POS], params[P_MIN], params[P_MAX] = c_neg, c_pos, w_min, w_max
     if not (has_neg or has_pos):
         result[R_STATUS] = NOTHING_KEPT
         return
-    span_neg = (c_neg - w_min) if has_neg else 0.0
-    span_pos = (w_max - c_pos) if has_pos else 0.0
-    if has_neg and has_pos:
-        n_neg_int = min(max(round(n_levels * span_neg / (span_neg + span_pos)), 1), n_levels - 1)
-    else:
-        n_neg_int = n_levels if has_neg else 0
-    width_neg = span_neg / n_neg_int if has_neg else 1.0
-    width_pos = span_pos / (n_levels - n_neg_int) if has_pos else 1.0
     f32 = np.float32
     _quantize_into(w, codes, out, table, f32(w_min), f32(c_neg), f32(c_pos), f32(width_neg), f32(width_pos),
                    n_neg_int, n_levels, has_neg, has_pos)

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from . import _fused
+from ._rules import clip_ranks, partition
 from .errors import ConfigError
 
 __all__ = [
@@ -104,20 +105,6 @@ class ClipQStats:
         return (self.c_neg, self.c_pos, self.w_min, self.w_max)
 
 
-def _clip_count(p: float, n: int) -> int:
-    # Project convention: round(p * count); Python's round (half to even).
-    return min(n, round(p * n))
-
-
-def _ranks(p: float, n_negative: int, n_zero: int, n_positive: int) -> tuple[int, int]:
-    """1-based ranks of c- and c+ in the ascending tensor (negatives, zeros, positives); 0: nothing clipped."""
-    k_neg = _clip_count(p, n_negative)
-    k_pos = _clip_count(p, n_positive)
-    rank_neg = n_negative - k_neg + 1 if k_neg > 0 else 0
-    rank_pos = n_negative + n_zero + k_pos if k_pos > 0 else 0
-    return rank_neg, rank_pos
-
-
 # --------------------------------------------------------------------------- scratch
 
 _local = threading.local()
@@ -156,7 +143,7 @@ def _select_direct(w: torch.Tensor, p: float) -> tuple[int, int, int, int, int, 
     n_negative = int((w < 0).sum())
     n_positive = int((w > 0).sum())
     n_zero = n - n_negative - n_positive
-    rank_neg, rank_pos = _ranks(p, n_negative, n_zero, n_positive)
+    _, _, rank_neg, rank_pos = clip_ranks(p, n_negative, n_zero, n_positive)
     c_neg = float(torch.kthvalue(w, rank_neg).values) if rank_neg else 0.0
     c_pos = float(torch.kthvalue(w, rank_pos).values) if rank_pos else 0.0
     return n_negative, n_zero, n_positive, rank_neg, rank_pos, c_neg, c_pos
@@ -277,7 +264,7 @@ def _select_hist(
         if counts is None:
             n_negative, n_nonpos = cum[[fine + 1, fine + 2]].tolist()
             counts = (n_negative, n_nonpos - n_negative, n - n_nonpos)
-            ranks = _ranks(p, *counts)
+            ranks = clip_ranks(p, *counts)[2:]
             found = {side: 0.0 for side, r in zip((-1, 1), ranks, strict=True) if r == 0}
         todo = [(side, r) for side, r in zip((-1, 1), ranks, strict=True) if side not in found]
         if not todo:
@@ -506,27 +493,14 @@ def clipq_quantize_with_stats(
     else:
         selected = _select_hist(w, p, hint[:2] if hint is not None else None, w_min, w_max, lanes, a, b)
     n_negative, n_zero, n_positive, rank_neg, rank_pos, c_neg, c_pos = selected
-    k_neg = _clip_count(p, n_negative)
-    k_pos = _clip_count(p, n_positive)
-
-    # A side keeps something iff some weight lies strictly beyond its threshold;
-    # with ties at the threshold that can be none even when k < count.
-    has_neg = n_negative > k_neg and (rank_neg == 0 or w_min < c_neg)
-    has_pos = n_positive > k_pos and (rank_pos == 0 or w_max > c_pos)
-
+    k_neg, k_pos, _, _ = clip_ranks(p, n_negative, n_zero, n_positive)
+    has_neg, has_pos, n_neg_int, width_neg, width_pos = partition(
+        n_levels, n_negative, n_positive, k_neg, k_pos, rank_neg, rank_pos, w_min, w_max, c_neg, c_pos
+    )
     if not (has_neg or has_pos):
         levels = torch.full((n_levels,), float("nan"), device=w.device)
         stats = ClipQStats(c_neg, c_pos, 0, levels, rank_neg, rank_pos, w_min, w_max)
         return torch.zeros_like(weight), stats
-
-    span_neg = (c_neg - w_min) if has_neg else 0.0
-    span_pos = (w_max - c_pos) if has_pos else 0.0
-    if has_neg and has_pos:
-        n_neg_int = round(n_levels * span_neg / (span_neg + span_pos))
-        n_neg_int = min(max(n_neg_int, 1), n_levels - 1)
-    else:
-        n_neg_int = n_levels if has_neg else 0
-    n_pos_int = n_levels - n_neg_int
 
     # Interval index per weight: uniform bins need no search. Clipped weights
     # go to extra codes (n_levels and up) whose level is zero. Values on an
@@ -534,8 +508,8 @@ def clipq_quantize_with_stats(
     # to the last interval of its side.
     idx = _codes(
         w, lanes.add_(n_levels), w_min, c_neg, c_pos, n_neg_int, n_levels,
-        span_neg / n_neg_int if has_neg else None,
-        span_pos / n_pos_int if has_pos else None,
+        width_neg if has_neg else None,
+        width_pos if has_pos else None,
         a, b, c,
     )
     # bincount adds a bin's weights in element order in float32, as index_add_ does.
