@@ -43,10 +43,14 @@ def _fresh_state() -> dict[str, Any]:
     return {"stats": None, "key": None, "cache": None, "op": None, "source": None, "lock": threading.Lock()}
 
 
+def _compilable(t: torch.Tensor) -> bool:
+    """Whether the compiled CPU operator can run on ``t`` in place (no conversion, no copy)."""
+    return t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+
+
 def _fits(op: CompiledOperator, t: torch.Tensor, p: float, bits: int) -> bool:
     """Whether ``op`` computes the operator for ``t`` with (p, bits)."""
-    return (t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() == op.n and t.is_contiguous()
-            and op.p == p and op.bits == bits)
+    return _compilable(t) and t.numel() == op.n and op.p == p and op.bits == bits
 
 
 class ClipQWeight(nn.Module):
@@ -128,7 +132,7 @@ class ClipQWeight(nn.Module):
         state["stats"], state["cache"], state["key"] = stats, q, key
         state["source"] = None  # no view kept of memory the layer may have left
         n = original.numel()
-        if original.device.type == "cpu" and original.dtype == torch.float32 and compiled_for(n):
+        if _compilable(original) and compiled_for(n):
             if op is None or not _fits(op, original, self.p, self.bits):
                 op = state["op"] = CompiledOperator(n, self.p, self.bits)
             with state["lock"]:

@@ -273,3 +273,16 @@ def test_training_goes_on_after_an_evaluation_under_inference_mode() -> None:
     _train_steps(model, opt, 2, seed=1)
     assert original.grad is not None and not torch.equal(original.detach(), before)
     assert not model[0].weight.is_inference()
+
+
+def test_a_non_contiguous_weight_takes_the_general_path_without_setting_up_a_compiled_operator() -> None:
+    lin = nn.Linear(30, 20)
+    attach_clipq(nn.Sequential(lin), {"layers": {"0": {"p": 0.5, "bits": 3}}})
+    original = lin.parametrizations.weight.original
+    original.data = torch.randn(30, 20).t()  # a transposed view: not contiguous
+    par = lin.parametrizations.weight[0]
+    for _ in range(3):
+        with torch.no_grad():
+            original.add_(0.01)
+            assert torch.equal(lin.weight, clipq_quantize(original.contiguous(), 0.5, 3))
+        assert par._state["op"] is None
