@@ -407,6 +407,49 @@ def test_order_keys_sort_as_the_floats_do() -> None:
         assert all(unkey(key(float(v), scratch), scratch) == float(v) for v in values)
 
 
+@pytest.mark.parametrize("n", [0, 1, 63, 64, 65, 640, 1000, 4099])
+def test_kept_sums_visit_exactly_the_kept_codes_in_element_order(n: int) -> None:
+    """The sparse sum (mostly clipped layers) equals the plain element-order loop over codes below 128."""
+    import numpy as np
+
+    import clipq_search._fused as fused
+
+    if not fused.enabled():
+        pytest.skip("compiled kernels unavailable")
+    g = np.random.default_rng(n)
+    # mantissa-rich values of mixed magnitude: any other summation order would change the float32 sums
+    w = (g.standard_normal(n) * 10.0 ** g.integers(-3, 3, n)).astype(np.float32)
+    for kept_fraction in (0.0, 0.03, 0.5, 1.0):
+        kept = g.random(n) < kept_fraction
+        codes = np.where(kept, g.integers(0, 127, n), g.integers(128, 144, n)).astype(np.uint8)
+        sums, counts = np.zeros(fused._SLOTS, np.float32), np.zeros(fused._SLOTS, np.int64)
+        fused.kernels().kept_sums(w, codes, sums, counts)
+        ref_sums, ref_counts = np.zeros(fused._SLOTS, np.float32), np.zeros(fused._SLOTS, np.int64)
+        for i in np.flatnonzero(kept):
+            ref_sums[codes[i]] += w[i]
+            ref_counts[codes[i]] += 1
+        assert np.array_equal(counts, ref_counts)
+        assert np.array_equal(sums.view(np.int32), ref_sums.view(np.int32))
+
+
+@pytest.mark.parametrize("p", [0.3, 0.5, 0.9])
+def test_compiled_operator_dense_and_sparse_sums_agree_with_reference(p: float) -> None:
+    """Both sum loops of the compiled operator (dense below p = 0.5, sparse from it) are bit-identical."""
+    import clipq_search._fused as fused
+    from clipq_search.ops import CompiledOperator
+
+    if not fused.enabled():
+        pytest.skip("compiled kernels unavailable")
+    g = torch.Generator().manual_seed(31)
+    w = torch.randn(20011, generator=g) * 0.05
+    for bits in (2, 4, 7, 8):  # 8 bits: no room for spread codes, the dense loop always
+        op, out = CompiledOperator(w.numel(), p, bits), torch.empty_like(w)
+        assert op.run(w, out) == fused.DONE
+        ref_out, ref = _reference_clipq(w, p, bits)
+        assert torch.equal(out, ref_out)
+        assert torch.equal(op.stats().levels.nan_to_num(7.0), ref[5].nan_to_num(7.0))
+
+
 def test_compiled_operator_keeps_its_hint_and_scans_once() -> None:
     """After a first call, the next call on slightly moved weights finds both thresholds in its first scan."""
     import clipq_search._fused as fused
