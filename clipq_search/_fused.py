@@ -73,7 +73,7 @@ def enabled() -> bool:
 
 @functools.cache
 def kernels() -> SimpleNamespace:
-    """The compiled kernels: ``clipq_cpu`` (what the operator calls) and the two passes it is made of.
+    """The compiled kernels: ``clipq_cpu`` (what the operator calls) and the pieces it is made of.
 
     Compiled once per process from numba's on-disk cache (compiled and cached
     on first use).
