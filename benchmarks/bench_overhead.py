@@ -5,9 +5,10 @@ to one, and trains both on the same real Fashion-MNIST batches, alternating one
 plain step and one CLIP-Q step (which goes first alternates too), each timed
 with ``perf_counter``. A step is forward, cross-entropy, backward and an SGD
 momentum step. Reports the median milliseconds of each, the median of the
-per-pair ratios and the ratio of the medians; then the operator alone
-(``clipq_quantize_with_stats``) per layer shape, with the previous call's
-thresholds as hint (as in training) and without.
+per-pair ratios and the ratio of the medians; then the operator per layer
+shape: alone (``clipq_quantize_with_stats``), with the previous call's
+thresholds as hint (as in training) and without, and inside training steps
+(each layer's operator timed during ``--op-reps`` more CLIP-Q steps).
 
     python benchmarks/bench_overhead.py [--models lenet300 lenet5] [--steps 200] [--threads 0]
         [--kernels numba torch] [--floor]
@@ -40,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from _common import fashion_setup  # noqa: E402
 from _machine import machine_info, shown_path  # noqa: E402
@@ -51,7 +53,7 @@ from clipq_search._io import write_json  # noqa: E402
 from clipq_search.data import DEFAULT_ROOTS  # noqa: E402
 from clipq_search.models import build_model  # noqa: E402
 from clipq_search.ops import clipq_quantize_with_stats  # noqa: E402
-from clipq_search.surgery import ClipQWeight, attached_configs  # noqa: E402
+from clipq_search.surgery import ClipQWeight, _clipq_param, attached_configs  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "overhead.json"
 TARGETS = {"lenet300": 1.25, "lenet5": 1.10}
@@ -77,6 +79,10 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torc
     loss.backward()
     opt.step()
     return clock() - start
+
+
+def _ms(value: float | None) -> str:
+    return f"{value:8.3f}" if value is not None else f"{'-':>8s}"
 
 
 def _q(values: list[float], q: float) -> float:
@@ -139,6 +145,71 @@ def step_overhead(
         "target_ratio": TARGETS.get(name),
     }
     return entry, clipq
+
+
+def _timed(fn: Any, times: list[float], clock) -> Any:
+    def timed(*args: Any) -> Any:
+        start = clock()
+        result = fn(*args)
+        times.append(clock() - start)
+        return result
+    return timed
+
+
+def _median_ms(values: list[float]) -> float | None:
+    return round(statistics.median(values) * 1e3, 4) if values else None
+
+
+def operator_in_step(
+    model: nn.Module, splits: Any, args: argparse.Namespace, steps: int, clock
+) -> dict[str, dict[str, float | None]]:
+    """Per CLIP-Q layer, median ms of its operator inside training steps, and of the compiled call in and out of them.
+
+    Continues training ``model`` for ``steps`` more steps (a fresh SGD, so
+    the first few move the weights more; the median ignores them), timing
+    each layer's ``ClipQWeight.quantize`` (``ms_in_step``) and, on the
+    compiled path, the compiled call within it (``kernel_ms_in_step``).
+    Inside a step the weights come fresh from the optimizer, split between
+    the cores that updated them, and the forward pass runs between the
+    layers' calls: this is what the operator really costs a step. Then the
+    same compiled call is repeated on the final weights, warm in this core's
+    cache (``kernel_ms_warm``). Kernel times are None on the tensor path.
+    """
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    modules = dict(model.named_modules())
+    layers = {name: _clipq_param(modules[name]) for name in attached_configs(model)}
+    times: dict[str, list[float]] = {name: [] for name in layers}
+    kernel_times: dict[str, list[float]] = {name: [] for name in layers}
+    batches = _batches(splits.train, args.batch, args.seed + 1)
+    _step(model, opt, *next(batches), clock)  # every layer has its compiled operator from here on
+    ops = {name: param._state["op"] for name, param in layers.items()}
+    kernels = {name: op.kernel for name, op in ops.items() if op is not None}
+    for name, param in layers.items():
+        param.quantize = _timed(param.quantize, times[name], clock)  # type: ignore[method-assign]
+        if name in kernels:
+            ops[name].kernel = _timed(kernels[name], kernel_times[name], clock)
+    try:
+        for _ in range(steps):
+            _step(model, opt, *next(batches), clock)
+    finally:
+        for name, param in layers.items():
+            del param.quantize  # the class's method again
+            if name in kernels:
+                ops[name].kernel = kernels[name]
+    rows: dict[str, dict[str, float | None]] = {}
+    for name in layers:
+        warm: list[float] = []
+        op = ops[name]
+        if op is not None:
+            w = modules[name].parametrizations.weight.original.detach()
+            w_np, out_np = w.reshape(-1).numpy(), np.empty(w.numel(), np.float32)
+            for _ in range(steps):
+                start = clock()
+                op.run_arrays(w_np, out_np, w)
+                warm.append(clock() - start)
+        rows[name] = {"ms_in_step": _median_ms(times[name]), "kernel_ms_in_step": _median_ms(kernel_times[name]),
+                      "kernel_ms_warm": _median_ms(warm)}
+    return rows
 
 
 def operator_times(model: nn.Module, reps: int, seed: int, clock) -> list[dict[str, Any]]:
@@ -218,8 +289,12 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["CLIPQ_SEARCH_KERNEL"] = kernel
             entry, clipq = step_overhead(name, splits, args)
             entry["kernels"] = kernel
+            in_step = operator_in_step(clipq, splits, args, args.op_reps, CLOCKS[args.clock])
             entry["operator"] = operator_times(clipq, args.op_reps, args.seed, CLOCKS[args.clock])
+            for row in entry["operator"]:
+                row.update(in_step[row["layer"]])
             entry["operator_ms_per_step"] = round(sum(r["ms_with_hint"] for r in entry["operator"]), 4)
+            entry["operator_ms_in_step"] = round(sum(r["ms_in_step"] for r in in_step.values()), 4)
             if kernel == args.kernels[0]:
                 results["models"][name] = entry
             else:
@@ -234,16 +309,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:9s} {'none':7s} {entry['plain_ms']:9.3f} {entry['clipq_ms']:9.3f} "
                   f"{entry['ratio_median_of_pairs']:7.3f} {entry['ratio_of_medians']:7.3f} {'-':>6}")
     print("  * median of per-pair ratios; ** ratio of medians" + ("; none: operator removed" if args.floor else ""))
-    print(f"\n{'model':9s} {'kernels':7s} {'layer':8s} {'shape':>16s} {'hint ms':>8s} {'cold ms':>8s}")
+    print(f"\n{'model':9s} {'kernels':7s} {'layer':8s} {'shape':>16s} {'hint ms':>8s} {'cold ms':>8s} "
+          f"{'step ms':>8s} {'call in':>8s} {'call out':>8s}")
     for name, main_entry in results["models"].items():
         for entry in (main_entry, *main_entry.get("other_kernels", {}).values()):
             kernel = entry["kernels"]
             for row in entry["operator"]:
                 shape = "x".join(map(str, row["shape"]))
                 print(f"{name:9s} {kernel:7s} {row['layer']:8s} {shape:>16s} {row['ms_with_hint']:8.3f} "
-                      f"{row['ms_without_hint']:8.3f}")
-            print(f"{name:9s} {kernel:7s} {'(sum)':8s} {'':>16s} {entry['operator_ms_per_step']:8.3f}   "
-                  f"step overhead {entry['overhead_ms']:.3f} ms")
+                      f"{row['ms_without_hint']:8.3f} {row['ms_in_step']:8.3f} {_ms(row['kernel_ms_in_step'])} "
+                      f"{_ms(row['kernel_ms_warm'])}")
+            print(f"{name:9s} {kernel:7s} {'(sum)':8s} {'':>16s} {entry['operator_ms_per_step']:8.3f} {'':>8s} "
+                  f"{entry['operator_ms_in_step']:8.3f}   step overhead {entry['overhead_ms']:.3f} ms")
+    print("  hint/cold: the operator alone (clipq_quantize_with_stats) with and without the previous thresholds;\n"
+          "  step: a layer's operator inside training steps; call in/out: its compiled call inside the steps, "
+          "and repeated on warm memory")
     results["machine"]["load_1min_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     write_json(args.out, results)
     print(f"\nwrote {args.out}")

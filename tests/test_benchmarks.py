@@ -33,6 +33,12 @@ def test_overhead_benchmark_times_both_implementations(tmp_path: Path) -> None:
     for e in (entry, entry["other_kernels"]["torch"]):
         assert e["plain_ms"] > 0 and e["clipq_ms"] > 0 and e["ratio_median_of_pairs"] > 0
         assert [row["layer"] for row in e["operator"]] == ["fc1", "fc2", "fc3"]
+        assert all(row["ms_in_step"] > 0 for row in e["operator"])
+        compiled = e["kernels"] == "numba"
+        for row in e["operator"]:  # the compiled call is timed inside the steps and alone; the tensor path has none
+            assert (row["kernel_ms_in_step"] is not None and row["kernel_ms_in_step"] > 0) == compiled
+            assert (row["kernel_ms_warm"] is not None and row["kernel_ms_warm"] > 0) == compiled
+        assert e["operator_ms_in_step"] == pytest.approx(sum(row["ms_in_step"] for row in e["operator"]), abs=1e-3)
     assert data["settings"]["out"] == str(out)  # outside the project: quoted as given
     assert "lenet300" in r.stdout and "wrote" in r.stdout
 
