@@ -12,11 +12,17 @@ call (``docs/method.md``, "Speed"):
    window for another scan, or the caller selects it exactly);
 2. the partition (how many intervals per side, their widths): the rules of
    ``_rules.py``, compiled, the same code the tensor implementation runs;
-3. ``quantize_into``: interval code per weight with the same float32
-   arithmetic as the definition, per-interval float32 sums and counts in
-   element order (so levels are bit-identical to ``torch.index_add_``; only
-   over the kept weights when most are clipped, ``kept_sums``), and every
-   weight replaced by its interval's level.
+3. ``codes_into``: interval code per weight with the same float32
+   arithmetic as the definition; ``interval_means``: per-interval float32
+   sums and counts in element order (so levels are bit-identical to
+   ``torch.index_add_``; only over the kept weights when most are clipped,
+   ``kept_sums``); ``levels_into``: every weight replaced by its interval's
+   level.
+
+For tensors of ``TEAM_MIN`` elements or more the scan, the codes and the
+levels run in slices on torch's own OpenMP threads (``team``, ``team_body``:
+``GOMP_parallel`` of torch's libgomp, called by address); the sums stay on
+the calling thread, so the result does not depend on the number of threads.
 
 numba compiles them on first use and caches the machine code next to this file
 (or under ``NUMBA_CACHE_DIR``); without numba, or with
@@ -25,9 +31,11 @@ numba compiles them on first use and caches the machine code next to this file
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import importlib.util
 import os
+import sys
 import warnings
 from types import SimpleNamespace
 
@@ -40,7 +48,7 @@ __all__ = ["AVAILABLE", "CLIPPED", "enabled", "kernels"]
 # numba is a dependency, but the operator keeps working without it. It is
 # imported on first use, not with the package: the command line stays quick.
 AVAILABLE = importlib.util.find_spec("numba") is not None
-# Codes of clipped weights (see ``quantize_into``): 128.. when the levels
+# Codes of clipped weights (see ``codes_into``): 128.. when the levels
 # (at most 127 below 8 bits) leave room, else 255 with spare sum slots.
 CLIPPED = 255
 _SPREAD_BASE = 128
@@ -48,15 +56,31 @@ _SPREAD = 16
 _SLOTS = 256 + _SPREAD
 
 # ``clipq_cpu``'s parameters and results (float64 arrays: one argument each,
-# since numba's dispatch costs about a microsecond per argument).
-P_P, P_LEVELS, P_HINT_NEG, P_HINT_POS, P_MIN, P_MAX, P_GAPS, P_ROUNDS, P_GIVEN_NEG, P_GIVEN_POS = range(10)
+# since numba's dispatch costs about a microsecond per argument). The team
+# entries: threads to use (1: this thread alone) and the addresses of
+# ``GOMP_parallel``, ``team_body``, ``omp_get_thread_num`` and
+# ``omp_get_num_threads`` (see ``team``).
+(P_P, P_LEVELS, P_HINT_NEG, P_HINT_POS, P_MIN, P_MAX, P_GAPS, P_ROUNDS, P_GIVEN_NEG, P_GIVEN_POS,
+ P_THREADS, P_FORK, P_BODY, P_THREAD_NUM, P_TEAM_SIZE) = range(15)
 (R_STATUS, R_NEG, R_ZERO, R_POS, R_RANK_NEG, R_RANK_POS, R_C_NEG, R_C_POS, R_MIN, R_MAX, R_N_NEG_INT,
  R_FOUND_NEG, R_FOUND_POS, R_SCANS) = range(14)
 RESULT_SIZE = 16
 DONE, MISSED, NOT_FINITE, NOTHING_KEPT = range(4)
 _F32_TINY = float(np.finfo(np.float32).smallest_subnormal)
+# A team's job (float64, addresses included: exact below 2**53): what every
+# thread reads, then ``_RESULT_SLOTS`` per thread for what it found.
+(J_PHASE, J_N, J_THREADS, J_THREAD_NUM, J_W, J_OUT, J_CODES, J_MASK, J_BUF, J_TABLE, J_KEYS) = range(11)
+J_CAP, J_TEAM_SIZE = 14, 24  # J_CAP after the four keys
+(J_W_MIN, J_C_NEG, J_C_POS, J_WIDTH_NEG, J_WIDTH_POS, J_N_NEG_INT, J_LEVELS, J_HAS_NEG, J_HAS_POS) = range(15, 24)
+J_RESULTS = 25
+_RESULT_SLOTS = 8
+PHASE_SCAN, PHASE_CODES, PHASE_LEVELS = range(3)
+# Threads split work in slices of whole 64-element blocks (cache lines of
+# every array, and the mask's uint64 words).
+_BLOCK = 64
 # compiled, set by ``kernels()``
-_window_scan = _quantize_into = _kept_sums = _trailing_zeros = _key32 = _unkey32 = _clip_ranks = _partition = None
+_window_scan = _scan_into = _codes_into = _interval_means = _levels_into = _kept_sums = _trailing_zeros = None
+_key32 = _unkey32 = _clip_ranks = _partition = _team_run = _fork = _call_i32 = _f32_at = _u8_at = _carray = None
 
 
 def enabled() -> bool:
@@ -78,20 +102,27 @@ def kernels() -> SimpleNamespace:
     Compiled once per process from numba's on-disk cache (compiled and cached
     on first use).
     """
-    from numba import njit
+    from numba import cfunc, njit, types
 
     def compiled(cache: bool) -> SimpleNamespace:
         jit = njit(cache=cache, nogil=True, boundscheck=False, error_model="numpy")
         # ``clipq_cpu`` calls the others through these module globals.
-        global _window_scan, _quantize_into, _kept_sums, _trailing_zeros, _key32, _unkey32, _clip_ranks, _partition
+        global _window_scan, _scan_into, _codes_into, _interval_means, _levels_into, _kept_sums, _trailing_zeros
+        global _key32, _unkey32, _clip_ranks, _partition, _team_run, _fork, _call_i32, _f32_at, _u8_at, _carray
+        from numba import carray as _carray
         from numba.cpython.unsafe.numbers import trailing_zeros as _trailing_zeros
 
+        _fork, _call_i32, _f32_at, _u8_at = _intrinsics()
         _key32, _unkey32 = jit(f32_key), jit(f32_unkey)
         _kept_sums = jit(kept_sums)
         _clip_ranks, _partition = jit(_rules.clip_ranks), jit(_rules.partition)
-        _window_scan, _quantize_into = jit(window_scan), jit(quantize_into)
-        return SimpleNamespace(window_scan=_window_scan, quantize_into=_quantize_into, kept_sums=_kept_sums,
-                               clipq_cpu=jit(clipq_cpu), f32_key=_key32, f32_unkey=_unkey32)
+        _scan_into, _codes_into, _levels_into = jit(scan_into), jit(codes_into), jit(levels_into)
+        _interval_means, _team_run = jit(interval_means), jit(team_run)
+        _window_scan = jit(window_scan)
+        body = cfunc(types.void(types.voidptr), cache=cache, nogil=True, boundscheck=False,
+                     error_model="numpy")(team_body)
+        return SimpleNamespace(window_scan=_window_scan, scan_into=_scan_into, kept_sums=_kept_sums,
+                               clipq_cpu=jit(clipq_cpu), team_body=body, f32_key=_key32, f32_unkey=_unkey32)
 
     try:
         return compiled(cache=True)
@@ -99,12 +130,64 @@ def kernels() -> SimpleNamespace:
         return compiled(cache=False)
 
 
+def _intrinsics() -> tuple:
+    """numba intrinsics for calling into the OpenMP runtime by address, and arrays at raw addresses.
+
+    Addresses travel as numbers (float64 parameters), not as ctypes objects,
+    so that the kernels stay cacheable across processes.
+    """
+    from llvmlite import ir
+    from numba.core import types
+    from numba.extending import intrinsic
+
+    i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+    body_type = ir.FunctionType(ir.VoidType(), [i8p]).as_pointer()
+
+    @intrinsic
+    def fork(typingctx, fn, body, data, threads):  # noqa: ARG001
+        """``GOMP_parallel(body, data, threads, 0)`` at address ``fn``: ``body(data)`` on each thread, joined."""
+        sig = types.void(types.int64, types.int64, types.int64, types.int64)
+
+        def codegen(context, builder, signature, args):  # noqa: ARG001
+            fn_, body_, data_, threads_ = args
+            fn_type = ir.FunctionType(ir.VoidType(), [body_type, i8p, i32, i32]).as_pointer()
+            builder.call(builder.inttoptr(fn_, fn_type), [
+                builder.inttoptr(body_, body_type), builder.inttoptr(data_, i8p),
+                builder.trunc(threads_, i32), ir.Constant(i32, 0),
+            ])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @intrinsic
+    def call_i32(typingctx, fn):  # noqa: ARG001
+        """The int of the argument-less C function at address ``fn`` (``omp_get_thread_num``)."""
+        def codegen(context, builder, signature, args):  # noqa: ARG001
+            return builder.call(builder.inttoptr(args[0], ir.FunctionType(i32, []).as_pointer()), [])
+
+        return types.int32(types.int64), codegen
+
+    def pointer_at(element):
+        @intrinsic
+        def at(typingctx, address):  # noqa: ARG001
+            pointer = types.CPointer(element)
+
+            def codegen(context, builder, signature, args):  # noqa: ARG001
+                return builder.inttoptr(args[0], context.get_value_type(pointer))
+
+            return pointer(types.int64), codegen
+
+        return at
+
+    return fork, call_i32, pointer_at(types.float32), pointer_at(types.uint8)
+
+
 @functools.cache
 def _ready() -> bool:
     w = np.array([-2.0, -1.0, 0.0, 1.0, 2.0], np.float32)
     try:
         k = kernels()
-        params = np.array([0.5, 3, -1.0, 1.0, -2.0, 2.0, 64.0, 4, np.nan, np.nan])
+        params = np.array([0.5, 3, -1.0, 1.0, -2.0, 2.0, 64.0, 4, np.nan, np.nan, 1, 0, 0, 0, 0])
         k.clipq_cpu(w, np.empty(5, np.float32), np.empty(5, np.uint8), np.empty(5, np.uint8), np.empty(8, np.float32),
                     np.empty(256, np.float32), params, np.empty(RESULT_SIZE))
     except Exception as exc:  # noqa: BLE001 - any failure: the tensor implementation still works
@@ -118,20 +201,20 @@ def _ready() -> bool:
     return True
 
 
-def window_scan(
+def scan_into(
     w: np.ndarray, klo_n: np.int32, khi_n: np.int32, klo_p: np.int32, khi_p: np.int32,
     buf: np.ndarray, mask: np.ndarray,
-) -> tuple[int, int, int, int, int, int, int, int]:  # pragma: no cover - compiled
+) -> tuple[int, int, int, int, int, int, int]:  # pragma: no cover - compiled
     """Counts, extremes and window elements of float32 ``w`` in one vectorised pass.
 
     Works on order keys (``key``: the float32 bits as int32, negatives
     reflected), so every comparison and the minimum and maximum are int32
     operations. The windows are [klo_n, khi_n] and [klo_p, khi_p] in keys
     (empty when lo > hi). Returns the counts of negatives, of non-positives,
-    of keys below ``klo_n`` and below ``klo_p``, the smallest and largest key,
-    how many elements lie inside either window and how many of those are
-    negative. The window elements are copied to ``buf`` and sorted when they
-    fit (``m <= len(buf)``). ``mask`` is uint8 scratch of ``w``'s length.
+    of keys below ``klo_n`` and below ``klo_p``, the smallest and largest key
+    (``0x7FFFFFFF`` and ``-0x80000000`` for no element) and how many elements
+    lie inside either window; those are copied to ``buf`` (unsorted) as far
+    as it holds them. ``mask`` is uint8 scratch of ``w``'s length.
     """
     b = w.view(np.int32)
     n = b.shape[0]
@@ -169,6 +252,162 @@ def window_scan(
             if m < cap:
                 buf[m] = w[i]
             m += 1
+    return neg, nonpos, below_n, below_p, kmin, kmax, m
+
+
+# Tensors from this many elements on are split over the team; below it one
+# thread is quicker than the three fork-joins (a few microseconds each).
+TEAM_MIN = 16384
+TEAM_MAX = 64
+_team_enabled = True
+
+
+def _no_team_after_fork() -> None:
+    # A forked child has no OpenMP threads of its parent's team.
+    global _team_enabled
+    _team_enabled = False
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_no_team_after_fork)
+
+
+def team_threads(n: int) -> int:
+    """How many threads the compiled operator uses for a tensor of ``n`` elements: torch's intra-op
+    threads (``torch.get_num_threads()``, at most ``TEAM_MAX``) when the team is available and
+    ``n >= TEAM_MIN``, else 1."""
+    if n < TEAM_MIN or not _team_enabled or team() is None:
+        return 1
+    import torch
+
+    return max(1, min(torch.get_num_threads(), TEAM_MAX))
+
+
+@functools.cache
+def team() -> tuple[float, float, float, float] | None:
+    """Addresses of ``GOMP_parallel``, ``team_body``, ``omp_get_thread_num`` and ``omp_get_num_threads``, or None.
+
+    The big passes of the operator (scan, codes, levels) run on torch's own
+    OpenMP threads: ``GOMP_parallel`` of the libgomp that torch's intra-op
+    parallelism uses, found among the libraries this process has loaded,
+    with ``team_body`` (a compiled C callback) as the work. torch's threads
+    are already running (and spinning between torch's own parallel
+    regions), so handing them work costs a few microseconds, and no second
+    pool of threads competes with them for the cores. None (one thread)
+    when: not Linux, torch not on OpenMP, no such libgomp found, the
+    kernels unavailable, ``CLIPQ_SEARCH_KERNEL_THREADS=1``, or the team's
+    result on a test tensor differing from one thread's (with a warning).
+    """
+    if os.environ.get("CLIPQ_SEARCH_KERNEL_THREADS", "") == "1" or not sys.platform.startswith("linux"):
+        return None
+    import torch
+
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info() or not enabled():
+        return None
+    path = _torch_libgomp(os.path.dirname(torch.__file__))
+    if path is None:
+        return None
+    try:
+        lib = ctypes.CDLL(path)
+        addresses = (float(ctypes.cast(lib.GOMP_parallel, ctypes.c_void_p).value),
+                     float(kernels().team_body.address),
+                     float(ctypes.cast(lib.omp_get_thread_num, ctypes.c_void_p).value),
+                     float(ctypes.cast(lib.omp_get_num_threads, ctypes.c_void_p).value))
+        ok = _team_agrees(addresses)
+    except Exception as exc:  # noqa: BLE001 - any failure: one thread still works
+        ok, addresses = False, None
+        reason = f"{type(exc).__name__}: {exc}"
+    else:
+        reason = "its result differed from one thread's"
+    if not ok:
+        warnings.warn(f"clipq_search: the compiled CLIP-Q operator runs on one thread ({reason})",
+                      RuntimeWarning, stacklevel=2)
+        return None
+    return addresses
+
+
+def _torch_libgomp(torch_dir: str) -> str | None:
+    """Path of the libgomp loaded in this process that torch uses (``libgomp_for``), from /proc/self/maps."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            paths = {line.split(None, 5)[5].strip() for line in maps if "libgomp" in line and line.count(" ") >= 5}
+    except OSError:
+        return None
+    return libgomp_for(paths, torch_dir)
+
+
+def libgomp_for(paths: set[str], torch_dir: str) -> str | None:
+    """Which of the loaded ``paths`` is torch's libgomp: the one torch ships (inside its package
+    folder ``torch_dir``, or ``torch_dir + ".libs"`` as repaired wheels have it), else the only
+    libgomp loaded (torch then links the system's); None when there is none or the choice is
+    ambiguous."""
+    gomp = {p for p in paths if os.path.basename(p).startswith("libgomp")}
+    roots = tuple(d.rstrip(os.sep) + os.sep for d in (torch_dir, torch_dir.rstrip(os.sep) + ".libs"))
+    own = [p for p in gomp if p.startswith(roots)]
+    if len(own) == 1:
+        return own[0]
+    return next(iter(gomp)) if len(gomp) == 1 and not own else None
+
+
+def _team_agrees(addresses: tuple[float, float, float, float]) -> bool:
+    """Whether two threads of the team give exactly one thread's result on a test tensor."""
+    rng = np.random.default_rng(0)
+    n = 3 * _BLOCK * 40 + 17
+    w = (rng.standard_normal(n) * 0.05).astype(np.float32)
+    ordered = np.sort(w)
+    negatives, positives = int(np.count_nonzero(w < 0)), int(np.count_nonzero(w > 0))
+    _, _, rank_neg, rank_pos = _rules.clip_ranks(0.7, negatives, n - negatives - positives, positives)
+    # hinted near the exact thresholds, as in training
+    hint = (ordered[rank_neg - 1 + 5], ordered[rank_pos - 1 - 5], ordered[0], ordered[-1])
+    runs = []
+    for threads in (1, 2):
+        params = np.array([0.7, 15, *hint, 64.0, 4, np.nan, np.nan, threads, *addresses])
+        result, out, table = np.zeros(RESULT_SIZE), np.empty(n, np.float32), np.empty(256, np.float32)
+        kernels().clipq_cpu(w, out, np.empty(n, np.uint8), np.empty(n, np.uint8), np.empty(4096 * threads, np.float32),
+                            table, params, result)
+        runs.append((out, table, result))
+    (o1, t1, r1), (o2, t2, r2) = runs
+    return r1[R_STATUS] == DONE and np.array_equal(o1.view(np.int32), o2.view(np.int32)) and np.array_equal(
+        t1.view(np.int32), t2.view(np.int32)) and np.array_equal(r1, r2)
+
+
+def window_scan(
+    w: np.ndarray, klo_n: np.int32, khi_n: np.int32, klo_p: np.int32, khi_p: np.int32,
+    buf: np.ndarray, mask: np.ndarray, job: np.ndarray, params: np.ndarray,
+) -> tuple[int, int, int, int, int, int, int, int]:  # pragma: no cover - compiled
+    """``scan_into`` over all of ``w``, on the team when ``job`` says so; the window elements sorted.
+
+    Returns ``scan_into``'s results and how many of the (sorted) window
+    elements are negative; the element count exceeds ``len(buf)`` when they
+    did not fit. On a team of T threads each scans its own slice and
+    collects into its own ``len(buf) // T`` of ``buf``; the counts add up,
+    the extremes combine, and the elements are moved together.
+    """
+    threads = int(job[J_THREADS])
+    cap = buf.shape[0]
+    if threads <= 1:
+        neg, nonpos, below_n, below_p, kmin, kmax, m = _scan_into(w, klo_n, khi_n, klo_p, khi_p, buf, mask)
+    else:
+        job[J_KEYS], job[J_KEYS + 1], job[J_KEYS + 2], job[J_KEYS + 3] = klo_n, khi_n, klo_p, khi_p
+        _team_run(params, job, PHASE_SCAN)
+        share = cap // threads
+        neg = nonpos = below_n = below_p = m = 0
+        kmin, kmax = np.int32(0x7FFFFFFF), np.int32(-0x80000000)
+        for t in range(threads):
+            r = J_RESULTS + _RESULT_SLOTS * t
+            neg += int(job[r])
+            nonpos += int(job[r + 1])
+            below_n += int(job[r + 2])
+            below_p += int(job[r + 3])
+            kmin = min(kmin, np.int32(job[r + 4]))
+            kmax = max(kmax, np.int32(job[r + 5]))
+            mt = int(job[r + 6])
+            if m <= cap and mt <= share:
+                for j in range(mt):  # to the left, never over what is still to move
+                    buf[m + j] = buf[share * t + j]
+                m += mt
+            else:
+                m = cap + 1
     m_neg = 0
     if m <= cap:
         buf[:m].sort()
@@ -177,30 +416,21 @@ def window_scan(
     return neg, nonpos, below_n, below_p, kmin, kmax, m, m_neg
 
 
-def quantize_into(
-    w: np.ndarray, codes: np.ndarray, out: np.ndarray, table: np.ndarray, w_min: np.float32,
-    c_neg: np.float32, c_pos: np.float32, width_neg: np.float32, width_pos: np.float32,
-    n_neg_int: int, n_levels: int, has_neg: bool, has_pos: bool, sparse: bool,
+def codes_into(
+    w: np.ndarray, codes: np.ndarray, w_min: np.float32, c_neg: np.float32, c_pos: np.float32,
+    width_neg: np.float32, width_pos: np.float32, n_neg_int: int, n_levels: int, has_neg: bool, has_pos: bool,
 ) -> None:  # pragma: no cover - compiled
-    """Interval codes, interval means into ``table`` and the quantized weights into ``out``.
+    """Interval code of every weight into ``codes`` (uint8), one vectorised pass.
 
-    Codes (uint8 scratch): negatives below ``c_neg`` get ``clamp((w - w_min) /
-    width_neg, 0, n_neg_int - 1)`` truncated, positives above ``c_pos`` get
-    ``n_neg_int + clamp((w - c_pos) / width_pos, 0, n_pos_int - 1)`` truncated,
-    float32 throughout as in the definition (one division per weight, the
-    side picked by a select). Each level is the float32 sum of its interval,
-    added in element order (as ``index_add_`` does), over the count; NaN for
-    an empty interval. ``table`` has 256 float32 entries, zero from
-    ``n_levels`` on.
+    Negatives below ``c_neg`` get ``clamp((w - w_min) / width_neg, 0,
+    n_neg_int - 1)`` truncated, positives above ``c_pos`` get ``n_neg_int +
+    clamp((w - c_pos) / width_pos, 0, n_pos_int - 1)`` truncated, float32
+    throughout as in the definition (one division per weight, the side
+    picked by a select).
 
     A clipped weight gets a code whose level is zero: one of ``_SPREAD``
     codes from 128 on (picked by its low mantissa bits) when the levels leave
-    room, else ``CLIPPED``; its sum then goes to one of ``_SPREAD`` spare
-    slots. Most weights are usually clipped, and additions into one slot in
-    a row would wait on each other. With ``sparse`` (worth it when at most
-    about half the weights are kept) and room for the spread codes, only the
-    kept weights are added up (``_kept_sums``): a clipped weight's level is
-    zero whatever its slot's sum.
+    room, else ``CLIPPED`` (see ``interval_means``).
     """
     n = w.shape[0]
     b = w.view(np.int32)
@@ -225,6 +455,28 @@ def quantize_into(
         code = i32(i32(min(max(f32(f32(x - start) / width), zero), top)) + base)
         kept = (x < lim_n) | (x > lim_p)
         codes[i] = np.uint8(code if kept else i32(clipped + i32(b[i] & spread)))
+
+
+def interval_means(
+    w: np.ndarray, codes: np.ndarray, table: np.ndarray, n_levels: int, sparse: bool
+) -> None:  # pragma: no cover - compiled
+    """Each level into ``table``: the float32 sum of its interval, in element order, over the count.
+
+    Added in element order as ``index_add_`` does (so the levels are
+    bit-identical to the definition's), NaN for an empty interval; ``table``
+    has 256 float32 entries, zero from ``n_levels`` on. This pass is serial.
+    A clipped weight's sum goes to one of ``_SPREAD`` spare slots (its
+    spread code, or by its low mantissa bits after ``CLIPPED``): most
+    weights are usually clipped, and additions into one slot in a row would
+    wait on each other. With ``sparse`` (worth it when at most about half
+    the weights are kept) and room for the spread codes, only the kept
+    weights are added up (``_kept_sums``): a clipped weight's level is zero
+    whatever its slot's sum.
+    """
+    n = w.shape[0]
+    b = w.view(np.int32)
+    f32, i32 = np.float32, np.int32
+    roomy = n_levels < _SPREAD_BASE
     sums = np.zeros(_SLOTS, np.float32)
     counts = np.zeros(_SLOTS, np.int64)
     if roomy and sparse:
@@ -241,8 +493,12 @@ def quantize_into(
             sums[j] += w[i]
             counts[j] += 1
     for j in range(256):
-        table[j] = sums[j] / f32(counts[j]) if j < n_levels else zero
-    for i in range(n):
+        table[j] = sums[j] / f32(counts[j]) if j < n_levels else f32(0.0)
+
+
+def levels_into(codes: np.ndarray, table: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Every weight replaced by its interval's level: ``out[i] = table[codes[i]]``."""
+    for i in range(codes.shape[0]):
         out[i] = table[codes[i]]
 
 
@@ -253,7 +509,7 @@ def kept_sums(w: np.ndarray, codes: np.ndarray, sums: np.ndarray, counts: np.nda
     the clipped codes, 128 and up) become, inverted and gathered by one
     multiplication, a 64-bit mask of the kept weights among 64 consecutive
     ones, and only those are visited, lowest index first. Summing only the
-    kept weights is what makes this faster than ``quantize_into``'s dense
+    kept weights is what makes this faster than ``interval_means``' dense
     loop when most weights are clipped.
     """
     n = w.shape[0]
@@ -297,6 +553,57 @@ def f32_unkey(k: np.int32, scratch: np.ndarray) -> float:  # pragma: no cover - 
     return float(scratch[0])
 
 
+def team_run(params: np.ndarray, job: np.ndarray, phase: int) -> None:  # pragma: no cover - compiled
+    """Run ``phase`` of ``job`` on ``job[J_THREADS]`` threads of the OpenMP team (``team_body``), joined."""
+    job[J_PHASE] = phase
+    _fork(np.int64(params[P_FORK]), np.int64(params[P_BODY]), np.int64(job.ctypes.data), np.int64(job[J_THREADS]))
+
+
+def team_body(data) -> None:  # pragma: no cover - compiled (a C callback)
+    """One thread's share of a job (``team_run``): slices of the weights in whole blocks of ``_BLOCK``.
+
+    The job has ``job[J_THREADS]`` slices; thread t of a team of T does
+    slices t, t + T, ... (one each when the team is as large as asked; all
+    of them when OpenMP gave fewer threads, nested in a parallel region say).
+    ``PHASE_SCAN``: ``scan_into`` on the slice, collecting into the slice's
+    part of the window buffer, results in the slice's slots.
+    ``PHASE_CODES``: ``codes_into`` on the slice. ``PHASE_LEVELS``:
+    ``levels_into`` on the slice.
+    """
+    head = _carray(data, J_RESULTS, dtype=np.float64)
+    slices = np.int64(head[J_THREADS])
+    job = _carray(data, J_RESULTS + _RESULT_SLOTS * slices, dtype=np.float64)
+    t = np.int64(_call_i32(np.int64(job[J_THREAD_NUM])))
+    team_size = max(np.int64(_call_i32(np.int64(job[J_TEAM_SIZE]))), np.int64(1))
+    n = np.int64(job[J_N])
+    per = ((n + slices - 1) // slices + _BLOCK - 1) // _BLOCK * _BLOCK
+    phase = np.int64(job[J_PHASE])
+    for s in range(t, slices, team_size):
+        lo = min(s * per, n)
+        size = min(lo + per, n) - lo
+        w = _carray(_f32_at(np.int64(job[J_W]) + 4 * lo), size)
+        codes = _carray(_u8_at(np.int64(job[J_CODES]) + lo), size)
+        if phase == PHASE_SCAN:
+            share = np.int64(job[J_CAP]) // slices
+            buf = _carray(_f32_at(np.int64(job[J_BUF]) + 4 * share * s), share)
+            mask = _carray(_u8_at(np.int64(job[J_MASK]) + lo), size)
+            i32 = np.int32
+            neg, nonpos, below_n, below_p, kmin, kmax, m = _scan_into(
+                w, i32(job[J_KEYS]), i32(job[J_KEYS + 1]), i32(job[J_KEYS + 2]), i32(job[J_KEYS + 3]), buf, mask)
+            r = J_RESULTS + _RESULT_SLOTS * s
+            job[r], job[r + 1], job[r + 2], job[r + 3] = neg, nonpos, below_n, below_p
+            job[r + 4], job[r + 5], job[r + 6] = kmin, kmax, m
+        elif phase == PHASE_CODES:
+            f32 = np.float32
+            _codes_into(w, codes, f32(job[J_W_MIN]), f32(job[J_C_NEG]), f32(job[J_C_POS]), f32(job[J_WIDTH_NEG]),
+                        f32(job[J_WIDTH_POS]), np.int64(job[J_N_NEG_INT]), np.int64(job[J_LEVELS]),
+                        job[J_HAS_NEG] != 0.0, job[J_HAS_POS] != 0.0)
+        else:
+            table = _carray(_f32_at(np.int64(job[J_TABLE])), 256)
+            out = _carray(_f32_at(np.int64(job[J_OUT]) + 4 * lo), size)
+            _levels_into(codes, table, out)
+
+
 def clipq_cpu(
     w: np.ndarray, out: np.ndarray, codes: np.ndarray, mask: np.ndarray, buf: np.ndarray, table: np.ndarray,
     params: np.ndarray, result: np.ndarray,
@@ -320,6 +627,16 @@ def clipq_cpu(
     """
     n = w.shape[0]
     scratch = np.empty(1, np.float32)
+    threads = max(int(params[P_THREADS]), 1)
+    job = np.empty(J_RESULTS + _RESULT_SLOTS * threads)
+    if threads > 1:
+        job[J_N], job[J_THREADS] = n, threads
+        job[J_THREAD_NUM], job[J_TEAM_SIZE] = params[P_THREAD_NUM], params[P_TEAM_SIZE]
+        job[J_W], job[J_OUT], job[J_CODES] = w.ctypes.data, out.ctypes.data, codes.ctypes.data
+        job[J_MASK], job[J_BUF], job[J_TABLE] = mask.ctypes.data, buf.ctypes.data, table.ctypes.data
+        job[J_CAP] = buf.shape[0]
+    else:
+        job[J_THREADS] = 1
     p, n_levels = params[P_P], int(params[P_LEVELS])
     h_neg, h_pos = params[P_HINT_NEG], params[P_HINT_POS]
     span = params[P_MAX] - params[P_MIN]
@@ -344,7 +661,8 @@ def clipq_cpu(
         kn1 = _key32(hi_n, scratch) if want_n else none_hi
         kp0 = _key32(lo_p, scratch) if want_p else none_lo
         kp1 = _key32(hi_p, scratch) if want_p else none_hi
-        neg, nonpos, below_n, below_p, kmin, kmax, m, m_neg = _window_scan(w, kn0, kn1, kp0, kp1, buf, mask)
+        neg, nonpos, below_n, below_p, kmin, kmax, m, m_neg = _window_scan(
+            w, kn0, kn1, kp0, kp1, buf, mask, job, params)
         scans += 1
         if scan == 0:
             w_min, w_max = _unkey32(kmin, scratch), _unkey32(kmax, scratch)
@@ -402,7 +720,18 @@ def clipq_cpu(
         return
     f32 = np.float32
     kept = (negatives - k_neg) + (positives - k_pos)  # at most: ties at a threshold are clipped too
-    _quantize_into(w, codes, out, table, f32(w_min), f32(c_neg), f32(c_pos), f32(width_neg), f32(width_pos),
-                   n_neg_int, n_levels, has_neg, has_pos, 2 * kept <= n)
+    if threads > 1:
+        job[J_W_MIN], job[J_C_NEG], job[J_C_POS] = f32(w_min), f32(c_neg), f32(c_pos)
+        job[J_WIDTH_NEG], job[J_WIDTH_POS] = f32(width_neg), f32(width_pos)
+        job[J_N_NEG_INT], job[J_LEVELS], job[J_HAS_NEG], job[J_HAS_POS] = n_neg_int, n_levels, has_neg, has_pos
+        _team_run(params, job, PHASE_CODES)
+    else:
+        _codes_into(w, codes, f32(w_min), f32(c_neg), f32(c_pos), f32(width_neg), f32(width_pos),
+                    n_neg_int, n_levels, has_neg, has_pos)
+    _interval_means(w, codes, table, n_levels, 2 * kept <= n)
+    if threads > 1:
+        _team_run(params, job, PHASE_LEVELS)
+    else:
+        _levels_into(codes, table, out)
     result[R_N_NEG_INT] = n_neg_int
     result[R_STATUS] = DONE

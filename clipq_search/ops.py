@@ -328,7 +328,8 @@ class CompiledOperator:
         f = _fused
         nan = math.nan
         self.n, self.p, self.bits, self.n_levels = n, p, bits, 2**bits - 1
-        self.params = np.array([p, self.n_levels, nan, nan, nan, nan, _FUSED_HINT_GAPS, _MAX_ROUNDS, nan, nan])
+        self.params = np.array([p, self.n_levels, nan, nan, nan, nan, _FUSED_HINT_GAPS, _MAX_ROUNDS, nan, nan,
+                                1, 0, 0, 0, 0])
         self.result = np.zeros(f.RESULT_SIZE)
         self.table = np.empty(256, np.float32)
         self.buf = np.empty(_WINDOW_CAP, np.float32)
@@ -357,6 +358,9 @@ class CompiledOperator:
     def run_arrays(self, w_np: np.ndarray, out_np: np.ndarray, w: torch.Tensor) -> float:
         """``run`` on numpy views of ``w`` (flat float32, any shape for the ``kthvalue`` fallback) and ``out``."""
         f, params, result = _fused, self.params, self.result
+        threads = f.team_threads(self.n)
+        if threads != params[f.P_THREADS]:
+            self._use_threads(threads)
         self.kernel(w_np, out_np, self.codes, self.mask, self.buf, self.table, params, result)
         if result[f.R_STATUS] == f.MISSED:
             sides = ((f.R_FOUND_NEG, f.R_RANK_NEG, f.R_C_NEG, f.P_GIVEN_NEG),
@@ -371,6 +375,15 @@ class CompiledOperator:
             finally:
                 params[f.P_ROUNDS], params[f.P_GIVEN_NEG], params[f.P_GIVEN_POS] = rounds, math.nan, math.nan
         return result[f.R_STATUS]
+
+    def _use_threads(self, threads: int) -> None:
+        """Run on ``threads`` threads of torch's OpenMP team from now on (``_fused.team``); 1: this one."""
+        f = _fused
+        if threads > 1:
+            self.params[f.P_FORK:f.P_TEAM_SIZE + 1] = f.team()
+            if len(self.buf) < _WINDOW_CAP * threads:  # a part of the window buffer per thread
+                self.buf = np.empty(_WINDOW_CAP * threads, np.float32)
+        self.params[f.P_THREADS] = threads
 
     def stats(self) -> ClipQStats:
         """The statistics of the latest call (after ``DONE`` or ``NOTHING_KEPT``)."""

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -216,22 +217,34 @@ def _awkward_tensor(kind: int, n: int, g: torch.Generator) -> torch.Tensor:
     return w
 
 
-@pytest.fixture(params=["compiled", "compiled-narrow", "direct", "histogram"])
-def select_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+@pytest.fixture(params=["compiled", "compiled-one", "compiled-team", "compiled-narrow", "direct", "histogram"])
+def select_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """Run a test on every CPU implementation.
 
-    ``compiled``: the numba kernels (the default on CPU); ``compiled-narrow``:
-    the same with tiny windows and a tiny window buffer, so that misses,
-    widening and the ``kthvalue`` fallback all run; ``direct`` and
-    ``histogram``: the tensor implementation's two threshold searches.
+    ``compiled``: the numba kernels as they run by default on CPU (on
+    torch's OpenMP threads from ``TEAM_MIN`` elements on); ``compiled-one``:
+    on this thread alone; ``compiled-team``: on a team of three threads at
+    every size (slices of uneven length, and empty ones for tiny tensors);
+    ``compiled-narrow``: on the team too, with tiny windows and a tiny window
+    buffer, so that misses, widening, full slices of the buffer and the
+    ``kthvalue`` fallback all run; ``direct`` and ``histogram``: the tensor
+    implementation's two threshold searches.
     """
     import clipq_search._fused as fused
     import clipq_search.ops as ops
 
+    threads = torch.get_num_threads()
     if request.param.startswith("compiled"):
         if not fused.AVAILABLE:
             pytest.skip("numba is not installed")
         monkeypatch.setenv("CLIPQ_SEARCH_KERNEL", "numba")
+        if request.param == "compiled-one":
+            monkeypatch.setattr(fused, "_team_enabled", False)
+        if request.param in ("compiled-team", "compiled-narrow"):
+            if fused.team() is None:
+                pytest.skip("torch runs no OpenMP team here")
+            monkeypatch.setattr(fused, "TEAM_MIN", 1)
+            torch.set_num_threads(3)
         if request.param == "compiled-narrow":
             monkeypatch.setattr(ops, "_FUSED_HINT_GAPS", 0.5)
             monkeypatch.setattr(ops, "_WINDOW_CAP", 3)
@@ -239,7 +252,8 @@ def select_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
         monkeypatch.setenv("CLIPQ_SEARCH_KERNEL", "torch")
         if request.param == "histogram":
             monkeypatch.setattr(ops, "_DIRECT_SELECT_MAX", 0)
-    return request.param
+    yield request.param
+    torch.set_num_threads(threads)
 
 
 def test_compiled_kernels_are_the_default_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -499,3 +513,127 @@ def test_out_tensor_is_written_and_returned_when_it_fits(select_path: str) -> No
     for unfit in unfits:
         got, _ = clipq_quantize_with_stats(w, 0.7, 4, out=unfit)
         assert torch.equal(got, ref_out) and bool((unfit == 5.0).all())  # not written
+
+
+def _team_or_skip():
+    import clipq_search._fused as fused
+
+    if not fused.enabled() or fused.team() is None:
+        pytest.skip("compiled kernels or torch's OpenMP team unavailable here")
+    return fused
+
+
+def test_team_is_available_where_torch_runs_on_libgomp() -> None:
+    """On Linux with torch on OpenMP (its wheels ship libgomp) the team must come up, not silently fall back."""
+    import os
+    import sys
+
+    import clipq_search._fused as fused
+
+    if not sys.platform.startswith("linux") or "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch is not on OpenMP here")
+    if fused._torch_libgomp(os.path.dirname(torch.__file__)) is None:
+        pytest.skip("torch's libgomp is not among the loaded libraries")
+    assert fused.enabled()
+    assert fused.team() is not None  # None: it failed its check against one thread (see the warning)
+
+
+def test_big_layers_run_on_torchs_threads_and_small_ones_on_one() -> None:
+    """In training, a layer from TEAM_MIN elements on uses torch's intra-op threads; a small one does not."""
+    fused = _team_or_skip()
+    from clipq_search import attach_clipq
+    from clipq_search.surgery import _clipq_param
+
+    threads = torch.get_num_threads()
+    if threads < 2:
+        pytest.skip("torch runs one thread here")
+    model = torch.nn.Sequential(torch.nn.Linear(784, 300), torch.nn.Linear(300, 10))
+    attach_clipq(model, {"default": {"p": 0.9, "bits": 4}})
+    for _ in range(2):  # the first call sets the layers' compiled operators up
+        model(torch.randn(4, 784)).sum().backward()
+        with torch.no_grad():  # an optimizer step
+            for module in model:
+                module.parametrizations.weight.original.add_(0.001)
+    big, small = (_clipq_param(m)._state["op"] for m in model)
+    assert big.params[fused.P_THREADS] == min(threads, fused.TEAM_MAX)
+    assert small.params[fused.P_THREADS] == 1
+
+
+def test_team_that_gets_fewer_threads_still_does_every_slice() -> None:
+    """When OpenMP hands out fewer threads than slices (nested, or OMP_DYNAMIC), each does several."""
+    import ctypes
+
+    import numpy as np
+
+    fused = _team_or_skip()
+    body_type = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+
+    def one_thread_fork(body: int, data: int, threads: int, flags: int) -> None:  # GOMP_parallel, a team of one
+        body_type(body)(data)
+
+    fork = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint)(one_thread_fork)
+    zero, one = (ctypes.CFUNCTYPE(ctypes.c_int)(lambda v=v: v) for v in (0, 1))
+    addresses = [float(ctypes.cast(f, ctypes.c_void_p).value) for f in (fork, zero, one)]
+    addresses.insert(1, float(fused.kernels().team_body.address))
+    g = np.random.default_rng(5)
+    n = 64 * 7 + 3
+    w = (g.standard_normal(n) * 0.05).astype(np.float32)
+    ordered = np.sort(w)
+    results = []
+    for slices in (1, 3):
+        params = np.array([0.6, 7, ordered[150], ordered[330], ordered[0], ordered[-1], 64.0, 4, np.nan, np.nan,
+                           slices, *addresses])
+        out, table, result = np.zeros(n, np.float32), np.zeros(256, np.float32), np.zeros(fused.RESULT_SIZE)
+        fused.kernels().clipq_cpu(w, out, np.empty(n, np.uint8), np.empty(n, np.uint8),
+                                  np.empty(4096 * slices, np.float32), table, params, result)
+        assert result[fused.R_STATUS] == fused.DONE
+        results.append((out.view(np.int32), table.view(np.int32), result))
+    (o1, t1, r1), (o3, t3, r3) = results
+    assert np.array_equal(o1, o3) and np.array_equal(t1, t3) and np.array_equal(r1, r3)
+    assert np.count_nonzero(o3) > 0
+
+
+def test_libgomp_is_torchs_own_copy_or_the_only_one() -> None:
+    from clipq_search._fused import libgomp_for
+
+    torch_dir = "/site/torch"
+    own, repaired = "/site/torch/lib/libgomp.so.1", "/site/torch.libs/libgomp-a34b3233.so.1"
+    system, other = "/usr/lib/x86_64-linux-gnu/libgomp.so.1", "/site/sklearn.libs/libgomp-f7e3.so.1"
+    assert libgomp_for({own, system, other}, torch_dir) == own
+    assert libgomp_for({repaired, other}, torch_dir + "/") == repaired
+    assert libgomp_for({system, "/site/torch/lib/libtorch_cpu.so"}, torch_dir) == system
+    assert libgomp_for({system, other}, torch_dir) is None  # whose is it? one thread rather than a guess
+    assert libgomp_for(set(), torch_dir) is None
+    assert libgomp_for({"/site/torch-extra/libgomp.so.1"}, torch_dir) == "/site/torch-extra/libgomp.so.1"
+
+
+def _threads_in_child(queue) -> None:  # runs in a forked child
+    import clipq_search._fused as fused
+
+    queue.put(fused.team_threads(10**6))
+
+
+def test_forked_child_runs_on_one_thread() -> None:
+    """A forked process has none of its parent's OpenMP threads: its operator runs on one."""
+    import multiprocessing
+
+    fused = _team_or_skip()
+    assert fused.team_threads(10**6) == min(torch.get_num_threads(), fused.TEAM_MAX)
+    assert fused.team_threads(fused.TEAM_MIN - 1) == 1
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_threads_in_child, args=(queue,))
+    child.start()
+    child.join(60)
+    assert queue.get(timeout=10) == 1
+
+
+def test_switch_keeps_the_operator_on_one_thread() -> None:
+    import subprocess
+    import sys
+
+    code = "import clipq_search._fused as f; print(f.enabled(), f.team(), f.team_threads(10**6))"
+    env = {**__import__("os").environ, "CLIPQ_SEARCH_KERNEL_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[1:] == ["None", "1"]
