@@ -115,6 +115,11 @@ class Plan:
         return self.resolve_names(list(layers))
 
     def resolve_names(self, names: list[str]) -> dict[str, LayerConfig]:
+        if not names:
+            raise ConfigError(
+                "the model has no compressible layer (nn.Linear, nn.Conv1d/2d/3d) below its top module; "
+                "to compress a single layer, wrap it: nn.Sequential(layer)"
+            )
         for key in [*self.layers, *self.dense]:
             if _is_pattern(key):
                 if not any(_matches(key, n) for n in names):
