@@ -49,7 +49,7 @@ def _add_space_args(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY.PATH=VALUE",
-        help="override a space value, e.g. --set train.epochs=2 (repeatable)",
+        help="override a space value, e.g. --set trial.train.epochs=2 (repeatable)",
     )
     p.add_argument("--results", default="results", help="results root (default: results/)")
 
@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     from . import commands
 
     commands.register(sub, _add_space_args, _positive_int)
+    for command in sub.choices.values():  # --debug before or after the command name
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -83,8 +85,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a path the command could not read or write (permissions, a folder, a full disk)
+        if args.debug:
+            traceback.print_exc()
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}; check the path, its permissions and free space", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("interrupted: finished work is saved; run the same command again to continue", file=sys.stderr)
+        try:
+            print("interrupted: finished work is saved; run the same command again to continue", file=sys.stderr)
+        except KeyboardInterrupt:  # a second Ctrl-C while saying so
+            pass
         return 130
 
 

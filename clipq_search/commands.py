@@ -17,6 +17,20 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
+def _check_results_root(root: str) -> None:
+    """``--results`` must be (or be creatable as) a folder this user can write to."""
+    import os
+
+    path = Path(root)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ClipQError(f"--results {root}: {existing} is a file, not a folder; give a folder for the results")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ClipQError(f"--results {root}: {existing} is not writable here; give a folder you can write to")
+
+
 def _prepare(
     args: argparse.Namespace, *, search: bool, address: str | None = None, storage: str | None = None
 ) -> Space:
@@ -37,6 +51,7 @@ def _prepare(
         from .search import check_storage
 
         check_storage(storage)
+    _check_results_root(args.results)
     space = load_space(args.space, args.overrides)
     units = check_space(space)
     if search:
@@ -51,7 +66,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
     space = _prepare(args, search=False)
     b = ensure_baseline(space, args.results, log=_log)
-    took = f" in {b.seconds:.0f}s" if b.seconds else " (cached)"
+    took = " (cached)" if b.cached else f" in {b.seconds:.0f}s"
     top5 = f", top-5 {b.test_top5:.2f}%" if b.test_top5 is not None else ""
     print(
         f"baseline {b.model} on {b.dataset}{took}: val {b.val_top1:.2f}%, test {b.test_top1:.2f}%{top5}"

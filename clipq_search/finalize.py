@@ -10,6 +10,7 @@ the model **as reloaded from that file**.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -36,6 +37,29 @@ def check_run_dir(run_dir: Path) -> None:
             raise ClipQError(f"{run_dir} is not a run directory (no {needed}); run `run_search.py search` first")
 
 
+def run_baseline(run_dir: Path) -> Any:
+    """The run's ``baseline.json`` as a ``Baseline``; one clear error when it is unreadable or incomplete."""
+    from dataclasses import fields
+
+    from .pareto import load_baseline_info
+    from .pipeline import Baseline
+
+    info = load_baseline_info(run_dir)
+    names = [f.name for f in fields(Baseline) if f.name != "cached"]
+    missing = [n for n in names if n not in info]
+    if missing:
+        raise ClipQError(
+            f"{run_dir / 'baseline.json'} lacks {', '.join(missing)}; "
+            "rerun `run_search.py search` on this run to rewrite it"
+        )
+    return Baseline(**{n: info[n] for n in names})
+
+
+def _digest(obj: Any) -> str:
+    """A short stable hash of a JSON-able value (names a checkpoint after what it trains)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def choose_plan(
     run_dir: Path,
     *,
@@ -50,8 +74,8 @@ def choose_plan(
     from .pareto import load_trials, plan_of, select_max_drop, select_min_rate, select_trial
 
     check_run_dir(run_dir)
+    baseline = run_baseline(run_dir).to_dict()
     df = load_trials(run_dir)
-    baseline = json.loads((run_dir / "baseline.json").read_text())
     if trial is not None:
         sel = select_trial(df, trial)
     elif min_rate is not None:
@@ -82,11 +106,30 @@ def export_plan(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Pick a trial by one rule and write its plan JSON (``{"layers": ...}`` plus metrics and source)."""
-    _, doc, line = choose_plan(run_dir, max_drop=max_drop, min_rate=min_rate, trial=trial)
     path = Path(out) if out else run_dir / "plan.json"
+    _check_export_target(path)
+    _, doc, line = choose_plan(run_dir, max_drop=max_drop, min_rate=min_rate, trial=trial)
     write_json(path, doc)
     log(line)
     return path
+
+
+def _check_export_target(path: Path) -> None:
+    """Refuse to write a plan over anything but an earlier exported plan (a user's file, a run's data)."""
+    if path.is_dir():
+        raise ClipQError(f"--out {path} is a folder; give a file path, e.g. {path / 'plan.json'}")
+    if not path.exists():
+        return
+    try:
+        doc = json.loads(path.read_text())
+        ours = isinstance(doc, dict) and "layers" in doc and isinstance(doc.get("source"), dict) and "trial" in doc[
+            "source"]
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        raise ClipQError(
+            f"{path} exists and is not a plan exported by clipq-search; choose another --out, or move that file away"
+        )
 
 
 def _final_task(
@@ -158,8 +201,8 @@ def run_final(
 
     from .data import load_dataset
     from .encoding import read_compressed, save_compressed
-    from .pipeline import Baseline, dataset_spec, model_for, splits_info, state_from_bytes, train_config, trial_payload
-    from .search import _init_ray, check_address
+    from .pipeline import dataset_spec, model_for, splits_info, state_from_bytes, train_config, trial_payload
+    from .search import _init_ray, check_address, check_gpus
     from .space import load_space
     from .surgery import attach_clipq
     from .train import evaluate
@@ -169,6 +212,7 @@ def run_final(
     if address:
         check_address(address)
     space = load_space(run_dir / "space.yaml", overrides)
+    check_gpus(address, space.data["resources"]["gpus_per_trial"])
     cfg = train_config(space.data, "final")
     chosen: dict[str, Any] | None = None
     if config:
@@ -180,14 +224,23 @@ def run_final(
     else:
         plan, chosen, chosen_line = choose_plan(run_dir)
         source = chosen["source"]
-    baseline = Baseline(**json.loads((run_dir / "baseline.json").read_text()))
+    baseline = run_baseline(run_dir)
     payload = trial_payload(space, baseline)
     plan.resolve(model_for(space.data, payload["info"]))  # unknown layers fail before any training
     final_dir = out_dir or run_dir / "final"
     final_dir.mkdir(parents=True, exist_ok=True)
-    if chosen is not None:
-        write_json(final_dir / "plan.json", chosen)
+    if chosen is None:  # a given plan file: final/plan.json says what is trained, whatever it said before
+        chosen = {**plan.to_dict(), "source": source if source is not None else {"config": str(config)}}
+    else:
         log(chosen_line)
+    write_json(final_dir / "plan.json", chosen)
+    # Checkpoints belong to one plan and one training setup: an interrupted run of another plan, or
+    # with other settings, is never resumed into this one (it starts afresh; its checkpoint is left).
+    setup = {"plan": plan.to_dict(), "train": cfg.to_dict()}
+    ckpts = {
+        "compressed": final_dir / f"ckpt-compressed-{_digest(setup)}.pt",
+        "control": final_dir / f"ckpt-control-{_digest(setup['train'])}.pt",
+    }
     res = space.data["resources"]
     _init_ray(address, 2, res["cpus_per_trial"], res["gpus_per_trial"], log)
     from ray.util.queue import Queue
@@ -207,7 +260,7 @@ def run_final(
             space.data,
             plan.to_dict(),
             ref_payload,
-            str((final_dir / "ckpt-compressed.pt").resolve()),
+            str(ckpts["compressed"].resolve()),
             threads,
             queue,
             "compressed",
@@ -215,7 +268,7 @@ def run_final(
     }
     if control:
         refs["control"] = task.remote(
-            space.data, None, ref_payload, str((final_dir / "ckpt-control.pt").resolve()), threads, queue, "control"
+            space.data, None, ref_payload, str(ckpts["control"].resolve()), threads, queue, "control"
         )
     pending = list(refs.values())
     while pending:
@@ -267,8 +320,8 @@ def run_final(
         "resumed_from_step": {k: r["resumed_from_step"] for k, r in results.items()},
     }
     write_json(final_dir / "metrics.json", metrics)
-    for tag in ("compressed", "control"):
-        (final_dir / f"ckpt-{tag}.pt").unlink(missing_ok=True)
+    for path in ckpts.values():
+        path.unlink(missing_ok=True)
     log(
         f"final: test accuracy baseline {metrics['baseline_test_top1']:.2f}%, "
         + (f"control {control_top1:.2f}%, " if control_top1 is not None else "")

@@ -13,7 +13,7 @@ import math
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -87,9 +87,12 @@ class Baseline:
     model: str
     dataset: str
     fingerprint: str
+    cached: bool = field(default=False, compare=False)  # read from the cache this time (not saved)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        del d["cached"]
+        return d
 
 
 def baseline_paths(space: Space, results_root: str | Path) -> tuple[Path, Path]:
@@ -122,12 +125,14 @@ def ensure_baseline(
             info = json.loads(meta.read_text())
             if info.get("fingerprint") == fp and info.get("checkpoint_bytes") == ckpt.stat().st_size:
                 info.pop("checkpoint_bytes", None)
-                return Baseline(**info)
+                return Baseline(**info, cached=True)
         except (ValueError, TypeError):
             pass  # unreadable cache: rebuild it
     splits = load_dataset(dataset_spec(space))
     device = select_device(space.data["resources"]["device"])
     configure_threads(None)
+    # the dense model's initial weights come from the training seed too: a baseline is reproducible
+    torch.manual_seed(train_config(space.data, "baseline").seed)
     model = model_for(space.data, splits_info(splits))
     from .train import load_state_dict_file, save_state_dict
 

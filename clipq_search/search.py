@@ -336,6 +336,11 @@ def _init_ray(
             f"connected to Ray cluster at {address}: {len(ray.nodes())} node(s), "
             f"{res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs"
         )
+        if gpus_per_trial > res.get("GPU", 0):  # else every trial would wait for a GPU forever
+            raise ClipQError(
+                f"resources.gpus_per_trial={gpus_per_trial:g} but the Ray cluster at {address} has "
+                f"{res.get('GPU', 0):g} GPU(s); add GPU nodes or set resources.gpus_per_trial lower"
+            )
         return
     cpus = max(os.cpu_count() or 1, math.ceil(concurrency * cpus_per_trial))
     kwargs: dict[str, Any] = {
@@ -348,6 +353,19 @@ def _init_ray(
         kwargs["num_gpus"] = 0
     ray.init(address="local", **kwargs, _node_ip_address="127.0.0.1")
     log(f"started a local Ray instance ({cpus} CPUs)")
+
+
+def check_gpus(address: str | None, gpus_per_trial: float) -> None:
+    """A local run asking for GPUs per trial needs a CUDA GPU here (else its trials would wait forever)."""
+    if address or gpus_per_trial <= 0:
+        return  # a cluster's GPUs are counted once connected (``_init_ray``)
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"resources.gpus_per_trial={gpus_per_trial:g} but this machine has no CUDA GPU; "
+            "set it to 0 (--set resources.gpus_per_trial=0), or run on a GPU host or a cluster (--address)"
+        )
 
 
 def check_address(address: str) -> None:
@@ -378,7 +396,7 @@ def check_storage(url: str) -> None:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-    fix = "give sqlite:///PATH (in an existing folder) or a database URL such as postgresql://user@host/db"
+    fix = "give sqlite:///PATH (in an existing folder) or a database URL such as postgresql+psycopg2://user@host/db"
     try:
         parsed = make_url(url)
     except ArgumentError:
@@ -405,6 +423,29 @@ def check_storage(url: str) -> None:
 
 
 # -- the command ---------------------------------------------------------------------------------
+
+
+# What a run's trials depend on: resuming it with any of these changed would mix two searches in one study.
+_RUN_SECTIONS = ("model", "dataset", "baseline", "layers", "trial")
+
+
+def _check_same_space(run_dir: Path, space: Space) -> None:
+    """Refuse to continue an existing run with a space whose trials would not be comparable."""
+    saved = run_dir / "space.yaml"
+    if not saved.is_file():
+        return
+    from .space import load_space
+
+    try:
+        before = load_space(saved)
+    except ClipQError as exc:
+        raise ClipQError(f"{run_dir} holds a run whose space.yaml is unreadable ({exc}); give another --name") from None
+    changed = [k for k in _RUN_SECTIONS if before.fingerprint(k) != space.fingerprint(k)]
+    if changed:
+        raise ClipQError(
+            f"{run_dir} holds a search of a different space ({', '.join(changed)} differ from its space.yaml); "
+            "give another --name, or resume it with the same space and --set values"
+        )
 
 
 def run_search(
@@ -439,8 +480,11 @@ def run_search(
         check_address(address)
     if storage:
         check_storage(storage)
+    check_gpus(address, space.data["resources"]["gpus_per_trial"])
     distributions(check_space(space))
     run_dir = Path(results_root) / (name or space.name)
+    _check_same_space(run_dir, space)
+    where_study = f"the study in {storage}" if storage else "study.db"
     storage = storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
 
     baseline = ensure_baseline(space, results_root, progress=progress, log=log)
@@ -495,8 +539,16 @@ def run_search(
     summary = _summary(study, run_dir, t0, s["concurrency"])
     log(
         f"done: {summary.finished} finished ({summary.complete} complete, {summary.failed} failed) in "
-        f"{summary.wall_seconds:.0f}s; trials.csv and study.db in {run_dir}"
+        f"{summary.wall_seconds:.0f}s; trials.csv in {run_dir}, "
+        + (where_study if where_study != "study.db" else "study.db beside it")
     )
+    if summary.finished and not summary.complete:
+        first = next((t for t in _finished(study) if t.user_attrs.get(ERROR_ATTR)), None)
+        why = f" (trial {first.number}: {str(first.user_attrs[ERROR_ATTR])[:200]})" if first else ""
+        raise ClipQError(
+            f"every trial failed{why}; fix the space (the error column of {run_dir / 'trials.csv'} has each reason) "
+            "and run again"
+        )
     return summary
 
 

@@ -51,17 +51,21 @@ class Field:
     help: str = ""
 
 
-def _num(lo: float | None = None, hi: float | None = None, *, open_hi: bool = False, optional: bool = False) -> Field:
+def _num(
+    lo: float | None = None, hi: float | None = None, *, open_lo: bool = False, open_hi: bool = False,
+    optional: bool = False,
+) -> Field:
     def check(v: Any) -> bool:
         if v is None:
             return optional
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             return False
-        if lo is not None and v < lo:
+        if lo is not None and (v <= lo if open_lo else v < lo):
             return False
         return hi is None or (v < hi if open_hi else v <= hi)
 
-    rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}{')' if open_hi else ']'}"
+    rng = (f"{'(' if open_lo else '['}{lo if lo is not None else '-inf'}, "
+           f"{hi if hi is not None else 'inf'}{')' if open_hi else ']'}")
     return Field(None, f"a number in {rng}" + (" or null" if optional else ""), check)
 
 
@@ -114,7 +118,7 @@ def _d(field: Field, default: Any) -> Field:
 def _train_schema(epochs: float | None, lr: float | None, schedule: str | None) -> dict[str, Field]:
     # null means "the model's shipped default" (train.DEFAULT_PRETRAIN) for the baseline.
     return {
-        "epochs": _d(_num(0, None, optional=True), epochs),
+        "epochs": _d(_num(0, None, open_lo=True, optional=True), epochs),
         "batch_size": _d(_int(1, optional=True), None),
         "lr": _d(_num(0, None, optional=True), lr),
         "momentum": _d(_num(0, 1, open_hi=True, optional=True), None),
@@ -269,6 +273,17 @@ def _matches(pattern: str, name: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern)
 
 
+def _check_pattern(pattern: str, what: str, source: str) -> None:
+    """A ``re:`` pattern must compile: a clear line instead of a traceback from deep in the search."""
+    if pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as exc:
+            raise ConfigError(
+                f"{source}: {what} {pattern!r} is not a valid regular expression ({exc}); fix it"
+            ) from None
+
+
 class Space:
     """A validated search space (``data`` is the resolved nested dict)."""
 
@@ -346,6 +361,7 @@ class Space:
         shown = ", ".join(layer_names)
 
         def check(pattern: str, what: str) -> list[str]:
+            _check_pattern(pattern, what, self.source)
             hits = [n for n in layer_names if n == pattern or _matches(pattern, n)]
             if not hits:
                 raise ConfigError(
@@ -408,10 +424,13 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     parts = key.strip().split(".")
     schema: Any = SCHEMA
     node: Any = data
+    free: tuple[str, Field, dict[str, Any]] | None = None
     for i, part in enumerate(parts):
         here = ".".join(parts[: i + 1])
         is_free_mapping = isinstance(schema, Field) and isinstance(node, dict)
         if is_free_mapping:  # layers.overrides.<name>.p and friends
+            if free is None:  # the whole mapping is checked once the value is in
+                free = (".".join(parts[:i]), schema, node)
             schema = Field(None, "a value", lambda v: True)
         elif not isinstance(schema, Mapping) or part not in schema:
             known = list(schema) if isinstance(schema, Mapping) else []
@@ -419,6 +438,8 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         else:
             schema = schema[part]
         if i < len(parts) - 1:
+            if node.get(part) is not None and not isinstance(node[part], dict):
+                raise ConfigError(f"--set {key}: {here!r} is a value, not a section; use --set {here}=VALUE")
             if part not in node or not isinstance(node[part], dict):
                 node[part] = {}
             node = node[part]
@@ -431,6 +452,8 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     if not schema.check(value):
         raise ConfigError(f"--set {key}={raw}: invalid value; expected {schema.kind}")
     node[parts[-1]] = value
+    if free is not None and not free[1].check(free[2]):
+        raise ConfigError(f"--set {key}={raw}: invalid value; {free[0]} must be {free[1].kind}")
 
 
 def load_space(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Space:

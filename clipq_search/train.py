@@ -68,7 +68,10 @@ def select_device(name: str | None = "auto") -> torch.device:
         raise ConfigError(f"device={name!r} is not a device name; use auto, cpu, cuda or cuda:N") from exc
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ClipQError(f"device {name!r} requested but CUDA is not available here; use --device cpu or auto")
+            raise ClipQError(
+                f"device {name!r} requested but CUDA is not available here; "
+                "set resources.device to cpu or auto (--set resources.device=auto)"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ClipQError(
                 f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist; "

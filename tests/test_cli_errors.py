@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import struct
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from .conftest import REPO, SMOKE, needs_fashion
@@ -155,6 +157,9 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
     plans["bad_bits"].write_text(json.dumps({"layers": {"fc1": {"p": 0.5, "bits": 12}}}))
     plans["not_a_plan"] = root / "plan_list.json"
     plans["not_a_plan"].write_text("[1, 2]")
+    for name, text in (("run_base_list", "[]"), ("run_base_broken", "{oops"), ("run_base_short", '{"val_top1": 10}')):
+        shutil.copytree(run, root / name)
+        (root / name / "baseline.json").write_text(text)
     not_a_run = root / "not_a_run"
     not_a_run.mkdir()
     (not_a_run / "notes.txt").write_text("hello\n")
@@ -278,6 +283,15 @@ CASES: list[Case] = [
     ("all-dense", search_edited(_layers(dense=["fc*"])), ("every layer", "layers.dense", ALL_LAYERS)),
     ("all-dense-pretrain", pretrain_edited(_layers(dense=TRIPLE_FC)), ("every layer", "layers.dense")),
     ("nothing-to-search", search_edited(_default(p=0.5, bits=3)), ("nothing to search", "range")),
+    (
+        "override-bad-regex",
+        search_edited(_layers(overrides={"re:fc[": {"p": 0.5}})),
+        ("'re:fc['", "regular expression"),
+    ),
+    ("epochs-zero", search_edited(_set("trial.train.epochs", 0)), ("trial.train.epochs", "(0, inf]")),
+    ("set-into-a-value", search("--set", "trial.train.epochs.x=1"), ("'trial.train.epochs' is a value", "=VALUE")),
+    ("set-group-not-list", search("--set", "layers.groups.g=fc1"), ("layers.groups must be", "list")),
+    ("results-is-a-file", cmd("pretrain", str(SMOKE), "--results", str(SMOKE)), ("is a file, not a folder",)),
     # model, dataset, sampler
     ("unknown-model", search("--set", "model=lenet301"), ("model=lenet301", "lenet300")),
     ("unknown-model-yaml", pretrain_edited(_set("model", "resnet21")), ("'resnet21'", "resnet20")),
@@ -342,6 +356,13 @@ CASES: list[Case] = [
         for c in ("report", "export", "final")
     ],
     ("export-bad-trial", cmd("export", "{run}", "--trial", "x"), ("--trial", "'x'")),
+    ("export-baseline-not-object", cmd("export", "{a.root}/run_base_list"), ("baseline.json", "JSON object", "rerun")),
+    ("export-baseline-broken", cmd("export", "{a.root}/run_base_broken"), ("baseline.json", "unreadable", "rerun")),
+    (
+        "final-baseline-incomplete",
+        cmd("final", "{a.root}/run_base_short", "--config", "{a.plans[good]}"),
+        ("baseline.json", "lacks", "checkpoint", "rerun"),
+    ),
     # .clipq files
     ("inspect-missing", cmd("inspect", "{tmp}/none.clipq"), ("none.clipq", "does not exist")),
     ("inspect-directory", cmd("inspect", "{tmp}"), ("is a directory", ".clipq")),
@@ -389,6 +410,10 @@ CASES: list[Case] = [
     ),
     ("final-no-trials", cmd("final", "{run}"), ("no trials.csv", "search")),
 ]
+if not torch.cuda.is_available():  # asking for GPUs where there are none: refused, not a silent wait forever
+    CASES.append(
+        ("gpus-without-cuda", search("--set", "resources.gpus_per_trial=1"), ("gpus_per_trial=1", "no CUDA GPU"))
+    )
 
 
 @pytest.fixture

@@ -54,6 +54,17 @@ def test_export_round_trips_and_attaches(run_dir: Path, tmp_path: Path) -> None:
     r = _cli("export", str(run_dir), "--min-rate", "100000", "--out", str(tmp_path / "none.json"))
     assert r.returncode == 2 and "closest" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "none.json").exists()
+    # an earlier export is replaced; anything else is never written over: a user's file, the run's own data
+    r = _cli("export", str(run_dir), "--trial", str(data["source"]["trial"]), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    mine = tmp_path / "mine.json"
+    mine.write_text('{"keep": true}')
+    trials = (run_dir / "trials.csv").read_bytes()
+    for target in (mine, run_dir / "trials.csv", tmp_path):
+        r = _cli("export", str(run_dir), "--max-drop", "100", "--out", str(target))
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "--out" in r.stderr or "move that file away" in r.stderr
+    assert mine.read_text() == '{"keep": true}' and (run_dir / "trials.csv").read_bytes() == trials
 
 
 def test_final_writes_a_file_whose_reloaded_model_gives_the_reported_accuracy(run_dir: Path) -> None:
@@ -93,9 +104,21 @@ def test_final_resumes_from_its_checkpoint_after_a_kill(run_dir: Path, tmp_path:
             time.sleep(0.3)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
-    assert (run_dir / "final" / "ckpt-compressed.pt").exists()
+    (left,) = (run_dir / "final").glob("ckpt-compressed-*.pt")
+    # another plan never resumes from that checkpoint, and final/plan.json says which plan it trains
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"default": {"p": 0.5, "bits": 6}}))
+    r = _cli("final", str(run_dir), "--config", str(other), "--set", "final.train.epochs=1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "compressed: resumed" not in r.stdout
+    metrics = json.loads((run_dir / "final" / "metrics.json").read_text())
+    assert metrics["resumed_from_step"]["compressed"] == 0 and metrics["plan"]["default"]["bits"] == 6
+    chosen = json.loads((run_dir / "final" / "plan.json").read_text())
+    assert Plan.from_dict(chosen) == Plan.from_dict(metrics["plan"]) and chosen["source"] == {"config": str(other)}
+    assert left.exists()  # the interrupted plan's checkpoint is still there
     r = _cli("final", str(run_dir), "--set", "final.train.epochs=3")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "compressed: resumed from its checkpoint" in r.stdout
     metrics = json.loads((run_dir / "final" / "metrics.json").read_text())
     assert metrics["resumed_from_step"]["compressed"] > 0 and metrics["epochs"] == 3
+    assert not left.exists() and not list((run_dir / "final").glob("ckpt-*.pt"))

@@ -8,6 +8,7 @@ import optuna
 import pandas as pd
 import pytest
 
+from clipq_search.errors import ClipQError
 from clipq_search.plan import Plan
 from clipq_search.search import run_search
 from clipq_search.space import load_space
@@ -62,6 +63,13 @@ def test_search_concurrency_2_writes_run_files_and_resumes(results_root: Path, r
     logs.clear()
     _search(results_root, "conc2", logs, trials=6)
     assert any("6 of 6 trials finished; 0 to run" in line for line in logs)
+    assert len(_study(run_dir).trials) == 6
+    # a different space never continues this run: its trials would not be comparable
+    before = {f: (run_dir / f).read_bytes() for f in ("space.yaml", "run.json", "trials.csv")}
+    for overrides in (["layers.default.bits=[2,8]"], ["trial.train.epochs=0.5"], ["baseline.train.epochs=7"]):
+        with pytest.raises(ClipQError, match=r"holds a search of a different space \((layers|trial|baseline)"):
+            _search(results_root, "conc2", logs, trials=8, overrides=overrides)
+    assert {f: (run_dir / f).read_bytes() for f in before} == before
     assert len(_study(run_dir).trials) == 6
 
 

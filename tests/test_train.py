@@ -283,3 +283,29 @@ def test_bad_checkpoint_files(tmp_path: Path) -> None:
     torch.save([1, 2, 3], listing)
     with pytest.raises(ClipQError, match="not a state dict"):
         load_state_dict_file(model, listing)
+
+
+@pytest.mark.slow
+@needs_fashion
+def test_pretrain_is_reproducible_and_says_when_it_reuses_the_cache(tmp_path: Path) -> None:
+    """The same space pretrains to the same weights anywhere (the init is seeded too); a rerun reuses them."""
+    import subprocess
+    import sys
+
+    from .conftest import REPO, SMOKE
+
+    def pretrain(root: Path) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run([sys.executable, "run_search.py", "pretrain", str(SMOKE), "--results", str(root),
+                            "--set", "baseline.train.epochs=0.2"], cwd=REPO, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr
+        return r
+
+    first, second = pretrain(tmp_path / "a"), pretrain(tmp_path / "b")
+    assert "(cached)" not in first.stdout and "(cached)" not in second.stdout
+    (a,), (b,) = (list((tmp_path / d / "baselines").glob("*.pt")) for d in ("a", "b"))
+    assert a.read_bytes() == b.read_bytes()
+    assert first.stdout.splitlines()[-1].split(" -> ")[0].split(": ")[1] == \
+        second.stdout.splitlines()[-1].split(" -> ")[0].split(": ")[1]
+    again = pretrain(tmp_path / "a")
+    assert "(cached)" in again.stdout.splitlines()[-1]
