@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import struct
 import zlib
 from collections.abc import Mapping
@@ -353,6 +354,21 @@ class _Reader:
         return s.unpack(self.take(s.size, what))
 
 
+def _check_fits_in_memory(path: Path, name: str, shape: tuple[int, ...], numel: int) -> None:
+    """A sparse record's dense tensor is not in the file: refuse one larger than the free memory, in one line
+    (a corrupted or crafted shape would otherwise take the machine's memory)."""
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # not on this platform: no check
+        return
+    need = 2 * 4 * numel  # the decoded values and the tensor made from them
+    if need > free:
+        raise FormatError(
+            f"{path}: record {name!r} has shape {list(shape)}, {need / 2**30:.1f} GiB to decode with "
+            f"{free / 2**30:.1f} GiB of memory free; the file is corrupted, or needs a larger machine"
+        )
+
+
 def read_compressed(path: str | Path) -> tuple[dict[str, torch.Tensor], SizeEstimate]:
     """Decode a ``.clipq`` file into a state dict and its per-tensor sizes.
 
@@ -394,6 +410,7 @@ def read_compressed(path: str | Path) -> tuple[dict[str, torch.Tensor], SizeEsti
                     raise FormatError(f"{path}: record {name!r} has bits={bits}, k={k}; the file is corrupted")
                 codebook = np.frombuffer(r.take(4 * (2**bits - 1), "a codebook"), dtype="<f4")
                 payload = r.take(math.ceil(entries * (bits + k) / 8), "packed entries")
+                _check_fits_in_memory(path, name, shape, numel)
                 flat = _unpack(payload, entries, bits, k, numel, codebook)
                 state[name] = torch.from_numpy(flat.reshape(shape).copy())
                 kept = int(np.count_nonzero(flat))

@@ -626,8 +626,18 @@ def _run_with_tune(
             log_to_file=True,
         ),
     )
+    import ray
+
     try:
-        tuner.fit()
+        try:
+            tuner.fit()
+        except (ray.exceptions.RaySystemError, ConnectionError) as exc:
+            # the cluster went away under the search (its head stopped, the network): finished trials are saved
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise ClipQError(
+                f"the Ray cluster stopped answering during the search ({first}); finished trials are saved: "
+                "run the same command again to resume"
+            ) from exc
         if len(_finished(study)) < total and searcher.interrupted():
             # Ray Tune turns Ctrl-C into a graceful stop; surface it as one.
             raise KeyboardInterrupt

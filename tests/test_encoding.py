@@ -173,3 +173,19 @@ def test_inspect_cli_rejects_bad_files_with_one_line(
     captured = capsys.readouterr()
     assert captured.out == ""
     assert len(captured.err.strip().splitlines()) == 1 and captured.err.startswith("error: ")
+
+
+def test_a_shape_larger_than_memory_is_refused_before_decoding(tmp_path: Path) -> None:
+    """A sparse record's dense size is not in the file: a forged shape must not take the machine's memory."""
+    good = _good_file(tmp_path).read_bytes()
+    body = bytearray(good[:-4])
+    name = b"fc1.weight"
+    at = body.index(struct.pack("<H", len(name)) + name) + 2 + len(name)
+    kind, dtype, ndim = struct.unpack_from("<BBB", body, at)
+    assert ndim == 2
+    struct.pack_into("<II", body, at + 3, 4_000_000_000, 4_000_000)  # 16e15 weights
+    path = tmp_path / "huge.clipq"
+    path.write_bytes(bytes(body) + struct.pack("<I", zlib.crc32(bytes(body))))
+    with pytest.raises(FormatError, match=r"'fc1.weight' has shape \[4000000000, 4000000\].*GiB of memory free"):
+        load_compressed(path)
+    assert cli_main(["inspect", str(path)]) == 2
