@@ -94,13 +94,11 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
+    from .finalize import require_folder
     from .report import write_report
 
     run_dir = Path(args.run_dir)
-    if not run_dir.is_dir():
-        raise ClipQError(
-            f"{run_dir} does not exist; give a run directory made by `run_search.py search` (results/<name>)"
-        )
+    require_folder(run_dir)
     html, csv = write_report(run_dir)
     print(f"wrote {html} and {csv}")
 

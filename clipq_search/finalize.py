@@ -26,12 +26,16 @@ __all__ = ["choose_plan", "export_plan", "run_final"]
 DEFAULT_MAX_DROP = 1.0
 
 
+def require_folder(run_dir: Path) -> None:
+    """One clear error when ``run_dir`` is missing or a file."""
+    if not run_dir.is_dir():
+        what = "is a file, not a folder" if run_dir.exists() else "does not exist"
+        raise ClipQError(f"{run_dir} {what}; give a run directory made by `run_search.py search` (results/<name>)")
+
+
 def check_run_dir(run_dir: Path) -> None:
     """One clear error when ``run_dir`` is not a search run."""
-    if not run_dir.is_dir():
-        raise ClipQError(
-            f"{run_dir} does not exist; give a run directory made by `run_search.py search` (results/<name>)"
-        )
+    require_folder(run_dir)
     for needed in ("run.json", "space.yaml", "baseline.json"):
         if not (run_dir / needed).is_file():
             raise ClipQError(f"{run_dir} is not a run directory (no {needed}); run `run_search.py search` first")

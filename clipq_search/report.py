@@ -19,6 +19,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ._io import write_text
+from .errors import ClipQError
 from .pareto import COMPLETE, RunData, complete_trials, load_run
 
 __all__ = ["front_figure", "history_figure", "layers_figure", "render_html", "write_report"]
@@ -503,6 +504,10 @@ def write_report(run_dir: Path) -> tuple[Path, Path]:
     run_dir = Path(run_dir)
     data = load_run(run_dir)
     html_path, csv_path = run_dir / "report.html", run_dir / "pareto.csv"
+    for path in (html_path, csv_path):  # both or neither: nothing written when one cannot be
+        if path.is_dir():
+            raise ClipQError(f"{path} is a folder; move it away so that the report can be written there")
+    page = render_html(data)
     write_text(csv_path, data.table.to_csv(index=False))
-    write_text(html_path, render_html(data))
+    write_text(html_path, page)
     return html_path, csv_path

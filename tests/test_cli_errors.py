@@ -355,6 +355,10 @@ CASES: list[Case] = [
         (f"{c}-missing-path", cmd(c, "{tmp}/no_run"), ("no_run", "does not exist", "search"))
         for c in ("report", "export", "final")
     ],
+    *[
+        (f"{c}-file-not-run", cmd(c, str(SMOKE)), ("smoke.yaml", "is a file, not a folder", "search"))
+        for c in ("report", "export", "final")
+    ],
     ("export-bad-trial", cmd("export", "{run}", "--trial", "x"), ("--trial", "'x'")),
     ("export-baseline-not-object", cmd("export", "{a.root}/run_base_list"), ("baseline.json", "JSON object", "rerun")),
     ("export-baseline-broken", cmd("export", "{a.root}/run_base_broken"), ("baseline.json", "unreadable", "rerun")),

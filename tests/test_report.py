@@ -129,6 +129,14 @@ def test_report_without_complete_trials(tmp_path: Path, states: str) -> None:
         assert _missing(html, "still running", "CUDA out of memory in trial 0") == []
 
 
+def test_report_where_a_folder_blocks_its_file_writes_neither(tmp_path: Path, trials: pd.DataFrame) -> None:
+    run = make_run(tmp_path / "run", trials, final=FINAL, name="lenet-demo")
+    (run / "report.html").mkdir()
+    with pytest.raises(ClipQError, match=r"report\.html is a folder; move it away"):
+        write_report(run)
+    assert not (run / "pareto.csv").exists()
+
+
 def test_report_on_a_directory_that_is_not_a_run(tmp_path: Path) -> None:
     with pytest.raises(ClipQError, match="is not a run directory"):
         write_report(tmp_path)
