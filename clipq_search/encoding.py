@@ -34,7 +34,7 @@ from torch import nn
 from ._io import write_bytes
 from .errors import FormatError
 from .ops import clipq_quantize
-from .plan import LayerConfig, Plan
+from .plan import LayerConfig, Plan, require_module
 from .surgery import attached_configs
 
 __all__ = [
@@ -254,6 +254,7 @@ def _dense_dtype(t: torch.Tensor) -> int:
 def _plan_file(
     model: nn.Module, plan: Plan | Mapping[str, object] | None, *, write: bool
 ) -> tuple[SizeEstimate, bytes]:
+    require_module(model)
     compressed = _compressed_weights(model, plan)
     modules = dict(model.named_modules())
     buf = io.BytesIO() if write else None

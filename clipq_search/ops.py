@@ -467,6 +467,10 @@ def clipq_quantize_with_stats(
     all-NaN result, so that the loss shows it.
     """
     validate_p_bits(p, bits)
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight has dtype {weight.dtype}; CLIP-Q quantizes floating-point weights (e.g. float32)")
     out_dtype = weight.dtype
     n_levels = 2**bits - 1
     n = weight.numel()

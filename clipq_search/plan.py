@@ -59,8 +59,15 @@ class LayerConfig:
         return cls(float(p), bits)
 
 
+def require_module(model: object) -> None:
+    """A ``TypeError`` naming what was given instead of a model (not an AttributeError from deep inside)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module (the model), got {type(model).__name__}")
+
+
 def compressible_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every ``nn.Linear`` / ``nn.Conv1d/2d/3d`` of ``model`` by module name, in model order."""
+    require_module(model)
     return {name: mod for name, mod in model.named_modules() if isinstance(mod, COMPRESSIBLE_TYPES) and name}
 
 

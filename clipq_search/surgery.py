@@ -20,7 +20,7 @@ from torch.nn.utils import parametrize
 
 from ._fused import DONE, NOT_FINITE
 from .ops import ClipQStats, CompiledOperator, clipq_quantize_with_stats, compiled_for
-from .plan import LayerConfig, Plan
+from .plan import LayerConfig, Plan, require_module
 
 __all__ = ["ClipQWeight", "attach_clipq", "attached_configs", "clipq_weight", "strip_clipq"]
 
@@ -177,6 +177,7 @@ def attach_clipq(model: nn.Module, plan: Plan | Mapping[str, Any]) -> dict[str, 
     ``plan`` is a :class:`Plan` or its JSON dict. Layers that already carry
     CLIP-Q get the new setting. Raises ``ConfigError`` for unknown layer names.
     """
+    require_module(model)
     if not isinstance(plan, Plan):
         plan = Plan.from_dict(plan)
     resolved = plan.resolve(model)

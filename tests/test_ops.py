@@ -133,6 +133,19 @@ def test_invalid_arguments_raise_value_error(p: float, bits: int, match: str) ->
         clipq_quantize(torch.randn(10), p, bits)
 
 
+def test_wrong_weight_types_raise_type_error() -> None:
+    from clipq_search import attach_clipq, estimate_size
+
+    with pytest.raises(TypeError, match="must be a torch.Tensor, got list"):
+        clipq_quantize([1.0, -2.0], 0.5, 3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="dtype torch.int64; CLIP-Q quantizes floating-point"):
+        clipq_quantize(torch.arange(10), 0.5, 3)
+    with pytest.raises(TypeError, match="torch.nn.Module .* got str"):
+        attach_clipq("model", {"default": {"p": 0.5, "bits": 3}})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="torch.nn.Module .* got int"):
+        estimate_size(42)  # type: ignore[arg-type]
+
+
 # --------------------------------------------------------------------------- fast path == definition
 #
 # The operator in clipq_search.ops is optimised (compiled kernels on CPU; in
