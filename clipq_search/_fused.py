@@ -260,6 +260,7 @@ def scan_into(
 TEAM_MIN = 16384
 TEAM_MAX = 64
 _team_enabled = True
+_get_num_threads = None
 
 
 def _no_team_after_fork() -> None:
@@ -276,11 +277,14 @@ def team_threads(n: int) -> int:
     """How many threads the compiled operator uses for a tensor of ``n`` elements: torch's intra-op
     threads (``torch.get_num_threads()``, at most ``TEAM_MAX``) when the team is available and
     ``n >= TEAM_MIN``, else 1."""
+    global _get_num_threads
     if n < TEAM_MIN or not _team_enabled or team() is None:
         return 1
-    import torch
+    if _get_num_threads is None:  # torch's, looked up once: this runs every training step
+        import torch
 
-    return max(1, min(torch.get_num_threads(), TEAM_MAX))
+        _get_num_threads = torch.get_num_threads
+    return max(1, min(_get_num_threads(), TEAM_MAX))
 
 
 @functools.cache

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -110,19 +111,25 @@ class ClipQWeight(nn.Module):
         # Let go of the previous result first: when nothing else holds it, the
         # allocator hands its (warm) memory straight back for the new one.
         state["cache"] = None
-        op = state["op"]
-        if op is not None and _fits(op, original, self.p, self.bits) and state["lock"].acquire(blocking=False):
+        op, source = state["op"], state["source"]
+        # the tensor ``op`` was checked for last time (same memory, object and dtype) and the same p and
+        # bits: no need to check the tensor again
+        same = (
+            op is not None and source is not None and source[0] == (key[0], key[2], key[3])
+            and op.p == self.p and op.bits == self.bits
+        )
+        usable = op is not None and (same or _fits(op, original, self.p, self.bits))
+        if usable and state["lock"].acquire(blocking=False):
             # the training step's path: one compiled call, the hint kept inside ``op``
             try:
-                source = state["source"]
-                if source is None or source[0] != key[0]:  # a numpy view of the weight, made once
-                    source = state["source"] = (key[0], original.detach().view(-1).numpy())
-                out = torch.empty_like(original)
-                status = op.run_arrays(source[1], out.view(-1).numpy(), original)
+                if not same:  # a numpy view of the weight, made once
+                    source = state["source"] = ((key[0], key[2], key[3]), original.detach().view(-1).numpy())
+                flat = np.empty(op.n, np.float32)  # numpy memory: no tensor-to-numpy view to make per step
+                status = op.run_arrays(source[1], flat, original)
             finally:
                 state["lock"].release()
             if status != NOT_FINITE:  # else the general path below makes the all-NaN result
-                q = out if status == DONE else torch.zeros_like(original)
+                q = torch.from_numpy(flat).view(original.shape) if status == DONE else torch.zeros_like(original)
                 state["stats"], state["cache"], state["key"] = op, q, key
                 return q
         stats = self.last_stats
