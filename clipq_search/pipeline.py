@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from ._io import write_bytes, write_json
-from .data import DatasetSpec, DataSplits, dataset_from_state, dataset_info, load_dataset
+from .data import DEFAULT_ROOTS, DatasetSpec, DataSplits, dataset_from_state, dataset_info, load_dataset
 from .encoding import estimate_size
-from .errors import ClipQError
+from .errors import ClipQError, ConfigError
 from .models import build_model
 from .plan import Plan, compressible_layers
 from .space import LayerSearchParam, Space
@@ -45,6 +45,11 @@ __all__ = [
 
 def dataset_spec(space: Space) -> DatasetSpec:
     d = space.data["dataset"]
+    if d["root"] is None and d["name"] not in DEFAULT_ROOTS:  # say it in the space's terms
+        raise ConfigError(
+            f"{space.source}: dataset.root is required for {d['name']!r}; set it to the folder holding its files "
+            "(--set dataset.root=/path/to/data)"
+        )
     return DatasetSpec(name=d["name"], root=d["root"], val_size=d["val_size"], split_seed=d["split_seed"])
 
 

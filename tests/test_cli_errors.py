@@ -300,6 +300,7 @@ CASES: list[Case] = [
     ("unknown-sampler-flag", search("--sampler", "bayes"), ("'bayes'", "tpe")),
     ("unknown-device", search("--set", "resources.device=tpu"), ("'tpu'", "cpu")),
     ("dataset-dir-missing", search("--set", "dataset.root={tmp}/no_data"), ("no_data", "does not exist")),
+    ("dataset-root-needed", search("--set", "dataset.name=cifar10"), ("dataset.root is required", "dataset.root=")),
     (
         "dataset-bad-idx",
         search("--set", "dataset.root={a.bad_idx_dir}"),
