@@ -75,10 +75,19 @@ def _is_pattern(key: str) -> bool:
     return key.startswith("re:") or any(ch in key for ch in "*?[")
 
 
-def _matches(key: str, name: str) -> bool:
+def matches(key: str, name: str) -> bool:
     if key.startswith("re:"):
         return re.fullmatch(key[3:], name) is not None
     return fnmatch.fnmatchcase(name, key)
+
+
+def check_pattern(key: str, what: str) -> None:
+    """A ``re:`` key must compile: a ``ConfigError`` naming it, not a traceback when it is first used."""
+    if key.startswith("re:"):
+        try:
+            re.compile(key[3:])
+        except re.error as exc:
+            raise ConfigError(f"{what} {key!r} is not a valid regular expression: {exc}") from None
 
 
 def _list_names(names: Iterable[str]) -> str:
@@ -104,11 +113,7 @@ class Plan:
             raise ConfigError(f"plan dense={self.dense!r}: expected a list of layer names or patterns")
         object.__setattr__(self, "dense", tuple(str(d) for d in self.dense))
         for key in [*layers, *self.dense]:
-            if key.startswith("re:"):
-                try:
-                    re.compile(key[3:])
-                except re.error as exc:
-                    raise ConfigError(f"plan key {key!r} is not a valid regular expression: {exc}") from None
+            check_pattern(key, "plan key")
 
     # -- resolution -----------------------------------------------------------------
 
@@ -129,7 +134,7 @@ class Plan:
             )
         for key in [*self.layers, *self.dense]:
             if _is_pattern(key):
-                if not any(_matches(key, n) for n in names):
+                if not any(matches(key, n) for n in names):
                     raise ConfigError(
                         f"plan pattern {key!r} matches no compressible layer; layers are: {_list_names(names)}"
                     )
@@ -138,11 +143,11 @@ class Plan:
         patterns = [(k, v) for k, v in self.layers.items() if _is_pattern(k)]
         out: dict[str, LayerConfig] = {}
         for name in names:
-            if any(d == name or (_is_pattern(d) and _matches(d, name)) for d in self.dense):
+            if any(d == name or (_is_pattern(d) and matches(d, name)) for d in self.dense):
                 continue
             cfg = self.layers.get(name)
             if cfg is None:
-                cfg = next((v for k, v in patterns if _matches(k, name)), self.default)
+                cfg = next((v for k, v in patterns if matches(k, name)), self.default)
             if cfg is not None:
                 out[name] = cfg
         if not out:

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import copy
 import difflib
-import fnmatch
 import hashlib
 import json
 import math
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,7 @@ from .data import DATASET_NAMES
 from .errors import ConfigError
 from .models import list_models
 from .ops import BITS_RANGE
-from .plan import LayerConfig, Plan
+from .plan import LayerConfig, Plan, check_pattern, matches
 
 __all__ = [
     "SAMPLERS",
@@ -267,23 +265,6 @@ class LayerSearchParam:
     bits: tuple[int, int]
 
 
-def _matches(pattern: str, name: str) -> bool:
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
-    return fnmatch.fnmatchcase(name, pattern)
-
-
-def _check_pattern(pattern: str, what: str, source: str) -> None:
-    """A ``re:`` pattern must compile: a clear line instead of a traceback from deep in the search."""
-    if pattern.startswith("re:"):
-        try:
-            re.compile(pattern[3:])
-        except re.error as exc:
-            raise ConfigError(
-                f"{source}: {what} {pattern!r} is not a valid regular expression ({exc}); fix it"
-            ) from None
-
-
 class Space:
     """A validated search space (``data`` is the resolved nested dict)."""
 
@@ -361,8 +342,8 @@ class Space:
         shown = ", ".join(layer_names)
 
         def check(pattern: str, what: str) -> list[str]:
-            _check_pattern(pattern, what, self.source)
-            hits = [n for n in layer_names if n == pattern or _matches(pattern, n)]
+            check_pattern(pattern, f"{self.source}: {what}")
+            hits = [n for n in layer_names if n == pattern or matches(pattern, n)]
             if not hits:
                 raise ConfigError(
                     f"{self.source}: {what} {pattern!r} matches no compressible layer; layers are: {shown}"
@@ -384,7 +365,7 @@ class Space:
             if name in self._overrides:
                 return self._overrides[name]
             for pat, r in self._overrides.items():
-                if _matches(pat, name):
+                if matches(pat, name):
                     return r
             return self._default_p, self._default_bits  # type: ignore[return-value]
 

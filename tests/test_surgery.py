@@ -95,6 +95,8 @@ def test_plan_names_patterns_default_dense_and_errors() -> None:
         Plan.from_dict({"default": {"p": 0.5, "bits": 3}, "dense": ["*"]}).resolve(model)
     with pytest.raises(ValueError, match="bits=9"):
         Plan.from_dict({"layers": {"head": {"p": 0.5, "bits": 9}}})
+    with pytest.raises(ConfigError, match=r"plan key 're:fc\[' is not a valid regular expression"):
+        Plan.from_dict({"layers": {"re:fc[": {"p": 0.5, "bits": 3}}})
     with pytest.raises(ConfigError, match=r"no compressible layer .*below its top module.*nn\.Sequential\(layer\)"):
         attach_clipq(nn.Linear(8, 4), {"default": {"p": 0.5, "bits": 3}})  # a bare layer is the top module
 
