@@ -112,18 +112,16 @@ class ClipQWeight(nn.Module):
         # allocator hands its (warm) memory straight back for the new one.
         state["cache"] = None
         op, source = state["op"], state["source"]
-        # the tensor ``op`` was checked for last time (same memory, object and dtype) and the same p and
-        # bits: no need to check the tensor again
-        same = (
-            op is not None and source is not None and source[0] == (key[0], key[2], key[3])
-            and op.p == self.p and op.bits == self.bits
-        )
+        # ``source`` is reset whenever ``op`` is: the same tensor (memory, object, dtype), p and bits as
+        # when ``op`` was last checked need no new check
+        checked = (key[0], key[2], key[3], self.p, self.bits)
+        same = source is not None and source[0] == checked
         usable = op is not None and (same or _fits(op, original, self.p, self.bits))
         if usable and state["lock"].acquire(blocking=False):
             # the training step's path: one compiled call, the hint kept inside ``op``
             try:
                 if not same:  # a numpy view of the weight, made once
-                    source = state["source"] = ((key[0], key[2], key[3]), original.detach().view(-1).numpy())
+                    source = state["source"] = (checked, original.detach().view(-1).numpy())
                 flat = np.empty(op.n, np.float32)  # numpy memory: no tensor-to-numpy view to make per step
                 status = op.run_arrays(source[1], flat, original)
             finally:
