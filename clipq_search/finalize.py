@@ -126,10 +126,10 @@ def _check_export_target(path: Path) -> None:
         return
     try:
         doc = json.loads(path.read_text())
-        ours = isinstance(doc, dict) and "layers" in doc and isinstance(doc.get("source"), dict) and "trial" in doc[
-            "source"]
     except (OSError, ValueError):
-        ours = False
+        doc = None
+    source = doc.get("source") if isinstance(doc, dict) else None
+    ours = isinstance(source, dict) and "trial" in source and "layers" in doc
     if not ours:
         raise ClipQError(
             f"{path} exists and is not a plan exported by clipq-search; choose another --out, or move that file away"

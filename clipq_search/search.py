@@ -306,6 +306,11 @@ def _stay_on_loopback() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
+def _first_line(exc: BaseException) -> str:
+    """The first line of an error from Ray (its messages run to pages), or its type's name."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+
+
 def _init_ray(
     address: str | None, concurrency: int, cpus_per_trial: float, gpus_per_trial: float, log: Callable[[str], None]
 ) -> None:
@@ -326,7 +331,7 @@ def _init_ray(
             local = {"_node_ip_address": "127.0.0.1"} if host in ("127.0.0.1", "localhost") else {}
             ray.init(address=address, logging_level="ERROR", log_to_driver=False, **local)
         except Exception as exc:  # noqa: BLE001 - connection failures come in many types
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            first = _first_line(exc)
             raise ClipQError(
                 f"no Ray cluster answers at --address {address} ({first}); start one with `ray start --head` "
                 "or drop --address to run locally"
@@ -484,7 +489,7 @@ def run_search(
     distributions(check_space(space))
     run_dir = Path(results_root) / (name or space.name)
     _check_same_space(run_dir, space)
-    where_study = f"the study in {storage}" if storage else "study.db"
+    where_study = f"the study in {storage}" if storage else "study.db beside it"
     storage = storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
 
     baseline = ensure_baseline(space, results_root, progress=progress, log=log)
@@ -539,8 +544,7 @@ def run_search(
     summary = _summary(study, run_dir, t0, s["concurrency"])
     log(
         f"done: {summary.finished} finished ({summary.complete} complete, {summary.failed} failed) in "
-        f"{summary.wall_seconds:.0f}s; trials.csv in {run_dir}, "
-        + (where_study if where_study != "study.db" else "study.db beside it")
+        f"{summary.wall_seconds:.0f}s; trials.csv in {run_dir}, {where_study}"
     )
     if summary.finished and not summary.complete:
         first = next((t for t in _finished(study) if t.user_attrs.get(ERROR_ATTR)), None)
@@ -633,7 +637,7 @@ def _run_with_tune(
             tuner.fit()
         except (ray.exceptions.RaySystemError, ConnectionError) as exc:
             # the cluster went away under the search (its head stopped, the network): finished trials are saved
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            first = _first_line(exc)
             raise ClipQError(
                 f"the Ray cluster stopped answering during the search ({first}); finished trials are saved: "
                 "run the same command again to resume"
