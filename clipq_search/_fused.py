@@ -65,6 +65,14 @@ _SLOTS = 256 + _SPREAD
 (R_STATUS, R_NEG, R_ZERO, R_POS, R_RANK_NEG, R_RANK_POS, R_C_NEG, R_C_POS, R_MIN, R_MAX, R_N_NEG_INT,
  R_FOUND_NEG, R_FOUND_POS, R_SCANS) = range(14)
 RESULT_SIZE = 16
+
+
+def make_params(
+    p: float, n_levels: int, hint: tuple[float, float, float, float] = (np.nan,) * 4, *, gaps: float = 64.0,
+    rounds: int = 4, threads: int = 1, team: tuple[float, float, float, float] = (0.0,) * 4,
+) -> np.ndarray:
+    """``clipq_cpu``'s parameter array (``P_*``): no thresholds given; the team's addresses from ``team()``."""
+    return np.array([p, n_levels, *hint, gaps, rounds, np.nan, np.nan, threads, *team])
 DONE, MISSED, NOT_FINITE, NOTHING_KEPT = range(4)
 _F32_TINY = float(np.finfo(np.float32).smallest_subnormal)
 # A team's job (float64, addresses included: exact below 2**53): what every
@@ -187,7 +195,7 @@ def _ready() -> bool:
     w = np.array([-2.0, -1.0, 0.0, 1.0, 2.0], np.float32)
     try:
         k = kernels()
-        params = np.array([0.5, 3, -1.0, 1.0, -2.0, 2.0, 64.0, 4, np.nan, np.nan, 1, 0, 0, 0, 0])
+        params = make_params(0.5, 3, (-1.0, 1.0, -2.0, 2.0))
         k.clipq_cpu(w, np.empty(5, np.float32), np.empty(5, np.uint8), np.empty(5, np.uint8), np.empty(8, np.float32),
                     np.empty(256, np.float32), params, np.empty(RESULT_SIZE))
     except Exception as exc:  # noqa: BLE001 - any failure: the tensor implementation still works
@@ -365,7 +373,7 @@ def _team_agrees(addresses: tuple[float, float, float, float]) -> bool:
     hint = (ordered[rank_neg - 1 + 5], ordered[rank_pos - 1 - 5], ordered[0], ordered[-1])
     runs = []
     for threads in (1, 2):
-        params = np.array([0.7, 15, *hint, 64.0, 4, np.nan, np.nan, threads, *addresses])
+        params = make_params(0.7, 15, hint, threads=threads, team=addresses)
         result, out, table = np.zeros(RESULT_SIZE), np.empty(n, np.float32), np.empty(256, np.float32)
         kernels().clipq_cpu(w, out, np.empty(n, np.uint8), np.empty(n, np.uint8), np.empty(4096 * threads, np.float32),
                             table, params, result)

@@ -326,10 +326,8 @@ class CompiledOperator:
     def __init__(self, n: int, p: float, bits: int, *, scratch: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         validate_p_bits(p, bits)
         f = _fused
-        nan = math.nan
         self.n, self.p, self.bits, self.n_levels = n, p, bits, 2**bits - 1
-        self.params = np.array([p, self.n_levels, nan, nan, nan, nan, _FUSED_HINT_GAPS, _MAX_ROUNDS, nan, nan,
-                                1, 0, 0, 0, 0])
+        self.params = f.make_params(p, self.n_levels, gaps=_FUSED_HINT_GAPS, rounds=_MAX_ROUNDS)
         self.result = np.zeros(f.RESULT_SIZE)
         self.table = np.empty(256, np.float32)
         self.buf = np.empty(_WINDOW_CAP, np.float32)

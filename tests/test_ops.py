@@ -594,8 +594,8 @@ def test_team_that_gets_fewer_threads_still_does_every_slice() -> None:
     ordered = np.sort(w)
     results = []
     for slices in (1, 3):
-        params = np.array([0.6, 7, ordered[150], ordered[330], ordered[0], ordered[-1], 64.0, 4, np.nan, np.nan,
-                           slices, *addresses])
+        hint = (ordered[150], ordered[330], ordered[0], ordered[-1])
+        params = fused.make_params(0.6, 7, hint, threads=slices, team=tuple(addresses))
         out, table, result = np.zeros(n, np.float32), np.zeros(256, np.float32), np.zeros(fused.RESULT_SIZE)
         fused.kernels().clipq_cpu(w, out, np.empty(n, np.uint8), np.empty(n, np.uint8),
                                   np.empty(4096 * slices, np.float32), table, params, result)
