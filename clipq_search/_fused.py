@@ -16,13 +16,14 @@ call (``docs/method.md``, "Speed"):
    arithmetic as the definition; ``interval_means``: per-interval float32
    sums and counts in element order (so levels are bit-identical to
    ``torch.index_add_``; only over the kept weights when most are clipped,
-   ``kept_sums``); ``levels_into``: every weight replaced by its interval's
-   level.
+   ``kept_into``, gathered first on a team, ``compacted_means``);
+   ``levels_into``: every weight replaced by its interval's level.
 
 For tensors of ``TEAM_MIN`` elements or more the scan, the codes and the
 levels run in slices on torch's own OpenMP threads (``team``, ``team_body``:
-``GOMP_parallel`` of torch's libgomp, called by address); the sums stay on
-the calling thread, so the result does not depend on the number of threads.
+``GOMP_parallel`` of torch's libgomp, called by address), with the gathering
+of kept weights; the sums stay on the calling thread, so the result does not
+depend on the number of threads.
 
 numba compiles them on first use and caches the machine code next to this file
 (or under ``NUMBA_CACHE_DIR``); without numba, or with
@@ -80,14 +81,16 @@ _F32_TINY = float(np.finfo(np.float32).smallest_subnormal)
 (J_PHASE, J_N, J_THREADS, J_THREAD_NUM, J_W, J_OUT, J_CODES, J_MASK, J_BUF, J_TABLE, J_KEYS) = range(11)
 J_CAP, J_TEAM_SIZE = 14, 24  # J_CAP after the four keys
 (J_W_MIN, J_C_NEG, J_C_POS, J_WIDTH_NEG, J_WIDTH_POS, J_N_NEG_INT, J_LEVELS, J_HAS_NEG, J_HAS_POS) = range(15, 24)
-J_RESULTS = 25
-_RESULT_SLOTS = 8
+J_SPARSE = 25  # codes phase: also gather each slice's kept weights (``kept_into``, into ``out`` and ``mask``)
+J_RESULTS = 26
+_RESULT_SLOTS = 8  # a slice's scan results, then (slot 7) its kept weights
 PHASE_SCAN, PHASE_CODES, PHASE_LEVELS = range(3)
 # Threads split work in slices of whole 64-element blocks (cache lines of
 # every array, and the mask's uint64 words).
 _BLOCK = 64
 # compiled, set by ``kernels()``
-_window_scan = _scan_into = _codes_into = _interval_means = _levels_into = _kept_sums = _trailing_zeros = None
+_window_scan = _scan_into = _codes_into = _interval_means = _levels_into = _trailing_zeros = None
+_kept_into = _keep = _compacted_means = _means_into = _slice_bounds = None
 _key32 = _unkey32 = _clip_ranks = _partition = _team_run = _fork = _call_i32 = _f32_at = _u8_at = _carray = None
 
 
@@ -115,21 +118,23 @@ def kernels() -> SimpleNamespace:
     def compiled(cache: bool) -> SimpleNamespace:
         jit = njit(cache=cache, nogil=True, boundscheck=False, error_model="numpy")
         # ``clipq_cpu`` calls the others through these module globals.
-        global _window_scan, _scan_into, _codes_into, _interval_means, _levels_into, _kept_sums, _trailing_zeros
+        global _window_scan, _scan_into, _codes_into, _interval_means, _levels_into, _trailing_zeros
+        global _kept_into, _keep, _compacted_means, _means_into, _slice_bounds
         global _key32, _unkey32, _clip_ranks, _partition, _team_run, _fork, _call_i32, _f32_at, _u8_at, _carray
         from numba import carray as _carray
         from numba.cpython.unsafe.numbers import trailing_zeros as _trailing_zeros
 
         _fork, _call_i32, _f32_at, _u8_at = _intrinsics()
         _key32, _unkey32 = jit(f32_key), jit(f32_unkey)
-        _kept_sums = jit(kept_sums)
+        _kept_into, _keep, _means_into, _slice_bounds = jit(kept_into), jit(keep), jit(means_into), jit(slice_bounds)
+        _compacted_means = jit(compacted_means)
         _clip_ranks, _partition = jit(_rules.clip_ranks), jit(_rules.partition)
         _scan_into, _codes_into, _levels_into = jit(scan_into), jit(codes_into), jit(levels_into)
         _interval_means, _team_run = jit(interval_means), jit(team_run)
         _window_scan = jit(window_scan)
         body = cfunc(types.void(types.voidptr), cache=cache, nogil=True, boundscheck=False,
                      error_model="numpy")(team_body)
-        return SimpleNamespace(window_scan=_window_scan, scan_into=_scan_into, kept_sums=_kept_sums,
+        return SimpleNamespace(window_scan=_window_scan, scan_into=_scan_into, kept_into=_kept_into,
                                clipq_cpu=jit(clipq_cpu), team_body=body, f32_key=_key32, f32_unkey=_unkey32)
 
     try:
@@ -475,25 +480,23 @@ def interval_means(
     """Each level into ``table``: the float32 sum of its interval, in element order, over the count.
 
     Added in element order as ``index_add_`` does (so the levels are
-    bit-identical to the definition's), NaN for an empty interval; ``table``
-    has 256 float32 entries, zero from ``n_levels`` on. This pass is serial.
-    A clipped weight's sum goes to one of ``_SPREAD`` spare slots (its
-    spread code, or by its low mantissa bits after ``CLIPPED``): most
-    weights are usually clipped, and additions into one slot in a row would
-    wait on each other. With ``sparse`` (worth it when at most about half
-    the weights are kept) and room for the spread codes, only the kept
-    weights are added up (``_kept_sums``): a clipped weight's level is zero
-    whatever its slot's sum.
+    bit-identical to the definition's); ``table`` as ``means_into`` makes
+    it. This pass is serial. A clipped weight's sum goes to one of
+    ``_SPREAD`` spare slots (its spread code, or by its low mantissa bits
+    after ``CLIPPED``): most weights are usually clipped, and additions into
+    one slot in a row would wait on each other. With ``sparse`` (worth it
+    when at most about half the weights are kept) and room for the spread
+    codes, only the kept weights are added up (``kept_into``): a clipped
+    weight's level is zero whatever its slot's sum.
     """
     n = w.shape[0]
     b = w.view(np.int32)
-    f32, i32 = np.float32, np.int32
-    roomy = n_levels < _SPREAD_BASE
+    i32 = np.int32
     sums = np.zeros(_SLOTS, np.float32)
     counts = np.zeros(_SLOTS, np.int64)
-    if roomy and sparse:
-        _kept_sums(w, codes, sums, counts)
-    elif roomy:
+    if n_levels < _SPREAD_BASE and sparse:
+        _kept_into(w, codes, w, codes, sums, counts, False)
+    elif n_levels < _SPREAD_BASE:
         for i in range(n):  # serial: each sum in element order
             j = codes[i]
             sums[j] += w[i]
@@ -504,6 +507,34 @@ def interval_means(
             j = c + (i32(1) + i32(b[i] & i32(_SPREAD - 1)) if c == CLIPPED else i32(0))
             sums[j] += w[i]
             counts[j] += 1
+    _means_into(sums, counts, table, n_levels)
+
+
+def compacted_means(
+    vals: np.ndarray, kept_codes: np.ndarray, job: np.ndarray, slices: int, table: np.ndarray, n_levels: int
+) -> None:  # pragma: no cover - compiled
+    """``interval_means`` from the kept weights that ``kept_into`` gathered to the front of each slice.
+
+    Slice s (``slice_bounds``) holds ``job[J_RESULTS + _RESULT_SLOTS * s +
+    7]`` of them; slices in order, each in element order: the same float32
+    additions in the same order as ``interval_means``, over a tenth of the
+    memory when a tenth of the weights is kept.
+    """
+    n = vals.shape[0]
+    sums = np.zeros(_SLOTS, np.float32)
+    counts = np.zeros(_SLOTS, np.int64)
+    for s in range(slices):
+        lo, _ = _slice_bounds(n, slices, s)
+        for i in range(lo, lo + np.int64(job[J_RESULTS + _RESULT_SLOTS * s + 7])):
+            j = kept_codes[i]
+            sums[j] += vals[i]
+            counts[j] += 1
+    _means_into(sums, counts, table, n_levels)
+
+
+def means_into(sums: np.ndarray, counts: np.ndarray, table: np.ndarray, n_levels: int) -> None:  # pragma: no cover
+    """``table`` (256 float32): sum over count for the ``n_levels`` levels (NaN for an empty interval), zero after."""
+    f32 = np.float32
     for j in range(256):
         table[j] = sums[j] / f32(counts[j]) if j < n_levels else f32(0.0)
 
@@ -514,38 +545,65 @@ def levels_into(codes: np.ndarray, table: np.ndarray, out: np.ndarray) -> None: 
         out[i] = table[codes[i]]
 
 
-def kept_sums(w: np.ndarray, codes: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> None:  # pragma: no cover
-    """Add every kept weight (code below 128) into its code's sum and count, in element order.
+def kept_into(
+    w: np.ndarray, codes: np.ndarray, vals: np.ndarray, kept_codes: np.ndarray, sums: np.ndarray,
+    counts: np.ndarray, gather: bool,
+) -> int:  # pragma: no cover - compiled
+    """Visit every kept weight (code below 128) in element order; return how many there are.
 
-    Eight codes are read at a time as one uint64; their high bits (set for
-    the clipped codes, 128 and up) become, inverted and gathered by one
-    multiplication, a 64-bit mask of the kept weights among 64 consecutive
-    ones, and only those are visited, lowest index first. Summing only the
-    kept weights is what makes this faster than ``interval_means``' dense
+    ``gather``: copy each, and its code, to the front of ``vals`` and
+    ``kept_codes`` (kept weight i lands at an index at most i, so ``vals``
+    may be ``w`` itself); else add each into its code's ``sums`` and
+    ``counts``. Eight codes are read at a time as one uint64; their high
+    bits (set for the clipped codes, 128 and up) become, inverted and
+    gathered by one multiplication, a 64-bit mask of the kept weights among
+    64 consecutive ones, and only those are visited, lowest index first.
+    Summing only the kept weights is what makes this faster than a dense
     loop when most weights are clipped.
     """
     n = w.shape[0]
     whole = n - n % 64
     words = codes[:whole].view(np.uint64)
     u64 = np.uint64
-    high, gather, one = u64(0x8080808080808080), u64(0x0102040810204080), u64(1)
+    high, spread_bits, one = u64(0x8080808080808080), u64(0x0102040810204080), u64(1)
+    m = 0
     for chunk in range(whole // 64):
         kept = u64(0)
         for q in range(8):  # byte q's inverted high bit -> bit q of the top byte
             flags = (~words[8 * chunk + q] & high) >> u64(7)
-            kept |= ((flags * gather) >> u64(56)) << u64(8 * q)
+            kept |= ((flags * spread_bits) >> u64(56)) << u64(8 * q)
         base = 64 * chunk
         while kept:
             i = base + _trailing_zeros(kept)
-            j = codes[i]
-            sums[j] += w[i]
-            counts[j] += 1
+            _keep(w, codes, vals, kept_codes, sums, counts, gather, i, m)
+            m += 1
             kept &= kept - one
     for i in range(whole, n):
-        j = codes[i]
-        if j < _SPREAD_BASE:
-            sums[j] += w[i]
-            counts[j] += 1
+        if codes[i] < _SPREAD_BASE:
+            _keep(w, codes, vals, kept_codes, sums, counts, gather, i, m)
+            m += 1
+    return m
+
+
+def keep(
+    w: np.ndarray, codes: np.ndarray, vals: np.ndarray, kept_codes: np.ndarray, sums: np.ndarray,
+    counts: np.ndarray, gather: bool, i: int, m: int,
+) -> None:  # pragma: no cover - compiled
+    """``kept_into``'s visit of kept weight ``i``, the ``m``-th."""
+    j = codes[i]
+    if gather:
+        vals[m] = w[i]
+        kept_codes[m] = j
+    else:
+        sums[j] += w[i]
+        counts[j] += 1
+
+
+def slice_bounds(n: int, slices: int, s: int) -> tuple[int, int]:  # pragma: no cover - compiled
+    """Start and length of slice ``s`` of ``slices`` over ``n`` elements: whole ``_BLOCK``s, the last one short."""
+    per = ((n + slices - 1) // slices + _BLOCK - 1) // _BLOCK * _BLOCK
+    lo = min(s * per, n)
+    return lo, min(lo + per, n) - lo
 
 
 def f32_key(x: float, scratch: np.ndarray) -> np.int32:  # pragma: no cover - compiled
@@ -588,11 +646,9 @@ def team_body(data) -> None:  # pragma: no cover - compiled (a C callback)
     t = np.int64(_call_i32(np.int64(job[J_THREAD_NUM])))
     team_size = max(np.int64(_call_i32(np.int64(job[J_TEAM_SIZE]))), np.int64(1))
     n = np.int64(job[J_N])
-    per = ((n + slices - 1) // slices + _BLOCK - 1) // _BLOCK * _BLOCK
     phase = np.int64(job[J_PHASE])
     for s in range(t, slices, team_size):
-        lo = min(s * per, n)
-        size = min(lo + per, n) - lo
+        lo, size = _slice_bounds(n, slices, s)
         w = _carray(_f32_at(np.int64(job[J_W]) + 4 * lo), size)
         codes = _carray(_u8_at(np.int64(job[J_CODES]) + lo), size)
         if phase == PHASE_SCAN:
@@ -610,6 +666,10 @@ def team_body(data) -> None:  # pragma: no cover - compiled (a C callback)
             _codes_into(w, codes, f32(job[J_W_MIN]), f32(job[J_C_NEG]), f32(job[J_C_POS]), f32(job[J_WIDTH_NEG]),
                         f32(job[J_WIDTH_POS]), np.int64(job[J_N_NEG_INT]), np.int64(job[J_LEVELS]),
                         job[J_HAS_NEG] != 0.0, job[J_HAS_POS] != 0.0)
+            if job[J_SPARSE] != 0.0:
+                vals = _carray(_f32_at(np.int64(job[J_OUT]) + 4 * lo), size)
+                kept_codes = _carray(_u8_at(np.int64(job[J_MASK]) + lo), size)
+                job[J_RESULTS + _RESULT_SLOTS * s + 7] = _kept_into(w, codes, vals, kept_codes, vals, job, True)
         else:
             table = _carray(_f32_at(np.int64(job[J_TABLE])), 256)
             out = _carray(_f32_at(np.int64(job[J_OUT]) + 4 * lo), size)
@@ -732,15 +792,24 @@ def clipq_cpu(
         return
     f32 = np.float32
     kept = (negatives - k_neg) + (positives - k_pos)  # at most: ties at a threshold are clipped too
+    # Mostly clipped (and room for the spread codes), on a team: each thread gathers its slice's kept
+    # weights and their codes into the front of the slice of ``out`` and ``mask`` (free until the
+    # levels), and the serial sums read only those, not the other core's whole slice.
+    sparse = 2 * kept <= n
+    gathered = sparse and threads > 1 and n_levels < _SPREAD_BASE
     if threads > 1:
         job[J_W_MIN], job[J_C_NEG], job[J_C_POS] = f32(w_min), f32(c_neg), f32(c_pos)
         job[J_WIDTH_NEG], job[J_WIDTH_POS] = f32(width_neg), f32(width_pos)
         job[J_N_NEG_INT], job[J_LEVELS], job[J_HAS_NEG], job[J_HAS_POS] = n_neg_int, n_levels, has_neg, has_pos
+        job[J_SPARSE] = gathered
         _team_run(params, job, PHASE_CODES)
     else:
         _codes_into(w, codes, f32(w_min), f32(c_neg), f32(c_pos), f32(width_neg), f32(width_pos),
                     n_neg_int, n_levels, has_neg, has_pos)
-    _interval_means(w, codes, table, n_levels, 2 * kept <= n)
+    if gathered:
+        _compacted_means(out, mask, job, threads, table, n_levels)
+    else:
+        _interval_means(w, codes, table, n_levels, sparse)
     if threads > 1:
         _team_run(params, job, PHASE_LEVELS)
     else:

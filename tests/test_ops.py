@@ -435,28 +435,40 @@ def test_order_keys_sort_as_the_floats_do() -> None:
 
 
 @pytest.mark.parametrize("n", [0, 1, 63, 64, 65, 640, 1000, 4099])
-def test_kept_sums_visit_exactly_the_kept_codes_in_element_order(n: int) -> None:
-    """The sparse sum (mostly clipped layers) equals the plain element-order loop over codes below 128."""
+def test_kept_into_visits_exactly_the_kept_codes_in_element_order(n: int) -> None:
+    """The sparse sums (mostly clipped layers) add exactly the weights with a code below 128, in element order, as the
+    plain loop does; gathering them instead keeps them in element order, also into the weights' own memory."""
     import numpy as np
 
     import clipq_search._fused as fused
 
     if not fused.enabled():
         pytest.skip("compiled kernels unavailable")
+    kept_into = fused.kernels().kept_into
     g = np.random.default_rng(n)
     # mantissa-rich values of mixed magnitude: any other summation order would change the float32 sums
     w = (g.standard_normal(n) * 10.0 ** g.integers(-3, 3, n)).astype(np.float32)
     for kept_fraction in (0.0, 0.03, 0.5, 1.0):
         kept = g.random(n) < kept_fraction
+        m = int(kept.sum())
         codes = np.where(kept, g.integers(0, 127, n), g.integers(128, 144, n)).astype(np.uint8)
         sums, counts = np.zeros(fused._SLOTS, np.float32), np.zeros(fused._SLOTS, np.int64)
-        fused.kernels().kept_sums(w, codes, sums, counts)
+        assert kept_into(w, codes, w, codes, sums, counts, False) == m
         ref_sums, ref_counts = np.zeros(fused._SLOTS, np.float32), np.zeros(fused._SLOTS, np.int64)
         for i in np.flatnonzero(kept):
             ref_sums[codes[i]] += w[i]
             ref_counts[codes[i]] += 1
         assert np.array_equal(counts, ref_counts)
         assert np.array_equal(sums.view(np.int32), ref_sums.view(np.int32))
+
+        vals, kept_codes = np.full(n, np.nan, np.float32), np.full(n, 255, np.uint8)
+        assert kept_into(w, codes, vals, kept_codes, sums, counts, True) == m
+        assert np.array_equal(vals[:m].view(np.int32), w[kept].view(np.int32))
+        assert np.array_equal(kept_codes[:m], codes[kept])
+        in_place = w.copy()
+        assert kept_into(in_place, codes, in_place, kept_codes, sums, counts, True) == m
+        assert np.array_equal(in_place[:m].view(np.int32), w[kept].view(np.int32))
+        assert np.array_equal(counts, ref_counts)  # gathering adds nothing
 
 
 @pytest.mark.parametrize("p", [0.3, 0.5, 0.9])

@@ -55,6 +55,45 @@ def test_straight_through_gradient_is_unchanged() -> None:
     torch.testing.assert_close(lin.parametrizations.weight.original.grad, expected)
 
 
+def test_the_straight_through_weight_is_the_quantized_memory_with_the_plain_gradient() -> None:
+    from clipq_search.surgery import straight_through
+
+    original = torch.randn(6, 9, requires_grad=True)
+    quantized = clipq_quantize(original.detach(), 0.5, 3)
+    out = straight_through(original, quantized)
+    assert out.data_ptr() == quantized.data_ptr() and out.data_ptr() != original.data_ptr()
+    assert torch.equal(out.detach(), quantized) and out.requires_grad and out.shape == original.shape
+    upstream = torch.randn(6, 9)
+    (out * upstream).sum().backward()
+    assert torch.equal(original.grad, upstream)
+
+
+def test_reading_the_weight_takes_parametrize_s_own_way_whenever_it_does_more() -> None:
+    """The quick ``weight`` property gives what parametrize's gives, and defers to it for caching and chains."""
+    from torch.nn.utils import parametrize
+
+    class Twice(nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return 2 * w
+
+    lin = nn.Linear(40, 30)
+    attach_clipq(nn.Sequential(lin), {"layers": {"0": {"p": 0.5, "bits": 3}}})
+    original = lin.parametrizations.weight.original
+    expected = clipq_quantize(original.detach(), 0.5, 3)
+    assert torch.equal(lin.weight.detach(), expected)
+    assert torch.equal(type(lin).weight.fget(lin).detach(), expected)
+    with parametrize.cached():  # parametrize's cache: one tensor for every read
+        assert lin.weight is lin.weight
+    parametrize.register_parametrization(lin, "weight", Twice())
+    assert torch.equal(lin.weight.detach(), 2 * expected)
+    x = torch.randn(3, 40)
+    lin(x).sum().backward()
+    torch.testing.assert_close(original.grad, 2 * torch.ones(3, 30).t() @ x)
+    strip_clipq(nn.Sequential(lin))
+    assert not parametrize.is_parametrized(lin)
+    assert torch.equal(lin.weight.detach(), 2 * expected)
+
+
 def test_recomputed_each_step_and_training_moves_fp_weights() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(30, 40), nn.ReLU(), nn.Linear(40, 3))
@@ -211,25 +250,32 @@ def test_a_weight_someone_holds_is_never_overwritten(holder: str) -> None:
     model, opt = _clipq_mlp(0.8, 3, seed=2, lr=0.5)
     _train_steps(model, opt, 2, seed=0)
     x = torch.randn(4, 30, requires_grad=True)
-    if holder == "graph":  # the input gradient the kept graph must give: from an identical graph, now
-        x_now = x.detach().clone().requires_grad_()
-        model(x_now).sum().backward()
-        opt.zero_grad()
     if holder == "result":
         with torch.no_grad():
             kept = model[0].weight  # the very tensor the layer caches
     elif holder == "alias":
         kept = model[0].weight.detach()  # another tensor on the same memory
     else:
-        kept = model(x)  # a graph that saved the weight, kept without backward
+        graph = model[0](x)  # a graph that saved the weight, kept without backward
+        kept = graph.grad_fn._saved_mat2  # what it saved (the weight, transposed), on the saved memory
     before = kept.detach().clone()
     weight_before = model[0].weight.detach().clone()
     _train_steps(model, opt, 3, seed=1)
     assert torch.equal(kept.detach(), before)
-    if holder == "graph":  # the weight the graph saved is intact: its gradient is the one from before
-        kept.sum().backward()
-        assert torch.equal(x.grad, x_now.grad)
     assert not torch.equal(model[0].weight.detach(), weight_before)  # training did move on
+
+
+def test_a_graph_kept_across_an_optimizer_step_refuses_its_backward_as_a_plain_layer_does() -> None:
+    """The weight a graph saved is the full-precision weight's view: stepping the optimizer in between is reported."""
+    model, opt = _clipq_mlp(0.8, 3, seed=2, lr=0.5)
+    torch.manual_seed(2)
+    plain = nn.Sequential(nn.Linear(30, 400), nn.ReLU(), nn.Linear(400, 3))
+    plain_opt = torch.optim.SGD(plain.parameters(), lr=0.5)
+    for net, optimizer in ((plain, plain_opt), (model, opt)):
+        kept = net(torch.randn(4, 30)).sum()
+        _train_steps(net, optimizer, 1, seed=1)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            kept.backward()
 
 
 def test_a_layer_whose_weights_all_clip_trains_with_zeros() -> None:
