@@ -90,7 +90,7 @@ PHASE_SCAN, PHASE_CODES, PHASE_LEVELS = range(3)
 _BLOCK = 64
 # compiled, set by ``kernels()``
 _window_scan = _scan_into = _codes_into = _interval_means = _levels_into = _trailing_zeros = None
-_kept_into = _keep = _compacted_means = _means_into = _slice_bounds = None
+_kept_into = _keep = _compacted_means = _means_into = _slice_bounds = _select = None
 _key32 = _unkey32 = _clip_ranks = _partition = _team_run = _fork = _call_i32 = _f32_at = _u8_at = _carray = None
 
 
@@ -119,7 +119,7 @@ def kernels() -> SimpleNamespace:
         jit = njit(cache=cache, nogil=True, boundscheck=False, error_model="numpy")
         # ``clipq_cpu`` calls the others through these module globals.
         global _window_scan, _scan_into, _codes_into, _interval_means, _levels_into, _trailing_zeros
-        global _kept_into, _keep, _compacted_means, _means_into, _slice_bounds
+        global _kept_into, _keep, _compacted_means, _means_into, _slice_bounds, _select
         global _key32, _unkey32, _clip_ranks, _partition, _team_run, _fork, _call_i32, _f32_at, _u8_at, _carray
         from numba import carray as _carray
         from numba.cpython.unsafe.numbers import trailing_zeros as _trailing_zeros
@@ -127,14 +127,14 @@ def kernels() -> SimpleNamespace:
         _fork, _call_i32, _f32_at, _u8_at = _intrinsics()
         _key32, _unkey32 = jit(f32_key), jit(f32_unkey)
         _kept_into, _keep, _means_into, _slice_bounds = jit(kept_into), jit(keep), jit(means_into), jit(slice_bounds)
-        _compacted_means = jit(compacted_means)
+        _compacted_means, _select = jit(compacted_means), jit(select)
         _clip_ranks, _partition = jit(_rules.clip_ranks), jit(_rules.partition)
         _scan_into, _codes_into, _levels_into = jit(scan_into), jit(codes_into), jit(levels_into)
         _interval_means, _team_run = jit(interval_means), jit(team_run)
         _window_scan = jit(window_scan)
         body = cfunc(types.void(types.voidptr), cache=cache, nogil=True, boundscheck=False,
                      error_model="numpy")(team_body)
-        return SimpleNamespace(window_scan=_window_scan, scan_into=_scan_into, kept_into=_kept_into,
+        return SimpleNamespace(window_scan=_window_scan, scan_into=_scan_into, kept_into=_kept_into, select=_select,
                                clipq_cpu=jit(clipq_cpu), team_body=body, f32_key=_key32, f32_unkey=_unkey32)
 
     try:
@@ -392,10 +392,12 @@ def window_scan(
     w: np.ndarray, klo_n: np.int32, khi_n: np.int32, klo_p: np.int32, khi_p: np.int32,
     buf: np.ndarray, mask: np.ndarray, job: np.ndarray, params: np.ndarray,
 ) -> tuple[int, int, int, int, int, int, int, int]:  # pragma: no cover - compiled
-    """``scan_into`` over all of ``w``, on the team when ``job`` says so; the window elements sorted.
+    """``scan_into`` over all of ``w``, on the team when ``job`` says so; the negative window elements first.
 
-    Returns ``scan_into``'s results and how many of the (sorted) window
-    elements are negative; the element count exceeds ``len(buf)`` when they
+    Returns ``scan_into``'s results and how many of the window elements are
+    negative (``buf`` holds those first, then the positive ones, each group
+    in no particular order: ``select`` finds a rank among them); the element
+    count exceeds ``len(buf)`` when they
     did not fit. On a team of T threads each scans its own slice and
     collects into its own ``len(buf) // T`` of ``buf``; the counts add up,
     the extremes combine, and the elements are moved together.
@@ -426,11 +428,42 @@ def window_scan(
             else:
                 m = cap + 1
     m_neg = 0
-    if m <= cap:
-        buf[:m].sort()
-        while m_neg < m and buf[m_neg] < np.float32(0.0):
-            m_neg += 1
+    if m <= cap:  # negatives to the front (the windows hold no zero)
+        for j in range(m):
+            if buf[j] < np.float32(0.0):
+                buf[j], buf[m_neg] = buf[m_neg], buf[j]
+                m_neg += 1
     return neg, nonpos, below_n, below_p, kmin, kmax, m, m_neg
+
+
+def select(a: np.ndarray, lo: int, hi: int, k: int) -> float:  # pragma: no cover - compiled
+    """The value that sorting ``a[lo:hi]`` would put at index ``k`` (lo <= k < hi), by quickselect; reorders ``a[lo:hi]``.
+
+    The window elements are a few hundred: sorting them took a layer's
+    operator some 20 microseconds inside a training step, selecting one
+    takes a few.
+    """
+    while hi - lo > 1:
+        mid = lo + (hi - lo) // 2  # median of three as the pivot
+        x, y, z = a[lo], a[mid], a[hi - 1]
+        pivot = max(min(x, y), min(max(x, y), z))
+        i, j = lo, hi - 1
+        while i <= j:  # Hoare partition: a[lo:i] <= pivot <= a[j + 1:hi]
+            while a[i] < pivot:
+                i += 1
+            while a[j] > pivot:
+                j -= 1
+            if i <= j:
+                a[i], a[j] = a[j], a[i]
+                i += 1
+                j -= 1
+        if k <= j:
+            hi = j + 1
+        elif k >= i:
+            lo = i
+        else:  # j < k < i: a[k] equals the pivot
+            return float(a[k])
+    return float(a[lo])
 
 
 def codes_into(
@@ -752,7 +785,7 @@ def clipq_cpu(
             break
         if want_n and not found_n:
             if below_n < rank_neg <= below_n + m_neg:
-                c_neg, found_n = float(buf[rank_neg - below_n - 1]), True
+                c_neg, found_n = _select(buf, 0, m_neg, rank_neg - below_n - 1), True
             else:  # miss: widen toward the rank by twice the expected distance
                 gap = (hi_n - lo_n) / max(m_neg, 1)
                 if rank_neg <= below_n:
@@ -762,7 +795,7 @@ def clipq_cpu(
         if want_p and not found_p:
             k = m - m_neg
             if below_p < rank_pos <= below_p + k:
-                c_pos, found_p = float(buf[m_neg + rank_pos - below_p - 1]), True
+                c_pos, found_p = _select(buf, m_neg, m, m_neg + rank_pos - below_p - 1), True
             else:
                 gap = (hi_p - lo_p) / max(k, 1)
                 if rank_pos <= below_p:

@@ -471,6 +471,27 @@ def test_kept_into_visits_exactly_the_kept_codes_in_element_order(n: int) -> Non
         assert np.array_equal(counts, ref_counts)  # gathering adds nothing
 
 
+def test_select_finds_every_rank_as_sorting_would() -> None:
+    """The window's threshold is picked by quickselect: every rank of many small arrays, ties and sizes 1..70."""
+    import numpy as np
+
+    import clipq_search._fused as fused
+
+    if not fused.enabled():
+        pytest.skip("compiled kernels unavailable")
+    select = fused.kernels().select
+    g = np.random.default_rng(5)
+    for size in list(range(1, 71)) + [257, 1000]:
+        for values in (g.standard_normal(size), g.integers(-3, 3, size), np.full(size, 2.5), np.arange(size)[::-1]):
+            a = np.asarray(values, np.float32)
+            want = np.sort(a)
+            lo = int(g.integers(0, 3))  # a range that does not start at 0
+            for k in range(size):
+                buf = np.concatenate([np.full(lo, np.nan, np.float32), a, np.full(2, np.nan, np.float32)])
+                assert select(buf, lo, lo + size, lo + k) == want[k]
+                assert np.array_equal(np.sort(buf[lo:lo + size]), want)  # only reordered, within the range
+
+
 @pytest.mark.parametrize("p", [0.3, 0.5, 0.9])
 def test_compiled_operator_dense_and_sparse_sums_agree_with_reference(p: float) -> None:
     """Both sum loops of the compiled operator (dense below p = 0.5, sparse from it) are bit-identical."""
