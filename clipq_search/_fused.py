@@ -397,8 +397,8 @@ def window_scan(
     Returns ``scan_into``'s results and how many of the window elements are
     negative (``buf`` holds those first, then the positive ones, each group
     in no particular order: ``select`` finds a rank among them); the element
-    count exceeds ``len(buf)`` when they
-    did not fit. On a team of T threads each scans its own slice and
+    count exceeds ``len(buf)`` when they did not fit. On a team of T
+    threads each scans its own slice and
     collects into its own ``len(buf) // T`` of ``buf``; the counts add up,
     the extremes combine, and the elements are moved together.
     """
