@@ -19,7 +19,7 @@ implementation (``CLIPQ_SEARCH_KERNEL=torch``), side by side.
 
 ``--floor`` adds a row without the operator (the layers return their
 full-precision weights through the same parametrization and straight-through
-function): what the rest of the machinery costs, a floor for any operator.
+view): what the rest of the machinery costs, a floor for any operator.
 
 Targets from the issue: ratio <= 1.25 (LeNet-300-100) and <= 1.10 (LeNet-5).
 The machine may be shared: run it when quiet, and quote the ratios.
@@ -92,7 +92,7 @@ def _q(values: list[float], q: float) -> float:
 
 def _without_operator(model: nn.Module) -> None:
     """Make every CLIP-Q layer of ``model`` return its full-precision weight: the parametrization,
-    the straight-through function and the Python around them stay, the operator is gone."""
+    the straight-through view and the Python around them stay, the operator is gone."""
     for module in model.modules():
         if isinstance(module, ClipQWeight):
             module.quantize = lambda original: original.detach()  # type: ignore[method-assign]
