@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules import module as _torch_module
 from torch.nn.utils import parametrize
 
 from ._fused import DONE, NOT_FINITE
@@ -48,12 +49,14 @@ def straight_through(original: torch.Tensor, quantized: torch.Tensor) -> torch.T
     ``_StraightThrough``, without two Python calls per layer and step, which
     cost a small model's training step several percent. As a view it shares
     ``original``'s version counter, so a graph kept across an optimizer step
-    refuses its backward pass exactly as a plain layer's does. Under
-    ``torch.compile`` (which does not trace ``.data``) and for tensors whose
-    memory cannot be swapped (another dtype, device or tensor type) it is
+    refuses its backward pass exactly as a plain layer's does. While
+    ``torch.jit.trace``, ``torch.compile`` or ``torch.export`` record the
+    operations (they would record the view, not the swap of its memory, and
+    compute with the full-precision weight) and for tensors whose memory
+    cannot be swapped (another dtype, device or tensor type) it is
     ``_StraightThrough``.
     """
-    if quantized.dtype == original.dtype and quantized.device == original.device and not _compiling():
+    if quantized.dtype == original.dtype and quantized.device == original.device and not _recording():
         view = original.view_as(original)
         try:
             view.data = quantized
@@ -64,9 +67,24 @@ def straight_through(original: torch.Tensor, quantized: torch.Tensor) -> torch.T
     return _StraightThrough.apply(original, quantized)
 
 
-def _compiling() -> bool:
+def _recording() -> bool:
+    """Whether torch.jit.trace, torch.compile or torch.export is recording the operations run."""
     compiler = getattr(torch, "compiler", None)
-    return compiler is not None and compiler.is_compiling()
+    return torch.jit.is_tracing() or (compiler is not None and compiler.is_compiling())
+
+
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+
+
+def _unhooked(chain: nn.Module, clipq: nn.Module) -> bool:
+    """Whether calling ``chain`` and ``clipq`` would run no hook of theirs and no global module hook."""
+    for name in _GLOBAL_HOOKS:
+        if getattr(_torch_module, name, True):  # a hook, or a torch without this registry: call as usual
+            return False
+    return not (chain._forward_hooks or chain._forward_pre_hooks or chain._backward_hooks
+                or chain._backward_pre_hooks or clipq._forward_hooks or clipq._forward_pre_hooks
+                or clipq._backward_hooks or clipq._backward_pre_hooks)
 
 
 def _fresh_state() -> dict[str, Any]:
@@ -193,7 +211,8 @@ def _quick_weight(module: nn.Module) -> None:
     training step. This property reads the same tensor the same way, and
     hands over to parametrize's own whenever it would do more: caching
     (``parametrize.cached()``), another parametrization chained on the
-    weight, or scripting.
+    weight, module hooks (on the parametrization, its list, or global), a
+    weight that is a buffer, or scripting.
     """
     cls = module.__class__
     general = cls.weight  # parametrize's property
@@ -202,10 +221,10 @@ def _quick_weight(module: nn.Module) -> None:
         chain = self._modules["parametrizations"]._modules["weight"]
         if len(chain._modules) != 1 or parametrize._cache_enabled or torch.jit.is_scripting():
             return general.fget(self)
-        clipq = chain._modules["0"]
-        if type(clipq) is not ClipQWeight:
+        clipq, original = chain._modules["0"], chain._parameters.get("original")
+        if type(clipq) is not ClipQWeight or original is None or not _unhooked(chain, clipq):
             return general.fget(self)
-        return clipq.forward(chain._parameters["original"])
+        return clipq.forward(original)
 
     cls.weight = property(weight, general.fset)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -92,6 +93,57 @@ def test_reading_the_weight_takes_parametrize_s_own_way_whenever_it_does_more() 
     strip_clipq(nn.Sequential(lin))
     assert not parametrize.is_parametrized(lin)
     assert torch.equal(lin.weight.detach(), 2 * expected)
+
+
+def test_a_traced_model_computes_with_the_quantized_weights() -> None:
+    """torch.jit.trace records operations: it must record the quantized weight, not the view of the full-precision one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 3))
+    attach_clipq(model, {"default": {"p": 0.7, "bits": 2}})
+    x = torch.randn(5, 40)
+    with warnings.catch_warnings():  # torch.jit.trace is deprecated, and warns of its constants
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, x, check_trace=False)
+    assert torch.equal(traced(x), model(x))
+    stripped = copy.deepcopy(model)
+    strip_clipq(stripped)
+    assert torch.equal(traced(x), stripped(x))
+
+
+def test_weight_reads_run_hooks_and_work_for_a_weight_that_is_a_buffer() -> None:
+    """Reading ``weight`` goes through the modules as parametrize does when hooks listen or the weight is a buffer."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    lin = nn.Linear(20, 6)
+    attach_clipq(nn.Sequential(lin), {"layers": {"0": {"p": 0.5, "bits": 3}}})
+    expected = clipq_quantize(lin.parametrizations.weight.original.detach(), 0.5, 3)
+    seen: list[str] = []
+    handles = [
+        lin.parametrizations.weight[0].register_forward_hook(lambda *_: seen.append("clipq")),
+        lin.parametrizations.weight.register_forward_pre_hook(lambda *_: seen.append("chain")),
+    ]
+    assert torch.equal(lin.weight.detach(), expected) and seen == ["chain", "clipq"]
+    for h in handles:
+        h.remove()
+    seen.clear()
+    handle = register_module_forward_hook(lambda module, *_: seen.append(type(module).__name__))
+    try:
+        assert torch.equal(lin.weight.detach(), expected)
+    finally:
+        handle.remove()
+    assert seen == ["ClipQWeight", "ParametrizationList"]
+    seen.clear()
+    lin.weight  # noqa: B018 - no hook left: the quick way, nothing recorded
+    assert seen == []
+
+    buffered = nn.Linear(20, 6)
+    weight = buffered.weight.detach().clone()
+    del buffered.weight
+    buffered.register_buffer("weight", weight)
+    attach_clipq(nn.Sequential(buffered), {"layers": {"0": {"p": 0.5, "bits": 3}}})
+    assert "original" in buffered.parametrizations.weight._buffers
+    assert torch.equal(buffered.weight, clipq_quantize(weight, 0.5, 3))
+    assert hasattr(buffered, "weight")
 
 
 def test_recomputed_each_step_and_training_moves_fp_weights() -> None:
