@@ -128,6 +128,8 @@ def kernels() -> SimpleNamespace:
         _key32, _unkey32 = jit(f32_key), jit(f32_unkey)
         _kept_into, _keep, _means_into, _slice_bounds = jit(kept_into), jit(keep), jit(means_into), jit(slice_bounds)
         _compacted_means, _select = jit(compacted_means), jit(select)
+        # numba keys the cached ``clipq_cpu`` on this file alone: after editing ``_rules.py`` in a
+        # checkout, delete clipq_search/__pycache__/*.nbi and *.nbc (an install rewrites both files).
         _clip_ranks, _partition = jit(_rules.clip_ranks), jit(_rules.partition)
         _scan_into, _codes_into, _levels_into = jit(scan_into), jit(codes_into), jit(levels_into)
         _interval_means, _team_run = jit(interval_means), jit(team_run)

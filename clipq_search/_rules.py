@@ -8,6 +8,8 @@ same either way.
 
 from __future__ import annotations
 
+F32_TINY = 1.401298464324817e-45  # the smallest positive float32 (a subnormal), exact in float64
+
 
 def clip_ranks(p: float, n_negative: int, n_zero: int, n_positive: int) -> tuple[int, int, int, int]:
     """How many weights each sign clips, and the 1-based ranks of c- and c+ in the ascending tensor.
@@ -30,7 +32,8 @@ def partition(
     """Which sides keep weights, how many of the ``n_levels`` intervals the negative side gets, the widths.
 
     Returns ``(has_neg, has_pos, n_neg_int, width_neg, width_pos)``; the width
-    of a side that keeps nothing is 1.0 (unused). A side keeps something iff
+    of a side that keeps nothing is 1.0 (unused), a width is never below the
+    smallest float32 subnormal. A side keeps something iff
     some weight lies strictly beyond its threshold; with ties at the
     threshold that can be none even when fewer than all are clipped. The
     intervals are shared in proportion to the sides' spans, at least one
@@ -44,6 +47,8 @@ def partition(
         n_neg_int = min(max(round(n_levels * span_neg / (span_neg + span_pos)), 1), n_levels - 1)
     else:
         n_neg_int = n_levels if has_neg else 0
-    width_neg = span_neg / n_neg_int if has_neg else 1.0
-    width_pos = span_pos / (n_levels - n_neg_int) if has_pos else 1.0
+    # At least the smallest float32 subnormal: weights so small that a width would round to zero in
+    # float32 would otherwise divide by zero.
+    width_neg = max(span_neg / n_neg_int, F32_TINY) if has_neg else 1.0
+    width_pos = max(span_pos / (n_levels - n_neg_int), F32_TINY) if has_pos else 1.0
     return has_neg, has_pos, n_neg_int, width_neg, width_pos

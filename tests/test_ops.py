@@ -186,11 +186,12 @@ def _reference_clipq(weight: torch.Tensor, p: float, bits: int) -> tuple[torch.T
         n_neg_int = n_levels if has_neg else 0
     n_pos_int = n_levels - n_neg_int
     idx = torch.full((n,), n_levels, dtype=torch.long)
+    tiny = float(torch.finfo(torch.float32).smallest_normal * 2.0**-23)  # widths never round to 0 in float32
     if has_neg:
-        b = ((w - w_min) / (span_neg / n_neg_int)).floor_().clamp_(0, n_neg_int - 1).long()
+        b = ((w - w_min) / max(span_neg / n_neg_int, tiny)).floor_().clamp_(0, n_neg_int - 1).long()
         idx = torch.where(keep_neg, b, idx)
     if has_pos:
-        b = ((w - c_pos) / (span_pos / n_pos_int)).floor_().clamp_(0, n_pos_int - 1).long() + n_neg_int
+        b = ((w - c_pos) / max(span_pos / n_pos_int, tiny)).floor_().clamp_(0, n_pos_int - 1).long() + n_neg_int
         idx = torch.where(keep_pos, b, idx)
     sums = torch.zeros(n_levels + 1).index_add_(0, idx, w)
     counts = torch.bincount(idx, minlength=n_levels + 1).to(torch.float32)
@@ -321,6 +322,15 @@ def test_half_precision_matches_reference(dtype: torch.dtype, select_path: str) 
     w = (torch.randn(40, 130, generator=g) * 0.05).to(dtype)
     _assert_matches_reference(w, 0.8, 5)
     _assert_matches_reference(w, 0.8, 5, hint=(-0.05, 0.05))
+
+
+@pytest.mark.parametrize("bits", [2, 5, 8])
+def test_weights_in_the_subnormal_range_match_reference(bits: int, select_path: str) -> None:
+    """Widths that would round to zero in float32 are the smallest subnormal instead: no division by zero."""
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randint(-50, 50, (20000,), generator=g).float() * 1e-45
+    for p in (0.0, 0.5, 0.9):
+        _assert_matches_reference(w, p, bits)
 
 
 def test_results_do_not_alias_scratch_buffers(select_path: str) -> None:
