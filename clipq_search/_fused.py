@@ -22,8 +22,9 @@ call (``docs/method.md``, "Speed"):
 For tensors of ``TEAM_MIN`` elements or more the scan, the codes and the
 levels run in slices on torch's own OpenMP threads (``team``, ``team_body``:
 ``GOMP_parallel`` of torch's libgomp, called by address), with the gathering
-of kept weights; the sums stay on the calling thread, so the result does not
-depend on the number of threads.
+of kept weights (the first slice's are added up directly); the sums go on, in
+order, on the calling thread, so the result does not depend on the number of
+threads.
 
 numba compiles them on first use and caches the machine code next to this file
 (or under ``NUMBA_CACHE_DIR``); without numba, or with
@@ -82,7 +83,8 @@ _F32_TINY = float(np.finfo(np.float32).smallest_subnormal)
 J_CAP, J_TEAM_SIZE = 14, 24  # J_CAP after the four keys
 (J_W_MIN, J_C_NEG, J_C_POS, J_WIDTH_NEG, J_WIDTH_POS, J_N_NEG_INT, J_LEVELS, J_HAS_NEG, J_HAS_POS) = range(15, 24)
 J_SPARSE = 25  # codes phase: also gather each slice's kept weights (``kept_into``, into ``out`` and ``mask``)
-J_RESULTS = 26
+J_SUMS, J_COUNTS = 26, 27  # ... but add slice 0's up directly, here (float32 and int64 arrays of ``_SLOTS``)
+J_RESULTS = 28
 _RESULT_SLOTS = 8  # a slice's scan results, then (slot 7) its kept weights
 PHASE_SCAN, PHASE_CODES, PHASE_LEVELS = range(3)
 # Threads split work in slices of whole 64-element blocks (cache lines of
@@ -91,7 +93,7 @@ _BLOCK = 64
 # compiled, set by ``kernels()``
 _window_scan = _scan_into = _codes_into = _interval_means = _levels_into = _trailing_zeros = None
 _kept_into = _keep = _compacted_means = _means_into = _slice_bounds = _select = None
-_key32 = _unkey32 = _clip_ranks = _partition = _team_run = _fork = _call_i32 = _f32_at = _u8_at = _carray = None
+_key32 = _unkey32 = _clip_ranks = _partition = _team_run = _fork = _call_i32 = _f32_at = _u8_at = _i64_at = _carray = None
 
 
 def enabled() -> bool:
@@ -120,11 +122,12 @@ def kernels() -> SimpleNamespace:
         # ``clipq_cpu`` calls the others through these module globals.
         global _window_scan, _scan_into, _codes_into, _interval_means, _levels_into, _trailing_zeros
         global _kept_into, _keep, _compacted_means, _means_into, _slice_bounds, _select
-        global _key32, _unkey32, _clip_ranks, _partition, _team_run, _fork, _call_i32, _f32_at, _u8_at, _carray
+        global _key32, _unkey32, _clip_ranks, _partition, _team_run, _fork, _call_i32, _f32_at, _u8_at, _i64_at
+        global _carray
         from numba import carray as _carray
         from numba.cpython.unsafe.numbers import trailing_zeros as _trailing_zeros
 
-        _fork, _call_i32, _f32_at, _u8_at = _intrinsics()
+        _fork, _call_i32, _f32_at, _u8_at, _i64_at = _intrinsics()
         _key32, _unkey32 = jit(f32_key), jit(f32_unkey)
         _kept_into, _keep, _means_into, _slice_bounds = jit(kept_into), jit(keep), jit(means_into), jit(slice_bounds)
         _compacted_means, _select = jit(compacted_means), jit(select)
@@ -194,7 +197,7 @@ def _intrinsics() -> tuple:
 
         return at
 
-    return fork, call_i32, pointer_at(types.float32), pointer_at(types.uint8)
+    return fork, call_i32, pointer_at(types.float32), pointer_at(types.uint8), pointer_at(types.int64)
 
 
 @functools.cache
@@ -546,18 +549,19 @@ def interval_means(
 
 
 def compacted_means(
-    vals: np.ndarray, kept_codes: np.ndarray, job: np.ndarray, slices: int, table: np.ndarray, n_levels: int
+    vals: np.ndarray, kept_codes: np.ndarray, job: np.ndarray, slices: int, table: np.ndarray, n_levels: int,
+    sums: np.ndarray, counts: np.ndarray,
 ) -> None:  # pragma: no cover - compiled
     """``interval_means`` from the kept weights that ``kept_into`` gathered to the front of each slice.
 
-    Slice s (``slice_bounds``) holds ``job[J_RESULTS + _RESULT_SLOTS * s +
-    7]`` of them; slices in order, each in element order: the same float32
-    additions in the same order as ``interval_means``, over a tenth of the
-    memory when a tenth of the weights is kept.
+    ``sums`` and ``counts`` already hold slice 0, added directly by its
+    thread. Slice s (``slice_bounds``) holds ``job[J_RESULTS + _RESULT_SLOTS
+    * s + 7]`` gathered weights (none for slice 0); slices in order, each in
+    element order: the same float32 additions in the same order as
+    ``interval_means``, over a tenth of the memory when a tenth of the
+    weights is kept.
     """
     n = vals.shape[0]
-    sums = np.zeros(_SLOTS, np.float32)
-    counts = np.zeros(_SLOTS, np.int64)
     for s in range(slices):
         lo, _ = _slice_bounds(n, slices, s)
         for i in range(lo, lo + np.int64(job[J_RESULTS + _RESULT_SLOTS * s + 7])):
@@ -701,7 +705,12 @@ def team_body(data) -> None:  # pragma: no cover - compiled (a C callback)
             _codes_into(w, codes, f32(job[J_W_MIN]), f32(job[J_C_NEG]), f32(job[J_C_POS]), f32(job[J_WIDTH_NEG]),
                         f32(job[J_WIDTH_POS]), np.int64(job[J_N_NEG_INT]), np.int64(job[J_LEVELS]),
                         job[J_HAS_NEG] != 0.0, job[J_HAS_POS] != 0.0)
-            if job[J_SPARSE] != 0.0:
+            if job[J_SPARSE] != 0.0 and s == 0:  # the first slice's sums come first: no need to gather it
+                sums = _carray(_f32_at(np.int64(job[J_SUMS])), _SLOTS)
+                counts = _carray(_i64_at(np.int64(job[J_COUNTS])), _SLOTS)
+                _kept_into(w, codes, w, codes, sums, counts, False)
+                job[J_RESULTS + 7] = 0
+            elif job[J_SPARSE] != 0.0:
                 vals = _carray(_f32_at(np.int64(job[J_OUT]) + 4 * lo), size)
                 kept_codes = _carray(_u8_at(np.int64(job[J_MASK]) + lo), size)
                 job[J_RESULTS + _RESULT_SLOTS * s + 7] = _kept_into(w, codes, vals, kept_codes, vals, job, True)
@@ -837,12 +846,14 @@ def clipq_cpu(
         job[J_WIDTH_NEG], job[J_WIDTH_POS] = f32(width_neg), f32(width_pos)
         job[J_N_NEG_INT], job[J_LEVELS], job[J_HAS_NEG], job[J_HAS_POS] = n_neg_int, n_levels, has_neg, has_pos
         job[J_SPARSE] = gathered
+        sums, counts = np.zeros(_SLOTS, np.float32), np.zeros(_SLOTS, np.int64)
+        job[J_SUMS], job[J_COUNTS] = sums.ctypes.data, counts.ctypes.data
         _team_run(params, job, PHASE_CODES)
     else:
         _codes_into(w, codes, f32(w_min), f32(c_neg), f32(c_pos), f32(width_neg), f32(width_pos),
                     n_neg_int, n_levels, has_neg, has_pos)
     if gathered:
-        _compacted_means(out, mask, job, threads, table, n_levels)
+        _compacted_means(out, mask, job, threads, table, n_levels, sums, counts)
     else:
         _interval_means(w, codes, table, n_levels, sparse)
     if threads > 1:
