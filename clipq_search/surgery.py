@@ -300,6 +300,20 @@ def strip_clipq(model: nn.Module) -> dict[str, LayerConfig]:
     stripped = attached_configs(model)
     for name, module in model.named_modules():
         if name in stripped:
+            _own_class(module)
             with torch.no_grad():
                 parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
     return stripped
+
+
+def _own_class(module: nn.Module) -> None:
+    """Give ``module`` a class of its own, equal to its parametrized class.
+
+    ``copy.deepcopy`` of a parametrized module shares the class that
+    parametrize made for the original, and ``remove_parametrizations``
+    deletes the ``weight`` property from that class: stripping a copy would
+    leave the original without a weight (and the other way round).
+    """
+    cls = module.__class__
+    namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, namespace)

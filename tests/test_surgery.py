@@ -364,6 +364,22 @@ def test_a_deep_copy_of_a_training_model_trains_on_its_own() -> None:
         assert torch.equal(twin[0].weight, clipq_quantize(twin[0].parametrizations.weight.original, 0.9, 4))
 
 
+@pytest.mark.parametrize("strip", ["copy", "original"])
+def test_stripping_a_deep_copy_leaves_the_other_model_attached(strip: str) -> None:
+    """deepcopy shares parametrize's per-module class; stripping one model must not take the other's weight away."""
+    model, opt = _clipq_mlp(0.9, 4, seed=4, lr=0.05)
+    _train_steps(model, opt, 2, seed=0)
+    twin = copy.deepcopy(model)
+    stripped, kept = (twin, model) if strip == "copy" else (model, twin)
+    strip_clipq(stripped)
+    assert type(stripped[0]) is nn.Linear and attached_configs(stripped) == {}
+    assert set(attached_configs(kept)) == {"0", "2"}
+    with torch.no_grad():
+        assert torch.equal(kept[0].weight, clipq_quantize(kept[0].parametrizations.weight.original, 0.9, 4))
+        assert torch.equal(stripped[0].weight, kept[0].weight)
+    _train_steps(kept, torch.optim.SGD(kept.parameters(), lr=0.05), 2, seed=1)  # the attached one still trains
+
+
 def test_training_goes_on_after_an_evaluation_under_inference_mode() -> None:
     """A result computed under torch.inference_mode must not be reused by the next training step."""
     model, opt = _clipq_mlp(0.5, 3, seed=8, lr=0.05)
