@@ -194,7 +194,9 @@ class ClipQWeight(nn.Module):
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
         q = self.quantize(original)
-        if original.requires_grad and torch.is_grad_enabled():
+        # While torch.jit.trace records, also without gradients: its check traces again under no_grad
+        # and compares the two graphs.
+        if (original.requires_grad and torch.is_grad_enabled()) or _recording():
             return straight_through(original, q)
         return q
 
@@ -269,6 +271,8 @@ def attach_clipq(model: nn.Module, plan: Plan | Mapping[str, Any]) -> dict[str, 
             existing.p, existing.bits = cfg.p, cfg.bits
             existing.invalidate()
             continue
+        if parametrize.is_parametrized(module):  # its class may be shared with a deep copy (``_own_class``)
+            _own_class(module)
         parametrize.register_parametrization(module, "weight", ClipQWeight(cfg.p, cfg.bits), unsafe=True)
         _quick_weight(module)
         module.register_state_dict_post_hook(_save_hook)
@@ -310,9 +314,11 @@ def _own_class(module: nn.Module) -> None:
     """Give ``module`` a class of its own, equal to its parametrized class.
 
     ``copy.deepcopy`` of a parametrized module shares the class that
-    parametrize made for the original, and ``remove_parametrizations``
-    deletes the ``weight`` property from that class: stripping a copy would
-    leave the original without a weight (and the other way round).
+    parametrize made for the original, and registering or removing a
+    parametrization adds or deletes a property on that class: stripping a
+    copy would leave the original without a weight (and the other way
+    round), attaching CLIP-Q to a copy would give the original a weight
+    property it cannot serve.
     """
     cls = module.__class__
     namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}

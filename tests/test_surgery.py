@@ -103,7 +103,7 @@ def test_a_traced_model_computes_with_the_quantized_weights() -> None:
     x = torch.randn(5, 40)
     with warnings.catch_warnings():  # torch.jit.trace is deprecated, and warns of its constants
         warnings.simplefilter("ignore")
-        traced = torch.jit.trace(model, x, check_trace=False)
+        traced = torch.jit.trace(model, x)  # its check traces again under no_grad: the same graph
     assert torch.equal(traced(x), model(x))
     stripped = copy.deepcopy(model)
     strip_clipq(stripped)
@@ -378,6 +378,25 @@ def test_stripping_a_deep_copy_leaves_the_other_model_attached(strip: str) -> No
         assert torch.equal(kept[0].weight, clipq_quantize(kept[0].parametrizations.weight.original, 0.9, 4))
         assert torch.equal(stripped[0].weight, kept[0].weight)
     _train_steps(kept, torch.optim.SGD(kept.parameters(), lr=0.05), 2, seed=1)  # the attached one still trains
+
+
+def test_attaching_to_a_deep_copy_leaves_the_original_as_it_was() -> None:
+    """A layer with another parametrization shares its class with its deep copy; attaching to the copy must not
+    put a CLIP-Q weight property on the original."""
+    from torch.nn.utils import parametrize
+
+    class Halve(nn.Module):
+        def forward(self, b: torch.Tensor) -> torch.Tensor:
+            return b / 2
+
+    model = nn.Sequential(nn.Linear(30, 20), nn.ReLU(), nn.Linear(20, 3))
+    parametrize.register_parametrization(model[0], "bias", Halve())
+    twin = copy.deepcopy(model)
+    attach_clipq(twin, {"default": {"p": 0.5, "bits": 3}})
+    x = torch.randn(4, 30)
+    plain = nn.functional.linear(x, model[0].weight, model[0].parametrizations.bias.original / 2)
+    assert torch.equal(model[0](x), plain) and attached_configs(model) == {}
+    assert torch.equal(twin[0].weight.detach(), clipq_quantize(model[0].weight.detach(), 0.5, 3))
 
 
 def test_training_goes_on_after_an_evaluation_under_inference_mode() -> None:
