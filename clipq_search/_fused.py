@@ -67,16 +67,7 @@ _SLOTS = 256 + _SPREAD
 (R_STATUS, R_NEG, R_ZERO, R_POS, R_RANK_NEG, R_RANK_POS, R_C_NEG, R_C_POS, R_MIN, R_MAX, R_N_NEG_INT,
  R_FOUND_NEG, R_FOUND_POS, R_SCANS) = range(14)
 RESULT_SIZE = 16
-
-
-def make_params(
-    p: float, n_levels: int, hint: tuple[float, float, float, float] = (np.nan,) * 4, *, gaps: float = 64.0,
-    rounds: int = 4, threads: int = 1, team: tuple[float, float, float, float] = (0.0,) * 4,
-) -> np.ndarray:
-    """``clipq_cpu``'s parameter array (``P_*``): no thresholds given; the team's addresses from ``team()``."""
-    return np.array([p, n_levels, *hint, gaps, rounds, np.nan, np.nan, threads, *team])
 DONE, MISSED, NOT_FINITE, NOTHING_KEPT = range(4)
-_F32_TINY = float(np.finfo(np.float32).smallest_subnormal)
 # A team's job (float64, addresses included: exact below 2**53): what every
 # thread reads, then ``_RESULT_SLOTS`` per thread for what it found.
 (J_PHASE, J_N, J_THREADS, J_THREAD_NUM, J_W, J_OUT, J_CODES, J_MASK, J_BUF, J_TABLE, J_KEYS) = range(11)
@@ -90,10 +81,21 @@ PHASE_SCAN, PHASE_CODES, PHASE_LEVELS = range(3)
 # Threads split work in slices of whole 64-element blocks (cache lines of
 # every array, and the mask's uint64 words).
 _BLOCK = 64
+
+
+def make_params(
+    p: float, n_levels: int, hint: tuple[float, float, float, float] = (np.nan,) * 4, *, gaps: float = 64.0,
+    rounds: int = 4, threads: int = 1, team: tuple[float, float, float, float] = (0.0,) * 4,
+) -> np.ndarray:
+    """``clipq_cpu``'s parameter array (``P_*``): no thresholds given; the team's addresses from ``team()``."""
+    return np.array([p, n_levels, *hint, gaps, rounds, np.nan, np.nan, threads, *team])
+
+
 # compiled, set by ``kernels()``
 _window_scan = _scan_into = _codes_into = _interval_means = _levels_into = _trailing_zeros = None
 _kept_into = _keep = _compacted_means = _means_into = _slice_bounds = _select = None
-_key32 = _unkey32 = _clip_ranks = _partition = _team_run = _fork = _call_i32 = _f32_at = _u8_at = _i64_at = _carray = None
+_key32 = _unkey32 = _clip_ranks = _partition = _team_run = None
+_fork = _call_i32 = _f32_at = _u8_at = _i64_at = _carray = None
 
 
 def enabled() -> bool:
@@ -403,9 +405,9 @@ def window_scan(
     negative (``buf`` holds those first, then the positive ones, each group
     in no particular order: ``select`` finds a rank among them); the element
     count exceeds ``len(buf)`` when they did not fit. On a team of T
-    threads each scans its own slice and
-    collects into its own ``len(buf) // T`` of ``buf``; the counts add up,
-    the extremes combine, and the elements are moved together.
+    threads each scans its own slice and collects into its own ``len(buf)
+    // T`` of ``buf``; the counts add up, the extremes combine, and the
+    elements are moved together.
     """
     threads = int(job[J_THREADS])
     cap = buf.shape[0]
@@ -442,7 +444,7 @@ def window_scan(
 
 
 def select(a: np.ndarray, lo: int, hi: int, k: int) -> float:  # pragma: no cover - compiled
-    """The value that sorting ``a[lo:hi]`` would put at index ``k`` (lo <= k < hi), by quickselect; reorders ``a[lo:hi]``.
+    """The value sorting ``a[lo:hi]`` would put at index ``k`` (lo <= k < hi), by quickselect; reorders ``a[lo:hi]``.
 
     The window elements are a few hundred: sorting them took a layer's
     operator some 20 microseconds inside a training step, selecting one
@@ -676,8 +678,11 @@ def team_body(data) -> None:  # pragma: no cover - compiled (a C callback)
     of them when OpenMP gave fewer threads, nested in a parallel region say).
     ``PHASE_SCAN``: ``scan_into`` on the slice, collecting into the slice's
     part of the window buffer, results in the slice's slots.
-    ``PHASE_CODES``: ``codes_into`` on the slice. ``PHASE_LEVELS``:
-    ``levels_into`` on the slice.
+    ``PHASE_CODES``: ``codes_into`` on the slice; with ``J_SPARSE`` also
+    the slice's kept weights (``kept_into``): added into the job's sums for
+    slice 0, which comes first in element order, gathered to the front of
+    the slice of ``out`` and ``mask`` for the others, their count in the
+    slice's slot 7. ``PHASE_LEVELS``: ``levels_into`` on the slice.
     """
     head = _carray(data, J_RESULTS, dtype=np.float64)
     slices = np.int64(head[J_THREADS])
@@ -757,7 +762,7 @@ def clipq_cpu(
     h_neg, h_pos = params[P_HINT_NEG], params[P_HINT_POS]
     span = params[P_MAX] - params[P_MIN]
     half = (span if span > 0.0 else 1e-30) * params[P_GAPS] / n
-    tiny = _F32_TINY
+    tiny = _rules.F32_TINY
     inf = np.inf
     none_lo, none_hi = np.int32(0x7FFFFFFF), np.int32(-0x80000000)  # lo > hi: an empty window
     # windows: float32-rounded bounds, each on its own side of zero
@@ -836,9 +841,10 @@ def clipq_cpu(
         return
     f32 = np.float32
     kept = (negatives - k_neg) + (positives - k_pos)  # at most: ties at a threshold are clipped too
-    # Mostly clipped (and room for the spread codes), on a team: each thread gathers its slice's kept
-    # weights and their codes into the front of the slice of ``out`` and ``mask`` (free until the
-    # levels), and the serial sums read only those, not the other core's whole slice.
+    # Mostly clipped (and room for the spread codes), on a team: slice 0's thread adds its kept weights
+    # up directly, the others gather theirs and their codes into the front of their slice of ``out``
+    # and ``mask`` (free until the levels), and the serial sums go on with only those, not the other
+    # cores' whole slices.
     sparse = 2 * kept <= n
     gathered = sparse and threads > 1 and n_levels < _SPREAD_BASE
     if threads > 1:

@@ -96,7 +96,7 @@ def test_reading_the_weight_takes_parametrize_s_own_way_whenever_it_does_more() 
 
 
 def test_a_traced_model_computes_with_the_quantized_weights() -> None:
-    """torch.jit.trace records operations: it must record the quantized weight, not the view of the full-precision one."""
+    """torch.jit.trace records operations: it must record the quantized weight, not a view of the full-precision one."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 3))
     attach_clipq(model, {"default": {"p": 0.7, "bits": 2}})
