@@ -10,6 +10,8 @@ full-precision weight, clipped entries included. State dicts keep the ordinary
 
 from __future__ import annotations
 
+import math
+import sys
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -73,22 +75,90 @@ def _recording() -> bool:
     return torch.jit.is_tracing() or (compiler is not None and compiler.is_compiling())
 
 
-_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-                 "_global_backward_pre_hooks")
+# torch's registries of global module hooks (dicts it fills and empties, never replaces); a torch
+# without one of them: always call as usual.
+_GLOBAL_HOOKS = tuple(getattr(_torch_module, name, {None: None}) for name in (
+    "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"))
 
 
 def _unhooked(chain: nn.Module, clipq: nn.Module) -> bool:
     """Whether calling ``chain`` and ``clipq`` would run no hook of theirs and no global module hook."""
-    for name in _GLOBAL_HOOKS:
-        if getattr(_torch_module, name, True):  # a hook, or a torch without this registry: call as usual
-            return False
-    return not (chain._forward_hooks or chain._forward_pre_hooks or chain._backward_hooks
-                or chain._backward_pre_hooks or clipq._forward_hooks or clipq._forward_pre_hooks
-                or clipq._backward_hooks or clipq._backward_pre_hooks)
+    forward, forward_pre, backward, backward_pre = _GLOBAL_HOOKS
+    return not (forward or forward_pre or backward or backward_pre or chain._forward_hooks
+                or chain._forward_pre_hooks or chain._backward_hooks or chain._backward_pre_hooks
+                or clipq._forward_hooks or clipq._forward_pre_hooks or clipq._backward_hooks
+                or clipq._backward_pre_hooks)
 
 
 def _fresh_state() -> dict[str, Any]:
-    return {"stats": None, "key": None, "cache": None, "op": None, "source": None, "lock": threading.Lock()}
+    return {"stats": None, "key": None, "cache": None, "op": None, "source": None, "out": None,
+            "lock": threading.Lock()}
+
+
+# Whether a result's memory can be written again: torch's own reference counts of a tensor and of its
+# memory (``Tensor._use_count``, which ``torch.utils.swap_tensors`` relies on, and
+# ``torch._C._storage_Use_Count``). Without them (another torch), every result gets fresh memory.
+_tensor_use_count = getattr(torch.Tensor, "_use_count", None)
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def _result_holder(shape: torch.Size, inference: bool) -> list[Any]:
+    """A fresh result: ``[tensor, its numpy memory, made in inference mode]``.
+
+    numpy memory, so that the compiled operator needs no tensor-to-numpy view
+    per step; shaped by numpy (a torch view costs several times more).
+    """
+    flat = np.empty(math.prod(shape), np.float32)
+    return [torch.from_numpy(flat.reshape(shape)), flat, inference]
+
+
+def _counts(holder: list[Any]) -> tuple[int, int, int, int]:
+    return (sys.getrefcount(holder[0]), sys.getrefcount(holder[1]), holder[0]._use_count(),
+            _storage_use_count(holder[0].untyped_storage()._cdata))
+
+
+def _alone(holder: list[Any]) -> bool:
+    """Whether nothing but ``holder`` refers to its result ``holder[0]`` or the result's memory.
+
+    No Python reference elsewhere (a variable, a list, an array from
+    ``Tensor.numpy()``), no other C++ holder (a graph's saved tensor), no
+    other tensor on the memory (a view, the straight-through weight, a
+    tensor saved for backward). The counts are compared with those of a
+    holder known to be alone (``_ALONE``), measured once by this same code,
+    so that the interpreter's own way of counting cancels out.
+    """
+    return _counts(holder) == _ALONE
+
+
+# What can hold a result besides its holder: another reference, a view, a numpy array, the
+# straight-through weight, a graph that saved it for backward.
+_SHARES = (lambda t: t, lambda t: t.view(8), lambda t: t.numpy(),  # noqa: E731 - a table
+           lambda t: straight_through(torch.zeros(2, 4, requires_grad=True), t),
+           lambda t: torch.ones(3, 2, requires_grad=True) @ t)
+
+
+def _alone_while_shared(share: Any) -> bool:
+    holder = _result_holder(torch.Size((2, 4)), False)
+    other = share(holder[0])  # noqa: F841 - alive during the check
+    return _alone(holder)
+
+
+def _alone_counts() -> tuple[int, int, int, int] | None:
+    """The counts ``_alone`` expects; None (never reuse) where they cannot tell a shared result from
+    one that is alone."""
+    global _ALONE
+    if _tensor_use_count is None or _storage_use_count is None:
+        return None
+    try:
+        _ALONE = _counts(_result_holder(torch.Size((2, 4)), False))
+        if _alone(_result_holder(torch.Size((2, 4)), False)) and not any(map(_alone_while_shared, _SHARES)):
+            return _ALONE
+    except Exception:  # noqa: BLE001 - any failure: fresh memory for every result
+        pass
+    return None
+
+
+_ALONE: tuple[int, int, int, int] | None = None
 
 
 def _compilable(t: torch.Tensor) -> bool:
@@ -146,7 +216,7 @@ class ClipQWeight(nn.Module):
 
     def invalidate(self) -> None:
         """Forget the cached result (after p or bits changed)."""
-        self._state["cache"] = self._state["op"] = self._state["source"] = None
+        self._state["cache"] = self._state["op"] = self._state["source"] = self._state["out"] = None
 
     def quantize(self, original: torch.Tensor) -> torch.Tensor:
         """The pruned-quantized weight (no autograd graph), from cache when unchanged."""
@@ -155,13 +225,13 @@ class ClipQWeight(nn.Module):
         key = (original.data_ptr(), original._version, id(original), original.dtype, torch.is_inference_mode_enabled())
         if state["cache"] is not None and key == state["key"]:
             return state["cache"]
-        # Let go of the previous result first: when nothing else holds it, the
-        # allocator hands its (warm) memory straight back for the new one.
+        # Let go of the previous result first: when nothing else holds it, its memory takes the new
+        # one (below), or the allocator hands it straight back.
         state["cache"] = None
         op, source = state["op"], state["source"]
-        # ``source`` is reset whenever ``op`` is: the same tensor (memory, object, dtype), p and bits as
-        # when ``op`` was last checked need no new check
-        checked = (key[0], key[2], key[3], self.p, self.bits)
+        # ``source`` is reset whenever ``op`` is: the same tensor (memory, object, dtype, shape), p and
+        # bits as when ``op`` was last checked need no new check
+        checked = (key[0], key[2], key[3], self.p, self.bits, original.shape)
         same = source is not None and source[0] == checked
         usable = op is not None and (same or _fits(op, original, self.p, self.bits))
         if usable and state["lock"].acquire(blocking=False):
@@ -169,13 +239,18 @@ class ClipQWeight(nn.Module):
             try:
                 if not same:  # a numpy view of the weight, made once
                     source = state["source"] = (checked, original.detach().view(-1).numpy())
-                flat = np.empty(op.n, np.float32)  # numpy memory: no tensor-to-numpy view to make per step
-                status = op.run_arrays(source[1], flat, original)
+                    state["out"] = None
+                # The previous result's memory when nothing else holds it any more (``_alone``): a fresh
+                # result costs an allocation, a free and a tensor made from numpy memory, some 10-15
+                # microseconds a layer inside a training step (40 a step for LeNet-300-100).
+                out = state["out"]
+                if out is None or out[2] != key[4] or _ALONE is None or not _alone(out):
+                    out = state["out"] = _result_holder(original.shape, key[4])
+                status = op.run_arrays(source[1], out[1], original)
             finally:
                 state["lock"].release()
             if status != NOT_FINITE:  # else the general path below makes the all-NaN result
-                # shaped by numpy (a torch view costs several times more, a few microseconds a layer and step)
-                q = torch.from_numpy(flat.reshape(original.shape)) if status == DONE else torch.zeros_like(original)
+                q = out[0] if status == DONE else torch.zeros_like(original)
                 state["stats"], state["cache"], state["key"] = op, q, key
                 return q
         stats = self.last_stats
@@ -323,3 +398,6 @@ def _own_class(module: nn.Module) -> None:
     cls = module.__class__
     namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
     module.__class__ = type(cls.__name__, cls.__bases__, namespace)
+
+
+_ALONE = _alone_counts()

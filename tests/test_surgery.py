@@ -5,6 +5,7 @@ import json
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -296,9 +297,40 @@ def test_a_replaced_weight_of_another_shape_is_followed() -> None:
         assert torch.equal(lin.weight, clipq_quantize(original, 0.5, 3))
 
 
-@pytest.mark.parametrize("holder", ["result", "alias", "graph"])
+def test_training_writes_each_result_into_the_previous_ones_memory() -> None:
+    """Once nothing holds the previous step's result, the compiled path computes the next one in its memory."""
+    from clipq_search import surgery
+
+    assert surgery._ALONE is not None  # this torch can tell: the reuse below is really exercised
+    model, opt = _clipq_mlp(0.8, 3, seed=2, lr=0.5, momentum=0.9)
+    _train_steps(model, opt, 2, seed=0)
+    addresses = set()
+    for step in range(4):
+        _train_steps(model, opt, 1, seed=step)
+        with torch.no_grad():
+            weight = model[0].weight
+            assert torch.equal(weight, clipq_quantize(model[0].parametrizations.weight.original, 0.8, 3))
+            addresses.add(weight.data_ptr())
+            del weight
+    assert len(addresses) == 1
+
+
+def test_results_made_in_inference_mode_are_not_handed_to_training() -> None:
+    """A result made under inference_mode cannot take part in autograd: its memory is not reused outside it."""
+    model, opt = _clipq_mlp(0.8, 3, seed=2, lr=0.5)
+    for _ in range(3):
+        _train_steps(model, opt, 1, seed=0)
+        with torch.inference_mode():
+            model(torch.randn(4, 30))
+            with torch.no_grad():
+                assert torch.equal(model[0].weight, clipq_quantize(model[0].parametrizations.weight.original, 0.8, 3))
+        _train_steps(model, opt, 1, seed=1)  # would raise on an inference tensor
+
+
+@pytest.mark.parametrize("holder", ["result", "alias", "view", "numpy", "graph"])
 def test_a_weight_someone_holds_is_never_overwritten(holder: str) -> None:
-    """The reused memory is only ever the layer's own: a held result, an alias, a saved graph keep their values."""
+    """The reused memory is only ever the layer's own: a held result, an alias, a view, a numpy array, a saved
+    graph keep their values."""
     model, opt = _clipq_mlp(0.8, 3, seed=2, lr=0.5)
     _train_steps(model, opt, 2, seed=0)
     x = torch.randn(4, 30, requires_grad=True)
@@ -307,6 +339,14 @@ def test_a_weight_someone_holds_is_never_overwritten(holder: str) -> None:
             kept = model[0].weight  # the very tensor the layer caches
     elif holder == "alias":
         kept = model[0].weight.detach()  # another tensor on the same memory
+    elif holder == "view":
+        with torch.no_grad():
+            kept = model[0].weight[3:7]  # a view of part of it
+    elif holder == "numpy":
+        with torch.no_grad():
+            kept = torch.from_numpy(model[0].weight.numpy().copy())  # (the values, to compare with)
+            array = model[0].weight.numpy()  # an array on the memory, the tensor itself let go
+        before_array = array.copy()
     else:
         graph = model[0](x)  # a graph that saved the weight, kept without backward
         kept = graph.grad_fn._saved_mat2  # what it saved (the weight, transposed), on the saved memory
@@ -314,6 +354,8 @@ def test_a_weight_someone_holds_is_never_overwritten(holder: str) -> None:
     weight_before = model[0].weight.detach().clone()
     _train_steps(model, opt, 3, seed=1)
     assert torch.equal(kept.detach(), before)
+    if holder == "numpy":
+        assert np.array_equal(array, before_array)
     assert not torch.equal(model[0].weight.detach(), weight_before)  # training did move on
 
 
