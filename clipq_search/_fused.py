@@ -1,7 +1,7 @@
 """Compiled CPU kernels for the CLIP-Q operator (numba).
 
-The tensor implementation in ``ops.py`` needs some 35 elementwise passes, three
-``bincount``s and a gather per call; on a CPU that is several times the cost of
+The tensor implementation in ``ops.py`` needs some 35 elementwise passes, two
+``bincount``s, an ``index_add_`` and a gather per call; on a CPU that is several times the cost of
 a small layer's training step. ``clipq_cpu`` does the whole operator in one
 call (``docs/method.md``, "Speed"):
 
@@ -13,17 +13,17 @@ call (``docs/method.md``, "Speed"):
 2. the partition (how many intervals per side, their widths): the rules of
    ``_rules.py``, compiled, the same code the tensor implementation runs;
 3. ``codes_into``: interval code per weight with the same float32
-   arithmetic as the definition; ``interval_means``: per-interval float32
-   sums and counts in element order (so levels are bit-identical to
-   ``torch.index_add_``; only over the kept weights when most are clipped,
-   ``kept_into``, gathered first on a team, ``compacted_means``);
-   ``levels_into``: every weight replaced by its interval's level.
+   arithmetic as the definition; ``slice_sums``: per-interval sums of the
+   weights as fixed-point integers (``_rules.fixed_point_bits``: exact, so
+   the order of the additions does not matter) and counts, only over the
+   kept weights when most are clipped (``kept_into``); ``means_into``: the
+   levels (``_rules.level``); ``levels_into``: every weight replaced by its
+   interval's level.
 
-For tensors of ``TEAM_MIN`` elements or more the scan, the codes and the
-levels run in slices on torch's own OpenMP threads (``team``, ``team_body``:
-``GOMP_parallel`` of torch's libgomp, called by address), with the gathering
-of kept weights (the first slice's are added up directly); the sums go on, in
-order, on the calling thread, so the result does not depend on the number of
+For tensors of ``TEAM_MIN`` elements or more the scan, the codes with their
+slice's sums, and the levels run in slices on torch's own OpenMP threads
+(``team``, ``team_body``: ``GOMP_parallel`` of torch's libgomp, called by
+address); the slices' exact sums add up to the same levels on any number of
 threads.
 
 numba compiles them on first use and caches the machine code next to this file
@@ -73,8 +73,8 @@ DONE, MISSED, NOT_FINITE, NOTHING_KEPT = range(4)
 (J_PHASE, J_N, J_THREADS, J_THREAD_NUM, J_W, J_OUT, J_CODES, J_MASK, J_BUF, J_TABLE, J_KEYS) = range(11)
 J_CAP, J_TEAM_SIZE = 14, 24  # J_CAP after the four keys
 (J_W_MIN, J_C_NEG, J_C_POS, J_WIDTH_NEG, J_WIDTH_POS, J_N_NEG_INT, J_LEVELS, J_HAS_NEG, J_HAS_POS) = range(15, 24)
-J_SPARSE = 25  # codes phase: also gather each slice's kept weights (``kept_into``, into ``out`` and ``mask``)
-J_SUMS, J_COUNTS = 26, 27  # ... but add slice 0's up directly, here (float32 and int64 arrays of ``_SLOTS``)
+J_SPARSE = 25  # codes phase: add up only the kept weights (``slice_sums``)
+J_SUMS, J_SCALE = 26, 27  # ... into slice s's int64 sums and counts at J_SUMS + 16 * _SLOTS * s, times J_SCALE
 J_RESULTS = 28
 _RESULT_SLOTS = 8  # a slice's scan results, then (slot 7) its kept weights
 PHASE_SCAN, PHASE_CODES, PHASE_LEVELS = range(3)
@@ -92,9 +92,9 @@ def make_params(
 
 
 # compiled, set by ``kernels()``
-_window_scan = _scan_into = _codes_into = _interval_means = _levels_into = _trailing_zeros = None
-_kept_into = _keep = _compacted_means = _means_into = _slice_bounds = _select = None
-_key32 = _unkey32 = _clip_ranks = _partition = _team_run = None
+_window_scan = _scan_into = _codes_into = _slice_sums = _levels_into = _trailing_zeros = None
+_kept_into = _means_into = _slice_bounds = _select = None
+_key32 = _unkey32 = _clip_ranks = _partition = _fixed_point_bits = _level = _team_run = None
 _fork = _call_i32 = _f32_at = _u8_at = _i64_at = _carray = None
 
 
@@ -122,22 +122,24 @@ def kernels() -> SimpleNamespace:
     def compiled(cache: bool) -> SimpleNamespace:
         jit = njit(cache=cache, nogil=True, boundscheck=False, error_model="numpy")
         # ``clipq_cpu`` calls the others through these module globals.
-        global _window_scan, _scan_into, _codes_into, _interval_means, _levels_into, _trailing_zeros
-        global _kept_into, _keep, _compacted_means, _means_into, _slice_bounds, _select
-        global _key32, _unkey32, _clip_ranks, _partition, _team_run, _fork, _call_i32, _f32_at, _u8_at, _i64_at
+        global _window_scan, _scan_into, _codes_into, _slice_sums, _levels_into, _trailing_zeros
+        global _kept_into, _means_into, _slice_bounds, _select
+        global _key32, _unkey32, _clip_ranks, _partition, _fixed_point_bits, _level, _team_run
+        global _fork, _call_i32, _f32_at, _u8_at, _i64_at
         global _carray
         from numba import carray as _carray
         from numba.cpython.unsafe.numbers import trailing_zeros as _trailing_zeros
 
         _fork, _call_i32, _f32_at, _u8_at, _i64_at = _intrinsics()
         _key32, _unkey32 = jit(f32_key), jit(f32_unkey)
-        _kept_into, _keep, _means_into, _slice_bounds = jit(kept_into), jit(keep), jit(means_into), jit(slice_bounds)
-        _compacted_means, _select = jit(compacted_means), jit(select)
+        _kept_into, _means_into, _slice_bounds = jit(kept_into), jit(means_into), jit(slice_bounds)
+        _select = jit(select)
         # numba keys the cached ``clipq_cpu`` on this file alone: after editing ``_rules.py`` in a
         # checkout, delete clipq_search/__pycache__/*.nbi and *.nbc (an install rewrites both files).
         _clip_ranks, _partition = jit(_rules.clip_ranks), jit(_rules.partition)
+        _fixed_point_bits, _level = jit(_rules.fixed_point_bits), jit(_rules.level)
         _scan_into, _codes_into, _levels_into = jit(scan_into), jit(codes_into), jit(levels_into)
-        _interval_means, _team_run = jit(interval_means), jit(team_run)
+        _slice_sums, _team_run = jit(slice_sums), jit(team_run)
         _window_scan = jit(window_scan)
         body = cfunc(types.void(types.voidptr), cache=cache, nogil=True, boundscheck=False,
                      error_model="numpy")(team_body)
@@ -514,70 +516,47 @@ def codes_into(
         codes[i] = np.uint8(code if kept else i32(clipped + i32(b[i] & spread)))
 
 
-def interval_means(
-    w: np.ndarray, codes: np.ndarray, table: np.ndarray, n_levels: int, sparse: bool
+def slice_sums(
+    w: np.ndarray, codes: np.ndarray, sums: np.ndarray, counts: np.ndarray, scale: float, n_levels: int,
+    sparse: bool,
 ) -> None:  # pragma: no cover - compiled
-    """Each level into ``table``: the float32 sum of its interval, in element order, over the count.
+    """Add the weights of ``w`` into the int64 ``sums`` (``_SLOTS``) by their ``codes``, as ``trunc(w * scale)``.
 
-    Added in element order as ``index_add_`` does (so the levels are
-    bit-identical to the definition's); ``table`` as ``means_into`` makes
-    it. This pass is serial. A clipped weight's sum goes to one of
-    ``_SPREAD`` spare slots (its spread code, or by its low mantissa bits
-    after ``CLIPPED``): most weights are usually clipped, and additions into
-    one slot in a row would wait on each other. With ``sparse`` (worth it
-    when at most about half the weights are kept) and room for the spread
-    codes, only the kept weights are added up (``kept_into``): a clipped
-    weight's level is zero whatever its slot's sum.
+    ``scale`` is ``2**F`` (``_rules.fixed_point_bits``): integer sums are
+    exact, so each thread adds up its own slice and the slices' sums add up
+    to the same totals in any order. With ``sparse`` (worth it when at most
+    about half the weights are kept) and room for the spread codes, only the
+    kept weights are visited (``kept_into``). Otherwise every weight is
+    added, a clipped one into one of ``_SPREAD`` spare slots (its spread
+    code, or by its low mantissa bits after ``CLIPPED``) that no level reads:
+    additions into one slot in a row would wait on each other.
     """
     n = w.shape[0]
     b = w.view(np.int32)
-    i32 = np.int32
-    sums = np.zeros(_SLOTS, np.float32)
-    counts = np.zeros(_SLOTS, np.int64)
+    i32, i64, f64 = np.int32, np.int64, np.float64
     if n_levels < _SPREAD_BASE and sparse:
-        _kept_into(w, codes, w, codes, sums, counts, False)
+        _kept_into(w, codes, sums, counts, scale)
     elif n_levels < _SPREAD_BASE:
-        for i in range(n):  # serial: each sum in element order
+        for i in range(n):
             j = codes[i]
-            sums[j] += w[i]
+            sums[j] += i64(f64(w[i]) * scale)
             counts[j] += 1
     else:
         for i in range(n):
             c = i32(codes[i])
             j = c + (i32(1) + i32(b[i] & i32(_SPREAD - 1)) if c == CLIPPED else i32(0))
-            sums[j] += w[i]
+            sums[j] += i64(f64(w[i]) * scale)
             counts[j] += 1
-    _means_into(sums, counts, table, n_levels)
 
 
-def compacted_means(
-    vals: np.ndarray, kept_codes: np.ndarray, job: np.ndarray, slices: int, table: np.ndarray, n_levels: int,
-    sums: np.ndarray, counts: np.ndarray,
+def means_into(
+    sums: np.ndarray, counts: np.ndarray, table: np.ndarray, n_levels: int, bits: int
 ) -> None:  # pragma: no cover - compiled
-    """``interval_means`` from the kept weights that ``kept_into`` gathered to the front of each slice.
-
-    ``sums`` and ``counts`` already hold slice 0, added directly by its
-    thread. Slice s (``slice_bounds``) holds ``job[J_RESULTS + _RESULT_SLOTS
-    * s + 7]`` gathered weights (none for slice 0); slices in order, each in
-    element order: the same float32 additions in the same order as
-    ``interval_means``, over a tenth of the memory when a tenth of the
-    weights is kept.
-    """
-    n = vals.shape[0]
-    for s in range(slices):
-        lo, _ = _slice_bounds(n, slices, s)
-        for i in range(lo, lo + np.int64(job[J_RESULTS + _RESULT_SLOTS * s + 7])):
-            j = kept_codes[i]
-            sums[j] += vals[i]
-            counts[j] += 1
-    _means_into(sums, counts, table, n_levels)
-
-
-def means_into(sums: np.ndarray, counts: np.ndarray, table: np.ndarray, n_levels: int) -> None:  # pragma: no cover
-    """``table`` (256 float32): sum over count for the ``n_levels`` levels (NaN for an empty interval), zero after."""
+    """``table`` (256 float32): the ``n_levels`` levels from the fixed-point sums (``_rules.level``:
+    NaN for an empty interval), zero after (the clipped codes)."""
     f32 = np.float32
     for j in range(256):
-        table[j] = sums[j] / f32(counts[j]) if j < n_levels else f32(0.0)
+        table[j] = f32(_level(sums[j], counts[j], bits)) if j < n_levels else f32(0.0)
 
 
 def levels_into(codes: np.ndarray, table: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
@@ -587,25 +566,21 @@ def levels_into(codes: np.ndarray, table: np.ndarray, out: np.ndarray) -> None: 
 
 
 def kept_into(
-    w: np.ndarray, codes: np.ndarray, vals: np.ndarray, kept_codes: np.ndarray, sums: np.ndarray,
-    counts: np.ndarray, gather: bool,
+    w: np.ndarray, codes: np.ndarray, sums: np.ndarray, counts: np.ndarray, scale: float
 ) -> int:  # pragma: no cover - compiled
-    """Visit every kept weight (code below 128) in element order; return how many there are.
+    """Add every kept weight (code below 128) into its code's ``sums`` (as ``trunc(w * scale)``) and
+    ``counts``; return how many there are.
 
-    ``gather``: copy each, and its code, to the front of ``vals`` and
-    ``kept_codes`` (kept weight i lands at an index at most i, so ``vals``
-    may be ``w`` itself); else add each into its code's ``sums`` and
-    ``counts``. Eight codes are read at a time as one uint64; their high
-    bits (set for the clipped codes, 128 and up) become, inverted and
-    gathered by one multiplication, a 64-bit mask of the kept weights among
-    64 consecutive ones, and only those are visited, lowest index first.
-    Summing only the kept weights is what makes this faster than a dense
-    loop when most weights are clipped.
+    Eight codes are read at a time as one uint64; their high bits (set for
+    the clipped codes, 128 and up) become, inverted and gathered by one
+    multiplication, a 64-bit mask of the kept weights among 64 consecutive
+    ones, and only those are visited. Summing only the kept weights is what
+    makes this faster than a dense loop when most weights are clipped.
     """
     n = w.shape[0]
     whole = n - n % 64
     words = codes[:whole].view(np.uint64)
-    u64 = np.uint64
+    u64, i64, f64 = np.uint64, np.int64, np.float64
     high, spread_bits, one = u64(0x8080808080808080), u64(0x0102040810204080), u64(1)
     m = 0
     for chunk in range(whole // 64):
@@ -616,28 +591,18 @@ def kept_into(
         base = 64 * chunk
         while kept:
             i = base + _trailing_zeros(kept)
-            _keep(w, codes, vals, kept_codes, sums, counts, gather, i, m)
+            j = codes[i]
+            sums[j] += i64(f64(w[i]) * scale)
+            counts[j] += 1
             m += 1
             kept &= kept - one
     for i in range(whole, n):
-        if codes[i] < _SPREAD_BASE:
-            _keep(w, codes, vals, kept_codes, sums, counts, gather, i, m)
+        j = codes[i]
+        if j < _SPREAD_BASE:
+            sums[j] += i64(f64(w[i]) * scale)
+            counts[j] += 1
             m += 1
     return m
-
-
-def keep(
-    w: np.ndarray, codes: np.ndarray, vals: np.ndarray, kept_codes: np.ndarray, sums: np.ndarray,
-    counts: np.ndarray, gather: bool, i: int, m: int,
-) -> None:  # pragma: no cover - compiled
-    """``kept_into``'s visit of kept weight ``i``, the ``m``-th."""
-    j = codes[i]
-    if gather:
-        vals[m] = w[i]
-        kept_codes[m] = j
-    else:
-        sums[j] += w[i]
-        counts[j] += 1
 
 
 def slice_bounds(n: int, slices: int, s: int) -> tuple[int, int]:  # pragma: no cover - compiled
@@ -678,11 +643,10 @@ def team_body(data) -> None:  # pragma: no cover - compiled (a C callback)
     of them when OpenMP gave fewer threads, nested in a parallel region say).
     ``PHASE_SCAN``: ``scan_into`` on the slice, collecting into the slice's
     part of the window buffer, results in the slice's slots.
-    ``PHASE_CODES``: ``codes_into`` on the slice; with ``J_SPARSE`` also
-    the slice's kept weights (``kept_into``): added into the job's sums for
-    slice 0, which comes first in element order, gathered to the front of
-    the slice of ``out`` and ``mask`` for the others, their count in the
-    slice's slot 7. ``PHASE_LEVELS``: ``levels_into`` on the slice.
+    ``PHASE_CODES``: ``codes_into`` on the slice, then ``slice_sums`` into
+    the slice's own fixed-point sums and counts (exact: the order in which
+    the slices are added up later does not matter). ``PHASE_LEVELS``:
+    ``levels_into`` on the slice.
     """
     head = _carray(data, J_RESULTS, dtype=np.float64)
     slices = np.int64(head[J_THREADS])
@@ -710,15 +674,9 @@ def team_body(data) -> None:  # pragma: no cover - compiled (a C callback)
             _codes_into(w, codes, f32(job[J_W_MIN]), f32(job[J_C_NEG]), f32(job[J_C_POS]), f32(job[J_WIDTH_NEG]),
                         f32(job[J_WIDTH_POS]), np.int64(job[J_N_NEG_INT]), np.int64(job[J_LEVELS]),
                         job[J_HAS_NEG] != 0.0, job[J_HAS_POS] != 0.0)
-            if job[J_SPARSE] != 0.0 and s == 0:  # the first slice's sums come first: no need to gather it
-                sums = _carray(_f32_at(np.int64(job[J_SUMS])), _SLOTS)
-                counts = _carray(_i64_at(np.int64(job[J_COUNTS])), _SLOTS)
-                _kept_into(w, codes, w, codes, sums, counts, False)
-                job[J_RESULTS + 7] = 0
-            elif job[J_SPARSE] != 0.0:
-                vals = _carray(_f32_at(np.int64(job[J_OUT]) + 4 * lo), size)
-                kept_codes = _carray(_u8_at(np.int64(job[J_MASK]) + lo), size)
-                job[J_RESULTS + _RESULT_SLOTS * s + 7] = _kept_into(w, codes, vals, kept_codes, vals, job, True)
+            acc = np.int64(job[J_SUMS]) + 16 * _SLOTS * s  # this slice's sums, then its counts
+            _slice_sums(w, codes, _carray(_i64_at(acc), _SLOTS), _carray(_i64_at(acc + 8 * _SLOTS), _SLOTS),
+                        job[J_SCALE], np.int64(job[J_LEVELS]), job[J_SPARSE] != 0.0)
         else:
             table = _carray(_f32_at(np.int64(job[J_TABLE])), 256)
             out = _carray(_f32_at(np.int64(job[J_OUT]) + 4 * lo), size)
@@ -841,27 +799,25 @@ def clipq_cpu(
         return
     f32 = np.float32
     kept = (negatives - k_neg) + (positives - k_pos)  # at most: ties at a threshold are clipped too
-    # Mostly clipped (and room for the spread codes), on a team: slice 0's thread adds its kept weights
-    # up directly, the others gather theirs and their codes into the front of their slice of ``out``
-    # and ``mask`` (free until the levels), and the serial sums go on with only those, not the other
-    # cores' whole slices.
-    sparse = 2 * kept <= n
-    gathered = sparse and threads > 1 and n_levels < _SPREAD_BASE
+    sparse = 2 * kept <= n  # mostly clipped: add up only the kept weights
+    bits = _fixed_point_bits(n, w_min, w_max)
+    scale = np.ldexp(1.0, bits)
+    acc = np.zeros((threads, 2, _SLOTS), np.int64)  # per slice: fixed-point sums, counts
     if threads > 1:
         job[J_W_MIN], job[J_C_NEG], job[J_C_POS] = f32(w_min), f32(c_neg), f32(c_pos)
         job[J_WIDTH_NEG], job[J_WIDTH_POS] = f32(width_neg), f32(width_pos)
         job[J_N_NEG_INT], job[J_LEVELS], job[J_HAS_NEG], job[J_HAS_POS] = n_neg_int, n_levels, has_neg, has_pos
-        job[J_SPARSE] = gathered
-        sums, counts = np.zeros(_SLOTS, np.float32), np.zeros(_SLOTS, np.int64)
-        job[J_SUMS], job[J_COUNTS] = sums.ctypes.data, counts.ctypes.data
+        job[J_SPARSE], job[J_SUMS], job[J_SCALE] = sparse, acc.ctypes.data, scale
         _team_run(params, job, PHASE_CODES)
+        for t in range(1, threads):
+            for j in range(n_levels):
+                acc[0, 0, j] += acc[t, 0, j]
+                acc[0, 1, j] += acc[t, 1, j]
     else:
         _codes_into(w, codes, f32(w_min), f32(c_neg), f32(c_pos), f32(width_neg), f32(width_pos),
                     n_neg_int, n_levels, has_neg, has_pos)
-    if gathered:
-        _compacted_means(out, mask, job, threads, table, n_levels, sums, counts)
-    else:
-        _interval_means(w, codes, table, n_levels, sparse)
+        _slice_sums(w, codes, acc[0, 0], acc[0, 1], scale, n_levels, sparse)
+    _means_into(acc[0, 0], acc[0, 1], table, n_levels, bits)
     if threads > 1:
         _team_run(params, job, PHASE_LEVELS)
     else:

@@ -8,6 +8,8 @@ same either way.
 
 from __future__ import annotations
 
+import math
+
 F32_TINY = 1.401298464324817e-45  # the smallest positive float32 (a subnormal), exact in float64
 
 
@@ -52,3 +54,29 @@ def partition(
     width_neg = max(span_neg / n_neg_int, F32_TINY) if has_neg else 1.0
     width_pos = max(span_pos / (n_levels - n_neg_int), F32_TINY) if has_pos else 1.0
     return has_neg, has_pos, n_neg_int, width_neg, width_pos
+
+
+def fixed_point_bits(n: int, w_min: float, w_max: float) -> int:
+    """F: a tensor of ``n`` weights within [w_min, w_max] is added up as the integers ``trunc(w * 2**F)``.
+
+    The largest F for which no sum of up to ``n`` of them can leave 63 bits:
+    each is below ``2**(62 - L)`` in magnitude, where ``n < 2**L``. Integer
+    sums are exact, so an interval's sum does not depend on the order of
+    the additions (threads, devices); weights from ``2**(E + L - 39)`` on,
+    where ``max|w| < 2**E``, are exact on this grid, smaller ones lose their
+    bits below ``2**(E + L - 62)``.
+    """
+    _, e = math.frexp(max(-w_min, w_max))  # max|w| < 2**e
+    _, length = math.frexp(float(n))  # n < 2**length
+    return 62 - length - e
+
+
+def level(total: int, count: int, bits: int) -> float:
+    """An interval's level from its fixed-point sum ``total`` (``fixed_point_bits`` F = ``bits``) and count.
+
+    float64 arithmetic, in this order, then float32 by the caller: the same
+    operations in both implementations (an empty interval: NaN).
+    """
+    if count == 0:
+        return math.nan
+    return float(total) / float(count) * math.ldexp(1.0, -bits)

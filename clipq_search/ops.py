@@ -16,9 +16,9 @@ implementation below serves CUDA and machines without numba:
   monotone function of the value (so counting bins never misplaces an
   element), with fine bins around the previous step's thresholds;
 - interval codes come from the same float32 operations as the definition,
-  and sums and counts from ``bincount`` in element order, so the result
-  matches the plain implementation (``_reference_clipq`` in
-  ``tests/test_ops.py``) bit for bit on CPU;
+  and the sums are exact (fixed-point integers, ``_rules.fixed_point_bits``),
+  so the result matches the plain implementation (``_reference_clipq`` in
+  ``tests/test_ops.py``) and the compiled one bit for bit, on any device;
 - no ``where``/boolean masks/``long`` indices in the hot path (slow on CPU):
   comparisons write 0/1 floats and indices are int32;
 - on CPU, scratch buffers are reused between calls (``_scratch``): fresh
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from . import _fused
-from ._rules import clip_ranks, partition
+from ._rules import clip_ranks, fixed_point_bits, partition
 from .errors import ConfigError
 
 __all__ = [
@@ -527,10 +527,15 @@ def clipq_quantize_with_stats(
         width_pos if has_pos else None,
         a, b, c,
     )
-    # bincount adds a bin's weights in element order in float32, as index_add_ does.
+    # Exact sums: every weight as an integer multiple of 2**-F (``_rules.fixed_point_bits``), added up
+    # in int64, so the levels do not depend on the order of the additions (threads, devices); the
+    # level from sum and count in float64 as ``_rules.level`` does (NaN, 0/0, for unused codes).
     n_codes = n_levels + _LANES
-    table = torch.bincount(idx, weights=w, minlength=n_codes)
-    table.div_(torch.bincount(idx, minlength=n_codes).to(torch.float32))  # NaN (0/0) for unused codes
+    bits_f = fixed_point_bits(n, w_min, w_max)
+    fixed = w.to(torch.float64).mul_(math.ldexp(1.0, bits_f)).to(torch.int64)  # truncated toward zero
+    sums = torch.zeros(n_codes, dtype=torch.int64, device=w.device).index_add_(0, idx, fixed)
+    counts = torch.bincount(idx, minlength=n_codes)
+    table = sums.to(torch.float64).div_(counts.to(torch.float64)).mul_(math.ldexp(1.0, -bits_f)).to(torch.float32)
     table[n_levels:] = 0.0  # clipped
     out = table.index_select(0, idx).reshape(weight.shape).to(out_dtype)
     return out, ClipQStats(c_neg, c_pos, n_neg_int, table[:n_levels], rank_neg, rank_pos, w_min, w_max)

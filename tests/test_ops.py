@@ -3,6 +3,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import torch
 
@@ -151,8 +152,8 @@ def test_wrong_weight_types_raise_type_error() -> None:
 # The operator in clipq_search.ops is optimised (compiled kernels on CPU; in
 # the tensor implementation a histogram threshold search, scratch buffers, no
 # `where`); `_reference_clipq` below is the plain
-# definition it replaced, kept verbatim. On CPU the two must agree bit for bit:
-# same thresholds, same codes, same float32 sums in the same element order.
+# definition it replaced. The two must agree bit for bit: same thresholds, same
+# codes, same exact (fixed-point) sums.
 
 
 def _reference_clipq(weight: torch.Tensor, p: float, bits: int) -> tuple[torch.Tensor, tuple]:
@@ -193,9 +194,11 @@ def _reference_clipq(weight: torch.Tensor, p: float, bits: int) -> tuple[torch.T
     if has_pos:
         b = ((w - c_pos) / max(span_pos / n_pos_int, tiny)).floor_().clamp_(0, n_pos_int - 1).long() + n_neg_int
         idx = torch.where(keep_pos, b, idx)
-    sums = torch.zeros(n_levels + 1).index_add_(0, idx, w)
-    counts = torch.bincount(idx, minlength=n_levels + 1).to(torch.float32)
-    table = sums / counts
+    # exact sums: each weight as a multiple of 2**-F, truncated toward zero, F as large as 63-bit sums of n allow
+    f = 62 - math.frexp(float(n))[1] - math.frexp(max(-w_min, w_max))[1]
+    sums = torch.zeros(n_levels + 1, dtype=torch.int64).index_add_(0, idx, (w.double() * 2.0**f).long())
+    counts = torch.bincount(idx, minlength=n_levels + 1)
+    table = (sums.double() / counts.double() * 2.0**-f).float()
     table[n_levels] = 0.0
     out = table[idx].reshape(weight.shape).to(weight.dtype)
     return out, (c_neg, c_pos, n_neg_int, rank_neg, rank_pos, table[:n_levels].clone())
@@ -445,40 +448,46 @@ def test_order_keys_sort_as_the_floats_do() -> None:
 
 
 @pytest.mark.parametrize("n", [0, 1, 63, 64, 65, 640, 1000, 4099])
-def test_kept_into_visits_exactly_the_kept_codes_in_element_order(n: int) -> None:
-    """The sparse sums (mostly clipped layers) add exactly the weights with a code below 128, in element order, as the
-    plain loop does; gathering them instead keeps them in element order, also into the weights' own memory."""
+def test_kept_into_adds_exactly_the_kept_codes(n: int) -> None:
+    """The sparse sums (mostly clipped layers) add exactly the weights with a code below 128, each as trunc(w * 2**F)."""
     import numpy as np
 
     import clipq_search._fused as fused
+    from clipq_search._rules import fixed_point_bits
 
     if not fused.enabled():
         pytest.skip("compiled kernels unavailable")
     kept_into = fused.kernels().kept_into
     g = np.random.default_rng(n)
-    # mantissa-rich values of mixed magnitude: any other summation order would change the float32 sums
-    w = (g.standard_normal(n) * 10.0 ** g.integers(-3, 3, n)).astype(np.float32)
+    w = (g.standard_normal(n) * 10.0 ** g.integers(-3, 3, n)).astype(np.float32)  # mixed magnitudes
+    bits = fixed_point_bits(max(n, 1), float(w.min(initial=0.0)), float(w.max(initial=0.0)))
     for kept_fraction in (0.0, 0.03, 0.5, 1.0):
         kept = g.random(n) < kept_fraction
-        m = int(kept.sum())
         codes = np.where(kept, g.integers(0, 127, n), g.integers(128, 144, n)).astype(np.uint8)
-        sums, counts = np.zeros(fused._SLOTS, np.float32), np.zeros(fused._SLOTS, np.int64)
-        assert kept_into(w, codes, w, codes, sums, counts, False) == m
-        ref_sums, ref_counts = np.zeros(fused._SLOTS, np.float32), np.zeros(fused._SLOTS, np.int64)
+        sums, counts = np.zeros(fused._SLOTS, np.int64), np.zeros(fused._SLOTS, np.int64)
+        assert kept_into(w, codes, sums, counts, math.ldexp(1.0, bits)) == int(kept.sum())
+        ref_sums, ref_counts = [0] * fused._SLOTS, [0] * fused._SLOTS
         for i in np.flatnonzero(kept):
-            ref_sums[codes[i]] += w[i]
+            ref_sums[codes[i]] += int(math.ldexp(float(w[i]), bits))  # Python ints: exact, truncated toward zero
             ref_counts[codes[i]] += 1
-        assert np.array_equal(counts, ref_counts)
-        assert np.array_equal(sums.view(np.int32), ref_sums.view(np.int32))
+        assert sums.tolist() == ref_sums and counts.tolist() == ref_counts
 
-        vals, kept_codes = np.full(n, np.nan, np.float32), np.full(n, 255, np.uint8)
-        assert kept_into(w, codes, vals, kept_codes, sums, counts, True) == m
-        assert np.array_equal(vals[:m].view(np.int32), w[kept].view(np.int32))
-        assert np.array_equal(kept_codes[:m], codes[kept])
-        in_place = w.copy()
-        assert kept_into(in_place, codes, in_place, kept_codes, sums, counts, True) == m
-        assert np.array_equal(in_place[:m].view(np.int32), w[kept].view(np.int32))
-        assert np.array_equal(counts, ref_counts)  # gathering adds nothing
+
+def test_fixed_point_sums_cannot_overflow_and_levels_are_the_means() -> None:
+    """F keeps any sum of n weights within 63 bits at the extremes of float32, and a level is the rounded mean."""
+    from clipq_search._rules import fixed_point_bits, level
+
+    below_one = float(np.nextafter(np.float32(1.0), np.float32(0.0)))  # the worst case under a power of two
+    for n in (1, 2, 1000, 2**20 - 1, 2**20, 2**31 - 1):
+        for top in (float(np.finfo(np.float32).max), 1.0, below_one, 2.0**-149, 1e-30):
+            bits = fixed_point_bits(n, -top, top / 2)
+            assert abs(int(math.ldexp(top, bits))) * n < 2**63
+            assert abs(int(math.ldexp(top, bits + 2))) * n >= 2**62  # not needlessly coarse
+    values = [0.1, 0.2, 0.3000001, 0.7]
+    bits = fixed_point_bits(4, 0.0, 0.7)
+    total = sum(int(math.ldexp(v, bits)) for v in values)
+    assert float(np.float32(level(total, 4, bits))) == float(np.float32(sum(values) / 4))
+    assert math.isnan(level(0, 0, bits))
 
 
 def test_select_finds_every_rank_as_sorting_would() -> None:
