@@ -449,9 +449,7 @@ def test_order_keys_sort_as_the_floats_do() -> None:
 
 @pytest.mark.parametrize("n", [0, 1, 63, 64, 65, 640, 1000, 4099])
 def test_kept_into_adds_exactly_the_kept_codes(n: int) -> None:
-    """The sparse sums (mostly clipped layers) add exactly the weights with a code below 128, each as trunc(w * 2**F)."""
-    import numpy as np
-
+    """The sparse sums (mostly clipped layers) add exactly the weights with a code below 128, as trunc(w * 2**F)."""
     import clipq_search._fused as fused
     from clipq_search._rules import fixed_point_bits
 
