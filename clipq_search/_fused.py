@@ -483,9 +483,9 @@ def codes_into(
 
     Negatives below ``c_neg`` get ``clamp((w - w_min) / width_neg, 0,
     n_neg_int - 1)`` truncated, positives above ``c_pos`` get ``n_neg_int +
-    clamp((w - c_pos) / width_pos, 0, n_pos_int - 1)`` truncated, float32
-    throughout as in the definition (one division per weight, the side
-    picked by a select).
+    clamp((w - c_pos) / width_pos, 0, n_pos_int - 1)`` truncated, the
+    quotient in float32 as in the definition (one division per weight, the
+    side picked by a select).
 
     A clipped weight gets a code whose level is zero: one of ``_SPREAD``
     codes from 128 on (picked by its low mantissa bits) when the levels leave
@@ -495,9 +495,11 @@ def codes_into(
     b = w.view(np.int32)
     f32, i32 = np.float32, np.int32
     zero = f32(0.0)
-    top_n = f32(max(n_neg_int - 1, 0))
-    top_p = f32(max(n_levels - n_neg_int - 1, 0))
     base_p = i32(n_neg_int)
+    # int32 arithmetic on int32 values: selected per weight as int32 (from int64, the selection
+    # would be made on 64-bit lanes and narrowed after)
+    top_n = i32(max(i32(base_p - i32(1)), i32(0)))
+    top_p = i32(max(i32(i32(n_levels) - base_p - i32(1)), i32(0)))
     roomy = n_levels < _SPREAD_BASE
     clipped = i32(_SPREAD_BASE) if roomy else i32(CLIPPED)
     spread = i32(_SPREAD - 1) if roomy else i32(0)
@@ -510,8 +512,11 @@ def codes_into(
         width = width_pos if pos else width_neg
         top = top_p if pos else top_n
         base = base_p if pos else i32(0)
-        # clamp, then truncate: the floor of the clamped value, as the definition has it
-        code = i32(i32(min(max(f32(f32(x - start) / width), zero), top)) + base)
+        # A kept weight lies at or beyond its side's start (x >= w_min, x > c_pos), so its quotient is
+        # >= 0 and truncating it, then taking the top interval at most, is the definition's clamp then
+        # floor. Clamping in int32 after the conversion (a clipped weight's code, out of int32's range
+        # or not, is replaced below) makes this loop a third quicker than clamping in float32.
+        code = i32(min(i32(f32(f32(x - start) / width)), top) + base)
         kept = (x < lim_n) | (x > lim_p)
         codes[i] = np.uint8(code if kept else i32(clipped + i32(b[i] & spread)))
 
