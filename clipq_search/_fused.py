@@ -889,7 +889,15 @@ def clipq_cpu(
     sparse = 2 * kept <= n  # mostly clipped: add up only the kept weights
     bits = _fixed_point_bits(n, w_min, w_max)
     scale = np.ldexp(1.0, bits)
-    acc = np.zeros((threads, 2, _SLOTS), np.int64)  # per slice: fixed-point sums, counts
+    # per slice: fixed-point sums, counts; in the scan's flag memory, free now, when it is large enough
+    # (an allocation here costs a large layer some microseconds inside a training step)
+    words = threads * 2 * _SLOTS
+    if n >= 8 * words + 8:
+        skip = (8 - mask.ctypes.data % 8) % 8
+        acc = mask[skip:skip + 8 * words].view(np.int64).reshape((threads, 2, _SLOTS))
+        acc[:] = 0
+    else:
+        acc = np.zeros((threads, 2, _SLOTS), np.int64)
     if threads > 1:
         job[J_W_MIN], job[J_C_NEG], job[J_C_POS] = f32(w_min), f32(c_neg), f32(c_pos)
         job[J_WIDTH_NEG], job[J_WIDTH_POS] = f32(width_neg), f32(width_pos)
