@@ -18,7 +18,7 @@ call (``docs/method.md``, "Speed"):
    the order of the additions does not matter) and counts, only over the
    kept weights when most are clipped (``kept_into``); ``means_into``: the
    levels (``_rules.level``); ``levels_into``: every weight replaced by its
-   interval's level.
+   interval's level (``levels_into_wide``: 16 at a time on AVX-512F).
 
 For tensors of ``TEAM_MIN`` elements or more the scan, the codes with their
 slice's sums, and the levels run in slices on torch's own OpenMP threads

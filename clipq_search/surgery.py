@@ -58,7 +58,14 @@ def straight_through(original: torch.Tensor, quantized: torch.Tensor) -> torch.T
     cannot be swapped (another dtype, device or tensor type) it is
     ``_StraightThrough``.
     """
-    if quantized.dtype == original.dtype and quantized.device == original.device and not _recording():
+    if quantized.dtype == original.dtype and quantized.device == original.device:
+        return _same_kind_straight_through(original, quantized)
+    return _StraightThrough.apply(original, quantized)
+
+
+def _same_kind_straight_through(original: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+    """``straight_through`` for a ``quantized`` of ``original``'s dtype and device (the compiled path's result)."""
+    if not _recording():
         view = original.view_as(original)
         try:
             view.data = quantized
@@ -272,6 +279,9 @@ class ClipQWeight(nn.Module):
         # While torch.jit.trace records, also without gradients: its check traces again under no_grad
         # and compares the two graphs.
         if (original.requires_grad and torch.is_grad_enabled()) or _recording():
+            out = self._state["out"]
+            if out is not None and q is out[0]:  # the compiled path's: original's dtype and device by construction
+                return _same_kind_straight_through(original, q)
             return straight_through(original, q)
         return q
 

@@ -488,6 +488,31 @@ def test_fixed_point_sums_cannot_overflow_and_levels_are_the_means() -> None:
     assert math.isnan(level(0, 0, bits))
 
 
+@pytest.mark.parametrize("n", [0, 5, 16, 17, 1000, 4099])
+def test_both_level_loops_write_the_table_entries_of_the_codes(n: int) -> None:
+    """The levels pass (16 weights per AVX-512 permute where the CPU has it, else one at a time) writes table[code]."""
+    from numba import njit
+
+    import clipq_search._fused as fused
+
+    if not fused.enabled():
+        pytest.skip("compiled kernels unavailable")
+    loops = {"plain": njit(fused.levels_into)}
+    if fused._avx512():
+        loops["wide"] = njit(fused.levels_into_wide)
+        assert fused._levels_into.py_func is fused.levels_into_wide  # what the operator uses here
+    g = np.random.default_rng(n)
+    for n_levels in (3, 7, 15, 31, 255):
+        clipped = 255 if n_levels == 255 else g.integers(128, 144, n)
+        codes = np.where(g.random(n) < 0.3, g.integers(0, n_levels, n), clipped).astype(np.uint8)
+        table = np.zeros(256, np.float32)
+        table[:n_levels] = g.standard_normal(n_levels)
+        for name, loop in loops.items():
+            out = np.full(n, np.nan, np.float32)
+            loop(codes, table, out, n_levels)
+            assert np.array_equal(out, table[codes]), (name, n_levels)
+
+
 def test_select_finds_every_rank_as_sorting_would() -> None:
     """The window's threshold is picked by quickselect: every rank of many small arrays, ties and sizes 1..70."""
     import numpy as np
