@@ -76,10 +76,15 @@ def _same_kind_straight_through(original: torch.Tensor, quantized: torch.Tensor)
     return _StraightThrough.apply(original, quantized)
 
 
+# torch.jit.is_tracing() is this C function behind a Python check for scripting, which never holds
+# where this Python code runs; torch.compiler.is_compiling is called as it is (dynamo traces that call).
+_is_tracing = getattr(torch._C, "_is_tracing", None) or torch.jit.is_tracing
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
+
+
 def _recording() -> bool:
     """Whether torch.jit.trace, torch.compile or torch.export is recording the operations run."""
-    compiler = getattr(torch, "compiler", None)
-    return torch.jit.is_tracing() or (compiler is not None and compiler.is_compiling())
+    return _is_tracing() or _is_compiling()
 
 
 # torch's registries of global module hooks (dicts it fills and empties, never replaces); a torch
