@@ -61,7 +61,7 @@ def _baseline_weights(model_name: str, runs: Path) -> tuple[dict[str, torch.Tens
             continue
     for _, ckpt in sorted(found, reverse=True):
         try:
-            return torch.load(ckpt, map_location="cpu", weights_only=True), str(ckpt)
+            return torch.load(ckpt, map_location="cpu", weights_only=True), shown_path(ckpt)
         except Exception:  # unreadable checkpoint: try the next, else random init
             continue
     return None, "random init (seed 0)"
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.out, {
         "benchmark": "storage",
         "machine": machine,
-        "settings": {"models": args.models, "plans": args.plans, "runs": str(args.runs)},
+        "settings": {"models": args.models, "plans": args.plans, "runs": shown_path(args.runs)},
         "plans": cases,
         "found_files": files,
         "mismatches": mismatches,
