@@ -124,9 +124,12 @@ def _result_holder(shape: torch.Size, inference: bool) -> list[Any]:
     return [torch.from_numpy(flat.reshape(shape)), flat, inference]
 
 
-def _counts(holder: list[Any]) -> tuple[int, int, int, int]:
+def _counts(holder: list[Any]) -> tuple[int, int, int, int, int]:
+    # torch keeps one Python object per storage: someone holding it (``untyped_storage()``) shows in
+    # its Python reference count, not in the storage's own use count
+    storage = holder[0].untyped_storage()
     return (sys.getrefcount(holder[0]), sys.getrefcount(holder[1]), holder[0]._use_count(),
-            _storage_use_count(holder[0].untyped_storage()._cdata))
+            _storage_use_count(storage._cdata), sys.getrefcount(storage))
 
 
 def _alone(holder: list[Any]) -> bool:
@@ -142,9 +145,9 @@ def _alone(holder: list[Any]) -> bool:
     return _counts(holder) == _ALONE
 
 
-# What can hold a result besides its holder: another reference, a view, a numpy array, the
-# straight-through weight, a graph that saved it for backward.
-_SHARES = (lambda t: t, lambda t: t.view(8), lambda t: t.numpy(),  # noqa: E731 - a table
+# What can hold a result besides its holder: another reference, a view, a numpy array, its storage,
+# the straight-through weight, a graph that saved it for backward.
+_SHARES = (lambda t: t, lambda t: t.view(8), lambda t: t.numpy(), lambda t: t.untyped_storage(),  # noqa: E731
            lambda t: straight_through(torch.zeros(2, 4, requires_grad=True), t),
            lambda t: torch.ones(3, 2, requires_grad=True) @ t)
 
@@ -155,22 +158,28 @@ def _alone_while_shared(share: Any) -> bool:
     return _alone(holder)
 
 
-def _alone_counts() -> tuple[int, int, int, int] | None:
+def _alone_counts() -> tuple[int, ...] | None:
     """The counts ``_alone`` expects; None (never reuse) where they cannot tell a shared result from
-    one that is alone."""
+    one that is alone. Measured with gradients on whatever mode the importer is in (under no_grad a
+    graph would save nothing, and that sharing would go unseen)."""
     global _ALONE
-    if _tensor_use_count is None or _storage_use_count is None:
+    if _tensor_use_count is None or _storage_use_count is None or _increment_version is None:
         return None
     try:
-        _ALONE = _counts(_result_holder(torch.Size((2, 4)), False))
-        if _alone(_result_holder(torch.Size((2, 4)), False)) and not any(map(_alone_while_shared, _SHARES)):
-            return _ALONE
+        with torch.inference_mode(False), torch.enable_grad():
+            _ALONE = _counts(_result_holder(torch.Size((2, 4)), False))
+            alone = _alone(_result_holder(torch.Size((2, 4)), False))
+            if alone and not any(map(_alone_while_shared, _SHARES)):
+                return _ALONE
     except Exception:  # noqa: BLE001 - any failure: fresh memory for every result
         pass
     return None
 
 
-_ALONE: tuple[int, int, int, int] | None = None
+_ALONE: tuple[int, ...] | None = None
+# A result written again is the same tensor with new values: its version goes up, as after any
+# in-place change (for whatever keeps its id, a weak reference or its version).
+_increment_version = getattr(getattr(torch.autograd, "graph", None), "increment_version", None)
 
 
 def _compilable(t: torch.Tensor) -> bool:
@@ -258,11 +267,14 @@ class ClipQWeight(nn.Module):
                 out = state["out"]
                 if out is None or out[2] != key[4] or _ALONE is None or not _alone(out):
                     out = state["out"] = _result_holder(original.shape, key[4])
+                elif not key[4]:  # (inference tensors have no version)
+                    _increment_version(out[0])
                 status = op.run_arrays(source[1], out[1], original)
+                q = out[0]  # held before the lock is let go: another thread's call then takes fresh memory
             finally:
                 state["lock"].release()
             if status != NOT_FINITE:  # else the general path below makes the all-NaN result
-                q = out[0] if status == DONE else torch.zeros_like(original)
+                q = q if status == DONE else torch.zeros_like(original)
                 state["stats"], state["cache"], state["key"] = op, q, key
                 return q
         stats = self.last_stats

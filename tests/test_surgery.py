@@ -315,6 +315,35 @@ def test_training_writes_each_result_into_the_previous_ones_memory() -> None:
     assert len(addresses) == 1
 
 
+def test_a_result_written_again_has_a_new_version() -> None:
+    """The reused result is the same tensor with new values: its version goes up, as after an in-place change."""
+    import weakref
+
+    model, opt = _clipq_mlp(0.8, 3, seed=2, lr=0.5)
+    _train_steps(model, opt, 2, seed=0)
+    with torch.no_grad():
+        weight = model[0].weight
+        ref, version, values = weakref.ref(weight), weight._version, weight.clone()
+        del weight
+    _train_steps(model, opt, 1, seed=1)
+    with torch.no_grad():
+        again = model[0].weight
+    assert ref() is again  # the memory was reused: the very tensor
+    assert again._version > version and not torch.equal(again, values)
+
+
+def test_memory_reuse_is_set_up_whatever_the_autograd_mode_at_import() -> None:
+    """The check measured at import runs with gradients: imported under no_grad or inference_mode it still sees
+    a graph that saved a result, and reuse stays on."""
+    import subprocess
+    import sys
+
+    for mode in ("torch.no_grad()", "torch.inference_mode()"):
+        code = f"import torch\nwith {mode}:\n    import clipq_search.surgery as s\nprint(s._ALONE is not None)"
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+        assert done.stdout.strip() == "True", (mode, done.stderr[-2000:])
+
+
 def test_results_made_in_inference_mode_are_not_handed_to_training() -> None:
     """A result made under inference_mode cannot take part in autograd: its memory is not reused outside it."""
     model, opt = _clipq_mlp(0.8, 3, seed=2, lr=0.5)
@@ -327,7 +356,7 @@ def test_results_made_in_inference_mode_are_not_handed_to_training() -> None:
         _train_steps(model, opt, 1, seed=1)  # would raise on an inference tensor
 
 
-@pytest.mark.parametrize("holder", ["result", "alias", "view", "numpy", "graph"])
+@pytest.mark.parametrize("holder", ["result", "alias", "view", "numpy", "storage", "graph"])
 def test_a_weight_someone_holds_is_never_overwritten(holder: str) -> None:
     """The reused memory is only ever the layer's own: a held result, an alias, a view, a numpy array, a saved
     graph keep their values."""
@@ -347,6 +376,11 @@ def test_a_weight_someone_holds_is_never_overwritten(holder: str) -> None:
             kept = torch.from_numpy(model[0].weight.numpy().copy())  # (the values, to compare with)
             array = model[0].weight.numpy()  # an array on the memory, the tensor itself let go
         before_array = array.copy()
+    elif holder == "storage":
+        with torch.no_grad():
+            kept = model[0].weight.clone()  # (the values, to compare with)
+            storage = model[0].weight.untyped_storage()  # only the memory, the tensor let go
+        before_array = bytes(storage)
     else:
         graph = model[0](x)  # a graph that saved the weight, kept without backward
         kept = graph.grad_fn._saved_mat2  # what it saved (the weight, transposed), on the saved memory
@@ -356,6 +390,8 @@ def test_a_weight_someone_holds_is_never_overwritten(holder: str) -> None:
     assert torch.equal(kept.detach(), before)
     if holder == "numpy":
         assert np.array_equal(array, before_array)
+    if holder == "storage":
+        assert bytes(storage) == before_array
     assert not torch.equal(model[0].weight.detach(), weight_before)  # training did move on
 
 
