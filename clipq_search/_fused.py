@@ -66,7 +66,6 @@ _SLOTS = 256 + _SPREAD
  P_THREADS, P_FORK, P_BODY, P_THREAD_NUM, P_TEAM_SIZE) = range(15)
 (R_STATUS, R_NEG, R_ZERO, R_POS, R_RANK_NEG, R_RANK_POS, R_C_NEG, R_C_POS, R_MIN, R_MAX, R_N_NEG_INT,
  R_FOUND_NEG, R_FOUND_POS, R_SCANS) = range(14)
-RESULT_SIZE = 16
 DONE, MISSED, NOT_FINITE, NOTHING_KEPT = range(4)
 # A team's job (float64, addresses included: exact below 2**53): what every
 # thread reads, then ``_RESULT_SLOTS`` per thread for what it found.
@@ -76,7 +75,12 @@ J_CAP, J_TEAM_SIZE = 14, 24  # J_CAP after the four keys
 J_SPARSE = 25  # codes phase: add up only the kept weights (``slice_sums``)
 J_SUMS, J_SCALE = 26, 27  # ... into slice s's int64 sums and counts at J_SUMS + 16 * _SLOTS * s, times J_SCALE
 J_RESULTS = 28
-_RESULT_SLOTS = 8  # a slice's scan results, then (slot 7) its kept weights
+_RESULT_SLOTS = 8  # a slice's scan results (slots 0-6)
+TEAM_MAX = 64
+# ``result`` also holds the job of a team of up to TEAM_MAX threads, after the R_* entries: no
+# allocation per call (each costs a layer a microsecond or more inside a training step).
+_RESULT_HEAD = 16
+RESULT_SIZE = _RESULT_HEAD + J_RESULTS + _RESULT_SLOTS * TEAM_MAX
 PHASE_SCAN, PHASE_CODES, PHASE_LEVELS = range(3)
 # Threads split work in slices of whole 64-element blocks (cache lines of
 # every array, and the mask's uint64 words).
@@ -344,7 +348,6 @@ def scan_into(
 # Tensors from this many elements on are split over the team; below it one
 # thread is quicker than the three fork-joins (a few microseconds each).
 TEAM_MIN = 16384
-TEAM_MAX = 64
 _team_enabled = True
 _get_num_threads = None
 
@@ -458,7 +461,7 @@ def _team_agrees(addresses: tuple[float, float, float, float]) -> bool:
         runs.append((out, table, result))
     (o1, t1, r1), (o2, t2, r2) = runs
     return r1[R_STATUS] == DONE and np.array_equal(o1.view(np.int32), o2.view(np.int32)) and np.array_equal(
-        t1.view(np.int32), t2.view(np.int32)) and np.array_equal(r1, r2)
+        t1.view(np.int32), t2.view(np.int32)) and np.array_equal(r1[:_RESULT_HEAD], r2[:_RESULT_HEAD])
 
 
 def window_scan(
@@ -789,12 +792,15 @@ def clipq_cpu(
     they and the extremes become ``params``' hint for the next call. ``table`` (256 float32) gets
     the levels, ``out`` the quantized weights when done. ``codes`` and
     ``mask`` are uint8 scratch of ``w``'s length, ``buf`` float32 scratch
-    for window elements.
+    for window elements (then the slices' sums). ``result`` of ``RESULT_SIZE``
+    also holds a team's job after the ``R_*`` entries (a shorter one: the
+    job is allocated).
     """
     n = w.shape[0]
-    scratch = np.empty(1, np.float32)
+    scratch = table[255:256]  # for ``f32_key``: that level slot is written last (``means_into``)
     threads = max(int(params[P_THREADS]), 1)
-    job = np.empty(J_RESULTS + _RESULT_SLOTS * threads)
+    size = J_RESULTS + _RESULT_SLOTS * threads
+    job = result[_RESULT_HEAD:_RESULT_HEAD + size] if result.shape[0] >= _RESULT_HEAD + size else np.empty(size)
     if threads > 1:
         job[J_N], job[J_THREADS] = n, threads
         job[J_THREAD_NUM], job[J_TEAM_SIZE] = params[P_THREAD_NUM], params[P_TEAM_SIZE]
@@ -889,12 +895,12 @@ def clipq_cpu(
     sparse = 2 * kept <= n  # mostly clipped: add up only the kept weights
     bits = _fixed_point_bits(n, w_min, w_max)
     scale = np.ldexp(1.0, bits)
-    # per slice: fixed-point sums, counts; in the scan's flag memory, free now, when it is large enough
+    # per slice: fixed-point sums, counts; in the window buffer, free now, when it is large enough
     # (an allocation here costs a large layer some microseconds inside a training step)
     words = threads * 2 * _SLOTS
-    if n >= 8 * words + 8:
-        skip = (8 - mask.ctypes.data % 8) % 8
-        acc = mask[skip:skip + 8 * words].view(np.int64).reshape((threads, 2, _SLOTS))
+    if buf.shape[0] >= 2 * words + 1:
+        skip = (8 - buf.ctypes.data % 8) % 8 // 4
+        acc = buf[skip:skip + 2 * words].view(np.int64).reshape((threads, 2, _SLOTS))
         acc[:] = 0
     else:
         acc = np.zeros((threads, 2, _SLOTS), np.int64)

@@ -677,7 +677,8 @@ def test_team_that_gets_fewer_threads_still_does_every_slice() -> None:
         assert result[fused.R_STATUS] == fused.DONE
         results.append((out.view(np.int32), table.view(np.int32), result))
     (o1, t1, r1), (o3, t3, r3) = results
-    assert np.array_equal(o1, o3) and np.array_equal(t1, t3) and np.array_equal(r1, r3)
+    head = fused._RESULT_HEAD  # (a team's job follows: its slots differ with the number of slices)
+    assert np.array_equal(o1, o3) and np.array_equal(t1, t3) and np.array_equal(r1[:head], r3[:head])
     assert np.count_nonzero(o3) > 0
 
 
