@@ -82,6 +82,10 @@ TEAM_MAX = 64
 _RESULT_HEAD = 16
 RESULT_SIZE = _RESULT_HEAD + J_RESULTS + _RESULT_SLOTS * TEAM_MAX
 PHASE_SCAN, PHASE_CODES, PHASE_LEVELS = range(3)
+# The hinted windows' half-width (``P_GAPS``, in average gaps between sorted weights) adapts per layer:
+# doubled after a miss, times _GAPS_SHRINK after a hit, so that it settles where about one call in 70
+# misses (an extra scan), between _GAPS_MIN and _GAPS_MAX.
+_GAPS_MIN, _GAPS_MAX, _GAPS_SHRINK = 16.0, 65536.0, 0.99
 # Threads split work in slices of whole 64-element blocks (cache lines of
 # every array, and the mask's uint64 words).
 _BLOCK = 64
@@ -821,6 +825,7 @@ def clipq_cpu(
     use_n, use_p = use_n and half < inf, use_p and half < inf
     lo_n, hi_n = max(h_neg - half, -inf), min(h_neg + half, -tiny)
     lo_p, hi_p = max(h_pos - half, tiny), min(h_pos + half, inf)
+    hinted = use_n or use_p
     found_n, found_p = False, False
     c_neg = c_pos = 0.0
     k_neg = k_pos = rank_neg = rank_pos = 0
@@ -874,6 +879,15 @@ def clipq_cpu(
         use_p = use_p and -inf < lo_p and hi_p < inf
         if (found_n or not use_n) and (found_p or not use_p):
             break
+    if hinted:
+        # The window follows how far this layer's thresholds move from step to step: twice as wide
+        # after a miss, a little narrower after each hit (the selection among fewer weights is
+        # quicker), never narrower than _GAPS_MIN through hits alone.
+        gaps = params[P_GAPS]
+        if scans > 1 or not (found_n and found_p):
+            params[P_GAPS] = min(2.0 * gaps, _GAPS_MAX)
+        else:
+            params[P_GAPS] = max(gaps * _GAPS_SHRINK, min(gaps, _GAPS_MIN))
     result[R_NEG], result[R_ZERO], result[R_POS] = negatives, zeros, positives
     result[R_RANK_NEG], result[R_RANK_POS] = rank_neg, rank_pos
     result[R_C_NEG], result[R_C_POS] = c_neg, c_pos

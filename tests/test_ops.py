@@ -552,6 +552,29 @@ def test_compiled_operator_dense_and_sparse_sums_agree_with_reference(p: float) 
         assert torch.equal(op.stats().levels.nan_to_num(7.0), ref[5].nan_to_num(7.0))
 
 
+def test_compiled_operator_window_follows_how_far_the_thresholds_move() -> None:
+    """The hinted window narrows a little after each hit (down to _GAPS_MIN) and doubles after a miss; exact always."""
+    import clipq_search._fused as fused
+    from clipq_search.ops import CompiledOperator
+
+    if not fused.enabled():
+        pytest.skip("compiled kernels unavailable")
+    g = torch.Generator().manual_seed(32)
+    w = torch.randn(60000, generator=g) * 0.05
+    op, out = CompiledOperator(w.numel(), 0.9, 4), torch.empty_like(w)
+    start = op.params[fused.P_GAPS]
+    assert op.run(w, out) == fused.DONE and op.params[fused.P_GAPS] == start  # no hint yet: nothing to learn
+    for _ in range(200):  # small moves: hits
+        w.add_(torch.randn(w.shape, generator=g), alpha=1e-5)
+        assert op.run(w, out) == fused.DONE and op.result[fused.R_SCANS] == 1
+    narrow = op.params[fused.P_GAPS]
+    assert fused._GAPS_MIN <= narrow < start
+    w.mul_(1.2)  # the thresholds jump far outside the window: a miss
+    assert op.run(w, out) == fused.DONE and op.result[fused.R_SCANS] > 1
+    assert op.params[fused.P_GAPS] == 2 * narrow
+    assert torch.equal(out, _reference_clipq(w, 0.9, 4)[0])
+
+
 def test_compiled_operator_keeps_its_hint_and_scans_once() -> None:
     """After a first call, the next call on slightly moved weights finds both thresholds in its first scan."""
     import clipq_search._fused as fused
