@@ -75,7 +75,7 @@ J_CAP, J_TEAM_SIZE = 14, 24  # J_CAP after the four keys
 J_SPARSE = 25  # codes phase: add up only the kept weights (``slice_sums``)
 J_SUMS, J_SCALE = 26, 27  # ... into slice s's int64 sums and counts at J_SUMS + 16 * _SLOTS * s, times J_SCALE
 J_RESULTS = 28
-_RESULT_SLOTS = 8  # a slice's scan results (slots 0-6)
+_RESULT_SLOTS = 8  # a slice's scan results (slots 0-6; slot 7 unused since the gathering went)
 TEAM_MAX = 64
 # ``result`` also holds the job of a team of up to TEAM_MAX threads, after the R_* entries: no
 # allocation per call (each costs a layer a microsecond or more inside a training step).

@@ -426,8 +426,6 @@ def test_kernels_that_fail_to_compile_fall_back_with_one_warning(monkeypatch: py
 
 def test_order_keys_sort_as_the_floats_do() -> None:
     """The compiled scan compares int32 order keys: they must order every float32 as the values do."""
-    import numpy as np
-
     import clipq_search._fused as fused
 
     if not fused.enabled():
@@ -515,8 +513,6 @@ def test_both_level_loops_write_the_table_entries_of_the_codes(n: int) -> None:
 
 def test_select_finds_every_rank_as_sorting_would() -> None:
     """The window's threshold is picked by quickselect: every rank of many small arrays, ties and sizes 1..70."""
-    import numpy as np
-
     import clipq_search._fused as fused
 
     if not fused.enabled():
@@ -674,7 +670,6 @@ def test_team_that_gets_fewer_threads_still_does_every_slice() -> None:
     """When OpenMP hands out fewer threads than slices (nested, or OMP_DYNAMIC), each does several."""
     import ctypes
 
-    import numpy as np
 
     fused = _team_or_skip()
     body_type = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
