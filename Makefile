@@ -1,28 +1,50 @@
 # Two entry points: `make demo` (set up, then run the whole chain on the default
 # space) and `make test` (set up, then run the test suite). Both work on a fresh
-# Debian machine with Python 3.11 as root; elsewhere run the same steps by hand.
-PYTHON ?= python3
+# Debian machine (as root, for the apt step) with the system's own Python 3.11:
+# everything Python goes into a virtual environment, .venv/, never the system
+# interpreter (PEP 668).
+SYSTEM_PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
 SPACE ?= search_spaces/lenet300_fashion.yaml
 NAME ?= demo
 
-.PHONY: setup demo test bench lint
+.PHONY: setup demo test bench lint clean-venv
 
-setup:
-	@if command -v apt-get >/dev/null 2>&1 && [ ! -d /usr/share/datasets/fashion-mnist ]; then \
-		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; fi
-	$(PYTHON) -m pip install -q torch==2.13.0
-	$(PYTHON) -m pip install -q -e ".[test]"
+setup: $(VENV)/.installed
+
+# Rebuilt when the project's dependencies change. Debian packages first: the
+# Fashion-MNIST IDX files, venv support for the system Python, and PostgreSQL
+# (a throwaway server is started by the tests themselves).
+$(VENV)/.installed: pyproject.toml
+	@need=""; \
+	[ -d /usr/share/datasets/fashion-mnist ] || need="$$need dataset-fashion-mnist"; \
+	$(SYSTEM_PYTHON) -c "import ensurepip, venv" 2>/dev/null || need="$$need python3-venv"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || need="$$need postgresql"; \
+	if [ -n "$$need" ]; then \
+		if command -v apt-get >/dev/null 2>&1; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need; \
+		else echo "setup: install$$need with your package manager, then run make again" >&2; exit 2; fi; \
+	fi
+	[ -x $(PY) ] || $(SYSTEM_PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=24"
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	@touch $@
 
 demo: setup
-	$(PYTHON) run_search.py demo $(SPACE) --name $(NAME)
+	$(PY) run_search.py demo $(SPACE) --name $(NAME)
 
 test: setup
-	$(PYTHON) -m pytest -q
+	$(PY) -m pytest -q
 
 bench: setup
-	$(PYTHON) benchmarks/bench_overhead.py
-	$(PYTHON) benchmarks/bench_storage.py
-	$(PYTHON) benchmarks/bench_orchestration.py --trials 16 --epochs 1
+	$(PY) benchmarks/bench_overhead.py
+	$(PY) benchmarks/bench_storage.py
+	$(PY) benchmarks/bench_orchestration.py --trials 16 --epochs 1
 
-lint:
-	ruff check clipq_search tests benchmarks run_search.py
+lint: setup
+	$(VENV)/bin/ruff check clipq_search tests benchmarks run_search.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from clipq_search.data import DatasetSpec, load_dataset
 from clipq_search.errors import ClipQError
-from clipq_search.train import configure_threads, select_device
+from clipq_search.training.data import DatasetSpec, load_dataset
+from clipq_search.training.loop import configure_threads, select_device
 
 __all__ = ["fashion_setup"]
 

@@ -24,9 +24,9 @@ from _machine import machine_line
 from torch.nn import functional as F
 
 from clipq_search._io import write_json
-from clipq_search.data import DEFAULT_ROOTS, ArrayDataset
-from clipq_search.models import build_model, count_parameters
-from clipq_search.train import DEFAULT_PRETRAIN, evaluate, train
+from clipq_search.training.data import DEFAULT_ROOTS, ArrayDataset
+from clipq_search.training.loop import DEFAULT_PRETRAIN, evaluate, train
+from clipq_search.training.models import build_model, count_parameters
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "baseline.json"
 

@@ -28,12 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import machine_line  # noqa: E402
 
-from clipq_search.finalize import run_final  # noqa: E402
-from clipq_search.pareto import complete_trials, load_trials, pareto_info, plan_of  # noqa: E402
-from clipq_search.pipeline import write_plan_json  # noqa: E402
-from clipq_search.plan import Plan  # noqa: E402
-from clipq_search.search import run_search  # noqa: E402
-from clipq_search.space import load_space  # noqa: E402
+from clipq_search.analysis.pareto import complete_trials, load_trials, pareto_info, plan_of  # noqa: E402
+from clipq_search.core.plan import Plan  # noqa: E402
+from clipq_search.search.final import run_final  # noqa: E402
+from clipq_search.search.space import load_space  # noqa: E402
+from clipq_search.search.study import run_search  # noqa: E402
+from clipq_search.search.trial import write_plan_json  # noqa: E402
 
 SPACES = {"lenet300": "lenet300_fashion.yaml", "lenet5": "lenet5_fashion.yaml"}
 TOLERANCES = (0.25, 0.5, 1.0, 2.0)

@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pandas as pd  # noqa: E402
 from _machine import machine_line  # noqa: E402
 
-from clipq_search.search import run_search  # noqa: E402
-from clipq_search.space import load_space  # noqa: E402
+from clipq_search.search.space import load_space  # noqa: E402
+from clipq_search.search.study import run_search  # noqa: E402
 
 
 def measure(results: Path, name: str, trials: int, concurrency: int, address: str | None, epochs: float) -> dict:

@@ -50,10 +50,10 @@ from torch.nn import functional as F  # noqa: E402
 
 from clipq_search import attach_clipq  # noqa: E402
 from clipq_search._io import write_json  # noqa: E402
-from clipq_search.data import DEFAULT_ROOTS  # noqa: E402
-from clipq_search.models import build_model  # noqa: E402
-from clipq_search.ops import clipq_quantize_with_stats  # noqa: E402
-from clipq_search.surgery import ClipQWeight, _clipq_param, attached_configs  # noqa: E402
+from clipq_search.core.operator import clipq_quantize_with_stats  # noqa: E402
+from clipq_search.core.surgery import ClipQWeight, _clipq_param, attached_configs  # noqa: E402
+from clipq_search.training.data import DEFAULT_ROOTS  # noqa: E402
+from clipq_search.training.models import build_model  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "overhead.json"
 TARGETS = {"lenet300": 1.25, "lenet5": 1.10}

@@ -30,8 +30,8 @@ import optuna  # noqa: E402
 from _machine import machine_line  # noqa: E402
 
 from clipq_search._io import write_json  # noqa: E402
-from clipq_search.search import ERROR_ATTR, distributions, open_study, write_trials_csv  # noqa: E402
-from clipq_search.space import LayerSearchParam  # noqa: E402
+from clipq_search.search.space import LayerSearchParam  # noqa: E402
+from clipq_search.search.study import ERROR_ATTR, distributions, open_study, write_trials_csv  # noqa: E402
 
 
 def build_run(run_dir: Path, n: int, seed: int = 0) -> float:

@@ -48,10 +48,10 @@ import torch  # noqa: E402
 
 from clipq_search import pareto  # noqa: E402
 from clipq_search._io import write_json  # noqa: E402
-from clipq_search.pipeline import ensure_baseline, layer_names, run_trial, trial_payload  # noqa: E402
-from clipq_search.search import run_search  # noqa: E402
-from clipq_search.space import load_space  # noqa: E402
-from clipq_search.train import available_cpus  # noqa: E402
+from clipq_search.search.space import load_space  # noqa: E402
+from clipq_search.search.study import run_search  # noqa: E402
+from clipq_search.search.trial import ensure_baseline, layer_names, run_trial, trial_payload  # noqa: E402
+from clipq_search.training.loop import available_cpus  # noqa: E402
 
 SPACE = ROOT / "search_spaces" / "lenet300_fashion.yaml"
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "search_efficiency.json"

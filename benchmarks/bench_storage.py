@@ -32,9 +32,9 @@ from torch import nn  # noqa: E402
 
 from clipq_search import estimate_size, read_compressed, save_compressed  # noqa: E402
 from clipq_search._io import write_json  # noqa: E402
-from clipq_search.encoding import SizeEstimate  # noqa: E402
+from clipq_search.core.encoding import SizeEstimate  # noqa: E402
 from clipq_search.errors import ClipQError  # noqa: E402
-from clipq_search.models import build_model, list_models  # noqa: E402
+from clipq_search.training.models import build_model, list_models  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "storage.json"
 DEFAULT_PLANS = ["0.5:5", "0.9:4", "0.97:3"]

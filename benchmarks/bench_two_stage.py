@@ -56,20 +56,20 @@ sys.path.insert(0, str(ROOT))
 from _common import fashion_setup  # noqa: E402
 from _machine import machine_line  # noqa: E402
 
-from clipq_search.data import DEFAULT_ROOTS, DatasetSpec  # noqa: E402
-from clipq_search.encoding import estimate_size, load_compressed, save_compressed  # noqa: E402
+from clipq_search.core.encoding import estimate_size, load_compressed, save_compressed  # noqa: E402
+from clipq_search.core.operator import clipq_quantize, clipq_quantize_with_stats  # noqa: E402
+from clipq_search.core.plan import LayerConfig, Plan  # noqa: E402
+from clipq_search.core.surgery import _StraightThrough, attach_clipq, strip_clipq  # noqa: E402
 from clipq_search.errors import ClipQError  # noqa: E402
-from clipq_search.models import build_model  # noqa: E402
-from clipq_search.ops import clipq_quantize, clipq_quantize_with_stats  # noqa: E402
-from clipq_search.plan import LayerConfig, Plan  # noqa: E402
-from clipq_search.surgery import _StraightThrough, attach_clipq, strip_clipq  # noqa: E402
-from clipq_search.train import (  # noqa: E402
+from clipq_search.training.data import DEFAULT_ROOTS, DatasetSpec  # noqa: E402
+from clipq_search.training.loop import (  # noqa: E402
     DEFAULT_PRETRAIN,
     TrainConfig,
     evaluate,
     load_state_dict_file,
     train,
 )
+from clipq_search.training.models import build_model  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "two_stage.json"
 SPACES = {"lenet300": "lenet300_fashion.yaml", "lenet5": "lenet5_fashion.yaml"}
@@ -215,8 +215,8 @@ def _detach(model: nn.Module, names: list[str], *, bake: bool) -> None:
 def cached_baseline(model_name: str, seed: int) -> Path | None:
     """A results/baselines checkpoint of the shipped space when it is exactly DEFAULT_PRETRAIN, seed, default split."""
     try:
-        from clipq_search.pipeline import baseline_paths, dataset_spec, train_config
-        from clipq_search.space import load_space
+        from clipq_search.search.space import load_space
+        from clipq_search.search.trial import baseline_paths, dataset_spec, train_config
 
         space = load_space(ROOT / "search_spaces" / SPACES[model_name])
         ckpt, meta = baseline_paths(space, ROOT / "results")

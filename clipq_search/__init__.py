@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .encoding import (
+from clipq_search.core.encoding import (
     LayerSize,
     SizeEstimate,
     estimate_size,
@@ -10,10 +10,10 @@ from .encoding import (
     read_compressed,
     save_compressed,
 )
-from .errors import ClipQError, ConfigError, FormatError
-from .ops import clipq_quantize, clipq_quantize_with_stats
-from .plan import LayerConfig, Plan, compressible_layers
-from .surgery import attach_clipq, attached_configs, strip_clipq
+from clipq_search.core.operator import clipq_quantize, clipq_quantize_with_stats
+from clipq_search.core.plan import LayerConfig, Plan, compressible_layers
+from clipq_search.core.surgery import attach_clipq, attached_configs, strip_clipq
+from clipq_search.errors import ClipQError, ConfigError, FormatError
 
 __version__ = "0.1.0"
 

@@ -12,7 +12,7 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
-from .errors import ClipQError
+from clipq_search.errors import ClipQError
 
 __all__ = ["main"]
 
@@ -34,15 +34,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from .encoding import read_compressed
-    from .report_text import format_size_table
+    from clipq_search.analysis.text import format_size_table
+    from clipq_search.core.encoding import read_compressed
 
     _, sizes = read_compressed(args.file)
     print(format_size_table(sizes, title=str(args.file)))
 
 
 def _add_space_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("space", help="search-space YAML file (see search_spaces/)")
+    p.add_argument("space", help="search-space YAML file, or a preset name (clipq-search spaces)")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -56,7 +56,7 @@ def _add_space_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="run_search.py",
+        prog="clipq-search",
         description="CLIP-Q compression with a Bayesian per-layer search on Ray.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.set_defaults(func=cmd_inspect)
 
-    from . import commands
+    from clipq_search import commands
 
     commands.register(sub, _add_space_args, _positive_int)
     for command in sub.choices.values():  # --debug before or after the command name

@@ -7,10 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import ClipQError
+from clipq_search.errors import ClipQError
 
 if TYPE_CHECKING:
-    from .space import Space
+    from clipq_search.search.space import Space
 
 
 def _log(msg: str) -> None:
@@ -40,29 +40,29 @@ def _prepare(
     given), then the space (file, ``--set``, dataset, model, layers); with
     ``search`` also that the space leaves something to search.
     """
-    from .pipeline import check_space
-    from .space import load_space
+    from clipq_search.search.space import load_space
+    from clipq_search.search.trial import check_space
 
     if address:
-        from .search import check_address
+        from clipq_search.search.study import check_address
 
         check_address(address)
     if storage:
-        from .search import check_storage
+        from clipq_search.search.study import check_storage
 
         check_storage(storage)
     _check_results_root(args.results)
     space = load_space(args.space, args.overrides)
     units = check_space(space)
     if search:
-        from .search import distributions
+        from clipq_search.search.study import distributions
 
         distributions(units)
     return space
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
-    from .pipeline import ensure_baseline
+    from clipq_search.search.trial import ensure_baseline
 
     space = _prepare(args, search=False)
     b = ensure_baseline(space, args.results, log=_log)
@@ -75,7 +75,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> None:
-    from .search import run_search
+    from clipq_search.search.study import run_search
 
     space = _prepare(args, search=True, address=args.address, storage=args.storage)
     run_search(
@@ -94,8 +94,8 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from .finalize import require_folder
-    from .report import write_report
+    from clipq_search.analysis.report import write_report
+    from clipq_search.search.final import require_folder
 
     run_dir = Path(args.run_dir)
     require_folder(run_dir)
@@ -104,7 +104,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from .finalize import export_plan
+    from clipq_search.search.final import export_plan
 
     out = export_plan(
         Path(args.run_dir), max_drop=args.max_drop, min_rate=args.min_rate, trial=args.trial, out=args.out, log=_log
@@ -113,16 +113,16 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_final(args: argparse.Namespace) -> None:
-    from .finalize import run_final
+    from clipq_search.search.final import run_final
 
     run_final(Path(args.run_dir), config=args.config, overrides=args.overrides, address=args.address, log=_log)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """pretrain -> search -> report -> export -> final on one space."""
-    from .finalize import export_plan, run_final
-    from .report import write_report
-    from .search import run_search
+    from clipq_search.analysis.report import write_report
+    from clipq_search.search.final import export_plan, run_final
+    from clipq_search.search.study import run_search
 
     space = _prepare(args, search=True)
     summary = run_search(space, results_root=args.results, name=args.name, log=_log)
@@ -133,6 +133,36 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_final(summary.run_dir, config=str(plan_path), overrides=[], log=_log)
     html, _ = write_report(summary.run_dir)
     _log(f"report with the final result: {html}")
+
+
+def cmd_spaces(args: argparse.Namespace) -> None:
+    from clipq_search.search.space import list_presets
+
+    presets = list_presets()
+    width = max(len(name) for name, _ in presets)
+    for name, description in presets:
+        print(f"{name:<{width}}  {description}")
+    print("use a name in place of a space file, e.g. clipq-search search smoke; "
+          "clipq-search init MODEL writes a space of your own")
+
+
+def cmd_init(args: argparse.Namespace) -> None:
+    from clipq_search._io import write_text
+    from clipq_search.search.space import load_space
+    from clipq_search.search.starter import starter_space
+
+    text = starter_space(args.model, args.dataset)
+    out = Path(args.out) if args.out else None
+    if out is None:
+        print(text, end="")
+        return
+    if out.exists() and not args.force:
+        raise ClipQError(f"--out {out} exists; give another file name or --force to replace it")
+    if out.parent != Path() and not out.parent.is_dir():
+        raise ClipQError(f"--out {out}: folder {out.parent} does not exist; create it or give another path")
+    write_text(out, text)
+    load_space(out)  # what was written loads as a space
+    print(f"wrote {out}; edit it, then: clipq-search search {out}")
 
 
 def register(sub: argparse._SubParsersAction, add_space_args: Callable, positive_int: Callable) -> None:
@@ -146,6 +176,16 @@ def register(sub: argparse._SubParsersAction, add_space_args: Callable, positive
         if not v >= 0:
             raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
         return v
+
+    p = sub.add_parser("spaces", help="list the shipped search spaces (presets)")
+    p.set_defaults(func=cmd_spaces)
+
+    p = sub.add_parser("init", help="write a commented starter search space for a model")
+    p.add_argument("model", help="registered name (lenet300, ...), torchvision:NAME, timm:NAME or module:factory")
+    p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, mnist, cifar10 or imagefolder")
+    p.add_argument("--out", help="file to write (default: print to standard output)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("pretrain", help="train (or reuse) the dense baseline a space names")
     add_space_args(p)

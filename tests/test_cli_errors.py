@@ -95,11 +95,11 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
     """Bad and good inputs, made once and cheaply (random-init weights, no training)."""
     import torch
 
-    from clipq_search.encoding import save_compressed
-    from clipq_search.models import build_model
-    from clipq_search.plan import Plan
-    from clipq_search.space import load_space
-    from clipq_search.train import save_state_dict
+    from clipq_search.core.encoding import save_compressed
+    from clipq_search.core.plan import Plan
+    from clipq_search.search.space import load_space
+    from clipq_search.training.loop import save_state_dict
+    from clipq_search.training.models import build_model
 
     root = tmp_path_factory.mktemp("cli_assets")
     torch.manual_seed(0)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from clipq_search.search import run_search
-from clipq_search.space import load_space
+from clipq_search.search.space import load_space
+from clipq_search.search.study import run_search
 
 from .conftest import SMOKE, needs_fashion
 

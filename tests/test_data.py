@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from clipq_search.data import (
+from clipq_search.errors import ClipQError, ConfigError, FormatError
+from clipq_search.training.data import (
     DEFAULT_ROOTS,
     ArrayDataset,
     DatasetSpec,
@@ -21,7 +22,6 @@ from clipq_search.data import (
     read_idx,
     read_mnist,
 )
-from clipq_search.errors import ClipQError, ConfigError, FormatError
 
 FASHION = Path(os.environ.get("CLIPQ_FASHION_MNIST", DEFAULT_ROOTS["fashion-mnist"]))
 HAVE_FASHION = any((FASHION / f).is_file() for f in ("train-images-idx3-ubyte.gz", "train-images-idx3-ubyte"))

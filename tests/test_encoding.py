@@ -18,7 +18,7 @@ from clipq_search import (
     strip_clipq,
 )
 from clipq_search.cli import main as cli_main
-from clipq_search.models import build_model
+from clipq_search.training.models import build_model
 
 from .test_surgery import GroupedNet
 

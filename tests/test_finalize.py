@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from clipq_search import Plan, attach_clipq, load_compressed
-from clipq_search.data import load_dataset
-from clipq_search.models import build_model
-from clipq_search.pipeline import dataset_spec
-from clipq_search.space import load_space
-from clipq_search.train import evaluate
+from clipq_search.search.space import load_space
+from clipq_search.search.trial import dataset_spec
+from clipq_search.training.data import load_dataset
+from clipq_search.training.loop import evaluate
+from clipq_search.training.models import build_model
 
 from .conftest import REPO, SMOKE, needs_fashion
 

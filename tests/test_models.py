@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from clipq_search.errors import ClipQError, ConfigError
-from clipq_search.models import build_model, count_parameters, list_models, register_model
+from clipq_search.training.models import build_model, count_parameters, list_models, register_model
 
 
 @pytest.mark.parametrize(

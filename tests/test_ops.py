@@ -149,7 +149,7 @@ def test_wrong_weight_types_raise_type_error() -> None:
 
 # --------------------------------------------------------------------------- fast path == definition
 #
-# The operator in clipq_search.ops is optimised (compiled kernels on CPU; in
+# The operator in clipq_search.core.operator is optimised (compiled kernels on CPU; in
 # the tensor implementation a histogram threshold search, scratch buffers, no
 # `where`); `_reference_clipq` below is the plain
 # definition it replaced. The two must agree bit for bit: same thresholds, same
@@ -247,8 +247,8 @@ def select_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     ``kthvalue`` fallback all run; ``direct`` and ``histogram``: the tensor
     implementation's two threshold searches.
     """
-    import clipq_search._fused as fused
-    import clipq_search.ops as ops
+    import clipq_search.core._numba_kernels as fused
+    import clipq_search.core.operator as ops
 
     threads = torch.get_num_threads()
     if request.param.startswith("compiled"):
@@ -275,7 +275,7 @@ def select_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
 
 def test_compiled_kernels_are_the_default_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """With numba installed the CPU operator runs the compiled kernels, and the switch turns them off."""
-    import clipq_search._fused as fused
+    import clipq_search.core._numba_kernels as fused
 
     monkeypatch.delenv("CLIPQ_SEARCH_KERNEL", raising=False)
     assert fused.AVAILABLE, "numba is a dependency: the compiled CPU path must be available"
@@ -365,7 +365,7 @@ def test_threads_get_their_own_scratch(select_path: str) -> None:
 
 def test_compiled_path_finds_moving_thresholds_without_full_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     """Along a training-like run the hinted window (widened on a miss) finds every threshold: no ``kthvalue``."""
-    import clipq_search._fused as fused
+    import clipq_search.core._numba_kernels as fused
 
     if not fused.AVAILABLE:
         pytest.skip("numba is not installed")
@@ -393,7 +393,7 @@ def test_compiled_path_finds_moving_thresholds_without_full_selection(monkeypatc
 
 
 def test_without_numba_the_tensor_implementation_runs(monkeypatch: pytest.MonkeyPatch) -> None:
-    import clipq_search._fused as fused
+    import clipq_search.core._numba_kernels as fused
 
     monkeypatch.delenv("CLIPQ_SEARCH_KERNEL", raising=False)
     monkeypatch.setattr(fused, "AVAILABLE", False)
@@ -404,7 +404,7 @@ def test_without_numba_the_tensor_implementation_runs(monkeypatch: pytest.Monkey
 
 
 def test_kernels_that_fail_to_compile_fall_back_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
-    import clipq_search._fused as fused
+    import clipq_search.core._numba_kernels as fused
 
     if not fused.AVAILABLE:
         pytest.skip("numba is not installed")
@@ -426,7 +426,7 @@ def test_kernels_that_fail_to_compile_fall_back_with_one_warning(monkeypatch: py
 
 def test_order_keys_sort_as_the_floats_do() -> None:
     """The compiled scan compares int32 order keys: they must order every float32 as the values do."""
-    import clipq_search._fused as fused
+    import clipq_search.core._numba_kernels as fused
 
     if not fused.enabled():
         pytest.skip("compiled kernels unavailable")
@@ -448,8 +448,8 @@ def test_order_keys_sort_as_the_floats_do() -> None:
 @pytest.mark.parametrize("n", [0, 1, 63, 64, 65, 640, 1000, 4099])
 def test_kept_into_adds_exactly_the_kept_codes(n: int) -> None:
     """The sparse sums (mostly clipped layers) add exactly the weights with a code below 128, as trunc(w * 2**F)."""
-    import clipq_search._fused as fused
-    from clipq_search._rules import fixed_point_bits
+    import clipq_search.core._numba_kernels as fused
+    from clipq_search.core._rules import fixed_point_bits
 
     if not fused.enabled():
         pytest.skip("compiled kernels unavailable")
@@ -471,7 +471,7 @@ def test_kept_into_adds_exactly_the_kept_codes(n: int) -> None:
 
 def test_fixed_point_sums_cannot_overflow_and_levels_are_the_means() -> None:
     """F keeps any sum of n weights within 63 bits at the extremes of float32, and a level is the rounded mean."""
-    from clipq_search._rules import fixed_point_bits, level
+    from clipq_search.core._rules import fixed_point_bits, level
 
     below_one = float(np.nextafter(np.float32(1.0), np.float32(0.0)))  # the worst case under a power of two
     for n in (1, 2, 1000, 2**20 - 1, 2**20, 2**31 - 1):
@@ -491,7 +491,7 @@ def test_both_level_loops_write_the_table_entries_of_the_codes(n: int) -> None:
     """The levels pass (16 weights per AVX-512 permute where the CPU has it, else one at a time) writes table[code]."""
     from numba import njit
 
-    import clipq_search._fused as fused
+    import clipq_search.core._numba_kernels as fused
 
     if not fused.enabled():
         pytest.skip("compiled kernels unavailable")
@@ -513,7 +513,7 @@ def test_both_level_loops_write_the_table_entries_of_the_codes(n: int) -> None:
 
 def test_select_finds_every_rank_as_sorting_would() -> None:
     """The window's threshold is picked by quickselect: every rank of many small arrays, ties and sizes 1..70."""
-    import clipq_search._fused as fused
+    import clipq_search.core._numba_kernels as fused
 
     if not fused.enabled():
         pytest.skip("compiled kernels unavailable")
@@ -533,8 +533,8 @@ def test_select_finds_every_rank_as_sorting_would() -> None:
 @pytest.mark.parametrize("p", [0.3, 0.5, 0.9])
 def test_compiled_operator_dense_and_sparse_sums_agree_with_reference(p: float) -> None:
     """Both sum loops of the compiled operator (dense below p = 0.5, sparse from it) are bit-identical."""
-    import clipq_search._fused as fused
-    from clipq_search.ops import CompiledOperator
+    import clipq_search.core._numba_kernels as fused
+    from clipq_search.core.operator import CompiledOperator
 
     if not fused.enabled():
         pytest.skip("compiled kernels unavailable")
@@ -550,8 +550,8 @@ def test_compiled_operator_dense_and_sparse_sums_agree_with_reference(p: float) 
 
 def test_compiled_operator_window_follows_how_far_the_thresholds_move() -> None:
     """The hinted window narrows a little after each hit (down to _GAPS_MIN) and doubles after a miss; exact always."""
-    import clipq_search._fused as fused
-    from clipq_search.ops import CompiledOperator
+    import clipq_search.core._numba_kernels as fused
+    from clipq_search.core.operator import CompiledOperator
 
     if not fused.enabled():
         pytest.skip("compiled kernels unavailable")
@@ -573,8 +573,8 @@ def test_compiled_operator_window_follows_how_far_the_thresholds_move() -> None:
 
 def test_compiled_operator_keeps_its_hint_and_scans_once() -> None:
     """After a first call, the next call on slightly moved weights finds both thresholds in its first scan."""
-    import clipq_search._fused as fused
-    from clipq_search.ops import CompiledOperator
+    import clipq_search.core._numba_kernels as fused
+    from clipq_search.core.operator import CompiledOperator
 
     if not fused.enabled():
         pytest.skip("compiled kernels unavailable")
@@ -623,7 +623,7 @@ def test_out_tensor_is_written_and_returned_when_it_fits(select_path: str) -> No
 
 
 def _team_or_skip():
-    import clipq_search._fused as fused
+    import clipq_search.core._numba_kernels as fused
 
     if not fused.enabled() or fused.team() is None:
         pytest.skip("compiled kernels or torch's OpenMP team unavailable here")
@@ -635,7 +635,7 @@ def test_team_is_available_where_torch_runs_on_libgomp() -> None:
     import os
     import sys
 
-    import clipq_search._fused as fused
+    import clipq_search.core._numba_kernels as fused
 
     if not sys.platform.startswith("linux") or "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         pytest.skip("torch is not on OpenMP here")
@@ -649,7 +649,7 @@ def test_big_layers_run_on_torchs_threads_and_small_ones_on_one() -> None:
     """In training, a layer from TEAM_MIN elements on uses torch's intra-op threads; a small one does not."""
     fused = _team_or_skip()
     from clipq_search import attach_clipq
-    from clipq_search.surgery import _clipq_param
+    from clipq_search.core.surgery import _clipq_param
 
     threads = torch.get_num_threads()
     if threads < 2:
@@ -701,7 +701,7 @@ def test_team_that_gets_fewer_threads_still_does_every_slice() -> None:
 
 
 def test_libgomp_is_torchs_own_copy_or_the_only_one() -> None:
-    from clipq_search._fused import libgomp_for
+    from clipq_search.core._numba_kernels import libgomp_for
 
     torch_dir = "/site/torch"
     own, repaired = "/site/torch/lib/libgomp.so.1", "/site/torch.libs/libgomp-a34b3233.so.1"
@@ -715,7 +715,7 @@ def test_libgomp_is_torchs_own_copy_or_the_only_one() -> None:
 
 
 def _threads_in_child(queue) -> None:  # runs in a forked child
-    import clipq_search._fused as fused
+    import clipq_search.core._numba_kernels as fused
 
     queue.put(fused.team_threads(10**6))
 
@@ -739,7 +739,7 @@ def test_switch_keeps_the_operator_on_one_thread() -> None:
     import subprocess
     import sys
 
-    code = "import clipq_search._fused as f; print(f.enabled(), f.team(), f.team_threads(10**6))"
+    code = "import clipq_search.core._numba_kernels as f; print(f.enabled(), f.team(), f.team_threads(10**6))"
     env = {**__import__("os").environ, "CLIPQ_SEARCH_KERNEL_THREADS": "1"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr

@@ -11,8 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from clipq_search.errors import ClipQError, ConfigError
-from clipq_search.pareto import (
+from clipq_search.analysis.pareto import (
     hypervolume,
     hypervolume_history,
     knee_point,
@@ -28,6 +27,7 @@ from clipq_search.pareto import (
     select_min_rate,
     select_trial,
 )
+from clipq_search.errors import ClipQError, ConfigError
 
 BASELINE = 87.25
 LAYERS = ("conv1", "features.0", "fc")

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from plotly.offline import get_plotlyjs
 
+from clipq_search.analysis.pareto import load_run
+from clipq_search.analysis.report import front_figure, write_report
 from clipq_search.errors import ClipQError
-from clipq_search.pareto import load_run
-from clipq_search.report import front_figure, write_report
 
 from .test_pareto import BASELINE, LAYERS, brute_mask, make_run, trials_frame
 

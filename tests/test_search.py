@@ -8,10 +8,10 @@ import optuna
 import pandas as pd
 import pytest
 
+from clipq_search.core.plan import Plan
 from clipq_search.errors import ClipQError
-from clipq_search.plan import Plan
-from clipq_search.search import run_search
-from clipq_search.space import load_space
+from clipq_search.search.space import load_space
+from clipq_search.search.study import run_search
 
 from .conftest import SMOKE, needs_fashion
 
@@ -101,7 +101,7 @@ def test_paper_strategy_produces_valid_plans(results_root: Path, ray_local) -> N
 
 def test_recovered_interrupted_trials_keep_their_source() -> None:
     """A paper-procedure plan cut off mid-trial is re-queued with its label and lambda; others stay sampler plans."""
-    from clipq_search.search import INTERRUPTED_ATTR, recover_interrupted
+    from clipq_search.search.study import INTERRUPTED_ATTR, recover_interrupted
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(directions=["maximize", "maximize"])

@@ -58,7 +58,7 @@ def test_straight_through_gradient_is_unchanged() -> None:
 
 
 def test_the_straight_through_weight_is_the_quantized_memory_with_the_plain_gradient() -> None:
-    from clipq_search.surgery import straight_through
+    from clipq_search.core.surgery import straight_through
 
     original = torch.randn(6, 9, requires_grad=True)
     quantized = clipq_quantize(original.detach(), 0.5, 3)
@@ -242,7 +242,7 @@ def _train_steps(model: nn.Module, opt: torch.optim.Optimizer, steps: int, seed:
 
 def test_training_steps_are_exact_and_report_their_statistics() -> None:
     """Each step's weight is the operator on the current fp weight (the compiled step path), stats included."""
-    from clipq_search.ops import clipq_quantize_with_stats
+    from clipq_search.core.operator import clipq_quantize_with_stats
 
     model, opt = _clipq_mlp(0.9, 4, seed=1, lr=0.05, momentum=0.9)
     par = model[0].parametrizations.weight
@@ -299,7 +299,7 @@ def test_a_replaced_weight_of_another_shape_is_followed() -> None:
 
 def test_training_writes_each_result_into_the_previous_ones_memory() -> None:
     """Once nothing holds the previous step's result, the compiled path computes the next one in its memory."""
-    from clipq_search import surgery
+    from clipq_search.core import surgery
 
     assert surgery._ALONE is not None  # this torch can tell: the reuse below is really exercised
     model, opt = _clipq_mlp(0.8, 3, seed=2, lr=0.5, momentum=0.9)
@@ -339,7 +339,7 @@ def test_memory_reuse_is_set_up_whatever_the_autograd_mode_at_import() -> None:
     import sys
 
     for mode in ("torch.no_grad()", "torch.inference_mode()"):
-        code = f"import torch\nwith {mode}:\n    import clipq_search.surgery as s\nprint(s._ALONE is not None)"
+        code = f"import torch\nwith {mode}:\n    import clipq_search.core.surgery as s\nprint(s._ALONE is not None)"
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
         assert done.stdout.strip() == "True", (mode, done.stderr[-2000:])
 

@@ -9,10 +9,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from clipq_search.data import DEFAULT_ROOTS, ArrayDataset, DatasetSpec, load_dataset
 from clipq_search.errors import ClipQError, ConfigError
-from clipq_search.models import build_model
-from clipq_search.train import (
+from clipq_search.training.data import DEFAULT_ROOTS, ArrayDataset, DatasetSpec, load_dataset
+from clipq_search.training.loop import (
     DEFAULT_PRETRAIN,
     TrainConfig,
     TrainingDiverged,
@@ -24,6 +23,7 @@ from clipq_search.train import (
     select_device,
     train,
 )
+from clipq_search.training.models import build_model
 
 FASHION = Path(os.environ.get("CLIPQ_FASHION_MNIST", DEFAULT_ROOTS["fashion-mnist"]))
 HAVE_FASHION = any((FASHION / f).is_file() for f in ("train-images-idx3-ubyte.gz", "train-images-idx3-ubyte"))

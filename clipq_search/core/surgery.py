@@ -22,9 +22,9 @@ from torch import nn
 from torch.nn.modules import module as _torch_module
 from torch.nn.utils import parametrize
 
-from ._fused import DONE, NOT_FINITE
-from .ops import ClipQStats, CompiledOperator, clipq_quantize_with_stats, compiled_for
-from .plan import LayerConfig, Plan, require_module
+from clipq_search.core._numba_kernels import DONE, NOT_FINITE
+from clipq_search.core.operator import ClipQStats, CompiledOperator, clipq_quantize_with_stats, compiled_for
+from clipq_search.core.plan import LayerConfig, Plan, require_module
 
 __all__ = ["ClipQWeight", "attach_clipq", "attached_configs", "clipq_weight", "strip_clipq"]
 

@@ -34,9 +34,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import _fused
-from ._rules import clip_ranks, fixed_point_bits, partition
-from .errors import ConfigError
+from clipq_search.core import _numba_kernels as _fused
+from clipq_search.core._rules import clip_ranks, fixed_point_bits, partition
+from clipq_search.errors import ConfigError
 
 __all__ = [
     "BITS_RANGE",

@@ -18,9 +18,9 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from ._io import write_text
-from .errors import ClipQError
-from .pareto import COMPLETE, RunData, complete_trials, load_run
+from clipq_search._io import write_text
+from clipq_search.analysis.pareto import COMPLETE, RunData, complete_trials, load_run
+from clipq_search.errors import ClipQError
 
 __all__ = ["front_figure", "history_figure", "layers_figure", "render_html", "write_report"]
 

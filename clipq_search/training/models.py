@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .errors import ClipQError, ConfigError
+from clipq_search.errors import ClipQError, ConfigError
 
 __all__ = [
     "LeNet5",

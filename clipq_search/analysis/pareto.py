@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .errors import ClipQError, ConfigError
+from clipq_search.errors import ClipQError, ConfigError
 
 __all__ = [
     "COMPLETE",

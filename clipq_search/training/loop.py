@@ -23,9 +23,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ._io import atomic_open
-from .data import ArrayDataset, BatchSource, iter_batches, num_batches
-from .errors import ClipQError, ConfigError
+from clipq_search._io import atomic_open
+from clipq_search.errors import ClipQError, ConfigError
+from clipq_search.training.data import ArrayDataset, BatchSource, iter_batches, num_batches
 
 __all__ = [
     "DEFAULT_PRETRAIN",

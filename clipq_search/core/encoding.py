@@ -31,11 +31,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._io import write_bytes
-from .errors import FormatError
-from .ops import clipq_quantize
-from .plan import LayerConfig, Plan, require_module
-from .surgery import attached_configs
+from clipq_search._io import write_bytes
+from clipq_search.core.operator import clipq_quantize
+from clipq_search.core.plan import LayerConfig, Plan, require_module
+from clipq_search.core.surgery import attached_configs
+from clipq_search.errors import FormatError
 
 __all__ = [
     "FORMAT_VERSION",

@@ -23,10 +23,10 @@ from typing import Any
 
 import optuna
 
-from ._io import write_json, write_text
-from .errors import ClipQError, ConfigError
-from .pipeline import Baseline, check_space, ensure_baseline, layer_names, run_trial, trial_payload
-from .space import LayerSearchParam, Space
+from clipq_search._io import write_json, write_text
+from clipq_search.errors import ClipQError, ConfigError
+from clipq_search.search.space import LayerSearchParam, Space
+from clipq_search.search.trial import Baseline, check_space, ensure_baseline, layer_names, run_trial, trial_payload
 
 __all__ = ["SearchSummary", "run_search", "trials_frame", "write_trials_csv"]
 
@@ -222,7 +222,7 @@ def _make_searcher(
 ) -> Any:
     from ray.tune.search import Searcher
 
-    from .space import Space as _Space
+    from clipq_search.search.space import Space as _Space
 
     dists = distributions(units)
     max_drop = space.data["search"]["max_accuracy_drop"]
@@ -439,7 +439,7 @@ def _check_same_space(run_dir: Path, space: Space) -> None:
     saved = run_dir / "space.yaml"
     if not saved.is_file():
         return
-    from .space import load_space
+    from clipq_search.search.space import load_space
 
     try:
         before = load_space(saved)
@@ -532,7 +532,7 @@ def run_search(
     if s["sampler"] == "paper" and not any(
         t.user_attrs.get("source") == "paper" for t in study.get_trials(deepcopy=False)
     ):
-        from .paper import paper_plans
+        from clipq_search.search.paper import paper_plans
 
         res = space.data["resources"]
         _init_ray(address, s["concurrency"], res["cpus_per_trial"], res["gpus_per_trial"], log)

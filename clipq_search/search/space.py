@@ -16,16 +16,17 @@ import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .data import DATASET_NAMES
-from .errors import ConfigError
-from .models import list_models
-from .ops import BITS_RANGE
-from .plan import LayerConfig, Plan, check_pattern, matches
+from clipq_search.core.operator import BITS_RANGE
+from clipq_search.core.plan import LayerConfig, Plan, check_pattern, matches
+from clipq_search.errors import ConfigError
+from clipq_search.training.data import DATASET_NAMES
+from clipq_search.training.models import list_models
 
 __all__ = [
     "SAMPLERS",
@@ -33,10 +34,13 @@ __all__ = [
     "LayerSearchParam",
     "Space",
     "apply_override",
+    "list_presets",
     "load_space",
+    "preset_text",
 ]
 
 SAMPLERS = ("tpe", "gp", "nsga2", "random", "paper")
+PRESETS_PACKAGE = "clipq_search.presets"  # search_spaces/, installed as package data
 
 
 @dataclass(frozen=True)
@@ -437,20 +441,61 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         raise ConfigError(f"--set {key}={raw}: invalid value; {free[0]} must be {free[1].kind}")
 
 
+def list_presets() -> list[tuple[str, str]]:
+    """The shipped search spaces (package data): ``(name, description)`` in name order."""
+    out = []
+    for entry in sorted(resources.files(PRESETS_PACKAGE).iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".yaml"):
+            raw = yaml.safe_load(entry.read_text(encoding="utf-8")) or {}
+            out.append((entry.name.removesuffix(".yaml"), str(raw.get("description") or "")))
+    return out
+
+
+def preset_text(name: str) -> str | None:
+    """The YAML text of the preset ``name``, or ``None`` when no preset has that name."""
+    entry = resources.files(PRESETS_PACKAGE).joinpath(f"{name}.yaml")
+    return entry.read_text(encoding="utf-8") if entry.is_file() else None
+
+
+def _is_preset_name(text: str) -> bool:
+    return bool(text) and all(c.isalnum() or c in "_-" for c in text)
+
+
 def load_space(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Space:
-    """Read, validate and resolve a space file, then apply ``--set`` overrides."""
+    """Read, validate and resolve a space file (or a preset by name), then apply ``--set`` overrides.
+
+    A bare name such as ``smoke`` that is not a file in the current folder
+    names a shipped preset (``clipq-search spaces`` lists them).
+    """
     path = Path(path)
     source = str(path)
+    if not path.exists() and _is_preset_name(source):
+        text = preset_text(source)
+        if text is None:
+            names = ", ".join(n for n, _ in list_presets())
+            raise ConfigError(
+                f"{source!r} is neither a space file nor a preset; presets are: {names} "
+                "(clipq-search spaces), or write one with clipq-search init MODEL"
+            )
+        return _load_text(text, f"preset {source}", overrides, name=source)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(
-            f"space file {path} does not exist; pick one from search_spaces/ or write one (docs/search-space.md)"
+            f"space file {path} does not exist; name a preset (clipq-search spaces) or write one "
+            "with clipq-search init MODEL (docs/search-space.md)"
         ) from None
     except IsADirectoryError:
         raise ConfigError(f"space file {path} is a directory; give a .yaml file") from None
     except UnicodeDecodeError:
         raise ConfigError(f"space file {path} is not text; give a YAML search-space file") from None
+    return _load_text(text, source, overrides)
+
+
+def _load_text(
+    text: str, source: str, overrides: list[str] | tuple[str, ...], *, name: str | None = None
+) -> Space:
+    path = source
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -470,6 +515,8 @@ def load_space(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         )
     data = _defaults(SCHEMA)
     _merge(data, raw, SCHEMA, "", source)
+    if name is not None and not data["name"]:
+        data["name"] = name
     for assignment in overrides:
         apply_override(data, assignment)
     return Space(data, source)

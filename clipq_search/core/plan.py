@@ -22,8 +22,8 @@ from typing import Any
 
 from torch import nn
 
-from .errors import ConfigError
-from .ops import validate_p_bits
+from clipq_search.core.operator import validate_p_bits
+from clipq_search.errors import ConfigError
 
 __all__ = ["COMPRESSIBLE_TYPES", "LayerConfig", "Plan", "compressible_layers"]
 

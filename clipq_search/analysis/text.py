@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .encoding import SizeEstimate
+from clipq_search.core.encoding import SizeEstimate
 
 __all__ = ["format_size_table"]
 

@@ -17,9 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ._io import write_json
-from .errors import ClipQError
-from .plan import Plan
+from clipq_search._io import write_json
+from clipq_search.core.plan import Plan
+from clipq_search.errors import ClipQError
 
 __all__ = ["choose_plan", "export_plan", "run_final"]
 
@@ -45,8 +45,8 @@ def run_baseline(run_dir: Path) -> Any:
     """The run's ``baseline.json`` as a ``Baseline``; one clear error when it is unreadable or incomplete."""
     from dataclasses import fields
 
-    from .pareto import load_baseline_info
-    from .pipeline import Baseline
+    from clipq_search.analysis.pareto import load_baseline_info
+    from clipq_search.search.trial import Baseline
 
     info = load_baseline_info(run_dir)
     names = [f.name for f in fields(Baseline) if f.name != "cached"]
@@ -75,7 +75,7 @@ def choose_plan(
 
     Reads only; :func:`export_plan` writes the document.
     """
-    from .pareto import load_trials, plan_of, select_max_drop, select_min_rate, select_trial
+    from clipq_search.analysis.pareto import load_trials, plan_of, select_max_drop, select_min_rate, select_trial
 
     check_run_dir(run_dir)
     baseline = run_baseline(run_dir).to_dict()
@@ -146,9 +146,9 @@ def _final_task(
     tag: str,
 ) -> dict[str, Any]:
     """Ray task: full-length fine-tune (CLIP-Q when ``plan`` is given, else the dense control)."""
-    from .pipeline import model_for, state_from_bytes, state_to_bytes, train_config
-    from .surgery import attach_clipq
-    from .train import configure_threads, select_device, train
+    from clipq_search.core.surgery import attach_clipq
+    from clipq_search.search.trial import model_for, state_from_bytes, state_to_bytes, train_config
+    from clipq_search.training.loop import configure_threads, select_device, train
 
     configure_threads(threads)
     device = select_device(space_data["resources"]["device"])
@@ -156,7 +156,7 @@ def _final_task(
     model.load_state_dict(state_from_bytes(payload["baseline"]), strict=True)
     if plan is not None:
         attach_clipq(model, Plan.from_dict(plan))
-    from .data import dataset_from_state
+    from clipq_search.training.data import dataset_from_state
 
     cfg = train_config(space_data, "final")
 
@@ -203,13 +203,20 @@ def run_final(
     """
     import ray
 
-    from .data import load_dataset
-    from .encoding import read_compressed, save_compressed
-    from .pipeline import dataset_spec, model_for, splits_info, state_from_bytes, train_config, trial_payload
-    from .search import _init_ray, check_address, check_gpus
-    from .space import load_space
-    from .surgery import attach_clipq
-    from .train import evaluate
+    from clipq_search.core.encoding import read_compressed, save_compressed
+    from clipq_search.core.surgery import attach_clipq
+    from clipq_search.search.space import load_space
+    from clipq_search.search.study import _init_ray, check_address, check_gpus
+    from clipq_search.search.trial import (
+        dataset_spec,
+        model_for,
+        splits_info,
+        state_from_bytes,
+        train_config,
+        trial_payload,
+    )
+    from clipq_search.training.data import load_dataset
+    from clipq_search.training.loop import evaluate
 
     # Everything that can fail on bad input runs before anything is written.
     check_run_dir(run_dir)

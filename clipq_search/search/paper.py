@@ -17,11 +17,11 @@ from typing import Any
 import optuna
 import torch
 
-from .data import dataset_from_state
-from .encoding import sparse_layer_bytes
-from .ops import clipq_quantize
-from .plan import compressible_layers
-from .space import LayerSearchParam, Space
+from clipq_search.core.encoding import sparse_layer_bytes
+from clipq_search.core.operator import clipq_quantize
+from clipq_search.core.plan import compressible_layers
+from clipq_search.search.space import LayerSearchParam, Space
+from clipq_search.training.data import dataset_from_state
 
 __all__ = ["paper_layer_search", "paper_plans"]
 
@@ -30,8 +30,8 @@ def paper_layer_search(
     space_data: dict[str, Any], unit: LayerSearchParam, payload: dict[str, Any], *, threads: int = 1
 ) -> dict[float, tuple[float, int, float, float]]:
     """Best (p, bits, error, c_i) of one unit for every lambda of ``search.paper``."""
-    from .pipeline import model_for, state_from_bytes
-    from .train import configure_threads, evaluate
+    from clipq_search.search.trial import model_for, state_from_bytes
+    from clipq_search.training.loop import configure_threads, evaluate
 
     configure_threads(threads)
     cfg = space_data["search"]["paper"]

@@ -20,15 +20,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._io import write_bytes, write_json
-from .data import DEFAULT_ROOTS, DatasetSpec, DataSplits, dataset_from_state, dataset_info, load_dataset
-from .encoding import estimate_size
-from .errors import ClipQError, ConfigError
-from .models import build_model
-from .plan import Plan, compressible_layers
-from .space import LayerSearchParam, Space
-from .surgery import attach_clipq
-from .train import DEFAULT_PRETRAIN, TrainConfig, configure_threads, evaluate, select_device, train
+from clipq_search._io import write_bytes, write_json
+from clipq_search.core.encoding import estimate_size
+from clipq_search.core.plan import Plan, compressible_layers
+from clipq_search.core.surgery import attach_clipq
+from clipq_search.errors import ClipQError, ConfigError
+from clipq_search.search.space import LayerSearchParam, Space
+from clipq_search.training.data import (
+    DEFAULT_ROOTS,
+    DatasetSpec,
+    DataSplits,
+    dataset_from_state,
+    dataset_info,
+    load_dataset,
+)
+from clipq_search.training.loop import DEFAULT_PRETRAIN, TrainConfig, configure_threads, evaluate, select_device, train
+from clipq_search.training.models import build_model
 
 __all__ = [
     "Baseline",
@@ -139,7 +146,7 @@ def ensure_baseline(
     # the dense model's initial weights come from the training seed too: a baseline is reproducible
     torch.manual_seed(train_config(space.data, "baseline").seed)
     model = model_for(space.data, splits_info(splits))
-    from .train import load_state_dict_file, save_state_dict
+    from clipq_search.training.loop import load_state_dict_file, save_state_dict
 
     seconds = 0.0
     if space.data["baseline"]["checkpoint"]:
@@ -189,7 +196,7 @@ def check_space(space: Space) -> list[LayerSearchParam]:
 
 
 def load_baseline(model: nn.Module, baseline: Baseline | dict[str, Any]) -> None:
-    from .train import load_state_dict_file
+    from clipq_search.training.loop import load_state_dict_file
 
     path = baseline.checkpoint if isinstance(baseline, Baseline) else baseline["checkpoint"]
     load_state_dict_file(model, path)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import ClipQError, ConfigError, FormatError
+from clipq_search.errors import ClipQError, ConfigError, FormatError
 
 __all__ = [
     "DATASET_NAMES",

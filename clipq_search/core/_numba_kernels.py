@@ -43,7 +43,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from . import _rules
+from clipq_search.core import _rules
 
 __all__ = ["AVAILABLE", "CLIPPED", "enabled", "kernels"]
 

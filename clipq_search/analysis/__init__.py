@@ -1,0 +1,1 @@
+"""Reading a run: Pareto analysis, the HTML report and text tables."""

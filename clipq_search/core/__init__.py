@@ -1,0 +1,1 @@
+"""The CLIP-Q operator, its reference definition, per-layer plans, model surgery and the file format."""

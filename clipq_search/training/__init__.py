@@ -1,0 +1,1 @@
+"""Data sets, model builders and the training loop."""

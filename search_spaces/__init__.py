@@ -1,0 +1,1 @@
+"""The shipped search spaces, installed as ``clipq_search.presets`` (see ``clipq-search spaces``)."""
