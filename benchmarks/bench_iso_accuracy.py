@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import machine_line  # noqa: E402
 
-from clipq_search.analysis.pareto import complete_trials, load_trials, pareto_info, plan_of  # noqa: E402
+from clipq_search.analysis.pareto import complete_trials, pareto_info, plan_of  # noqa: E402
+from clipq_search.analysis.rundir import load_trials  # noqa: E402
 from clipq_search.core.plan import Plan  # noqa: E402
 from clipq_search.search.final import run_final  # noqa: E402
 from clipq_search.search.space import load_space  # noqa: E402

@@ -46,8 +46,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from clipq_search import pareto  # noqa: E402
 from clipq_search._io import write_json  # noqa: E402
+from clipq_search.analysis import pareto, rundir  # noqa: E402
 from clipq_search.search.space import load_space  # noqa: E402
 from clipq_search.search.study import run_search  # noqa: E402
 from clipq_search.search.trial import ensure_baseline, layer_names, run_trial, trial_payload  # noqa: E402
@@ -101,7 +101,7 @@ def one_search(
         ray.shutdown()
     wall = time.perf_counter() - t0
     run_dir = Path(args.results) / name
-    df = pareto.load_trials(run_dir)
+    df = rundir.load_trials(run_dir)
     hist = pareto.hypervolume_history(df, base_val)
     info = pareto.pareto_info(df, base_val)
     done = pareto.complete_trials(df)

@@ -44,7 +44,7 @@ def _prepare(
     from clipq_search.search.trial import check_space
 
     if address:
-        from clipq_search.search.study import check_address
+        from clipq_search.search.cluster import check_address
 
         check_address(address)
     if storage:
@@ -95,7 +95,7 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 def cmd_report(args: argparse.Namespace) -> None:
     from clipq_search.analysis.report import write_report
-    from clipq_search.search.final import require_folder
+    from clipq_search.analysis.rundir import require_folder
 
     run_dir = Path(args.run_dir)
     require_folder(run_dir)

@@ -241,7 +241,7 @@ CASES: list[Case] = [
     (
         "space-missing",
         cmd("pretrain", "{tmp}/nope.yaml", "--results", "{tmp}/results"),
-        ("nope.yaml", "does not exist", "search_spaces/"),
+        ("nope.yaml", "does not exist", "clipq-search spaces"),
     ),
     ("space-not-yaml", pretrain_text("model: [lenet300\nlayers: {\n"), ("not valid YAML", "line", "fix the syntax")),
     ("space-not-mapping", pretrain_text("- lenet300\n- fashion-mnist\n"), ("must be a YAML mapping", "list")),

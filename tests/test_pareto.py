@@ -15,9 +15,7 @@ from clipq_search.analysis.pareto import (
     hypervolume,
     hypervolume_history,
     knee_point,
-    load_baseline_info,
     load_run,
-    load_trials,
     pareto_info,
     pareto_mask,
     pareto_ranks,
@@ -27,6 +25,7 @@ from clipq_search.analysis.pareto import (
     select_min_rate,
     select_trial,
 )
+from clipq_search.analysis.rundir import load_baseline_info, load_trials
 from clipq_search.errors import ClipQError, ConfigError
 
 BASELINE = 87.25

@@ -11,7 +11,6 @@ compression rate. Distances and areas use ``log10(rate)``, so that going from
 from __future__ import annotations
 
 import bisect
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from clipq_search.analysis.rundir import load_baseline_info, load_final_metrics, load_run_info, load_trials
 from clipq_search.errors import ClipQError, ConfigError
 
 __all__ = [
@@ -35,11 +35,7 @@ __all__ = [
     "hypervolume_history",
     "knee_point",
     "layer_names",
-    "load_baseline_info",
-    "load_final_metrics",
     "load_run",
-    "load_run_info",
-    "load_trials",
     "pareto_info",
     "pareto_mask",
     "pareto_ranks",
@@ -57,97 +53,7 @@ HV_REF_DROP = 10.0
 # Float slack for "drop <= max_drop": 87.2 - 86.2 is 1.0000000000000142 in binary floating point.
 _EPS = 1e-9
 
-_NUMERIC_COLUMNS = ("val_top1", "rate", "size_bytes", "val_loss", "train_seconds", "trial_seconds", "queue_seconds")
-_TEXT_COLUMNS = ("state", "node", "source", "error")
-_BASE_COLUMNS = ("number", "state", *_NUMERIC_COLUMNS, "node", "source", "error", "datetime_start", "datetime_complete")
 
-
-# -- loading a run directory -------------------------------------------------------------------
-
-
-def _not_a_run(run_dir: Path) -> ClipQError:
-    return ClipQError(f"{run_dir} is not a run directory (no trials.csv); run `run_search.py search` first")
-
-
-def load_trials(run_dir: str | Path) -> pd.DataFrame:
-    """Read ``RUN_DIR/trials.csv`` with numeric metrics, parsed datetimes and integer trial numbers.
-
-    An empty file (a search that has not finished a trial yet) gives an empty frame with the usual columns.
-    """
-    run_dir = Path(run_dir)
-    path = run_dir / "trials.csv"
-    if not path.is_file():
-        raise _not_a_run(run_dir)
-    try:
-        df = pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        df = pd.DataFrame({c: pd.Series(dtype=object) for c in _BASE_COLUMNS})
-    except (OSError, UnicodeDecodeError, pd.errors.ParserError) as e:
-        fix = "rerun `run_search.py search` to rewrite it"
-        raise ClipQError(f"{path} is unreadable ({type(e).__name__}); {fix}") from e
-    for col in ("number", "state"):
-        if col not in df.columns:
-            raise ClipQError(f"{path} has no {col!r} column; it is not a trials.csv written by `run_search.py search`")
-    for col in _BASE_COLUMNS:
-        if col not in df.columns:
-            df[col] = np.nan
-    numbers = pd.to_numeric(df["number"], errors="coerce")
-    if numbers.isna().any():
-        raise ClipQError(f"{path} has a non-integer trial number; rerun `run_search.py search` to rewrite it")
-    df["number"] = numbers.astype("int64")
-    for col in (*_NUMERIC_COLUMNS, *(c for c in df.columns if c.startswith(("p:", "bits:", "kept:")))):
-        df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
-    for col in _TEXT_COLUMNS:
-        df[col] = df[col].astype(object).where(df[col].notna(), None)
-    df["state"] = df["state"].fillna("UNKNOWN").astype(str)
-    for col in ("datetime_start", "datetime_complete"):
-        df[col] = pd.to_datetime(df[col], errors="coerce", format="ISO8601")
-    return df.sort_values("number", kind="stable").reset_index(drop=True)
-
-
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ClipQError(f"{path} is unreadable ({type(e).__name__}); {what}") from e
-    if not isinstance(data, dict):
-        raise ClipQError(f"{path} does not hold a JSON object; {what}")
-    return data
-
-
-def load_baseline_info(run_dir: str | Path) -> dict[str, Any]:
-    """``RUN_DIR/baseline.json`` as a dict; ``val_top1`` is checked to be a number."""
-    run_dir = Path(run_dir)
-    path = run_dir / "baseline.json"
-    fix = "rerun `run_search.py search` on this run to rewrite it"
-    if not path.is_file():
-        if not (run_dir / "trials.csv").is_file():
-            raise _not_a_run(run_dir)
-        raise ClipQError(f"{run_dir} has no baseline.json; {fix}")
-    info = _read_json(path, fix)
-    val = info.get("val_top1")
-    if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val):
-        raise ClipQError(f"{path} has val_top1={val!r}, not a number; {fix}")
-    return info
-
-
-def load_run_info(run_dir: str | Path) -> dict[str, Any]:
-    """``RUN_DIR/run.json`` as a dict (``{"name": <dir name>}`` when the file is absent)."""
-    run_dir = Path(run_dir)
-    path = run_dir / "run.json"
-    if not path.is_file():
-        return {"name": run_dir.resolve().name}
-    info = _read_json(path, "rerun `run_search.py search` on this run to rewrite it")
-    info.setdefault("name", run_dir.resolve().name)
-    return info
-
-
-def load_final_metrics(run_dir: str | Path) -> dict[str, Any] | None:
-    """``RUN_DIR/final/metrics.json`` as a dict, or None when `final` has not been run."""
-    path = Path(run_dir) / "final" / "metrics.json"
-    if not path.is_file():
-        return None
-    return _read_json(path, "rerun `run_search.py final` to rewrite it")
 
 
 def layer_names(df: pd.DataFrame, order: Sequence[str] | None = None) -> list[str]:

@@ -19,6 +19,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from clipq_search._io import write_text
+from clipq_search.analysis import rundir
 from clipq_search.analysis.pareto import COMPLETE, RunData, complete_trials, load_run
 from clipq_search.errors import ClipQError
 
@@ -503,7 +504,7 @@ def write_report(run_dir: Path) -> tuple[Path, Path]:
     """Write ``RUN_DIR/report.html`` and ``RUN_DIR/pareto.csv`` atomically; return their paths."""
     run_dir = Path(run_dir)
     data = load_run(run_dir)
-    html_path, csv_path = run_dir / "report.html", run_dir / "pareto.csv"
+    html_path, csv_path = run_dir / rundir.REPORT_HTML, run_dir / rundir.PARETO_CSV
     for path in (html_path, csv_path):  # both or neither: nothing written when one cannot be
         if path.is_dir():
             raise ClipQError(f"{path} is a folder; move it away so that the report can be written there")

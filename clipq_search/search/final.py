@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from clipq_search._io import write_json
+from clipq_search.analysis import rundir
+from clipq_search.analysis.rundir import check_run_dir
 from clipq_search.core.plan import Plan
 from clipq_search.errors import ClipQError
 
@@ -26,26 +28,11 @@ __all__ = ["choose_plan", "export_plan", "run_final"]
 DEFAULT_MAX_DROP = 1.0
 
 
-def require_folder(run_dir: Path) -> None:
-    """One clear error when ``run_dir`` is missing or a file."""
-    if not run_dir.is_dir():
-        what = "is a file, not a folder" if run_dir.exists() else "does not exist"
-        raise ClipQError(f"{run_dir} {what}; give a run directory made by `run_search.py search` (results/<name>)")
-
-
-def check_run_dir(run_dir: Path) -> None:
-    """One clear error when ``run_dir`` is not a search run."""
-    require_folder(run_dir)
-    for needed in ("run.json", "space.yaml", "baseline.json"):
-        if not (run_dir / needed).is_file():
-            raise ClipQError(f"{run_dir} is not a run directory (no {needed}); run `run_search.py search` first")
-
-
 def run_baseline(run_dir: Path) -> Any:
     """The run's ``baseline.json`` as a ``Baseline``; one clear error when it is unreadable or incomplete."""
     from dataclasses import fields
 
-    from clipq_search.analysis.pareto import load_baseline_info
+    from clipq_search.analysis.rundir import load_baseline_info
     from clipq_search.search.trial import Baseline
 
     info = load_baseline_info(run_dir)
@@ -53,7 +40,7 @@ def run_baseline(run_dir: Path) -> Any:
     missing = [n for n in names if n not in info]
     if missing:
         raise ClipQError(
-            f"{run_dir / 'baseline.json'} lacks {', '.join(missing)}; "
+            f"{run_dir / rundir.BASELINE_JSON} lacks {', '.join(missing)}; "
             "rerun `run_search.py search` on this run to rewrite it"
         )
     return Baseline(**{n: info[n] for n in names})
@@ -75,7 +62,8 @@ def choose_plan(
 
     Reads only; :func:`export_plan` writes the document.
     """
-    from clipq_search.analysis.pareto import load_trials, plan_of, select_max_drop, select_min_rate, select_trial
+    from clipq_search.analysis.pareto import plan_of, select_max_drop, select_min_rate, select_trial
+    from clipq_search.analysis.rundir import load_trials
 
     check_run_dir(run_dir)
     baseline = run_baseline(run_dir).to_dict()
@@ -110,7 +98,7 @@ def export_plan(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Pick a trial by one rule and write its plan JSON (``{"layers": ...}`` plus metrics and source)."""
-    path = Path(out) if out else run_dir / "plan.json"
+    path = Path(out) if out else run_dir / rundir.PLAN_JSON
     _check_export_target(path)
     _, doc, line = choose_plan(run_dir, max_drop=max_drop, min_rate=min_rate, trial=trial)
     write_json(path, doc)
@@ -205,8 +193,8 @@ def run_final(
 
     from clipq_search.core.encoding import read_compressed, save_compressed
     from clipq_search.core.surgery import attach_clipq
+    from clipq_search.search.cluster import check_address, check_gpus, init_ray
     from clipq_search.search.space import load_space
-    from clipq_search.search.study import _init_ray, check_address, check_gpus
     from clipq_search.search.trial import (
         dataset_spec,
         model_for,
@@ -222,7 +210,7 @@ def run_final(
     check_run_dir(run_dir)
     if address:
         check_address(address)
-    space = load_space(run_dir / "space.yaml", overrides)
+    space = load_space(run_dir / rundir.SPACE_YAML, overrides)
     check_gpus(address, space.data["resources"]["gpus_per_trial"])
     cfg = train_config(space.data, "final")
     chosen: dict[str, Any] | None = None
@@ -238,13 +226,13 @@ def run_final(
     baseline = run_baseline(run_dir)
     payload = trial_payload(space, baseline)
     plan.resolve(model_for(space.data, payload["info"]))  # unknown layers fail before any training
-    final_dir = out_dir or run_dir / "final"
+    final_dir = out_dir or run_dir / rundir.FINAL_DIR
     final_dir.mkdir(parents=True, exist_ok=True)
     if chosen is None:  # a given plan file: final/plan.json says what is trained, whatever it said before
         chosen = {**plan.to_dict(), "source": source if source is not None else {"config": str(config)}}
     else:
         log(chosen_line)
-    write_json(final_dir / "plan.json", chosen)
+    write_json(final_dir / rundir.PLAN_JSON, chosen)
     # Checkpoints belong to one plan and one training setup: an interrupted run of another plan, or
     # with other settings, is never resumed into this one (it starts afresh; its checkpoint is left).
     setup = {"plan": plan.to_dict(), "train": cfg.to_dict()}
@@ -253,7 +241,7 @@ def run_final(
         "control": final_dir / f"ckpt-control-{_digest(setup['train'])}.pt",
     }
     res = space.data["resources"]
-    _init_ray(address, 2, res["cpus_per_trial"], res["gpus_per_trial"], log)
+    init_ray(address, 2, res["cpus_per_trial"], res["gpus_per_trial"], log)
     from ray.util.queue import Queue
 
     queue = Queue()
@@ -304,9 +292,9 @@ def run_final(
     model = model_for(space.data, info)
     attach_clipq(model, plan)
     model.load_state_dict(state_from_bytes(results["compressed"]["state"]), strict=True)
-    written = save_compressed(model, final_dir / "model.clipq")
+    written = save_compressed(model, final_dir / rundir.MODEL_FILE)
     reloaded = model_for(space.data, info)
-    reloaded.load_state_dict(read_compressed(final_dir / "model.clipq")[0], strict=True)
+    reloaded.load_state_dict(read_compressed(final_dir / rundir.MODEL_FILE)[0], strict=True)
     compressed = evaluate(reloaded, splits.test, device=device)
     control_top1 = None
     if control:
@@ -320,8 +308,8 @@ def run_final(
         "compressed_val_top1": evaluate(reloaded, splits.val, device=device)["top1"]
         if splits.val is not None
         else None,
-        "rate": written.original_bytes / (final_dir / "model.clipq").stat().st_size,
-        "file_bytes": (final_dir / "model.clipq").stat().st_size,
+        "rate": written.original_bytes / (final_dir / rundir.MODEL_FILE).stat().st_size,
+        "file_bytes": (final_dir / rundir.MODEL_FILE).stat().st_size,
         "original_bytes": written.original_bytes,
         "plan": plan.to_dict(),
         "epochs": cfg.epochs,
@@ -330,7 +318,7 @@ def run_final(
         "source": source,
         "resumed_from_step": {k: r["resumed_from_step"] for k, r in results.items()},
     }
-    write_json(final_dir / "metrics.json", metrics)
+    write_json(final_dir / rundir.METRICS_JSON, metrics)
     for path in ckpts.values():
         path.unlink(missing_ok=True)
     log(

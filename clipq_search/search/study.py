@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import sys
 import time
 import traceback
@@ -23,8 +22,9 @@ from typing import Any
 
 import optuna
 
-from clipq_search._io import write_json, write_text
+from clipq_search.analysis import rundir
 from clipq_search.errors import ClipQError, ConfigError
+from clipq_search.search.cluster import check_address, check_gpus, first_line, init_ray
 from clipq_search.search.space import LayerSearchParam, Space
 from clipq_search.search.trial import Baseline, check_space, ensure_baseline, layer_names, run_trial, trial_payload
 
@@ -182,7 +182,7 @@ def trials_frame(study: optuna.Study) -> Any:
 
 def write_trials_csv(study: optuna.Study, run_dir: Path) -> Any:
     df = trials_frame(study)
-    write_text(run_dir / "trials.csv", df.to_csv(index=False))
+    rundir.write_trials_csv(run_dir, df)
     return df
 
 
@@ -292,104 +292,6 @@ def _make_searcher(
     return StudySearcher()
 
 
-def _stay_on_loopback() -> None:
-    """Keep a local instance, or a cluster of nodes on this machine, on 127.0.0.1.
-
-    Ray replaces a loopback address by the machine's outward IP (the address a
-    remote node would use); for a private instance or several nodes on one
-    machine that sends traffic off loopback, and it cannot reach a cluster
-    started with ``--node-ip-address 127.0.0.1``. Ray reads this switch at call
-    time (it is how Ray itself behaves on macOS and Windows).
-    """
-    from ray._private import ray_constants
-
-    ray_constants.ENABLE_RAY_CLUSTER = False
-
-
-def _first_line(exc: BaseException) -> str:
-    """The first line of an error from Ray (its messages run to pages), or its type's name."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-
-
-def _init_ray(
-    address: str | None, concurrency: int, cpus_per_trial: float, gpus_per_trial: float, log: Callable[[str], None]
-) -> None:
-    import ray
-
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "0")
-    if ray.is_initialized():
-        return
-    if not address or address.rpartition(":")[0] in ("127.0.0.1", "localhost"):
-        _stay_on_loopback()
-    if address:
-        try:
-            host = address.rpartition(":")[0]
-            # A cluster on loopback (several nodes on one machine): the driver is on loopback too.
-            local = {"_node_ip_address": "127.0.0.1"} if host in ("127.0.0.1", "localhost") else {}
-            ray.init(address=address, logging_level="ERROR", log_to_driver=False, **local)
-        except Exception as exc:  # noqa: BLE001 - connection failures come in many types
-            first = _first_line(exc)
-            raise ClipQError(
-                f"no Ray cluster answers at --address {address} ({first}); start one with `ray start --head` "
-                "or drop --address to run locally"
-            ) from None
-        res = ray.cluster_resources()
-        log(
-            f"connected to Ray cluster at {address}: {len(ray.nodes())} node(s), "
-            f"{res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs"
-        )
-        if gpus_per_trial > res.get("GPU", 0):  # else every trial would wait for a GPU forever
-            raise ClipQError(
-                f"resources.gpus_per_trial={gpus_per_trial:g} but the Ray cluster at {address} has "
-                f"{res.get('GPU', 0):g} GPU(s); add GPU nodes or set resources.gpus_per_trial lower"
-            )
-        return
-    cpus = max(os.cpu_count() or 1, math.ceil(concurrency * cpus_per_trial))
-    kwargs: dict[str, Any] = {
-        "num_cpus": cpus,
-        "include_dashboard": False,
-        "logging_level": "ERROR",
-        "log_to_driver": False,
-    }
-    if gpus_per_trial == 0:
-        kwargs["num_gpus"] = 0
-    ray.init(address="local", **kwargs, _node_ip_address="127.0.0.1")
-    log(f"started a local Ray instance ({cpus} CPUs)")
-
-
-def check_gpus(address: str | None, gpus_per_trial: float) -> None:
-    """A local run asking for GPUs per trial needs a CUDA GPU here (else its trials would wait forever)."""
-    if address or gpus_per_trial <= 0:
-        return  # a cluster's GPUs are counted once connected (``_init_ray``)
-    import torch
-
-    if not torch.cuda.is_available():
-        raise ConfigError(
-            f"resources.gpus_per_trial={gpus_per_trial:g} but this machine has no CUDA GPU; "
-            "set it to 0 (--set resources.gpus_per_trial=0), or run on a GPU host or a cluster (--address)"
-        )
-
-
-def check_address(address: str) -> None:
-    """Fail in seconds, not minutes, when nothing listens at host:port."""
-    if address in ("auto", "local") or address.startswith("ray://"):
-        return
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ClipQError(f"--address {address!r} is not HOST:PORT (e.g. 127.0.0.1:6379)")
-    try:
-        with socket.create_connection((host, int(port)), timeout=3):
-            pass
-    except OSError as exc:
-        raise ClipQError(
-            f"no Ray cluster answers at --address {address} ({exc.strerror or exc}); start one with "
-            "`ray start --head` or drop --address to run locally"
-        ) from None
-
-
 def check_storage(url: str) -> None:
     """Reject a storage URL that cannot work, before any training: one clear line, nothing created.
 
@@ -436,7 +338,7 @@ _RUN_SECTIONS = ("model", "dataset", "baseline", "layers", "trial")
 
 def _check_same_space(run_dir: Path, space: Space) -> None:
     """Refuse to continue an existing run with a space whose trials would not be comparable."""
-    saved = run_dir / "space.yaml"
+    saved = run_dir / rundir.SPACE_YAML
     if not saved.is_file():
         return
     from clipq_search.search.space import load_space
@@ -490,7 +392,7 @@ def run_search(
     run_dir = Path(results_root) / (name or space.name)
     _check_same_space(run_dir, space)
     where_study = f"the study in {storage}" if storage else "study.db beside it"
-    storage = storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
+    storage = storage or rundir.default_storage(run_dir)
 
     baseline = ensure_baseline(space, results_root, progress=progress, log=log)
     payload = trial_payload(space, baseline)
@@ -509,11 +411,13 @@ def run_search(
 
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    write_text(run_dir / "space.yaml", space.to_yaml())
-    write_json(run_dir / "baseline.json", baseline.to_dict())
-    write_json(
-        run_dir / "run.json",
-        {"storage": storage, "space_source": space.source, "name": run_dir.name, "layers": [u.key for u in units]},
+    rundir.write_run_files(
+        run_dir,
+        space_yaml=space.to_yaml(),
+        baseline=baseline.to_dict(),
+        run_info={
+            "storage": storage, "space_source": space.source, "name": run_dir.name, "layers": [u.key for u in units]
+        },
     )
     recover_interrupted(study, log)
     # A resumed run continues the sampler's stream instead of replaying it.
@@ -535,7 +439,7 @@ def run_search(
         from clipq_search.search.paper import paper_plans
 
         res = space.data["resources"]
-        _init_ray(address, s["concurrency"], res["cpus_per_trial"], res["gpus_per_trial"], log)
+        init_ray(address, s["concurrency"], res["cpus_per_trial"], res["gpus_per_trial"], log)
         for lam, params in paper_plans(space, units, payload, log=log):
             study.enqueue_trial(params, user_attrs={"source": "paper", "lambda": lam})
 
@@ -550,8 +454,8 @@ def run_search(
         first = next((t for t in _finished(study) if t.user_attrs.get(ERROR_ATTR)), None)
         why = f" (trial {first.number}: {str(first.user_attrs[ERROR_ATTR])[:200]})" if first else ""
         raise ClipQError(
-            f"every trial failed{why}; fix the space (the error column of {run_dir / 'trials.csv'} has each reason) "
-            "and run again"
+            f"every trial failed{why}; fix the space (the error column of {run_dir / rundir.TRIALS_CSV} has each "
+            "reason) and run again"
         )
     return summary
 
@@ -594,7 +498,7 @@ def _run_with_tune(
     from ray import tune
 
     s, res = space.data["search"], space.data["resources"]
-    _init_ray(address, s["concurrency"], res["cpus_per_trial"], res["gpus_per_trial"], log)
+    init_ray(address, s["concurrency"], res["cpus_per_trial"], res["gpus_per_trial"], log)
     total = s["trials"]
 
     def on_done(t: optuna.trial.FrozenTrial) -> None:
@@ -637,7 +541,7 @@ def _run_with_tune(
             tuner.fit()
         except (ray.exceptions.RaySystemError, ConnectionError) as exc:
             # the cluster went away under the search (its head stopped, the network): finished trials are saved
-            first = _first_line(exc)
+            first = first_line(exc)
             raise ClipQError(
                 f"the Ray cluster stopped answering during the search ({first}); finished trials are saved: "
                 "run the same command again to resume"
