@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from clipq_search import clipq_quantize, clipq_quantize_with_stats
+from clipq_search.core.reference import reference_clipq
 
 FIG2_W = [
     [0.1, -0.1, 0.7, -0.4],
@@ -151,61 +152,12 @@ def test_wrong_weight_types_raise_type_error() -> None:
 #
 # The operator in clipq_search.core.operator is optimised (compiled kernels on CPU; in
 # the tensor implementation a histogram threshold search, scratch buffers, no
-# `where`); `_reference_clipq` below is the plain
-# definition it replaced. The two must agree bit for bit: same thresholds, same
-# codes, same exact (fixed-point) sums.
-
-
-def _reference_clipq(weight: torch.Tensor, p: float, bits: int) -> tuple[torch.Tensor, tuple]:
-    w = weight.detach().reshape(-1).float()
-    n_levels = 2**bits - 1
-    n = w.numel()
-    if n == 0:
-        return torch.zeros_like(weight), (0.0, 0.0, 0, 0, 0, torch.full((n_levels,), float("nan")))
-    w_min, w_max = (float(v) for v in torch.aminmax(w))
-    n_negative = int((w < 0).sum())
-    n_positive = int((w > 0).sum())
-    n_zero = n - n_negative - n_positive
-    k_neg = min(n_negative, round(p * n_negative))
-    k_pos = min(n_positive, round(p * n_positive))
-    rank_neg = n_negative - k_neg + 1 if k_neg > 0 else 0
-    rank_pos = n_negative + n_zero + k_pos if k_pos > 0 else 0
-    c_neg = float(torch.kthvalue(w, rank_neg).values) if rank_neg else 0.0
-    c_pos = float(torch.kthvalue(w, rank_pos).values) if rank_pos else 0.0
-    keep_neg = w < c_neg
-    keep_pos = w > c_pos
-    has_neg = n_negative > k_neg and bool(keep_neg.any())
-    has_pos = n_positive > k_pos and bool(keep_pos.any())
-    if not (has_neg or has_pos):
-        nan = torch.full((n_levels,), float("nan"))
-        return torch.zeros_like(weight), (c_neg, c_pos, 0, rank_neg, rank_pos, nan)
-    span_neg = (c_neg - w_min) if has_neg else 0.0
-    span_pos = (w_max - c_pos) if has_pos else 0.0
-    if has_neg and has_pos:
-        n_neg_int = min(max(round(n_levels * span_neg / (span_neg + span_pos)), 1), n_levels - 1)
-    else:
-        n_neg_int = n_levels if has_neg else 0
-    n_pos_int = n_levels - n_neg_int
-    idx = torch.full((n,), n_levels, dtype=torch.long)
-    tiny = float(torch.finfo(torch.float32).smallest_normal * 2.0**-23)  # widths never round to 0 in float32
-    if has_neg:
-        b = ((w - w_min) / max(span_neg / n_neg_int, tiny)).floor_().clamp_(0, n_neg_int - 1).long()
-        idx = torch.where(keep_neg, b, idx)
-    if has_pos:
-        b = ((w - c_pos) / max(span_pos / n_pos_int, tiny)).floor_().clamp_(0, n_pos_int - 1).long() + n_neg_int
-        idx = torch.where(keep_pos, b, idx)
-    # exact sums: each weight as a multiple of 2**-F, truncated toward zero, F as large as 63-bit sums of n allow
-    f = 62 - math.frexp(float(n))[1] - math.frexp(max(-w_min, w_max))[1]
-    sums = torch.zeros(n_levels + 1, dtype=torch.int64).index_add_(0, idx, (w.double() * 2.0**f).long())
-    counts = torch.bincount(idx, minlength=n_levels + 1)
-    table = (sums.double() / counts.double() * 2.0**-f).float()
-    table[n_levels] = 0.0
-    out = table[idx].reshape(weight.shape).to(weight.dtype)
-    return out, (c_neg, c_pos, n_neg_int, rank_neg, rank_pos, table[:n_levels].clone())
+# `where`); clipq_search.core.reference is the plain definition. The two must
+# agree bit for bit: same thresholds, same codes, same exact (fixed-point) sums.
 
 
 def _assert_matches_reference(w: torch.Tensor, p: float, bits: int, hint: tuple[float, float] | None = None) -> None:
-    ref_out, (c_neg, c_pos, n_neg_int, rank_neg, rank_pos, levels) = _reference_clipq(w, p, bits)
+    ref_out, (c_neg, c_pos, n_neg_int, rank_neg, rank_pos, levels) = reference_clipq(w, p, bits)
     out, st = clipq_quantize_with_stats(w, p, bits, hint=hint)
     assert (st.c_neg, st.c_pos, st.n_neg_intervals, st.rank_neg, st.rank_pos) == (
         c_neg, c_pos, n_neg_int, rank_neg, rank_pos
@@ -299,7 +251,7 @@ def test_matches_reference_bit_for_bit(seed: int, select_path: str) -> None:
     p = [0.0, 0.001, 0.5, 0.9, 0.97, float(torch.rand(1, generator=g) * 0.99)][seed % 6]
     bits = int(torch.randint(2, 9, (1,), generator=g))
     _assert_matches_reference(w, p, bits)
-    _, ref = _reference_clipq(w, p, bits)
+    _, ref = reference_clipq(w, p, bits)
     inf, nan = float("inf"), float("nan")
     hints = [(ref[0], ref[1]), (-1e-3, 1e-3), (nan, inf), (1.0, -1.0), (0.0, 0.0), (-1.5, inf), (-inf, 0.5),
              (-0.5, inf, -1.0, 1.0), (ref[0], ref[1], -inf, inf), (-1e300, 1e300, nan, nan), (-1e-3, 1e-3, 5.0, -5.0)]
@@ -360,7 +312,7 @@ def test_threads_get_their_own_scratch(select_path: str) -> None:
     with ThreadPoolExecutor(4) as pool:
         outs = list(pool.map(run, tensors * 3))
     for w, out in zip(tensors * 3, outs, strict=True):
-        assert torch.equal(out, _reference_clipq(w, 0.9, 4)[0])
+        assert torch.equal(out, reference_clipq(w, 0.9, 4)[0])
 
 
 def test_compiled_path_finds_moving_thresholds_without_full_selection(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -543,7 +495,7 @@ def test_compiled_operator_dense_and_sparse_sums_agree_with_reference(p: float) 
     for bits in (2, 4, 7, 8):  # 8 bits: no room for spread codes, the dense loop always
         op, out = CompiledOperator(w.numel(), p, bits), torch.empty_like(w)
         assert op.run(w, out) == fused.DONE
-        ref_out, ref = _reference_clipq(w, p, bits)
+        ref_out, ref = reference_clipq(w, p, bits)
         assert torch.equal(out, ref_out)
         assert torch.equal(op.stats().levels.nan_to_num(7.0), ref[5].nan_to_num(7.0))
 
@@ -568,7 +520,7 @@ def test_compiled_operator_window_follows_how_far_the_thresholds_move() -> None:
     w.mul_(1.2)  # the thresholds jump far outside the window: a miss
     assert op.run(w, out) == fused.DONE and op.result[fused.R_SCANS] > 1
     assert op.params[fused.P_GAPS] == 2 * narrow
-    assert torch.equal(out, _reference_clipq(w, 0.9, 4)[0])
+    assert torch.equal(out, reference_clipq(w, 0.9, 4)[0])
 
 
 def test_compiled_operator_keeps_its_hint_and_scans_once() -> None:
@@ -583,7 +535,7 @@ def test_compiled_operator_keeps_its_hint_and_scans_once() -> None:
     op = CompiledOperator(w.numel(), 0.9, 4)
     out = torch.empty_like(w)
     assert op.run(w, out) == fused.DONE  # no hint: counts, then an exact selection
-    ref_out, ref = _reference_clipq(w, 0.9, 4)
+    ref_out, ref = reference_clipq(w, 0.9, 4)
     assert torch.equal(out, ref_out)
     st = op.stats()
     assert op.params[fused.P_HINT_NEG:fused.P_MAX + 1].tolist() == [st.c_neg, st.c_pos, st.w_min, st.w_max]
@@ -592,8 +544,8 @@ def test_compiled_operator_keeps_its_hint_and_scans_once() -> None:
         w += torch.randn(w.shape, generator=g) * 1e-4
         assert op.run(w, out) == fused.DONE
         assert op.result[fused.R_SCANS] == 1
-        assert torch.equal(out, _reference_clipq(w, 0.9, 4)[0])
-        assert torch.equal(op.stats().levels.nan_to_num(7.0), _reference_clipq(w, 0.9, 4)[1][5].nan_to_num(7.0))
+        assert torch.equal(out, reference_clipq(w, 0.9, 4)[0])
+        assert torch.equal(op.stats().levels.nan_to_num(7.0), reference_clipq(w, 0.9, 4)[1][5].nan_to_num(7.0))
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
@@ -610,7 +562,7 @@ def test_non_finite_weights_give_all_nan(bad: float, select_path: str) -> None:
 def test_out_tensor_is_written_and_returned_when_it_fits(select_path: str) -> None:
     g = torch.Generator().manual_seed(32)
     w = torch.randn(50, 80, generator=g)
-    ref_out = _reference_clipq(w, 0.7, 4)[0]
+    ref_out = reference_clipq(w, 0.7, 4)[0]
     out = torch.full_like(w, 5.0)
     got, _ = clipq_quantize_with_stats(w, 0.7, 4, out=out)
     assert torch.equal(got, ref_out)

@@ -17,8 +17,8 @@ implementation below serves CUDA and machines without numba:
   element), with fine bins around the previous step's thresholds;
 - interval codes come from the same float32 operations as the definition,
   and the sums are exact (fixed-point integers, ``_rules.fixed_point_bits``),
-  so the result matches the plain implementation (``_reference_clipq`` in
-  ``tests/test_ops.py``) and the compiled one bit for bit, on any device;
+  so the result matches the reference (``core.reference.reference_clipq``)
+  and the compiled one bit for bit, on any device;
 - no ``where``/boolean masks/``long`` indices in the hot path (slow on CPU):
   comparisons write 0/1 floats and indices are int32;
 - on CPU, scratch buffers are reused between calls (``_scratch``): fresh
