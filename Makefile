@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 		else echo "setup: install$$need with your package manager, then run make again" >&2; exit 2; fi; \
 	fi
 	[ -x $(PY) ] || $(SYSTEM_PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade "pip>=24"
+	$(PY) -m pip install -q --upgrade "pip>=24" "setuptools>=77"
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[test]"
 	@touch $@
