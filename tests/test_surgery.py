@@ -5,7 +5,6 @@ import json
 import math
 import warnings
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
