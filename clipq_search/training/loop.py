@@ -33,6 +33,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "TrainingDiverged",
+    "check_checkpoint",
     "configure_threads",
     "evaluate",
     "load_state_dict_file",
@@ -274,11 +275,24 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ClipQError(
-            f"cannot read training checkpoint {path} ({type(exc).__name__}); delete it or pass resume=False"
+            f"cannot read training checkpoint {path} ({type(exc).__name__}); delete {path} to start that "
+            "training afresh"
         ) from exc
     if not isinstance(ckpt, dict) or ckpt.get("version") != _CHECKPOINT_VERSION or "model" not in ckpt:
-        raise ClipQError(f"{path} is not a clipq_search training checkpoint; delete it or pass resume=False")
+        raise ClipQError(
+            f"{path} is not a clipq_search training checkpoint; delete {path} to start that training afresh"
+        )
     return ckpt
+
+
+def check_checkpoint(path: str | os.PathLike[str]) -> None:
+    """One clear error, naming the file to delete, when a training checkpoint exists but cannot be read.
+
+    Callers that resume in another process (a Ray task) check first, so the
+    user reads which file is bad rather than a worker's failure.
+    """
+    if Path(path).exists():
+        _load_checkpoint(Path(path))
 
 
 def _first_bad(losses: list[Tensor], start_step: int) -> tuple[int, float] | None:
@@ -289,6 +303,130 @@ def _first_bad(losses: list[Tensor], start_step: int) -> tuple[int, float] | Non
         return None
     i = int((~finite).nonzero()[0, 0])
     return start_step + i, float(stacked[i])
+
+
+def _resume_from_(
+    ckpt_path: Path,
+    cfg: TrainConfig,
+    steps_per_epoch: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    generator: torch.Generator,
+    device: torch.device,
+    result: TrainResult,
+) -> int:
+    """Load a checkpoint into the model, optimizer, scaler and random streams; return its step."""
+    ckpt = _load_checkpoint(ckpt_path)
+    if ckpt.get("config") != cfg.to_dict() or ckpt.get("steps_per_epoch") != steps_per_epoch:
+        raise ClipQError(
+            f"checkpoint {ckpt_path} was written by a different training setup (config or data size); "
+            f"delete {ckpt_path} to start this training afresh"
+        )
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise ClipQError(
+            f"checkpoint {ckpt_path} does not match this model ({str(exc).splitlines()[0][:200]}); "
+            f"delete {ckpt_path} to start this training afresh"
+        ) from exc
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler is not None and "scaler" in ckpt:
+        scaler.load_state_dict(ckpt["scaler"])
+    rng = ckpt["rng"]
+    torch.set_rng_state(rng["torch"])
+    generator.set_state(rng["shuffle"])
+    if "cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], device)
+    step = int(ckpt["step"])
+    result.history = [dict(h) for h in ckpt["history"]]
+    result.resumed_from_step = step
+    return step
+
+
+@dataclass
+class _Run:
+    """What one training run's phases share: the data, the optimizer, the step count and the progress bar."""
+
+    model: nn.Module
+    train_data: Any
+    cfg: TrainConfig
+    device: torch.device
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    amp_dtype: torch.dtype | None
+    generator: torch.Generator
+    drop_last: bool
+    steps_per_epoch: int
+    total: int
+    desc: str
+    step: int = 0
+    bar: Any = None
+
+    def check(self, losses: list[Tensor], checked: int, first_step: int, lr: float) -> int:
+        """Raise on a non-finite loss among the unchecked ones; update the bar. Returns #checked."""
+        bad = _first_bad(losses[checked:], first_step + checked + 1)
+        if bad is not None:
+            raise TrainingDiverged(
+                f"training diverged at step {bad[0]} of {self.total} ({self.desc}): loss is {bad[1]}; "
+                f"lower TrainConfig.lr (now {self.cfg.lr}) or check the data"
+            )
+        if self.bar is not None:
+            self.bar.update(len(losses) - checked)
+            self.bar.set_postfix(loss=f"{float(losses[-1]):.4f}", lr=f"{lr:.3g}")
+        return len(losses)
+
+    def epoch(self) -> tuple[float, float]:
+        """Train up to one epoch (or to the last step); return the mean training loss and the last lr."""
+        cfg, optimizer, scaler = self.cfg, self.optimizer, self.scaler
+        first_step = self.step
+        losses: list[Tensor] = []
+        checked = 0
+        lr = cfg.lr
+        for xb, yb in iter_batches(
+            self.train_data, cfg.batch_size, shuffle=True, generator=self.generator, device=self.device,
+            drop_last=self.drop_last,
+        ):
+            lr = lr_at(cfg, self.step, self.total, self.steps_per_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                loss = F.cross_entropy(self.model(xb), yb)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            losses.append(loss.detach().float())
+            self.step += 1
+            if len(losses) - checked >= _CHECK_EVERY:
+                checked = self.check(losses, checked, first_step, lr)
+            if self.step >= self.total:
+                break
+        if not losses:
+            raise ClipQError("training data yielded no batches; check the dataset")
+        if checked < len(losses):
+            self.check(losses, checked, first_step, lr)
+        return float(torch.stack(losses).mean()), lr
+
+    def checkpoint(self, path: Path, record: dict[str, float], history: list[dict[str, float]]) -> None:
+        payload: dict[str, Any] = {
+            "version": _CHECKPOINT_VERSION,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": record["epoch"],
+            "step": self.step,
+            "steps_per_epoch": self.steps_per_epoch,
+            "rng": _rng_state(self.generator, self.device),
+            "history": history,
+            "config": self.cfg.to_dict(),
+        }
+        if self.scaler is not None:
+            payload["scaler"] = self.scaler.state_dict()
+        _write_checkpoint(path, payload)
 
 
 def train(
@@ -328,7 +466,6 @@ def train(
     steps_per_epoch = num_batches(train_data, cfg.batch_size, drop_last=drop_last)
     if steps_per_epoch < 1:
         raise ClipQError("training data is empty; check the dataset and the validation split size")
-    total = cfg.total_steps(steps_per_epoch)
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -337,93 +474,26 @@ def train(
         params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
     )
     amp_dtype, scaler = _amp_setup(cfg, device)
+    run = _Run(model, train_data, cfg, device, optimizer, scaler, amp_dtype, generator, drop_last,
+               steps_per_epoch, cfg.total_steps(steps_per_epoch), desc)
 
     result = TrainResult()
-    step = 0
     ckpt_path = Path(checkpoint_path) if checkpoint_path is not None else None
     if ckpt_path is not None and resume and ckpt_path.exists():
-        ckpt = _load_checkpoint(ckpt_path)
-        if ckpt.get("config") != cfg.to_dict() or ckpt.get("steps_per_epoch") != steps_per_epoch:
-            raise ClipQError(
-                f"checkpoint {ckpt_path} was written by a different training setup (config or data size); "
-                "delete it or pass resume=False"
-            )
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError as exc:
-            raise ClipQError(
-                f"checkpoint {ckpt_path} does not match this model ({str(exc).splitlines()[0]}); "
-                "delete it or pass resume=False"
-            ) from exc
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and "scaler" in ckpt:
-            scaler.load_state_dict(ckpt["scaler"])
-        rng = ckpt["rng"]
-        torch.set_rng_state(rng["torch"])
-        generator.set_state(rng["shuffle"])
-        if "cuda" in rng and device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], device)
-        step = int(ckpt["step"])
-        result.history = [dict(h) for h in ckpt["history"]]
-        result.resumed_from_step = step
+        run.step = _resume_from_(ckpt_path, cfg, steps_per_epoch, model, optimizer, scaler, generator, device, result)
 
-    show = _show_progress(progress)
-    bar = None
-    if show:
+    if _show_progress(progress):
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, initial=step, desc=desc, unit="step", dynamic_ncols=True, leave=False)
-
-    def check(losses: list[Tensor], checked: int, first_step: int, lr: float) -> int:
-        """Raise on a non-finite loss among the unchecked ones; update the bar. Returns #checked."""
-        bad = _first_bad(losses[checked:], first_step + checked + 1)
-        if bad is not None:
-            raise TrainingDiverged(
-                f"training diverged at step {bad[0]} of {total} ({desc}): loss is {bad[1]}; "
-                f"lower TrainConfig.lr (now {cfg.lr}) or check the data"
-            )
-        if bar is not None:
-            bar.update(len(losses) - checked)
-            bar.set_postfix(loss=f"{float(losses[-1]):.4f}", lr=f"{lr:.3g}")
-        return len(losses)
-
+        run.bar = tqdm(total=run.total, initial=run.step, desc=desc, unit="step", dynamic_ncols=True, leave=False)
     model.train()
     try:
-        while step < total:
-            epoch_start, epoch_first_step = time.perf_counter(), step
-            losses: list[Tensor] = []
-            checked = 0
-            lr = cfg.lr
-            for xb, yb in iter_batches(
-                train_data, cfg.batch_size, shuffle=True, generator=generator, device=device, drop_last=drop_last
-            ):
-                lr = lr_at(cfg, step, total, steps_per_epoch)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    loss = F.cross_entropy(model(xb), yb)
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    optimizer.step()
-                losses.append(loss.detach().float())
-                step += 1
-                if len(losses) - checked >= _CHECK_EVERY:
-                    checked = check(losses, checked, epoch_first_step, lr)
-                if step >= total:
-                    break
-            if not losses:
-                raise ClipQError("training data yielded no batches; check the dataset")
-            if checked < len(losses):
-                check(losses, checked, epoch_first_step, lr)
-            train_loss = float(torch.stack(losses).mean())
+        while run.step < run.total:
+            epoch_start = time.perf_counter()
+            train_loss, lr = run.epoch()
             record: dict[str, float] = {
-                "epoch": round(step / steps_per_epoch, 6),
-                "step": step,
+                "epoch": round(run.step / steps_per_epoch, 6),
+                "step": run.step,
                 "train_loss": train_loss,
                 "lr": lr,
                 "seconds": time.perf_counter() - epoch_start,
@@ -435,27 +505,14 @@ def train(
                 model.train()
             result.history.append(record)
             if ckpt_path is not None:
-                payload: dict[str, Any] = {
-                    "version": _CHECKPOINT_VERSION,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "epoch": record["epoch"],
-                    "step": step,
-                    "steps_per_epoch": steps_per_epoch,
-                    "rng": _rng_state(generator, device),
-                    "history": result.history,
-                    "config": cfg.to_dict(),
-                }
-                if scaler is not None:
-                    payload["scaler"] = scaler.state_dict()
-                _write_checkpoint(ckpt_path, payload)
+                run.checkpoint(ckpt_path, record, result.history)
             if on_epoch_end is not None:
                 on_epoch_end(dict(record))
     finally:
-        if bar is not None:
-            bar.close()
+        if run.bar is not None:
+            run.bar.close()
 
-    result.steps = step
+    result.steps = run.step
     result.final_train_loss = result.history[-1]["train_loss"] if result.history else math.nan
     result.seconds = time.perf_counter() - started
     return result
