@@ -131,7 +131,7 @@ def kernels() -> SimpleNamespace:
         jit = njit(cache=cache, nogil=True, boundscheck=False, error_model="numpy")
         # ``clipq_cpu`` calls the others through these module globals.
         global _window_scan, _scan_into, _codes_into, _slice_sums, _levels_into, _trailing_zeros
-        global _kept_into, _means_into, _slice_bounds, _select
+        global _kept_into, _means_into, _slice_bounds, _select, _thresholds_into, _levels_from
         global _key32, _unkey32, _clip_ranks, _partition, _fixed_point_bits, _level, _team_run
         global _fork, _call_i32, _f32_at, _u8_at, _i64_at, _lookup16
         global _carray
@@ -149,6 +149,7 @@ def kernels() -> SimpleNamespace:
         _scan_into, _codes_into, _levels_into = jit(scan_into), jit(codes_into), _levels_kernel(jit)
         _slice_sums, _team_run = jit(slice_sums), jit(team_run)
         _window_scan = jit(window_scan)
+        _thresholds_into, _levels_from = jit(thresholds_into), jit(levels_from)
         body = cfunc(types.void(types.voidptr), cache=cache, nogil=True, boundscheck=False,
                      error_model="numpy")(team_body)
         return SimpleNamespace(window_scan=_window_scan, scan_into=_scan_into, kept_into=_kept_into, select=_select,
@@ -813,7 +814,24 @@ def clipq_cpu(
         job[J_CAP] = buf.shape[0]
     else:
         job[J_THREADS] = 1
-    p, n_levels = params[P_P], int(params[P_LEVELS])
+    status = _thresholds_into(w, buf, mask, job, params, result, scratch)
+    if status != DONE:
+        result[R_STATUS] = status
+        return
+    result[R_STATUS] = _levels_from(w, out, codes, buf, table, params, result, job, threads)
+
+
+def thresholds_into(
+    w: np.ndarray, buf: np.ndarray, mask: np.ndarray, job: np.ndarray, params: np.ndarray, result: np.ndarray,
+    scratch: np.ndarray,
+) -> float:  # pragma: no cover - compiled
+    """``clipq_cpu``'s first phase: counts per sign, extremes and both thresholds, into ``result``.
+
+    Returns ``DONE`` when both thresholds are known, ``MISSED`` when one was
+    not found within the scans, ``NOT_FINITE`` for a NaN or infinity.
+    """
+    n = w.shape[0]
+    p = params[P_P]
     h_neg, h_pos = params[P_HINT_NEG], params[P_HINT_POS]
     span = params[P_MAX] - params[P_MIN]
     half = (span if span > 0.0 else 1e-30) * params[P_GAPS] / n
@@ -844,8 +862,7 @@ def clipq_cpu(
         if scan == 0:
             w_min, w_max = _unkey32(kmin, scratch), _unkey32(kmax, scratch)
             if not (np.isfinite(w_min) and np.isfinite(w_max)):
-                result[R_STATUS] = NOT_FINITE
-                return
+                return NOT_FINITE
             negatives, zeros, positives = neg, nonpos - neg, n - nonpos
             k_neg, k_pos, rank_neg, rank_pos = _clip_ranks(p, negatives, zeros, positives)
             found_n, found_p = rank_neg == 0, rank_pos == 0
@@ -894,16 +911,30 @@ def clipq_cpu(
     result[R_MIN], result[R_MAX] = w_min, w_max
     result[R_FOUND_NEG], result[R_FOUND_POS], result[R_SCANS] = found_n, found_p, scans
     if not (found_n and found_p):
-        result[R_STATUS] = MISSED
-        return
+        return MISSED
+    return DONE
+
+
+def levels_from(
+    w: np.ndarray, out: np.ndarray, codes: np.ndarray, buf: np.ndarray, table: np.ndarray, params: np.ndarray,
+    result: np.ndarray, job: np.ndarray, threads: int,
+) -> float:  # pragma: no cover - compiled
+    """``clipq_cpu``'s second phase, from the thresholds in ``result``: partition, codes, exact sums, levels.
+
+    Returns ``DONE``, or ``NOTHING_KEPT`` when every weight is clipped.
+    """
+    n = w.shape[0]
+    p, n_levels = params[P_P], int(params[P_LEVELS])
+    negatives, zeros, positives = int(result[R_NEG]), int(result[R_ZERO]), int(result[R_POS])
+    k_neg, k_pos, rank_neg, rank_pos = _clip_ranks(p, negatives, zeros, positives)
+    c_neg, c_pos, w_min, w_max = result[R_C_NEG], result[R_C_POS], result[R_MIN], result[R_MAX]
     has_neg, has_pos, n_neg_int, width_neg, width_pos = _partition(
         n_levels, negatives, positives, k_neg, k_pos, rank_neg, rank_pos, w_min, w_max, c_neg, c_pos
     )
     # what the next call on the slightly changed tensor starts from
     params[P_HINT_NEG], params[P_HINT_POS], params[P_MIN], params[P_MAX] = c_neg, c_pos, w_min, w_max
     if not (has_neg or has_pos):
-        result[R_STATUS] = NOTHING_KEPT
-        return
+        return NOTHING_KEPT
     f32 = np.float32
     kept = (negatives - k_neg) + (positives - k_pos)  # at most: ties at a threshold are clipped too
     sparse = 2 * kept <= n  # mostly clipped: add up only the kept weights
@@ -938,4 +969,4 @@ def clipq_cpu(
     else:
         _levels_into(codes, table, out, n_levels)
     result[R_N_NEG_INT] = n_neg_int
-    result[R_STATUS] = DONE
+    return DONE
