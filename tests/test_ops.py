@@ -376,6 +376,17 @@ def test_kernels_that_fail_to_compile_fall_back_with_one_warning(monkeypatch: py
         fused._ready.cache_clear()
 
 
+def test_the_kernels_name_the_rules_they_compile_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    """numba's cache is keyed on the kernels' file: it is only used for the _rules.py that file names."""
+    import clipq_search.core._numba_kernels as fused
+
+    assert fused.rules_digest() == fused.RULES_DIGEST, "update RULES_DIGEST after changing _rules.py"
+    assert fused.rules_cached()
+    monkeypatch.setattr(fused, "RULES_DIGEST", "0" * 16)
+    with pytest.warns(RuntimeWarning, match="compiling without numba's cache"):
+        assert not fused.rules_cached()
+
+
 def test_order_keys_sort_as_the_floats_do() -> None:
     """The compiled scan compares int32 order keys: they must order every float32 as the values do."""
     import clipq_search.core._numba_kernels as fused

@@ -142,8 +142,6 @@ def kernels() -> SimpleNamespace:
         _key32, _unkey32 = jit(f32_key), jit(f32_unkey)
         _kept_into, _means_into, _slice_bounds = jit(kept_into), jit(means_into), jit(slice_bounds)
         _select = jit(select)
-        # numba keys the cached ``clipq_cpu`` on this file alone: after editing ``_rules.py`` in a
-        # checkout, delete clipq_search/__pycache__/*.nbi and *.nbc (an install rewrites both files).
         _clip_ranks, _partition = jit(_rules.clip_ranks), jit(_rules.partition)
         _fixed_point_bits, _level = jit(_rules.fixed_point_bits), jit(_rules.level)
         _scan_into, _codes_into, _levels_into = jit(scan_into), jit(codes_into), _levels_kernel(jit)
@@ -155,10 +153,46 @@ def kernels() -> SimpleNamespace:
         return SimpleNamespace(window_scan=_window_scan, scan_into=_scan_into, kept_into=_kept_into, select=_select,
                                clipq_cpu=jit(clipq_cpu), team_body=body, f32_key=_key32, f32_unkey=_unkey32)
 
+    cache = rules_cached()
     try:
-        return compiled(cache=True)
+        return compiled(cache=cache)
     except RuntimeError:  # no writable place for numba's cache: compile in every process
         return compiled(cache=False)
+
+
+# The SHA-256 (first 16 hex digits) of ``_rules.py``. numba keys its on-disk cache of ``clipq_cpu`` on
+# this file alone, although the kernel compiles the rules in: a changed ``_rules.py`` must come with
+# a new digest here, which changes this file and so invalidates the cache (the tests check the digest).
+RULES_DIGEST = "718ed53d4c02d9a5"
+
+
+def rules_digest() -> str | None:
+    """The digest of the ``_rules.py`` next to this file, or None where it cannot be read."""
+    import hashlib
+
+    try:
+        with open(_rules.__file__, "rb") as fh:
+            return hashlib.sha256(fh.read()).hexdigest()[:16]
+    except (OSError, TypeError):
+        return None
+
+
+def rules_cached() -> bool:
+    """Whether numba's cache may serve the kernels: ``_rules.py`` is the one ``RULES_DIGEST`` names.
+
+    Otherwise the kernels compile afresh in every process, with one warning: a
+    cached kernel could hold the previous rules.
+    """
+    digest = rules_digest()
+    if digest == RULES_DIGEST:
+        return True
+    warnings.warn(
+        f"clipq_search/core/_rules.py (digest {digest}) differs from the one the cached CLIP-Q kernels were "
+        f"built from ({RULES_DIGEST}): compiling without numba's cache; set RULES_DIGEST in _numba_kernels.py",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return False
 
 
 def _intrinsics() -> tuple:
