@@ -75,7 +75,7 @@ J_CAP, J_TEAM_SIZE = 14, 24  # J_CAP after the four keys
 J_SPARSE = 25  # codes phase: add up only the kept weights (``slice_sums``)
 J_SUMS, J_SCALE = 26, 27  # ... into slice s's int64 sums and counts at J_SUMS + 16 * _SLOTS * s, times J_SCALE
 J_RESULTS = 28
-_RESULT_SLOTS = 8  # a slice's scan results (slots 0-6; slot 7 unused since the gathering went)
+_RESULT_SLOTS = 8  # a slice's scan results (slots 0-6; 7 is spare, keeping a slice's block 8 wide)
 TEAM_MAX = 64
 # ``result`` also holds the job of a team of up to TEAM_MAX threads, after the R_* entries: no
 # allocation per call (each costs a layer a microsecond or more inside a training step).
@@ -554,9 +554,8 @@ def window_scan(
 def select(a: np.ndarray, lo: int, hi: int, k: int) -> float:  # pragma: no cover - compiled
     """The value sorting ``a[lo:hi]`` would put at index ``k`` (lo <= k < hi), by quickselect; reorders ``a[lo:hi]``.
 
-    The window elements are a few hundred: sorting them took a layer's
-    operator some 20 microseconds inside a training step, selecting one
-    takes a few.
+    The window holds a few hundred elements: selecting one is linear, sorting
+    them all would cost a large share of a small layer's operator.
     """
     while hi - lo > 1:
         mid = lo + (hi - lo) // 2  # median of three as the pivot

@@ -36,7 +36,7 @@ import torch
 
 from clipq_search.core import _numba_kernels as _fused
 from clipq_search.core._rules import clip_ranks, fixed_point_bits, partition
-from clipq_search.errors import ConfigError
+from clipq_search.errors import ConfigError, shown
 
 __all__ = [
     "BITS_RANGE",
@@ -72,10 +72,10 @@ def validate_p_bits(p: float, bits: int, *, where: str = "") -> None:
     """Raise ``ConfigError`` (a ``ValueError``) for p outside [0, 1) or bits outside [2, 8]."""
     at = f" for {where}" if where else ""
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not 0.0 <= p < 1.0:
-        raise ConfigError(f"p={p!r}{at} is invalid: p is the clipped fraction per sign, a number in [0, 1)")
+        raise ConfigError(f"p={shown(p)}{at} is invalid: p is the clipped fraction per sign, a number in [0, 1)")
     if isinstance(bits, bool) or not isinstance(bits, int) or not BITS_RANGE[0] <= bits <= BITS_RANGE[1]:
         raise ConfigError(
-            f"bits={bits!r}{at} is invalid: bits must be an integer in [{BITS_RANGE[0]}, {BITS_RANGE[1]}]"
+            f"bits={shown(bits)}{at} is invalid: bits must be an integer in [{BITS_RANGE[0]}, {BITS_RANGE[1]}]"
         )
 
 
@@ -297,10 +297,9 @@ def _select_hist(
 _WINDOW_CAP = 4096
 # Starting half-width of a hinted window of the compiled path, in average gaps
 # between sorted weights. Every element inside is copied, but a miss costs a
-# whole extra scan; the kernel then adapts it per layer (``_fused._GAPS_*``).
-# LeNet-300-100 on Fashion-MNIST (lr 0.01): fc1 missed 27% of steps at a fixed
-# 16 gaps, 9% at 32, none at 64 (9% at lr 0.05); adapting, 0.8% (1.3%), with
-# fc2 and fc3 narrowed to 16 gaps and never missing.
+# whole extra scan; the kernel then adapts it per layer (``_GAPS_*`` in the kernels): wider
+# where thresholds move far between steps (large layers, high learning rates), narrower where
+# they barely move.
 _FUSED_HINT_GAPS = 64.0
 
 
