@@ -88,6 +88,7 @@ def make_run(
     final: dict[str, object] | None = None,
     name: str = "synthetic",
     layers: Sequence[str] = LAYERS,
+    units: dict[str, list[str]] | None = None,
 ) -> Path:
     """Write trials.csv (None: an empty file), baseline.json, run.json and optionally final/metrics.json."""
     root.mkdir(parents=True, exist_ok=True)
@@ -109,6 +110,8 @@ def make_run(
         "name": name,
         "layers": list(layers),
     }
+    if units is not None:
+        run["units"] = units
     (root / "run.json").write_text(json.dumps(run))
     if final is not None:
         (root / "final").mkdir(exist_ok=True)

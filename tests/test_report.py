@@ -91,7 +91,7 @@ def test_report_is_self_contained_and_shows_the_run(tmp_path: Path, trials: pd.D
         "86.94%",
         "87.63%",
         "33,784",
-        "final fine-tune (test top-1)",
+        "final fine-tune (TEST top-1, not the trials",
     ]
     assert _missing(html, *expected_text) == []
 
@@ -160,3 +160,39 @@ def test_report_reads_baseline_from_the_run(tmp_path: Path, trials: pd.DataFrame
     html = write_report(run)[0].read_text(encoding="utf-8")
     assert _missing(html, f"{BASELINE:.2f}%") == []
     assert _missing(html, "6. Final fine-tune") == ["6. Final fine-tune"]
+
+
+def test_the_final_run_is_drawn_on_the_trials_validation_scale(tmp_path: Path, trials: pd.DataFrame) -> None:
+    from clipq_search.analysis.pareto import load_run
+    from clipq_search.analysis.report import front_figure
+
+    run = make_run(tmp_path / "run", trials, final={**FINAL, "compressed_val_top1": 87.5})
+    fig = front_figure(load_run(run))
+    (final,) = [tr for tr in fig.data if tr.name.startswith("final")]
+    assert final.name == "final fine-tune (val top-1)" and list(final.y) == [87.5]
+    assert "test top-1 86.94%" in final.hovertext[0]
+
+
+@pytest.mark.parametrize("rates", [(2.2, 2.4), (5.6, 8.6), (31.0, 33.0), (1.5, 60.0), (0.9, 400.0)])
+def test_the_rate_axis_has_numbers_however_narrow_the_rates(rates: tuple[float, float]) -> None:
+    from clipq_search.analysis.report import rate_ticks
+
+    ticks = rate_ticks(list(rates))
+    shown = [v for v in ticks if rates[0] / 1.15 <= v <= rates[1] * 1.15]
+    assert len(shown) >= 3, ticks
+    assert ticks == sorted(ticks)
+
+
+def test_a_grouped_run_shows_its_groups_in_model_order(tmp_path: Path) -> None:
+    from clipq_search.analysis.pareto import load_run
+    from clipq_search.analysis.report import layers_figure
+
+    layers = ("stem.conv", "block1.a", "block1.b", "head.fc")
+    df = trials_frame(30, seed=3, layers=layers)
+    for col in ("p", "bits"):  # a group's layers share their values
+        df[f"{col}:block1.b"] = df[f"{col}:block1.a"]
+    units = {"stem.conv": ["stem.conv"], "block1": ["block1.a", "block1.b"], "head.fc": ["head.fc"]}
+    run = make_run(tmp_path / "run", df, layers=layers, units=units)
+    fig = layers_figure(load_run(run))
+    assert list(fig.data[0].y) == ["stem.conv", "block1 (2 layers)", "head.fc"]
+

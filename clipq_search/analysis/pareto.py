@@ -13,7 +13,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -455,6 +455,22 @@ class RunData:
     table: pd.DataFrame
     within_1pt: Selection
     final: Mapping[str, Any] | None
+    # The searched units in model order: a group's name with its layers, or a layer alone.
+    units: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
+
+
+def searched_units(run: Mapping[str, Any], layers: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """run.json's ``units`` (name -> layers, model order) restricted to ``layers``; each layer alone without it."""
+    units = run.get("units")
+    if isinstance(units, Mapping) and units:
+        out = {}
+        for key, members in units.items():
+            kept = tuple(m for m in members if m in layers) if isinstance(members, list) else ()
+            if kept:
+                out[str(key)] = kept
+        if out:
+            return out
+    return {layer: (layer,) for layer in layers}
 
 
 def load_run(run_dir: str | Path) -> RunData:
@@ -466,15 +482,17 @@ def load_run(run_dir: str | Path) -> RunData:
     base = float(baseline["val_top1"])
     order = run.get("layers") if isinstance(run.get("layers"), list) else None
     info = pareto_info(df, base)
+    layers = tuple(layer_names(df, order))
     return RunData(
         run_dir=run_dir,
         run=run,
         baseline=baseline,
         trials=df,
-        layers=tuple(layer_names(df, order)),
+        layers=layers,
         info=info,
         history=hypervolume_history(df, base),
         table=pareto_table(df, info, order=order),
         within_1pt=select_max_drop(df, base, 1.0),
         final=load_final_metrics(run_dir),
+        units=MappingProxyType(searched_units(run, layers)),
     )

@@ -114,7 +114,31 @@ class _Embedder:
 # -- figures ------------------------------------------------------------------------------------------
 
 
-_LOG_TICKS = [m * 10**e for e in range(0, 5) for m in (1, 2, 5)]
+_TICK_STEPS = (1, 1.5, 2, 3, 4, 5, 6, 8)
+
+
+def rate_ticks(rates: Sequence[float], *, at_least: int = 3) -> list[float]:
+    """Tick values for a log rate axis covering ``rates``: 1-2-5 steps, finer when fewer than ``at_least`` fit.
+
+    A front between 2.2x and 2.4x still gets numbers on its axis.
+    """
+    finite = [float(r) for r in rates if _finite(r) and float(r) > 0]
+    if not finite:
+        return [1.0, 2.0, 5.0, 10.0]
+    lo, hi = min(finite), max(finite)
+    # the axis plotly draws: the data's range with some margin on the log scale
+    lo, hi = lo / 1.15, hi * 1.15
+    decades = range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1)
+    for steps in ((1, 2, 5), _TICK_STEPS):
+        ticks = [m * 10.0**e for e in decades for m in steps if lo <= m * 10.0**e <= hi]
+        if len(ticks) >= at_least:
+            return ticks
+    # narrower than the finest steps: evenly spaced on the log scale
+    return [float(f"{lo * (hi / lo) ** (i / (at_least + 1)):.3g}") for i in range(1, at_least + 1)]
+
+
+def _tick_text(v: float) -> str:
+    return f"{v:g}x"
 
 
 def front_figure(data: RunData) -> go.Figure | None:
@@ -170,20 +194,24 @@ def front_figure(data: RunData) -> go.Figure | None:
             )
         )
     if has_final:
+        # On the trials' scale: the final run's validation accuracy; its test accuracy is in the hover.
+        on_val = _finite(final.get("compressed_val_top1"))
         fig.add_trace(
             go.Scatter(
                 x=[float(final["rate"])],
-                y=[float(final["compressed_test_top1"])],
+                y=[float(final["compressed_val_top1"] if on_val else final["compressed_test_top1"])],
                 mode="markers+text",
-                name="final fine-tune (test top-1)",
+                name="final fine-tune (val top-1)" if on_val
+                else "final fine-tune (TEST top-1, not the trials' validation scale)",
                 textposition="bottom center",
                 text=[f"final{'' if final.get('trial') is None else ' #' + str(final['trial'])}"],
                 marker={"color": _FINAL, "size": 14, "symbol": "diamond", "line": {"color": "#333", "width": 1}},
                 hovertext=[
                     f"<b>final fine-tune</b> of trial {_e(final.get('trial', '-'))}"
+                    f"<br>val top-1 {_num(final.get('compressed_val_top1'), '.2f', '%')}"
                     f"<br>test top-1 {float(final['compressed_test_top1']):.2f}% (dense test "
                     f"{_num(final.get('baseline_test_top1'), '.2f', '%')})<br>rate {float(final['rate']):.2f}x, "
-                    f"{_bytes(final.get('file_bytes'))} bytes<br>(test accuracy; the trials show val accuracy)"
+                    f"{_bytes(final.get('file_bytes'))} bytes"
                 ],
                 hoverinfo="text",
             )
@@ -200,14 +228,15 @@ def front_figure(data: RunData) -> go.Figure | None:
         annotation_text="baseline - 1 point",
         annotation_position="bottom left",
     )
+    ticks = rate_ticks([*done["rate"], *([final["rate"]] if has_final else [])])
     fig.update_layout(
         title="Pareto front: validation accuracy vs compression rate",
         xaxis={
             "title": "compression rate (x, log scale)",
             "type": "log",
             # Plain labels at 1-2-5 steps: plotly's default log ticks abbreviate 20 as "2".
-            "tickvals": _LOG_TICKS,
-            "ticktext": [f"{v:g}x" for v in _LOG_TICKS],
+            "tickvals": ticks,
+            "ticktext": [_tick_text(v) for v in ticks],
         },
         yaxis={"title": "validation top-1 (%)"},
         height=560,
@@ -220,14 +249,20 @@ def front_figure(data: RunData) -> go.Figure | None:
 
 
 def layers_figure(data: RunData) -> go.Figure | None:
-    """Heatmaps of every layer's p and bits for the Pareto plans (layers down, plans across by rate)."""
+    """Heatmaps of p and bits per searched unit (a group, or a layer) for the Pareto plans, in model order.
+
+    Units down (a group shows once, by its name), plans across by rate.
+    """
     table = data.table
-    if table.empty or not data.layers:
+    units = dict(data.units) or {layer: (layer,) for layer in data.layers}
+    if table.empty or not units:
         return None
     labels = [f"#{n} ({r:.1f}x)" for n, r in zip(table["number"], table["rate"], strict=True)]
-    layers = list(data.layers)
-    p = np.array([table[f"p:{layer}"].to_numpy(dtype=float) for layer in layers])
-    bits = np.array([table[f"bits:{layer}"].to_numpy(dtype=float, na_value=np.nan) for layer in layers])
+    layers = [key if len(members) == 1 and key == members[0] else f"{key} ({len(members)} layers)"
+              for key, members in units.items()]
+    first = [members[0] for members in units.values()]  # a group's layers share its (p, bits)
+    p = np.array([table[f"p:{layer}"].to_numpy(dtype=float) for layer in first])
+    bits = np.array([table[f"bits:{layer}"].to_numpy(dtype=float, na_value=np.nan) for layer in first])
     show_text = len(labels) <= 40  # cell labels stay legible up to about 40 plans
     fig = make_subplots(
         rows=1,
@@ -410,8 +445,10 @@ def _pareto_section(data: RunData) -> str:
     formats.update({c: (lambda v: f"{int(v)}") for c in t.columns if c.startswith("bits:")})
     classes = ["knee" if k else "" for k in t["knee"]]
     return (
-        f'<p class="note">{len(t)} Pareto-optimal trials by rate; drop = baseline val top-1 minus the trial\'s. '
-        f'The same rows are in pareto.csv.</p>\n{_table(t, formats, classes)}\n<p class="note">{_hv_text(data)}</p>'
+        f'<p class="note">{len(t)} Pareto-optimal trials by rate; drop = baseline val top-1 minus the trial\'s; '
+        "rank = the trial's non-dominated sorting rank (0: on the front, as every row here is; pareto.csv "
+        "keeps the column for other tools). The same rows are in pareto.csv.</p>\n"
+        f'{_table(t, formats, classes)}\n<p class="note">{_hv_text(data)}</p>'
     )
 
 
