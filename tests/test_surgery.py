@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from clipq_search import ConfigError, Plan, attach_clipq, attached_configs, clipq_quantize, strip_clipq
+from clipq_search import ConfigError, LayerConfig, Plan, attach_clipq, attached_configs, clipq_quantize, strip_clipq
 
 
 class GroupedNet(nn.Module):
@@ -214,7 +214,8 @@ def test_strip_bakes_weights_in_and_drops_fp_copies() -> None:
     x = torch.randn(2, 3, 8, 8)
     y = model(x)
     stripped = strip_clipq(model)
-    assert set(stripped) == {"stem", "grouped", "depthwise", "conv1d", "conv3d", "head"}
+    assert set(stripped.layers) == {"stem", "grouped", "depthwise", "conv1d", "conv3d", "head"}
+    assert stripped.layers["head"] == LayerConfig(0.6, 3)
     assert attached_configs(model) == {}
     assert not any("original" in n for n, _ in model.named_parameters())
     assert torch.equal(model(x), y)

@@ -203,6 +203,9 @@ def attach_clipq(model: nn.Module, plan: Plan | Mapping[str, Any]) -> dict[str, 
 
     ``plan`` is a :class:`Plan` or its JSON dict. Layers that already carry
     CLIP-Q get the new setting. Raises ``ConfigError`` for unknown layer names.
+
+    The model's ``state_dict()`` keeps the full-precision weights: to deploy,
+    use ``save_compressed`` or ``strip_clipq`` (then ``state_dict()``).
     """
     require_module(model)
     if not isinstance(plan, Plan):
@@ -240,10 +243,13 @@ def clipq_weight(module: nn.Module) -> torch.Tensor:
         return module.weight.detach()
 
 
-def strip_clipq(model: nn.Module) -> dict[str, LayerConfig]:
+def strip_clipq(model: nn.Module) -> Plan:
     """Bake the pruned-quantized weights in and drop the full-precision copies, in place.
 
-    Returns the configs of the stripped layers (what ``save_compressed`` needs).
+    Returns the stripped layers' plan: ``estimate_size(model, plan)`` and
+    ``save_compressed(model, path, plan)`` take it to size or write the
+    stripped model, and ``model.state_dict()`` now holds the compressed
+    weights (an attached model's state dict holds the full-precision ones).
     """
     stripped = attached_configs(model)
     for name, module in model.named_modules():
@@ -251,7 +257,7 @@ def strip_clipq(model: nn.Module) -> dict[str, LayerConfig]:
             _own_class(module)
             with torch.no_grad():
                 parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
-    return stripped
+    return Plan(layers=stripped)
 
 
 def _own_class(module: nn.Module) -> None:
