@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from clipq_search.errors import ClipQError
+from clipq_search.errors import ClipQError, shown
 
 if TYPE_CHECKING:
     from clipq_search.search.space import Space
@@ -115,7 +115,15 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_final(args: argparse.Namespace) -> None:
     from clipq_search.search.final import run_final
 
-    run_final(Path(args.run_dir), config=args.config, overrides=args.overrides, address=args.address, log=_log)
+    run_final(
+        Path(args.run_dir),
+        config=args.config,
+        trial=args.trial,
+        overrides=args.overrides,
+        address=args.address,
+        force=args.force,
+        log=_log,
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -130,7 +138,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     _log(f"report: {html}")
     plan_path = export_plan(summary.run_dir, log=_log)
     _log(f"exported plan: {plan_path}")
-    run_final(summary.run_dir, config=str(plan_path), overrides=[], log=_log)
+    # the chain's own final: a rerun of demo replaces the final of its earlier plan
+    run_final(summary.run_dir, config=str(plan_path), overrides=[], force=True, log=_log)
     html, _ = write_report(summary.run_dir)
     _log(f"report with the final result: {html}")
 
@@ -177,6 +186,17 @@ def register(sub: argparse._SubParsersAction, add_space_args: Callable, positive
             raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
         return v
 
+    def seed_int(text: str) -> int:
+        from clipq_search.search.space import SEED_MAX
+
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{shown(text)} is not an integer") from None
+        if not 0 <= v <= SEED_MAX:
+            raise argparse.ArgumentTypeError(f"{shown(text)} is out of range; a seed is an integer in [0, {SEED_MAX}]")
+        return v
+
     p = sub.add_parser("spaces", help="list the shipped search spaces (presets)")
     p.set_defaults(func=cmd_spaces)
 
@@ -195,8 +215,10 @@ def register(sub: argparse._SubParsersAction, add_space_args: Callable, positive
     add_space_args(p)
     p.add_argument("--trials", type=positive_int, help="total finished trials wanted (default: search.trials)")
     p.add_argument("--concurrency", type=positive_int, help="trials at once (default: search.concurrency)")
-    p.add_argument("--sampler", choices=["tpe", "gp", "nsga2", "random", "paper"], help="default: search.sampler")
-    p.add_argument("--seed", type=int, help="sampler seed (default: search.seed)")
+    p.add_argument(
+        "--sampler", choices=["auto", "tpe", "gp", "nsga2", "random", "paper"], help="default: search.sampler"
+    )
+    p.add_argument("--seed", type=seed_int, help="sampler seed (default: search.seed)")
     p.add_argument("--name", help="run name: results/<name>/ (default: the space's name)")
     p.add_argument("--address", help="Ray cluster address HOST:PORT (default: a private local Ray instance)")
     p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///<run dir>/study.db)")
@@ -218,9 +240,12 @@ def register(sub: argparse._SubParsersAction, add_space_args: Callable, positive
 
     p = sub.add_parser("final", help="full-length CLIP-Q fine-tune of a plan -> final/model.clipq")
     p.add_argument("run_dir")
-    p.add_argument("--config", help="plan JSON (default: what `export` picks with its defaults)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--config", help="plan JSON (default: what `export` picks with its defaults)")
+    g.add_argument("--trial", type=int, help="the plan of this trial number (as `export --trial N` would pick)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     p.add_argument("--address", help="Ray cluster address (default: local)")
+    p.add_argument("--force", action="store_true", help="replace a finished final run of another plan or setup")
     p.set_defaults(func=cmd_final)
 
     p = sub.add_parser("demo", help="pretrain, search, report, export and final in one go")

@@ -68,9 +68,14 @@ def test_export_round_trips_and_attaches(run_dir: Path, tmp_path: Path) -> None:
 
 
 def test_final_writes_a_file_whose_reloaded_model_gives_the_reported_accuracy(run_dir: Path) -> None:
-    r = _cli("final", str(run_dir))
+    import pandas as pd
+
+    trials = pd.read_csv(run_dir / "trials.csv")
+    number = int(trials.loc[trials["state"] == "COMPLETE", "number"].iloc[-1])
+    r = _cli("final", str(run_dir), "--trial", str(number))  # a trial's plan directly, without export
     assert r.returncode == 0, r.stderr[-2000:]
     metrics = json.loads((run_dir / "final" / "metrics.json").read_text())
+    assert metrics["trial"] == number
     path = run_dir / "final" / "model.clipq"
     assert metrics["file_bytes"] == path.stat().st_size
     assert metrics["rate"] == pytest.approx(metrics["original_bytes"] / path.stat().st_size)
