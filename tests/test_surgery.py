@@ -479,3 +479,32 @@ def test_a_non_contiguous_weight_takes_the_general_path_without_setting_up_a_com
             original.add_(0.01)
             assert torch.equal(lin.weight, clipq_quantize(original.contiguous(), 0.5, 3))
         assert par._state["op"] is None
+
+
+def test_a_compiled_attached_model_trains_as_the_eager_one_without_recompiling() -> None:
+    """torch.compile: one graph per layer shape, no recompile from step to step, the eager model's losses."""
+    import torch._dynamo
+
+    def make() -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 20), nn.ReLU(), nn.Linear(20, 3))
+        attach_clipq(m, {"default": {"p": 0.8, "bits": 3}})
+        return m, torch.optim.SGD(m.parameters(), lr=0.1)
+
+    (eager, opt_e), (model, opt_c) = make(), make()
+    compiled = torch.compile(model, backend="eager")
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 40, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(6)]
+
+    def step(net: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    losses = [(step(compiled, opt_c, x, y), step(eager, opt_e, x, y)) for x, y in batches[:2]]
+    with torch._dynamo.config.patch(error_on_recompile=True):  # warm: every later step reuses the graphs
+        losses += [(step(compiled, opt_c, x, y), step(eager, opt_e, x, y)) for x, y in batches[2:]]
+    assert [c for c, _ in losses] == [e for _, e in losses]
+    torch._dynamo.reset()

@@ -165,7 +165,9 @@ class ClipQWeight(nn.Module):
         return buf
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
-        q = self.quantize(original)
+        # Under torch.compile the bookkeeping and the kernel call run as they are, outside the graph:
+        # traced, their per-step state would become guards and recompile the model at every step.
+        q = _quantize_outside_graphs(self, original) if torch.compiler.is_compiling() else self.quantize(original)
         # While torch.jit.trace records, also without gradients: its check traces again under no_grad
         # and compares the two graphs.
         if (original.requires_grad and torch.is_grad_enabled()) or torch.jit.is_tracing():
@@ -174,6 +176,9 @@ class ClipQWeight(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}, bits={self.bits}"
+
+
+_quantize_outside_graphs = torch.compiler.disable(ClipQWeight.quantize)
 
 
 def _clipq_param(module: nn.Module) -> ClipQWeight | None:
