@@ -34,7 +34,15 @@ from clipq_search.training.data import (
     dataset_info,
     load_dataset,
 )
-from clipq_search.training.loop import DEFAULT_PRETRAIN, TrainConfig, configure_threads, evaluate, select_device, train
+from clipq_search.training.loop import (
+    DEFAULT_PRETRAIN,
+    TrainConfig,
+    configure_threads,
+    epochs_text,
+    evaluate,
+    select_device,
+    train,
+)
 from clipq_search.training.models import build_model
 
 __all__ = [
@@ -158,7 +166,7 @@ def ensure_baseline(
         )
     else:
         cfg = train_config(space.data, "baseline")
-        log(f"pretraining dense {space.data['model']} on {splits.name}: {cfg.epochs:g} epochs (cached afterwards)")
+        log(f"pretraining dense {space.data['model']} on {splits.name}: {epochs_text(cfg.epochs)} (cached afterwards)")
         t0 = time.perf_counter()
         train(
             model,

@@ -29,6 +29,7 @@ from clipq_search.training.data import ArrayDataset, BatchSource, iter_batches, 
 
 __all__ = [
     "DEFAULT_PRETRAIN",
+    "epochs_text",
     "SCHEDULES",
     "TrainConfig",
     "TrainResult",
@@ -206,6 +207,11 @@ def lr_at(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch: int) -
 #: lenet5 6/8/10/15 epochs -> 91.7/91.9/91.8/91.9% (longer only overfits).
 #: ``benchmarks/bench_baseline.py`` writes the figures to
 #: ``benchmarks/results/baseline.json``.
+def epochs_text(epochs: float) -> str:
+    """``1 epoch``, ``2 epochs``, ``0.5 epochs``: for messages."""
+    return f"{epochs:g} epoch" + ("" if epochs == 1 else "s")
+
+
 DEFAULT_PRETRAIN: dict[str, TrainConfig] = {
     "lenet300": TrainConfig(epochs=20, batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine"),
     "lenet5": TrainConfig(epochs=8, batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine"),
