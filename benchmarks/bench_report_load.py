@@ -41,7 +41,7 @@ def build_run(run_dir: Path, n: int, seed: int = 0) -> float:
     dists = distributions(units)
     run_dir.mkdir(parents=True)
     t0 = time.perf_counter()
-    study = open_study(f"sqlite:///{run_dir / 'study.db'}", optuna.samplers.RandomSampler(seed=seed))
+    study = open_study(f"sqlite:///{run_dir / 'study.db'}", run_dir.name, optuna.samplers.RandomSampler(seed=seed))
     for _ in range(n):
         trial = study.ask(dists)
         p = [trial.params[f"p:{name}"] for name in layers]

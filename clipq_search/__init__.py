@@ -11,7 +11,7 @@ from clipq_search.core.encoding import (
     save_compressed,
 )
 from clipq_search.core.operator import clipq_quantize, clipq_quantize_with_stats
-from clipq_search.core.plan import LayerConfig, Plan, compressible_layers
+from clipq_search.core.plan import LayerConfig, Plan, compressible_layers, compressible_tensors
 from clipq_search.core.surgery import attach_clipq, attached_configs, strip_clipq
 from clipq_search.errors import ClipQError, ConfigError, FormatError
 
@@ -30,6 +30,7 @@ __all__ = [
     "clipq_quantize",
     "clipq_quantize_with_stats",
     "compressible_layers",
+    "compressible_tensors",
     "estimate_size",
     "load_compressed",
     "read_compressed",

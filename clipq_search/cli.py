@@ -8,11 +8,12 @@ command, and turns a ``ClipQError`` into one line on stderr and exit code 2
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
 
-from clipq_search.errors import ClipQError
+from clipq_search.errors import ClipQError, shown
 
 __all__ = ["main"]
 
@@ -21,9 +22,9 @@ def _positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer") from None
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not a positive integer") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer (must be >= 1)")
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not a positive integer (must be >= 1)")
     return value
 
 
@@ -78,6 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int | None] = args.func
+    if args.debug:  # Ray Tune then prints each failed trial's traceback too
+        os.environ["TUNE_PRINT_ALL_TRIAL_ERRORS"] = "1"
     try:
         return int(func(args) or 0)
     except ClipQError as exc:
@@ -90,6 +93,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         where = f": {exc.filename}" if exc.filename else ""
         print(f"error: {exc.strerror or exc}{where}; check the path, its permissions and free space", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        # Last resort for Ray: whatever of it reaches here (a worker killed, a node lost) is one line, not a traceback.
+        from clipq_search.search.cluster import first_line
+        from clipq_search.search.worker_kills import is_ray_error, kill_reason
+
+        if not is_ray_error(exc):
+            raise
+        if args.debug:
+            traceback.print_exc()
+        why = kill_reason(exc) or first_line(exc)
+        print(f"error: Ray failed ({why}); finished work is saved: rerun the same command to resume", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         try:

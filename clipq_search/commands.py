@@ -64,8 +64,8 @@ def _prepare(
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from clipq_search.search.trial import ensure_baseline
 
-    space = _prepare(args, search=False)
-    b = ensure_baseline(space, args.results, log=_log)
+    space = _prepare(args, search=False, address=args.address)
+    b = ensure_baseline(space, args.results, log=_log, address=args.address)
     took = " (cached)" if b.cached else f" in {b.seconds:.0f}s"
     top5 = f", top-5 {b.test_top5:.2f}%" if b.test_top5 is not None else ""
     print(
@@ -181,9 +181,9 @@ def register(sub: argparse._SubParsersAction, add_space_args: Callable, positive
         try:
             v = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+            raise argparse.ArgumentTypeError(f"{shown(text)} is not a number") from None
         if not v >= 0:
-            raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+            raise argparse.ArgumentTypeError(f"{shown(text)} must be >= 0")
         return v
 
     def seed_int(text: str) -> int:
@@ -209,6 +209,7 @@ def register(sub: argparse._SubParsersAction, add_space_args: Callable, positive
 
     p = sub.add_parser("pretrain", help="train (or reuse) the dense baseline a space names")
     add_space_args(p)
+    p.add_argument("--address", help="Ray cluster address HOST:PORT (default: a private local Ray instance)")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("search", help="run or resume a search (Optuna + Ray Tune)")

@@ -32,3 +32,18 @@ def ray_local():
     yield
     if ray.is_initialized():
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL server for the session (see tests/_postgres.py); stopped and deleted afterwards."""
+    from ._postgres import PostgresServer, find_bin_dir
+
+    if find_bin_dir() is None:
+        pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl): apt-get install postgresql")
+    pytest.importorskip("psycopg", reason="psycopg 3 is not installed: pip install 'psycopg[binary]'")
+    server = PostgresServer()
+    try:
+        yield server.start()
+    finally:
+        server.stop()

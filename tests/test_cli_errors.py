@@ -1,45 +1,106 @@
-"""Bad input gets a clear answer: every case runs the real command line.
+"""Bad input gets a clear answer: a table of hostile and careless inputs through the real command line.
 
-Each case asserts a non-zero exit, exactly one line on stderr (no traceback)
-that names the problem and the fix, and that nothing was written: no run
-directory, no cached baseline, no temporary file. Bad input is rejected before
-any training or Ray start, so no case needs a trained baseline.
+Every case runs ``clipq_search.cli.main(argv)`` in this process (a fresh
+interpreter per case would take minutes) and must be answered as promised:
+exit 2, exactly one line on stderr (no traceback) naming the problem and its
+fix, nothing written anywhere (the case's folder, the shared inputs, the
+working folder), no file of the user's changed, within 10 s and 500 MB. A
+few cases also run as real subprocesses (an interpreter's traceback or a hang
+shows there). Cases are written by hand (each defect found) and generated
+(every key of the space schema with a wrong type, out of range, or null; every
+flag with bad values; bad files of each kind).
 """
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import random
+import resource
 import shutil
+import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import yaml
 
+from clipq_search.cli import main as cli_main
+from clipq_search.search.space import SCHEMA, yaml_load
+
 from .conftest import REPO, SMOKE, needs_fashion
 
-# About 60 command-line runs at ~2 s of interpreter and torch start-up each.
-pytestmark = [needs_fashion, pytest.mark.slow]
+pytestmark = needs_fashion
+
+LIMIT_S = 10  # each case: seconds
+LIMIT_BYTES = 500 << 20  # each case: growth of the process's peak memory
+MAX_LINE = 1500  # the error line: user text in it is quoted at a bounded length
 
 # -- running the command line --------------------------------------------------------------
 
 
-def _run(args: list[str], timeout: float = 120) -> tuple[subprocess.CompletedProcess[str], float]:
+class _Hang(BaseException):
+    pass
+
+
+def _alarm(signum: int, frame: object) -> None:
+    raise _Hang
+
+
+@dataclass
+class Outcome:
+    code: int | str | None
+    out: str
+    err: str
+    seconds: float
+    grew: int  # bytes the process's peak memory grew by
+
+
+def run_in_process(argv: list[str], capfd: pytest.CaptureFixture[str]) -> Outcome:
+    """``main(argv)`` here, with a time limit (SIGALRM ends even a blocked read) and peak-memory growth."""
+    capfd.readouterr()
+    peak0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    old = signal.signal(signal.SIGALRM, _alarm)
+    signal.setitimer(signal.ITIMER_REAL, LIMIT_S)
+    t0 = time.perf_counter()
+    code: int | str | None
+    try:
+        code = cli_main(argv)
+    except SystemExit as exc:  # argparse's errors, and anything else that exits
+        code = exc.code
+    except _Hang:
+        code = "hang"
+    finally:
+        seconds = time.perf_counter() - t0
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak0) * 1024
+    out, err = capfd.readouterr()
+    return Outcome(code, out, err, seconds, grew)
+
+
+def run_subprocess(argv: list[str], cwd: Path, timeout: float = LIMIT_S + 20) -> Outcome:
+    """The real command in its own interpreter (interpreter and torch start-up take a few seconds)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     t0 = time.perf_counter()
-    res = subprocess.run(
-        [sys.executable, "run_search.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
-    )
-    return res, time.perf_counter() - t0
+    try:
+        res = subprocess.run(
+            [sys.executable, str(REPO / "run_search.py"), *argv],
+            cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as exc:
+        return Outcome("hang", str(exc.stdout or ""), str(exc.stderr or ""), time.perf_counter() - t0, 0)
+    return Outcome(res.returncode, res.stdout, res.stderr, time.perf_counter() - t0, 0)
 
 
 def _tree(*roots: Path) -> dict[str, tuple[int, int] | None]:
@@ -47,23 +108,27 @@ def _tree(*roots: Path) -> dict[str, tuple[int, int] | None]:
     out: dict[str, tuple[int, int] | None] = {}
     for root in roots:
         for p in root.rglob("*"):
-            st = p.stat()
-            out[str(p)] = (st.st_size, st.st_mtime_ns) if p.is_file() else None
+            st = p.lstat()
+            out[str(p)] = (st.st_size, st.st_mtime_ns) if p.is_file() and not p.is_symlink() else None
     return out
 
 
-def _check_rejected(res: subprocess.CompletedProcess[str], needles: tuple[str, ...]) -> str:
-    """Non-zero exit and exactly one stderr line (no traceback) containing every needle."""
-    lines = res.stderr.splitlines()
-    assert res.returncode != 0, f"exit 0; stdout={res.stdout!r}"
-    assert len(lines) == 1, f"expected one stderr line, got {len(lines)}:\n{res.stderr}"
+def check_rejected(res: Outcome, needles: tuple[str, ...]) -> str:
+    """Exit 2 and exactly one stderr line (no traceback) containing every needle, in time and memory."""
+    assert res.code != "hang", f"no answer within {LIMIT_S} s; stderr={res.err[-2000:]!r}"
+    lines = res.err.splitlines()
+    assert res.code == 2, f"exit {res.code!r}; stdout={res.out[-2000:]!r} stderr={res.err[-2000:]!r}"
+    assert len(lines) == 1, f"expected one stderr line, got {len(lines)}:\n{res.err[-4000:]}"
     line = lines[0]
     assert "Traceback" not in line
-    assert line.startswith(("error: ", "run_search.py")), line
+    assert line.startswith(("error: ", "clipq-search")), line
+    assert len(line) <= MAX_LINE, f"a {len(line)}-character error line: {line[:300]}..."
     for needle in needles:
         assert needle in line, f"{needle!r} not in {line!r}"
     # nothing started: no training, no Ray
-    assert "pretraining" not in res.stdout and "Ray" not in res.stdout, res.stdout
+    assert "pretraining" not in res.out and "Ray" not in res.out, res.out
+    assert res.seconds < LIMIT_S, f"took {res.seconds:.1f} s"
+    assert res.grew < LIMIT_BYTES, f"peak memory grew by {res.grew / 2**20:.0f} MB"
     return line
 
 
@@ -80,7 +145,9 @@ class Assets:
     clipq: dict[str, Path]
     run_dir: Path
     plans: dict[str, Path]
+    spaces: dict[str, Path]
     not_a_run: Path
+    fifo: Path
 
 
 def _write_idx(path: Path, magic: bytes, dims: tuple[int, ...], fill: int = 0) -> None:
@@ -90,14 +157,66 @@ def _write_idx(path: Path, magic: bytes, dims: tuple[int, ...], fill: int = 0) -
     path.write_bytes(magic + struct.pack(f">{len(dims)}I", *dims) + bytes([fill]) * n)
 
 
+_BOMB = """\
+a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]
+b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]
+h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]
+i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
+"""
+# An alias bomb inside a real key, whose value is refused: the refusal used to quote all of it.
+_BOMB_IN_A_VALUE = """\
+model: lenet300
+layers:
+  dense: &a [[x, x, x, x, x, x, x, x], [x, x, x, x, x, x, x, x]]
+  groups: {g: [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a, *a, *a, *a, *a, *a, *a]}
+description: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a, *a, *a, *a, *a, *a, *a]
+name: [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b, *b, *b, *b, *b, *b, *b]
+"""
+
+
+def _crafted_clipq(shape: tuple[int, int]) -> bytes:
+    """A tiny sparse record with no entries that declares ``shape``."""
+    body = (
+        b"CLIPQ\0" + struct.pack("<HI", 1, 1) + struct.pack("<H", 1) + b"w" + struct.pack("<BBB", 1, 0, 2)
+        + struct.pack("<II", *shape) + struct.pack("<BBfI", 2, 4, 0.5, 0) + bytes(12)
+    )
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def _fake_run(path: Path, root: Path) -> Path:
+    """A run directory as `search` leaves it (space, baseline, run.json), with a random-init baseline."""
+    from clipq_search.search.space import load_space
+
+    path.mkdir()
+    (path / "space.yaml").write_text(load_space(SMOKE).to_yaml())
+    baseline = {
+        "checkpoint": str(root / "lenet300.pt"),
+        "val_top1": 10.0,
+        "test_top1": 10.0,
+        "test_top5": 50.0,
+        "seconds": 0.0,
+        "model": "lenet300",
+        "dataset": "fashion-mnist",
+        "fingerprint": "0",
+    }
+    (path / "baseline.json").write_text(json.dumps(baseline))
+    (path / "run.json").write_text(json.dumps({"storage": f"sqlite:///{path / 'study.db'}", "name": path.name}))
+    return path
+
+
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
     """Bad and good inputs, made once and cheaply (random-init weights, no training)."""
-    import torch
-
     from clipq_search.core.encoding import save_compressed
     from clipq_search.core.plan import Plan
+    from clipq_search.search.final import _checkpoints
     from clipq_search.search.space import load_space
+    from clipq_search.search.trial import train_config
     from clipq_search.training.loop import save_state_dict
     from clipq_search.training.models import build_model
 
@@ -107,6 +226,9 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
     save_state_dict(lenet300, root / "lenet300.pt")
     save_state_dict(build_model("lenet5"), root / "lenet5.pt")
     (root / "random.pt").write_bytes(random.Random(0).randbytes(4096))
+    (root / "empty.pt").write_bytes(b"")
+    fifo = root / "fifo"
+    os.mkfifo(fifo)
 
     # Four IDX files in the right places; the training images have a bad magic number.
     idx = root / "bad_idx"
@@ -132,24 +254,13 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
     flipped[len(data) // 2] ^= 0xFF
     clipq["checksum"] = root / "checksum.clipq"
     clipq["checksum"].write_bytes(bytes(flipped))
+    clipq["empty"] = root / "empty.clipq"
+    clipq["empty"].write_bytes(b"")
+    for shape in ((50000, 30000), (20000, 20000)):
+        clipq[f"{shape[0]}x{shape[1]}"] = root / f"crafted-{shape[0]}x{shape[1]}.clipq"
+        clipq[f"{shape[0]}x{shape[1]}"].write_bytes(_crafted_clipq(shape))
 
-    # A run directory as `search` leaves it (space, baseline, run.json), with a random-init baseline.
-    run = root / "run"
-    run.mkdir()
-    space = load_space(SMOKE)
-    (run / "space.yaml").write_text(space.to_yaml())
-    baseline = {
-        "checkpoint": str(root / "lenet300.pt"),
-        "val_top1": 10.0,
-        "test_top1": 10.0,
-        "test_top5": 50.0,
-        "seconds": 0.0,
-        "model": "lenet300",
-        "dataset": "fashion-mnist",
-        "fingerprint": "0",
-    }
-    (run / "baseline.json").write_text(json.dumps(baseline))
-    (run / "run.json").write_text(json.dumps({"storage": f"sqlite:///{run / 'study.db'}", "name": "run"}))
+    run = _fake_run(root / "run", root)
     plans = {name: root / f"plan_{name}.json" for name in ("good", "not_json", "unknown_layer", "bad_bits")}
     plans["good"].write_text(json.dumps({"layers": {"fc1": {"p": 0.9, "bits": 3}}, "default": {"p": 0.5, "bits": 4}}))
     plans["not_json"].write_text("{layers: fc1")
@@ -157,13 +268,93 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
     plans["bad_bits"].write_text(json.dumps({"layers": {"fc1": {"p": 0.5, "bits": 12}}}))
     plans["not_a_plan"] = root / "plan_list.json"
     plans["not_a_plan"].write_text("[1, 2]")
+    plans["nan"] = root / "plan_nan.json"
+    plans["nan"].write_text('{"layers": {"fc1": {"p": NaN, "bits": 3}}}')
+    plans["deep"] = root / "plan_deep.json"
+    plans["deep"].write_text("[" * 200_000 + "]" * 200_000)
+    plans["big"] = root / "plan_big.json"
+    plans["big"].write_text('{"layers": {}, "pad": "' + "x" * (5 << 20) + '"}')
+    plans["huge_key"] = root / "plan_huge_key.json"
+    plans["huge_key"].write_text(json.dumps({"layers": {"f" * 300_000: {"p": 0.5, "bits": 3}}}))
+    plans["binary"] = root / "plan_binary.json"
+    plans["binary"].write_bytes(random.Random(1).randbytes(2000))
     for name, text in (("run_base_list", "[]"), ("run_base_broken", "{oops"), ("run_base_short", '{"val_top1": 10}')):
         shutil.copytree(run, root / name)
         (root / name / "baseline.json").write_text(text)
+    shutil.copytree(run, root / "run_trials_binary")
+    (root / "run_trials_binary" / "trials.csv").write_bytes(random.Random(2).randbytes(3000))
+    shutil.copytree(run, root / "run_space_fifo")
+    (root / "run_space_fifo" / "space.yaml").unlink()
+    os.mkfifo(root / "run_space_fifo" / "space.yaml")
+    shutil.copytree(run, root / "run_base_zero")
+    (root / "run_base_zero" / "baseline.json").unlink()
+    (root / "run_base_zero" / "baseline.json").symlink_to("/dev/zero")
+
+    # A finished final of another plan (must not be replaced without --force) and a corrupt checkpoint.
+    space = load_space(SMOKE)
+    setup = {"plan": Plan.load(plans["good"]).to_dict(), "train": train_config(space.data, "final").to_dict()}
+    other = _fake_run(root / "run_final_other", root)
+    (other / "final").mkdir()
+    (other / "final" / "metrics.json").write_text(
+        json.dumps({"plan": Plan.uniform(0.5, 4).to_dict(), "source": {"trial": 7}, "setup": "0123456789ab"})
+    )
+    (other / "final" / "model.clipq").write_bytes(data)
+    corrupt = _fake_run(root / "run_bad_ckpt", root)
+    (corrupt / "final").mkdir()
+    _checkpoints(corrupt / "final", setup)["compressed"].write_bytes(b"PK\x03\x04 not a checkpoint")
+
     not_a_run = root / "not_a_run"
     not_a_run.mkdir()
     (not_a_run / "notes.txt").write_text("hello\n")
-    return Assets(root, root / "lenet300.pt", root / "lenet5.pt", root / "random.pt", idx, clipq, run, plans, not_a_run)
+
+    smoke = SMOKE.read_text()
+    texts = {
+        "bomb": _BOMB,
+        "bomb_in_a_value": _BOMB_IN_A_VALUE,
+        "deep": "[" * 5000 + "]" * 5000,
+        "deep_map": "".join("  " * i + f"k{i}:\n" for i in range(200)),
+        "big": "# padding\n" * (150 << 10),
+        "huge_value": "model: [" + ", ".join(["0"] * 300_000) + "]\n",
+        "long_value": "model: [" + ", ".join(["0"] * 10_000) + "]\n",
+        "long_string": "model: " + "x" * 1_000_000 + "\n",
+        "huge_key": smoke + "\n" + "k" * 300_000 + ": 1\n",
+        "tabs": "model:\tlenet300\n\tdataset: x\n",
+        "name_dotdot": smoke.replace("name: smoke", "name: ../.."),
+        "name_slash": smoke.replace("name: smoke", "name: a/b"),
+        "model_exit": smoke.replace("model: lenet300", "model: builtins:exit"),
+        "lr_word": smoke.replace("lr: 0.01", "lr: 1e-3x"),
+        "merge_key": "base: &b {model: lenet300}\nspace:\n  <<: *b\n",
+    }
+    spaces = {}
+    for name, text in texts.items():
+        spaces[name] = root / f"space_{name}.yaml"
+        spaces[name].write_text(text)
+    spaces["binary"] = root / "space_binary.yaml"
+    spaces["binary"].write_bytes(random.Random(3).randbytes(4000))
+    spaces["latin1"] = root / "space_latin1.yaml"
+    spaces["latin1"].write_bytes(b"model: caf\xe9\n")
+    spaces["zero_link"] = root / "space_zero.yaml"
+    spaces["zero_link"].symlink_to("/dev/zero")
+    return Assets(
+        root, root / "lenet300.pt", root / "lenet5.pt", root / "random.pt", idx, clipq, run, plans, spaces,
+        not_a_run, fifo,
+    )
+
+
+class _QuietHandler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        pass
+
+
+@pytest.fixture(scope="session")
+def http_port() -> Iterator[int]:
+    """A web server on loopback: an open port that is not a Ray cluster."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
 
 
 # -- the cases --------------------------------------------------------------------------------
@@ -174,6 +365,10 @@ class Ctx:
     tmp: Path
     results: Path
     a: Assets
+    port: int
+
+    def fill(self, text: str) -> str:
+        return text.format(tmp=self.tmp, a=self.a, run=self.a.run_dir, port=self.port, results=self.results)
 
     def space(self, text: str | None = None, edit: Callable[[dict], None] | None = None) -> str:
         """``tmp/space.yaml``: raw ``text``, or smoke.yaml after ``edit`` of its mapping."""
@@ -185,6 +380,18 @@ class Ctx:
             text = yaml.safe_dump(data, sort_keys=False)
         path.write_text(text)
         return str(path)
+
+
+Argv = Callable[[Ctx], list[str]]
+Setup = Callable[[Ctx], None]
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    argv: Argv
+    needles: tuple[str, ...]
+    setup: Setup | None = None
 
 
 def _layers(**kw: object) -> Callable[[dict], None]:
@@ -205,18 +412,14 @@ def _set(key: str, value: object) -> Callable[[dict], None]:
     return edit
 
 
-Argv = Callable[[Ctx], list[str]]
-Case = tuple[str, Argv, tuple[str, ...]]
-
-
 def search(*extra: str) -> Argv:
-    """``search smoke.yaml --results DIR EXTRA...`` (``{tmp}`` and ``{a.x}`` in EXTRA are filled in)."""
-    return lambda c: ["search", str(SMOKE), "--results", str(c.results), *(e.format(tmp=c.tmp, a=c.a) for e in extra)]
+    """``search smoke.yaml --results DIR EXTRA...`` (``{tmp}``, ``{a.x}``, ``{port}`` in EXTRA are filled in)."""
+    return lambda c: ["search", str(SMOKE), "--results", str(c.results), *(c.fill(e) for e in extra)]
 
 
-def search_edited(edit: Callable[[dict], None]) -> Argv:
+def search_edited(edit: Callable[[dict], None], *extra: str) -> Argv:
     """``search`` on a copy of smoke.yaml changed by ``edit``."""
-    return lambda c: ["search", c.space(edit=edit), "--results", str(c.results)]
+    return lambda c: ["search", c.space(edit=edit), "--results", str(c.results), *(c.fill(e) for e in extra)]
 
 
 def pretrain_text(text: str) -> Argv:
@@ -225,18 +428,32 @@ def pretrain_text(text: str) -> Argv:
 
 
 def pretrain_edited(edit: Callable[[dict], None], *extra: str) -> Argv:
-    return lambda c: ["pretrain", c.space(edit=edit), "--results", str(c.results), *(e.format(a=c.a) for e in extra)]
+    return lambda c: ["pretrain", c.space(edit=edit), "--results", str(c.results), *(c.fill(e) for e in extra)]
 
 
 def cmd(*argv: str) -> Argv:
-    """Any command; ``{tmp}``, ``{a.x}`` and ``{run}`` (the fake run directory) are filled in."""
-    return lambda c: [a.format(tmp=c.tmp, a=c.a, run=c.a.run_dir) for a in argv]
+    """Any command; ``{tmp}``, ``{a.x}``, ``{run}``, ``{port}`` and ``{results}`` are filled in."""
+    return lambda c: [c.fill(a) for a in argv]
+
+
+def files(*paths_and_texts: tuple[str, str]) -> Setup:
+    """Setup: write each (path, text) (``{tmp}`` etc. filled in) before the case runs."""
+
+    def setup(c: Ctx) -> None:
+        for path, text in paths_and_texts:
+            p = Path(c.fill(path))
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(text)
+
+    return setup
 
 
 ALL_LAYERS = "fc1, fc2, fc3"
 TRIPLE_FC = ["fc1", "fc2", "fc3"]
+USER_TRIALS = "number,state\n1,MINE\n"
 
-CASES: list[Case] = [
+# (id, argv, needles) found in earlier rounds of trying bad input
+EARLIER: list[tuple[str, Argv, tuple[str, ...]]] = [
     # the space file
     (
         "space-missing",
@@ -415,45 +632,319 @@ CASES: list[Case] = [
     ),
     ("final-no-trials", cmd("final", "{run}"), ("no trials.csv", "search")),
 ]
+
+# (id, argv, needles, setup) of issue 19: confined run names, bounded reads, no hangs, clear answers
+HOSTILE: list[Case] = [
+    # 1. run names are one folder under --results; a folder of the user's is never written into
+    *[
+        Case(f"name-{label}", search("--name", name), ("run name", "--name", "letters, digits"))
+        for label, name in (
+            ("dotdot", ".."), ("dot", "."), ("up", "../mine"), ("up-up", "../../x"), ("abs", "{tmp}/mine"),
+            ("abs-up", "{tmp}/results/../mine"), ("slash", "a/b"), ("empty", ""), ("space", "a b"),
+            ("newline", "a\nb"), ("long", "x" * 101), ("accent", "café"), ("nul-like", "a\\x00b"),
+        )
+    ],
+    Case(
+        "name-escapes-onto-a-users-trials",
+        search("--name", "../mine", "--trials", "1", "--concurrency", "1"),
+        ("run name", "'../mine'"),
+        files(("{tmp}/mine/trials.csv", USER_TRIALS)),
+    ),
+    Case(
+        "name-absolute-onto-a-users-trials",
+        search("--name", "{tmp}/mine", "--trials", "1", "--concurrency", "1"),
+        ("run name",),
+        files(("{tmp}/mine/trials.csv", USER_TRIALS)),
+    ),
+    Case("name-from-space-file", cmd("search", "{a.spaces[name_dotdot]}", "--results", "{results}"), ("'../..'",)),
+    Case("name-slash-from-space-file", cmd("search", "{a.spaces[name_slash]}", "--results", "{results}"), ("'a/b'",)),
+    Case("name-by-set", search("--set", "name=.."), ("run name", "'..'")),
+    Case(
+        "run-folder-holds-users-trials",
+        search("--name", "mine"),
+        ("mine", "did not write", "trials.csv", "another --name"),
+        files(("{results}/mine/trials.csv", USER_TRIALS)),
+    ),
+    Case(
+        "run-folder-holds-users-notes",
+        search("--name", "mine"),
+        ("did not write", "notes.txt"),
+        files(("{results}/mine/notes.txt", "mine\n")),
+    ),
+    Case(
+        "run-folder-is-a-file",
+        search("--name", "mine"),
+        ("is a file, not a run folder",),
+        files(("{results}/mine", "a file\n")),
+    ),
+    # 3. addresses that are not a Ray cluster fail in seconds
+    Case("address-web-server", search("--address", "127.0.0.1:{port}"), ("127.0.0.1:", "not a Ray cluster")),
+    Case("address-web-server-ray-client", search("--address", "ray://127.0.0.1:{port}"), ("not a Ray cluster",)),
+    Case("final-address-web-server", cmd("final", "{run}", "--address", "127.0.0.1:{port}"), ("not a Ray cluster",)),
+    Case("address-closed", search("--address", "127.0.0.1:1"), ("127.0.0.1:1", "ray start --head")),
+    Case("address-ray-client-closed", search("--address", "ray://127.0.0.1:1"), ("ray://127.0.0.1:1",)),
+    *[
+        Case(f"address-{label}", search("--address", bad), ("HOST:PORT",))
+        for label, bad in (("no-host", ":6379"), ("port-word", "host:abc"), ("port-0", "127.0.0.1:0"),
+                           ("port-big", "127.0.0.1:99999"), ("empty-port", "127.0.0.1:"))
+    ],
+    # 4. seeds
+    *[
+        Case(f"seed-{label}", search("--seed", bad), ("--seed", "[0, 4294967295]"))
+        for label, bad in (("negative", "-1"), ("huge", "99999999999999999999"), ("2-32", "4294967296"))
+    ],
+    Case("seed-float", search("--seed", "1.5"), ("--seed", "not an integer")),
+    Case("seed-set-negative", search("--set", "search.seed=-1"), ("search.seed", "[0, 4294967295]")),
+    Case("seed-set-2-64", search("--set", "trial.train.seed=18446744073709551616"), ("trial.train.seed",)),
+    # 5. unbounded reads: devices, pipes, huge files, YAML aliases, deep nesting
+    Case("inspect-dev-zero", cmd("inspect", "/dev/zero"), ("/dev/zero", "character device", "not a regular file")),
+    Case("inspect-fifo", cmd("inspect", "{a.fifo}"), ("fifo", "named pipe")),
+    Case("inspect-empty", cmd("inspect", "{a.clipq[empty]}"), ("empty.clipq", "not a .clipq file")),
+    Case("inspect-50000x30000", cmd("inspect", "{a.clipq[50000x30000]}"), ("[50000, 30000]", "entries reach")),
+    Case("inspect-20000x20000", cmd("inspect", "{a.clipq[20000x20000]}"), ("[20000, 20000]", "entries reach")),
+    Case("search-dev-zero", cmd("search", "/dev/zero", "--results", "{results}"), ("/dev/zero", "character device")),
+    Case("search-fifo", cmd("search", "{a.fifo}", "--results", "{results}"), ("named pipe",)),
+    Case("pretrain-zero-link", cmd("pretrain", "{a.spaces[zero_link]}", "--results", "{results}"), ("device",)),
+    Case("space-too-big", cmd("pretrain", "{a.spaces[big]}", "--results", "{results}"), ("larger than 1 MiB",)),
+    Case("space-alias-bomb", cmd("pretrain", "{a.spaces[bomb]}", "--results", "{results}"), ("YAML alias", "line 2")),
+    Case(
+        "space-alias-bomb-in-a-value",
+        cmd("pretrain", "{a.spaces[bomb_in_a_value]}", "--results", "{results}"),
+        ("YAML alias",),
+    ),
+    Case("space-merge-key", cmd("pretrain", "{a.spaces[merge_key]}", "--results", "{results}"), ("YAML alias",)),
+    Case("space-deep", cmd("pretrain", "{a.spaces[deep]}", "--results", "{results}"), ("nests deeper than",)),
+    Case("space-deep-map", cmd("pretrain", "{a.spaces[deep_map]}", "--results", "{results}"), ("nests deeper",)),
+    Case("space-huge-value", cmd("pretrain", "{a.spaces[huge_value]}", "--results", "{results}"), ("20,000 values",)),
+    Case("space-long-value", cmd("pretrain", "{a.spaces[long_value]}", "--results", "{results}"), ("model=[0, 0",)),
+    Case("space-huge-key", cmd("pretrain", "{a.spaces[huge_key]}", "--results", "{results}"), ("not valid YAML",)),
+    Case("space-long-string", cmd("pretrain", "{a.spaces[long_string]}", "--results", "{results}"), ("'xxxx",)),
+    Case("space-binary", cmd("pretrain", "{a.spaces[binary]}", "--results", "{results}"), ("space_binary.yaml",)),
+    Case("space-latin1", cmd("pretrain", "{a.spaces[latin1]}", "--results", "{results}"), ("is not text",)),
+    Case("space-tabs", cmd("pretrain", "{a.spaces[tabs]}", "--results", "{results}"), ("not valid YAML",)),
+    Case("set-alias", search("--set", "name=*a"), ("--set name", "YAML alias")),
+    Case("final-config-dev-zero", cmd("final", "{run}", "--config", "/dev/zero"), ("/dev/zero", "character device")),
+    Case("final-config-fifo", cmd("final", "{run}", "--config", "{a.fifo}"), ("plan file", "named pipe")),
+    Case("final-config-deep", cmd("final", "{run}", "--config", "{a.plans[deep]}"), ("nests too deeply",)),
+    Case("final-config-big", cmd("final", "{run}", "--config", "{a.plans[big]}"), ("larger than 4 MiB",)),
+    Case("final-config-nan", cmd("final", "{run}", "--config", "{a.plans[nan]}"), ("p=nan", "[0, 1)")),
+    Case("final-config-huge-key", cmd("final", "{run}", "--config", "{a.plans[huge_key]}"), ("'fffff",)),
+    Case("final-config-binary", cmd("final", "{run}", "--config", "{a.plans[binary]}"), ("not valid JSON",)),
+    Case("final-run-space-fifo", cmd("final", "{a.root}/run_space_fifo"), ("no space.yaml",)),
+    Case("export-run-baseline-zero", cmd("export", "{a.root}/run_base_zero"), ("no baseline.json",)),
+    Case("export-out-dev-zero", cmd("export", "{run}", "--out", "/dev/zero"), ("/dev/zero", "not a plan exported")),
+    Case("export-out-fifo", cmd("export", "{run}", "--out", "{a.fifo}"), ("fifo", "not a plan exported")),
+    Case("export-trials-binary", cmd("export", "{a.root}/run_trials_binary"), ("trials.csv", "unreadable")),
+    Case("report-trials-binary", cmd("report", "{a.root}/run_trials_binary"), ("trials.csv", "unreadable")),
+    Case("checkpoint-fifo", search("--set", "baseline.checkpoint={a.fifo}"), ("fifo", "not a regular file")),
+    Case("checkpoint-dev-zero", search("--set", "baseline.checkpoint=/dev/zero"), ("/dev/zero", "not a regular")),
+    Case("checkpoint-empty", search("--set", "baseline.checkpoint={a.root}/empty.pt"), ("empty.pt", "torch.save")),
+    Case("checkpoint-directory", search("--set", "baseline.checkpoint={tmp}"), ("is a directory",)),
+    # 6. wrongly accepted or badly answered
+    Case("lr-word", cmd("pretrain", "{a.spaces[lr_word]}", "--results", "{results}"), ("lr='1e-3x'",)),
+    Case(
+        "group-layer-twice",
+        search("--set", "layers.groups.a=[fc1, fc2]", "--set", "layers.groups.b=[fc2]"),
+        ("'fc2'", "layers.groups.a", "layers.groups.b", "one group at most"),
+    ),
+    Case(
+        "group-layer-twice-by-pattern",
+        search_edited(_layers(groups={"a": ["fc*"], "b": ["fc3"]})),
+        ("'fc3'", "one group at most"),
+    ),
+    Case("group-empty", search("--set", "layers.groups.g=[]"), ("layers.groups.g is empty",)),
+    Case(
+        "group-all-dense",
+        search_edited(_layers(groups={"g": ["fc1"]}, dense=["fc1"])),
+        ("every layer of layers.groups.g is in layers.dense",),
+    ),
+    Case("model-exit", cmd("pretrain", "{a.spaces[model_exit]}", "--results", "{results}"), ("SystemExit",)),
+    *[
+        Case(f"model-{label}", search("--set", f"model={ref}"), needles)
+        for label, ref, needles in (
+            ("exit-set", "builtins:exit", ("builtins:exit", "returns a torch.nn.Module")),
+            ("sys-exit", "sys:exit", ("SystemExit",)),
+            ("dict", "builtins:dict", ("returned dict", "nn.Module")),
+            ("not-callable", "math:pi", ("not callable",)),
+            ("no-attribute", "os:nothing", ("no attribute",)),
+            ("no-module", "no_such_module_xyz:f", ("cannot import",)),
+            ("malformed", "a:b:c", ("malformed",)),
+            ("torchvision-unknown", "torchvision:nonet", ("nonet",)),
+        )
+    ],
+    Case(
+        "final-replaces-another-plan",
+        cmd("final", "{a.root}/run_final_other", "--config", "{a.plans[good]}"),
+        ("run_final_other/final", "trial 7", "--force"),
+    ),
+    Case(
+        "final-corrupt-checkpoint",
+        cmd("final", "{a.root}/run_bad_ckpt", "--config", "{a.plans[good]}"),
+        ("ckpt-compressed-", "delete", "afresh"),
+    ),
+    # more flags
+    *[
+        Case(f"{flag[2:]}-{label}", search(flag, bad), (flag,))
+        for flag in ("--trials", "--concurrency")
+        for label, bad in (("float", "1.5"), ("empty", ""), ("huge-digits", "9" * 5000))
+    ],
+    Case("sampler-empty", search("--sampler", ""), ("--sampler",)),
+    *[
+        Case(f"export-{flag[2:]}-{label}", cmd("export", "{run}", flag, bad), (flag,))
+        for flag in ("--max-drop", "--min-rate")
+        for label, bad in (("negative", "-1"), ("nan", "nan"), ("word", "abc"), ("empty", ""))
+    ],
+    Case("export-trial-float", cmd("export", "{run}", "--trial", "1.5"), ("--trial",)),
+    Case("export-two-rules", cmd("export", "{run}", "--max-drop", "1", "--min-rate", "2"), ("not allowed with",)),
+    Case("export-out-folder", cmd("export", "{run}", "--out", "{tmp}"), ("is a folder",)),
+    Case(
+        "export-out-users-file",
+        cmd("export", "{run}", "--out", "{tmp}/mine.json"),
+        ("mine.json", "not a plan exported"),
+        files(("{tmp}/mine.json", '{"mine": 1}\n')),
+    ),
+    Case("init-unknown-model", cmd("init", "lenet301"), ("lenet301",)),
+    Case("init-bad-dataset", cmd("init", "lenet300", "--dataset", "nope"), ("nope",)),
+    Case(
+        "init-out-exists",
+        cmd("init", "lenet300", "--out", "{tmp}/mine.yaml"),
+        ("mine.yaml", "exists", "--force"),
+        files(("{tmp}/mine.yaml", "mine: 1\n")),
+    ),
+    Case("init-out-no-folder", cmd("init", "lenet300", "--out", "{tmp}/no/dir/s.yaml"), ("does not exist",)),
+    Case("no-command", cmd(), ("required",)),
+    Case("unknown-command", cmd("serach"), ("invalid choice",)),
+    Case("unknown-flag", search("--trails", "3"), ("unrecognized arguments",)),
+    Case("storage-sqlite-into-a-file", search("--storage", "sqlite:///{a.lenet300_ckpt}/x.db"), ("lenet300.pt",)),
+    Case("results-dev-zero", cmd("pretrain", str(SMOKE), "--results", "/dev/zero"), ("not a folder",)),
+]
+
+
+# -- generated: every key of the space schema, wrongly typed, out of range or null ------------------------
+
+
+def _leaves(schema: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, sub in schema.items():
+        if isinstance(sub, Mapping):
+            yield from _leaves(sub, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", sub
+
+
+_WRONG_TYPE = ("abc", "[1, 2]", "{a: 1}", "true")
+_NUMBERS = ("-1", "0", "-0.5", "1", "1.5", "2", "11", "101", "4294967296", "1e30", "0.5")
+# p and bits are ranges ([low, high] or one value), checked when the space is built
+_RANGES = {
+    "layers.default.p": ("abc", "[0.1]", "[0.9, 0.1]", "1.5", "-0.1", "[0.1, 0.2, 0.3]", "true"),
+    "layers.default.bits": ("abc", "1", "9", "[6, 2]", "3.5", "[2, 3, 4]", "true"),
+}
+
+
+def _braced(text: str) -> str:
+    """``text`` as an argument template (Ctx.fill formats it)."""
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+def _rejected(field: Any, text: str) -> bool:
+    return not field.check(yaml_load(text))
+
+
+def _schema_cases() -> list[Case]:
+    out: list[Case] = []
+    for key, field in _leaves(SCHEMA):
+        if key in _RANGES:
+            for bad in _RANGES[key]:
+                out.append(Case(f"set-{key}={bad}", search("--set", _braced(f"{key}={bad}")), (key,)))
+            out.append(Case(f"file-{key}", search_edited(_set(key, yaml_load(_RANGES[key][0]))), (key,)))
+            continue
+        wrong = [t for t in _WRONG_TYPE if _rejected(field, t)][:2]
+        for bad in wrong:
+            out.append(Case(f"set-{key}={bad}", search("--set", _braced(f"{key}={bad}")), (key,)))
+        out.append(Case(f"file-{key}", pretrain_edited(_set(key, yaml_load(wrong[0]))), (key,)))
+        # out of range: a number of a type the key takes, with a value it does not
+        accepted_types = {type(yaml_load(t)) for t in _NUMBERS if not _rejected(field, t)}
+        ranged = [t for t in _NUMBERS if _rejected(field, t) and type(yaml_load(t)) in accepted_types][:2]
+        for bad in ranged:
+            out.append(Case(f"range-{key}={bad}", search("--set", _braced(f"{key}={bad}")), (key,)))
+        if _rejected(field, "null"):
+            out.append(Case(f"null-{key}", search("--set", f"{key}="), (key,)))
+    return out
+
+
+CASES: list[Case] = [Case(i, a, n) for i, a, n in EARLIER] + HOSTILE + _schema_cases()
 if not torch.cuda.is_available():  # asking for GPUs where there are none: refused, not a silent wait forever
     CASES.append(
-        ("gpus-without-cuda", search("--set", "resources.gpus_per_trial=1"), ("gpus_per_trial=1", "no CUDA GPU"))
+        Case("gpus-without-cuda", search("--set", "resources.gpus_per_trial=1"), ("gpus_per_trial=1", "no CUDA GPU"))
     )
 
 
+def test_the_table_is_large_and_its_ids_unique() -> None:
+    assert len(CASES) >= 250, len(CASES)
+    ids = [c.id for c in CASES]
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
+
+
 @pytest.fixture
-def ctx(tmp_path: Path, assets: Assets) -> Ctx:
+def ctx(tmp_path: Path, assets: Assets, http_port: int, monkeypatch: pytest.MonkeyPatch) -> Ctx:
     results = tmp_path / "results"
     results.mkdir()
-    return Ctx(tmp_path, results, assets)
+    monkeypatch.chdir(tmp_path)  # anything written relative to the working folder shows in the tree
+    return Ctx(tmp_path, results, assets, http_port)
 
 
-@pytest.mark.parametrize(("args", "needles"), [pytest.param(a, n, id=i) for i, a, n in CASES])
-def test_bad_input_is_one_clear_line(ctx: Ctx, args: Callable[[Ctx], list[str]], needles: tuple[str, ...]) -> None:
-    argv = args(ctx)
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_one_clear_line(ctx: Ctx, case: Case, capfd: pytest.CaptureFixture[str]) -> None:
+    if case.setup is not None:
+        case.setup(ctx)
+    argv = case.argv(ctx)
     before = _tree(ctx.tmp, ctx.a.root)
-    res, _ = _run(argv)
-    _check_rejected(res, needles)
-    assert _tree(ctx.tmp, ctx.a.root) == before, "the failed command left files behind"
+    res = run_in_process(argv, capfd)
+    check_rejected(res, case.needles)
+    assert _tree(ctx.tmp, ctx.a.root) == before, "the failed command wrote or changed files"
 
 
-def test_unreachable_address_fails_fast(ctx: Ctx) -> None:
-    before = _tree(ctx.tmp)
-    res, seconds = _run(search("--address", "127.0.0.1:1")(ctx))
-    _check_rejected(res, ("127.0.0.1:1", "ray start --head"))
-    assert seconds < 30
-    assert _tree(ctx.tmp) == before
+# -- a few as real subprocesses: a traceback or a hang of the interpreter itself shows there --------------
+
+SUBPROCESS = (
+    "inspect-dev-zero", "search-fifo", "address-web-server", "space-alias-bomb", "inspect-50000x30000",
+    "model-exit-set", "seed-huge", "name-escapes-onto-a-users-trials",
+)
 
 
-def test_debug_shows_the_traceback(ctx: Ctx) -> None:
-    res, _ = _run(["--debug", "pretrain", str(ctx.tmp / "nope.yaml"), "--results", str(ctx.results)])
-    assert res.returncode == 2
-    assert "Traceback (most recent call last)" in res.stderr
-    assert res.stderr.splitlines()[-1].startswith("error: space file")
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [c for c in CASES if c.id in SUBPROCESS], ids=list(SUBPROCESS))
+def test_bad_input_in_its_own_interpreter(ctx: Ctx, case: Case) -> None:
+    if case.setup is not None:
+        case.setup(ctx)
+    argv = case.argv(ctx)
+    before = _tree(ctx.tmp, ctx.a.root)
+    res = run_subprocess(argv, ctx.tmp)
+    assert res.code != "hang", f"no answer in {res.seconds:.0f} s"
+    res.seconds -= 8  # an interpreter's and torch's start-up are not the case's
+    check_rejected(res, case.needles)
+    assert _tree(ctx.tmp, ctx.a.root) == before
 
 
-def test_good_clipq_file_still_inspects(assets: Assets) -> None:
+def test_debug_shows_the_traceback(ctx: Ctx, capfd: pytest.CaptureFixture[str]) -> None:
+    res = run_in_process(["--debug", "pretrain", str(ctx.tmp / "nope.yaml"), "--results", str(ctx.results)], capfd)
+    assert res.code == 2
+    assert "Traceback (most recent call last)" in res.err
+    assert res.err.splitlines()[-1].startswith("error: space file")
+
+
+def test_good_clipq_file_still_inspects(assets: Assets, capfd: pytest.CaptureFixture[str]) -> None:
     """The corrupted copies fail because of the corruption, not because the original is bad."""
-    res, _ = _run(["inspect", str(assets.clipq["good"])])
-    assert res.returncode == 0, res.stderr
-    assert "fc1.weight" in res.stdout
+    res = run_in_process(["inspect", str(assets.clipq["good"])], capfd)
+    assert res.code == 0, res.err
+    assert "fc1.weight" in res.out
+
+
+def test_a_cases_files_are_untouched_by_a_good_run_name(ctx: Ctx, capfd: pytest.CaptureFixture[str]) -> None:
+    """The user's folder beside results/ keeps its trials.csv when the run name is valid (it is not the run's)."""
+    mine = ctx.tmp / "mine"
+    mine.mkdir()
+    (mine / "trials.csv").write_text(USER_TRIALS)
+    res = run_in_process(search("--name", "mine", "--address", "127.0.0.1:1")(ctx), capfd)
+    check_rejected(res, ("127.0.0.1:1",))  # stopped by the address; the name itself was fine
+    assert (mine / "trials.csv").read_text() == USER_TRIALS
+    assert not (ctx.results / "mine").exists()

@@ -277,3 +277,32 @@ def test_real_fashion_mnist() -> None:
     assert torch.bincount(splits.test.labels).tolist() == [1000] * 10
     x = torch.cat([xb for xb, _ in splits.train.batches(5000, shuffle=False)])
     assert abs(float(x.mean())) < 0.02 and abs(float(x.std()) - 1) < 0.02
+
+
+def test_shuffled_order_moves_to_the_data_once_per_pass() -> None:
+    """Data resident on an accelerator is indexed there: the shuffled order is not copied to it batch by batch.
+
+    The "meta" device stands in for a GPU: every copy of an index tensor from the CPU to it is counted.
+    """
+    from torch.overrides import TorchFunctionMode
+
+    copies: list[tuple[int, ...]] = []
+
+    class CountCopies(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            kwargs = kwargs or {}
+            if func is torch.Tensor.to and args and isinstance(args[0], torch.Tensor):
+                src = args[0]
+                target = next((a for a in (*args[1:], kwargs.get("device")) if isinstance(a, str | torch.device)), None)
+                if src.device.type == "cpu" and src.dtype == torch.int64 and target is not None:
+                    if torch.device(target).type == "meta":
+                        copies.append(tuple(src.shape))
+            return func(*args, **kwargs)
+
+    images = torch.zeros(40, 1, 4, 4, dtype=torch.uint8, device="meta")
+    labels = torch.zeros(40, dtype=torch.int64, device="meta")
+    data = ArrayDataset(images, labels, (0.5,), (0.5,))
+    with CountCopies():
+        batches = list(data.batches(8, shuffle=True, generator=torch.Generator().manual_seed(0)))
+    assert len(batches) == 5 and batches[0][0].device.type == "meta"
+    assert copies == [(40,)]  # the whole order, once

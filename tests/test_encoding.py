@@ -4,6 +4,7 @@ import struct
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -186,6 +187,27 @@ def test_a_shape_larger_than_memory_is_refused_before_decoding(tmp_path: Path) -
     struct.pack_into("<II", body, at + 3, 4_000_000_000, 4_000_000)  # 16e15 weights
     path = tmp_path / "huge.clipq"
     path.write_bytes(bytes(body) + struct.pack("<I", zlib.crc32(bytes(body))))
-    with pytest.raises(FormatError, match=r"'fc1.weight' has shape \[4000000000, 4000000\].*GiB of memory free"):
+    # its entries cannot reach that far: refused from the header alone
+    reach = r"'fc1.weight' declares shape \[4000000000, 4000000\].*entries reach at most"
+    with pytest.raises(FormatError, match=reach):
         load_compressed(path)
     assert cli_main(["inspect", str(path)]) == 2
+
+
+def test_a_zero_layer_larger_than_memory_is_refused_before_decoding(tmp_path: Path) -> None:
+    """Entries that do reach a shape larger than the free memory: refused in one line, nothing allocated."""
+    from clipq_search.core.encoding import _HEADER, _SPARSE_HEAD, MAGIC, _pack
+
+    numel = 200_000 * 100_000  # 80 GB of float32, all zero: only trailing fillers (k = 16)
+    payload = _pack(np.zeros(0, np.int64), np.zeros(0, np.int64), 2, 16, numel)
+    name = b"w"
+    entries = numel >> 16
+    body = (
+        _HEADER.pack(MAGIC, 1, 1)
+        + struct.pack("<H", len(name)) + name + struct.pack("<BBB", 1, 0, 2) + struct.pack("<II", 200_000, 100_000)
+        + _SPARSE_HEAD.pack(2, 16, 0.5, entries) + bytes(4 * 3) + payload
+    )
+    path = tmp_path / "zeros.clipq"
+    path.write_bytes(body + struct.pack("<I", zlib.crc32(body)))
+    with pytest.raises(FormatError, match=r"'w' has shape \[200000, 100000\].*GiB of memory free"):
+        load_compressed(path)

@@ -51,7 +51,7 @@ def _interrupt_mid_run(results: Path, name: str, sig: signal.Signals) -> int:
 
 def _check_exact(results: Path, name: str) -> None:
     run_dir = results / name
-    study = optuna.load_study(study_name="clipq", storage=f"sqlite:///{run_dir / 'study.db'}")
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{run_dir / 'study.db'}")
     finished = [t for t in study.trials if t.state.is_finished() and not t.user_attrs.get("interrupted")]
     assert len(finished) == 6, [(t.number, t.state.name) for t in study.trials]
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]

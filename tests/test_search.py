@@ -24,7 +24,7 @@ def _search(results_root: Path, name: str, logs: list[str], **kw):
 
 
 def _study(run_dir: Path) -> optuna.Study:
-    return optuna.load_study(study_name="clipq", storage=f"sqlite:///{run_dir / 'study.db'}")
+    return optuna.load_study(study_name=run_dir.name, storage=f"sqlite:///{run_dir / 'study.db'}")
 
 
 def test_search_concurrency_2_writes_run_files_and_resumes(results_root: Path, ray_local) -> None:

@@ -309,3 +309,30 @@ def test_pretrain_is_reproducible_and_says_when_it_reuses_the_cache(tmp_path: Pa
         second.stdout.splitlines()[-1].split(" -> ")[0].split(": ")[1]
     again = pretrain(tmp_path / "a")
     assert "(cached)" in again.stdout.splitlines()[-1]
+
+
+def test_validation_uses_the_eval_batch_size_under_inference_mode() -> None:
+    """Per-epoch validation runs at the batch size it is given, without autograd; training goes on after it."""
+    from clipq_search.core.plan import Plan
+    from clipq_search.core.surgery import attach_clipq
+
+    train_ds, val_ds = synthetic(128), synthetic(100, seed=1)
+    torch.manual_seed(0)
+    model = build_model("lenet300")
+    attach_clipq(model, Plan.from_dict({"default": {"p": 0.5, "bits": 4}}))
+    seen: list[tuple[int, bool]] = []
+
+    def record(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+        if not module.training:
+            seen.append((args[0].shape[0], torch.is_inference_mode_enabled()))
+
+    model.register_forward_pre_hook(record)
+    result = train(
+        model, train_ds, TrainConfig(epochs=2, batch_size=32), device="cpu", val_data=val_ds, progress=False,
+        eval_batch_size=25,
+    )
+    assert result.steps == 8 and len(result.history) == 2
+    assert seen == [(25, True)] * 8  # 4 batches of 25 per validation, 2 epochs
+    assert math.isfinite(result.history[-1]["val_loss"])
+    seen.clear()
+    assert evaluate(model, val_ds, device="cpu", batch_size=50)["n"] == 100 and seen == [(50, True)] * 2

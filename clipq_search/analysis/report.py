@@ -378,6 +378,14 @@ def _header(data: RunData) -> str:
         f"search space {_e(run.get('space_source', '-'))}; storage {_e(run.get('storage', '-'))}; "
         f"generated {_e(datetime.now().strftime('%Y-%m-%d %H:%M:%S'))}",
     ]
+    dense = run.get("dense")
+    if isinstance(dense, Mapping) and _finite(dense.get("share")):
+        largest = ", ".join(f"{_e(k)} {_bytes(v)} B" for k, v in dense.get("largest") or [])
+        meta.append(
+            f"left dense (not compressed): {_e(dense.get('tensors', '-'))} parameter tensors, "
+            f"<b>{100 * float(dense['share']):.1f}%</b> of the fp32 bytes"
+            + (f"; largest: {largest}" if largest else "")
+        )
     return f"<h1>CLIP-Q search report: {_e(name)}</h1>\n" + "".join(f'<div class="meta">{m}</div>\n' for m in meta)
 
 

@@ -10,20 +10,25 @@
     final/          plan.json, model.clipq, metrics.json, checkpoints (``final``)
 
 Other modules name these files through this module only.
+
+A run's name is one folder under the results root: letters, digits, ``-``,
+``_`` and ``.``, not ``.`` or ``..`` (:func:`check_run_name`). A folder holding
+files that clipq-search did not write is never written into (:func:`run_folder`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from clipq_search._io import write_json, write_text
-from clipq_search.errors import ClipQError
+from clipq_search._io import MiB, read_regular, write_json, write_text
+from clipq_search.errors import ClipQError, shown
 
 __all__ = [
     "BASELINE_JSON",
@@ -38,6 +43,7 @@ __all__ = [
     "STUDY_DB",
     "TRIALS_CSV",
     "check_run_dir",
+    "check_run_name",
     "default_storage",
     "load_baseline_info",
     "load_final_metrics",
@@ -45,6 +51,7 @@ __all__ = [
     "load_trials",
     "read_json",
     "require_folder",
+    "run_folder",
     "write_run_files",
     "write_trials_csv",
 ]
@@ -64,6 +71,60 @@ METRICS_JSON = "metrics.json"
 _NUMERIC_COLUMNS = ("val_top1", "rate", "size_bytes", "val_loss", "train_seconds", "trial_seconds", "queue_seconds")
 _TEXT_COLUMNS = ("state", "node", "source", "error")
 _BASE_COLUMNS = ("number", "state", *_NUMERIC_COLUMNS, "node", "source", "error", "datetime_start", "datetime_complete")
+
+
+RUN_NAME_MAX = 100
+_RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
+# What a search writes in a new run folder before run.json (the mark of a run folder): an interrupted
+# first search leaves only these, and its rerun goes on in that folder.
+_BEFORE_RUN_JSON = (SPACE_YAML, BASELINE_JSON, STUDY_DB)
+
+
+def check_run_name(name: object, origin: str = "--name") -> str:
+    """``name`` when it is one path component of letters, digits, ``-``, ``_`` and ``.``, not ``.`` or ``..``.
+
+    ``origin`` says where the name came from (``--name``, a space's ``name:``) for the message.
+    """
+    if isinstance(name, str) and _RUN_NAME.fullmatch(name) and name not in (".", "..") and len(name) <= RUN_NAME_MAX:
+        return name
+    raise ClipQError(
+        f"run name {shown(name)} ({origin}) is not allowed: a run name is one folder under --results made of "
+        f"letters, digits, '-', '_' and '.' (not '.' or '..', at most {RUN_NAME_MAX} characters); give --name NAME"
+    )
+
+
+def _written_before_run_json(entry: str) -> bool:
+    return (
+        entry in _BEFORE_RUN_JSON
+        or entry.startswith(STUDY_DB + "-")  # SQLite's journal files
+        or (entry.startswith(".") and entry.endswith(".tmp"))  # an atomic write that was cut short
+        or entry.endswith(".lock")
+    )
+
+
+def run_folder(results_root: str | Path, name: object, origin: str = "--name") -> Path:
+    """``RESULTS_ROOT/NAME`` for a search, after checking the name and that the folder is a run's (or new).
+
+    A folder that exists and is neither empty nor a run folder (no ``run.json``
+    and files a search does not write) is refused: a search never writes into,
+    or over, files it did not write.
+    """
+    run_dir = Path(results_root) / check_run_name(name, origin)
+    if not run_dir.exists():
+        return run_dir
+    if not run_dir.is_dir():
+        raise ClipQError(f"{run_dir} is a file, not a run folder; give another --name, or move that file away")
+    if (run_dir / RUN_JSON).is_file():
+        return run_dir
+    foreign = sorted(e.name for e in run_dir.iterdir() if not _written_before_run_json(e.name))
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        listed = ", ".join(shown(n, 40) for n in foreign[:3]) + more
+        raise ClipQError(
+            f"{run_dir} holds files clipq-search did not write ({listed}) and is not a run folder (no {RUN_JSON}); "
+            "give another --name, or move that folder away"
+        )
+    return run_dir
 
 
 def not_a_run(run_dir: Path) -> ClipQError:
@@ -106,10 +167,14 @@ def load_trials(run_dir: str | Path) -> pd.DataFrame:
     return df.sort_values("number", kind="stable").reset_index(drop=True)
 
 
+JSON_LIMIT = 16 * MiB  # the largest run JSON file read (they are a few kB)
+
+
 def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from a run's file; one clear error ending in ``what`` (the fix) otherwise."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        data = json.loads(read_regular(path, JSON_LIMIT, "JSON file").decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ClipQError(f"{path} is unreadable ({type(e).__name__}); {what}") from e
     if not isinstance(data, dict):
         raise ClipQError(f"{path} does not hold a JSON object; {what}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import struct
 import zlib
 from collections.abc import Mapping
@@ -31,11 +32,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from clipq_search._io import write_bytes
+from clipq_search._io import read_regular, write_bytes
 from clipq_search.core.operator import clipq_quantize
-from clipq_search.core.plan import LayerConfig, Plan, require_module
+from clipq_search.core.plan import LayerConfig, Plan, compressible_tensors, require_module
 from clipq_search.core.surgery import attached_configs
-from clipq_search.errors import FormatError
+from clipq_search.errors import FormatError, clip, shown
 
 __all__ = [
     "FORMAT_VERSION",
@@ -143,12 +144,17 @@ def _codes_and_gaps(flat: np.ndarray, bits: int, name: str) -> tuple[np.ndarray,
     return codebook, codes, gaps
 
 
-def _best_k(gaps: np.ndarray, bits: int) -> tuple[int, int]:
-    """The k in 1..16 that makes the layer smallest, and its entry count."""
+def _tail(gaps: np.ndarray, numel: int) -> int:
+    """Zero positions after the last non-zero (bridged by trailing fillers, see ``_pack``)."""
+    return numel - int(gaps.sum())
+
+
+def _best_k(gaps: np.ndarray, bits: int, tail: int) -> tuple[int, int]:
+    """The k in 1..16 that makes the layer smallest, and its entry count (fillers included)."""
     best: tuple[int, int, int] | None = None
     g1 = gaps - 1
     for k in K_RANGE:
-        entries = int((g1 >> k).sum()) + int(gaps.size)
+        entries = int((g1 >> k).sum()) + int(gaps.size) + (tail >> k)
         nbytes = math.ceil(entries * (bits + k) / 8)
         if best is None or nbytes < best[0]:
             best = (nbytes, k, entries)
@@ -164,16 +170,21 @@ def sparse_layer_bytes(name: str, weight: torch.Tensor, bits: int) -> int:
     """Bytes of one compressed layer's record for an already pruned-quantized ``weight``."""
     flat = weight.detach().float().cpu().reshape(-1).numpy()
     _, _, gaps = _codes_and_gaps(flat, bits, name)
-    k, entries = _best_k(gaps, bits)
+    k, entries = _best_k(gaps, bits, _tail(gaps, flat.size))
     return _sparse_size(name, weight.dim(), bits, k, entries)
 
 
-def _pack(codes: np.ndarray, gaps: np.ndarray, bits: int, k: int) -> bytes:
-    """Bit-pack the entries (fillers included), LSB first."""
+def _pack(codes: np.ndarray, gaps: np.ndarray, bits: int, k: int, tail: int) -> bytes:
+    """Bit-pack the entries, LSB first: fillers bridge gaps over 2**k and the zero tail to within 2**k of the end.
+
+    The trailing fillers make every file's entries reach (to within one span)
+    the end of the tensor: a reader can tell from the header alone that a
+    record's entries can fill the shape it declares.
+    """
     span = 1 << k
     fillers = (gaps - 1) >> k
     per = fillers + 1
-    total = int(per.sum())
+    total = int(per.sum()) + (tail >> k)
     last = np.cumsum(per) - 1
     diffs = np.full(total, span, dtype=np.int64)
     diffs[last] = gaps - fillers * span
@@ -190,21 +201,41 @@ def _pack(codes: np.ndarray, gaps: np.ndarray, bits: int, k: int) -> bytes:
     return out.getvalue()
 
 
-def _unpack(payload: bytes, entries: int, bits: int, k: int, numel: int, codebook: np.ndarray) -> np.ndarray:
+_UNPACK_CHUNK = 1 << 13  # entries decoded at a time: the temporaries stay small whatever the layer
+
+
+def _unpack(payload: memoryview, entries: int, bits: int, k: int, numel: int, codebook: np.ndarray) -> np.ndarray:
+    """The flat tensor of a sparse record, decoded a chunk of entries at a time.
+
+    Entry i's ``bits + k`` bits (at most 24) start at stream bit ``i * (bits + k)``;
+    they are read from the 4 bytes from that bit's byte, so nothing larger than a
+    chunk is made besides the result.
+    """
     width = bits + k
     flat = np.zeros(numel, dtype=np.float32)
     if entries == 0:
         return flat
-    bitstream = np.unpackbits(np.frombuffer(payload, dtype=np.uint8), bitorder="little")[: entries * width]
-    weights = 1 << np.arange(width, dtype=np.int64)
-    values = bitstream.reshape(entries, width).astype(np.int64) @ weights
-    codes = values & ((1 << bits) - 1)
-    diffs = (values >> bits) + 1
-    positions = np.cumsum(diffs) - 1
-    real = codes > 0
-    if positions.size and (positions[-1] >= numel or (real.any() and codes.max() > codebook.size)):
-        raise FormatError("sparse layer entries point outside the tensor")
-    flat[positions[real]] = codebook[codes[real] - 1]
+    stream = np.frombuffer(payload, dtype=np.uint8)
+    code_mask = (1 << bits) - 1
+    at = -1  # position of the last entry decoded
+    for first in range(0, entries, _UNPACK_CHUNK):
+        n = min(_UNPACK_CHUNK, entries - first)
+        start_bit = first * width
+        lo = start_bit >> 3
+        hi = min(len(stream), ((start_bit + n * width + 7) >> 3) + 3)
+        window = np.zeros(hi - lo + 3, dtype=np.uint32)
+        window[: hi - lo] = stream[lo:hi]
+        offsets = np.arange(n, dtype=np.int64) * width + (start_bit & 7)
+        byte, shift = offsets >> 3, (offsets & 7).astype(np.uint32)
+        word = window[byte] | (window[byte + 1] << 8) | (window[byte + 2] << 16) | (window[byte + 3] << 24)
+        values = (word >> shift) & np.uint32((1 << width) - 1)
+        codes = (values & np.uint32(code_mask)).astype(np.int64)
+        positions = at + np.cumsum((values >> np.uint32(bits)).astype(np.int64) + 1)
+        at = int(positions[-1])
+        if at >= numel:
+            raise FormatError("sparse layer entries point outside the tensor")
+        real = codes > 0
+        flat[positions[real]] = codebook[codes[real] - 1]
     return flat
 
 
@@ -213,8 +244,8 @@ def _unpack(payload: bytes, entries: int, bits: int, k: int, numel: int, codeboo
 
 def _compressed_weights(
     model: nn.Module, plan: Plan | Mapping[str, object] | None
-) -> dict[str, tuple[LayerConfig, np.ndarray]]:
-    """The forward weight of every compressed layer, as flat float32, with its config.
+) -> dict[str, tuple[LayerConfig, np.ndarray, tuple[int, ...]]]:
+    """The forward weight of every compressed tensor by state-dict key: its config, flat float32, shape.
 
     Attached layers give their pruned-quantized weight. With a ``plan`` for a
     plain model, a weight that already has at most 2**bits - 1 distinct
@@ -222,28 +253,29 @@ def _compressed_weights(
     is applied first.
     """
     configs = dict(attached_configs(model))
+    tensors = compressible_tensors(model)
     if plan is not None:
         plan = plan if isinstance(plan, Plan) else Plan.from_dict(plan)
-        configs.update(plan.resolve(model))
-    modules = dict(model.named_modules())
+        configs.update(plan.resolve_names(list(tensors)))
     out = {}
     for name, cfg in configs.items():
         with torch.no_grad():
-            w = modules[name].weight.detach().float().cpu()
+            w = tensors[name].tensor().detach().float().cpu()
         if torch.unique(w[w != 0]).numel() > 2**cfg.bits - 1:
             w = clipq_quantize(w, cfg.p, cfg.bits)
-        out[name] = (cfg, w.reshape(-1).numpy())
+        out[tensors[name].key] = (cfg, w.reshape(-1).numpy(), tuple(w.shape))
     return out
 
 
 def _dense_tensors(model: nn.Module, skip: set[str]) -> list[tuple[str, torch.Tensor, bool]]:
+    """Every state-dict entry but the ``skip`` keys: (key, tensor, whether it is a parameter)."""
     params = {n for n, _ in model.named_parameters()}
-    params |= {n.replace("." + "parametrizations.weight.original", ".weight") for n in params}
+    # a parametrized weight's parameter is ``<module>.parametrizations.<attr>.original``; its key is ``<module>.<attr>``
+    params |= {re.sub(r"\.parametrizations\.([^.]+)\.original$", r".\1", n) for n in params}
     out = []
     for key, t in model.state_dict().items():
-        if key.endswith(".weight") and key[: -len(".weight")] in skip:
-            continue
-        out.append((key, t.detach().cpu(), key in params))
+        if key not in skip:
+            out.append((key, t.detach().cpu(), key in params))
     return out
 
 
@@ -256,29 +288,25 @@ def _plan_file(
 ) -> tuple[SizeEstimate, bytes]:
     require_module(model)
     compressed = _compressed_weights(model, plan)
-    modules = dict(model.named_modules())
     buf = io.BytesIO() if write else None
     sizes: list[LayerSize] = []
     original = 0
     order: list[tuple[str, object]] = []
-    dense = _dense_tensors(model, set(compressed))
-    dense_keys = {k for k, _, _ in dense}
-    for key, _ in model.state_dict().items():
-        layer = key[: -len(".weight")] if key.endswith(".weight") else None
-        if layer in compressed:
-            order.append((key, compressed[layer]))
-        elif key in dense_keys:
-            order.append((key, next(d for d in dense if d[0] == key)))
+    dense = {d[0]: d for d in _dense_tensors(model, set(compressed))}
+    for key in model.state_dict():
+        if key in compressed:
+            order.append((key, compressed[key]))
+        elif key in dense:
+            order.append((key, dense[key]))
     if buf is not None:
         buf.write(_HEADER.pack(MAGIC, FORMAT_VERSION, len(order)))
     for key, item in order:
         name_b = key.encode("utf-8")
         if isinstance(item, tuple) and isinstance(item[0], LayerConfig):
-            cfg, flat = item  # type: ignore[misc]
-            layer = key[: -len(".weight")]
-            shape = tuple(modules[layer].weight.shape)
+            cfg, flat, shape = item  # type: ignore[misc]
             codebook, codes, gaps = _codes_and_gaps(flat, cfg.bits, key)
-            k, entries = _best_k(gaps, cfg.bits)
+            tail = _tail(gaps, flat.size)
+            k, entries = _best_k(gaps, cfg.bits, tail)
             nbytes = _sparse_size(key, len(shape), cfg.bits, k, entries)
             sizes.append(
                 LayerSize(key, shape, flat.size, True, True, cfg.p, cfg.bits, k, int(codes.size), entries, nbytes)
@@ -289,7 +317,7 @@ def _plan_file(
                 buf.write(struct.pack("<BBB", _KIND_SPARSE, 0, len(shape)) + struct.pack(f"<{len(shape)}I", *shape))
                 buf.write(_SPARSE_HEAD.pack(cfg.bits, k, cfg.p, entries))
                 buf.write(codebook.astype("<f4").tobytes())
-                payload = _pack(codes, gaps, cfg.bits, k)
+                payload = _pack(codes, gaps, cfg.bits, k, tail)
                 assert len(payload) == math.ceil(entries * (cfg.bits + k) / 8)
                 buf.write(payload)
         else:
@@ -339,11 +367,15 @@ def save_compressed(
 # -- reading -------------------------------------------------------------------------------
 
 
+CLIPQ_FILE_LIMIT = 64 << 30  # the largest .clipq file read (its bytes are held in memory while decoding)
+_MAX_NDIM = 32
+
+
 class _Reader:
-    def __init__(self, data: bytes, path: str) -> None:
+    def __init__(self, data: memoryview, path: str) -> None:
         self.data, self.pos, self.path = data, 0, path
 
-    def take(self, n: int, what: str) -> bytes:
+    def take(self, n: int, what: str) -> memoryview:
         if n < 0 or self.pos + n > len(self.data):
             raise FormatError(f"{self.path} is truncated (while reading {what}); re-copy or re-create the file")
         out = self.data[self.pos : self.pos + n]
@@ -355,6 +387,22 @@ class _Reader:
         return s.unpack(self.take(s.size, what))
 
 
+@dataclass(frozen=True)
+class _Record:
+    """One record's header and where its data lies in the file (nothing decoded yet)."""
+
+    name: str
+    kind: int
+    dtype_code: int
+    shape: tuple[int, ...]
+    numel: int
+    start: int  # offset of the record in the file
+    end: int  # offset after it
+    data: memoryview  # dense values, or a sparse record's packed entries
+    sparse: tuple[int, int, float, int] | None = None  # bits, k, p, entries
+    codebook: np.ndarray | None = None
+
+
 def _check_fits_in_memory(path: Path, name: str, shape: tuple[int, ...], numel: int) -> None:
     """A sparse record's dense tensor is not in the file: refuse one larger than the free memory, in one line
     (a corrupted or crafted shape would otherwise take the machine's memory)."""
@@ -362,22 +410,78 @@ def _check_fits_in_memory(path: Path, name: str, shape: tuple[int, ...], numel: 
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):  # not on this platform: no check
         return
-    need = 2 * 4 * numel  # the decoded values and the tensor made from them
+    need = 4 * numel  # the decoded values (the tensor shares their memory)
     if need > free:
         raise FormatError(
-            f"{path}: record {name!r} has shape {list(shape)}, {need / 2**30:.1f} GiB to decode with "
+            f"{path}: record {shown(name)} has shape {clip(str(list(shape)))}, {need / 2**30:.1f} GiB to decode with "
             f"{free / 2**30:.1f} GiB of memory free; the file is corrupted, or needs a larger machine"
         )
+
+
+def _layout(body: memoryview, count: int, path: Path) -> list[_Record]:
+    """Every record's header, checked against the file before anything is allocated.
+
+    The records must exactly fill the body; a dense record's values must be in
+    the file; a sparse record's entries must be able to reach the end of the
+    shape it declares (``numel <= (entries + 1) * 2**k``, which the writer's
+    trailing fillers guarantee), so a few bytes can never ask for gigabytes.
+    """
+    r = _Reader(body, str(path))
+    r.pos = _HEADER.size
+    if count > (len(body) - _HEADER.size) // 5:  # a record takes at least 5 bytes
+        raise FormatError(f"{path} declares {count:,} records, more than its size holds; the file is corrupted")
+    out: list[_Record] = []
+    seen: set[str] = set()
+    for _ in range(count):
+        start = r.pos
+        (n,) = r.unpack("<H", "a name length")
+        name = bytes(r.take(n, "a name")).decode("utf-8")
+        if name in seen:
+            raise FormatError(f"{path} holds record {shown(name)} twice; the file is corrupted")
+        seen.add(name)
+        kind, dtype_code, ndim = r.unpack("<BBB", "a record header")
+        if ndim > _MAX_NDIM:
+            raise FormatError(f"{path}: record {shown(name)} has {ndim} dimensions; the file is corrupted")
+        shape = tuple(r.unpack(f"<{ndim}I", "a shape")) if ndim else ()
+        numel = math.prod(shape)
+        if kind & 0x7F == _KIND_SPARSE:
+            bits, k, p, entries = r.unpack(_SPARSE_HEAD.format, "a sparse header")
+            if not 2 <= bits <= 8 or k not in K_RANGE:
+                raise FormatError(f"{path}: record {shown(name)} has bits={bits}, k={k}; the file is corrupted")
+            reach = (entries + 1) << k
+            if numel > reach:
+                raise FormatError(
+                    f"{path}: record {shown(name)} declares shape {clip(str(list(shape)))} ({numel:,} values) but "
+                    f"its {entries:,} entries reach at most {reach:,}; the file is corrupted"
+                )
+            codebook = np.frombuffer(r.take(4 * (2**bits - 1), "a codebook"), dtype="<f4")
+            payload = r.take(math.ceil(entries * (bits + k) / 8), "packed entries")
+            out.append(_Record(name, kind, 0, shape, numel, start, r.pos, payload, (bits, k, p, entries), codebook))
+        elif kind & 0x7F == _KIND_DENSE and dtype_code in _DTYPES:
+            raw = r.take(numel * np.dtype(_DTYPES[dtype_code][1]).itemsize, "tensor data")
+            out.append(_Record(name, kind, dtype_code, shape, numel, start, r.pos, raw))
+        else:
+            raise FormatError(
+                f"{path}: record {shown(name)} has unknown kind {kind}/{dtype_code}; the file is corrupted"
+            )
+    if r.pos != len(body):
+        raise FormatError(f"{path} has {len(body) - r.pos} unexpected trailing bytes; the file is corrupted")
+    for rec in out:
+        if rec.sparse is not None:
+            _check_fits_in_memory(path, rec.name, rec.shape, rec.numel)
+    return out
 
 
 def read_compressed(path: str | Path) -> tuple[dict[str, torch.Tensor], SizeEstimate]:
     """Decode a ``.clipq`` file into a state dict and its per-tensor sizes.
 
-    Raises ``FormatError`` (one line) for a foreign, truncated or corrupted file.
+    Raises ``FormatError`` (one line) for a foreign, truncated or corrupted
+    file. Only a regular file is read, and the whole layout is checked before
+    any tensor is made: memory use is the file plus the tensors it holds.
     """
     path = Path(path)
     try:
-        data = path.read_bytes()
+        data = read_regular(path, CLIPQ_FILE_LIMIT, ".clipq file")
     except FileNotFoundError:
         raise FormatError(f"{path} does not exist; give the path of a .clipq file") from None
     except IsADirectoryError:
@@ -389,54 +493,44 @@ def read_compressed(path: str | Path) -> tuple[dict[str, torch.Tensor], SizeEsti
     _, version, count = _HEADER.unpack_from(data)
     if version != FORMAT_VERSION:
         raise FormatError(f"{path} has format version {version}; this clipq-search reads version {FORMAT_VERSION}")
-    body, (crc,) = data[:-4], struct.unpack("<I", data[-4:])
+    body = memoryview(data)[:-4]
+    (crc,) = struct.unpack("<I", data[-4:])
     if zlib.crc32(body) != crc:
         raise FormatError(f"{path} is corrupted or truncated (checksum mismatch); re-copy or re-create the file")
-    r = _Reader(body, str(path))
-    r.pos = _HEADER.size
     state: dict[str, torch.Tensor] = {}
     sizes: list[LayerSize] = []
     original = 0
     try:
-        for _ in range(count):
-            start = r.pos
-            (n,) = r.unpack("<H", "a name length")
-            name = r.take(n, "a name").decode("utf-8")
-            kind, dtype_code, ndim = r.unpack("<BBB", "a record header")
-            shape = tuple(r.unpack(f"<{ndim}I", "a shape")) if ndim else ()
-            numel = math.prod(shape)
-            if kind & 0x7F == _KIND_SPARSE:
-                bits, k, p, entries = r.unpack(_SPARSE_HEAD.format, "a sparse header")
-                if not 2 <= bits <= 8 or k not in K_RANGE:
-                    raise FormatError(f"{path}: record {name!r} has bits={bits}, k={k}; the file is corrupted")
-                codebook = np.frombuffer(r.take(4 * (2**bits - 1), "a codebook"), dtype="<f4")
-                payload = r.take(math.ceil(entries * (bits + k) / 8), "packed entries")
-                _check_fits_in_memory(path, name, shape, numel)
-                flat = _unpack(payload, entries, bits, k, numel, codebook)
-                state[name] = torch.from_numpy(flat.reshape(shape).copy())
+        for rec in _layout(body, count, path):
+            if rec.sparse is not None:
+                bits, k, p, entries = rec.sparse
+                assert rec.codebook is not None
+                flat = _unpack(rec.data, entries, bits, k, rec.numel, rec.codebook)
+                state[rec.name] = torch.from_numpy(flat.reshape(rec.shape))
                 kept = int(np.count_nonzero(flat))
                 sizes.append(
-                    LayerSize(name, shape, numel, True, True, round(p, 6), bits, k, kept, entries, r.pos - start)
+                    LayerSize(
+                        rec.name, rec.shape, rec.numel, True, True, round(p, 6), bits, k, kept, entries,
+                        rec.end - rec.start,
+                    )
                 )
-                original += 4 * numel
-            elif kind & 0x7F == _KIND_DENSE and dtype_code in _DTYPES:
-                torch_dtype, np_dtype = _DTYPES[dtype_code]
-                raw = r.take(numel * np.dtype(np_dtype).itemsize, "tensor data")
-                arr = np.frombuffer(raw, dtype=np_dtype).reshape(shape).copy()
-                state[name] = torch.from_numpy(arr).to(torch_dtype)
-                is_param = not kind & _FLAG_BUFFER
-                sizes.append(LayerSize(name, shape, numel, is_param, False, None, None, None, numel, 0, r.pos - start))
-                original += 4 * numel if is_param else 0
+                original += 4 * rec.numel
             else:
-                raise FormatError(
-                    f"{path}: record {name!r} has unknown kind {kind}/{dtype_code}; the file is corrupted"
+                torch_dtype, np_dtype = _DTYPES[rec.dtype_code]
+                arr = np.frombuffer(rec.data, dtype=np_dtype).reshape(rec.shape).copy()
+                state[rec.name] = torch.from_numpy(arr).to(torch_dtype)
+                is_param = not rec.kind & _FLAG_BUFFER
+                sizes.append(
+                    LayerSize(
+                        rec.name, rec.shape, rec.numel, is_param, False, None, None, None, rec.numel, 0,
+                        rec.end - rec.start,
+                    )
                 )
+                original += 4 * rec.numel if is_param else 0
     except (UnicodeDecodeError, ValueError, struct.error) as exc:
         if isinstance(exc, FormatError):
             raise
-        raise FormatError(f"{path} is corrupted ({exc}); re-copy or re-create the file") from None
-    if r.pos != len(body):
-        raise FormatError(f"{path} has {len(body) - r.pos} unexpected trailing bytes; the file is corrupted")
+        raise FormatError(f"{path} is corrupted ({clip(str(exc))}); re-copy or re-create the file") from None
     return state, SizeEstimate(tuple(sizes), len(data), original)
 
 

@@ -20,14 +20,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
+from clipq_search._io import MiB, read_regular
 from clipq_search.core.operator import validate_p_bits
-from clipq_search.errors import ConfigError
+from clipq_search.errors import ConfigError, shown
 
-__all__ = ["COMPRESSIBLE_TYPES", "LayerConfig", "Plan", "compressible_layers"]
+__all__ = [
+    "COMPRESSIBLE_TYPES",
+    "CompressibleTensor",
+    "LayerConfig",
+    "Plan",
+    "compressible_layers",
+    "compressible_tensors",
+    "dense_summary",
+]
 
 COMPRESSIBLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+PLAN_FILE_LIMIT = 4 * MiB  # the largest plan file read (a plan of a thousand layers is about 100 kB)
 
 
 @dataclass(frozen=True)
@@ -52,7 +62,7 @@ class LayerConfig:
         elif isinstance(obj, (list, tuple)) and len(obj) == 2:
             p, bits = obj
         else:
-            raise ConfigError(f"{where}: expected {{'p': float, 'bits': int}}, got {obj!r}")
+            raise ConfigError(f"{where}: expected {{'p': float, 'bits': int}}, got {shown(obj)}")
         if isinstance(bits, float) and bits.is_integer():
             bits = int(bits)
         validate_p_bits(p, bits, where=where)
@@ -65,10 +75,82 @@ def require_module(model: object) -> None:
         raise TypeError(f"expected a torch.nn.Module (the model), got {type(model).__name__}")
 
 
-def compressible_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every ``nn.Linear`` / ``nn.Conv1d/2d/3d`` of ``model`` by module name, in model order."""
+# Weight parameters that are not a layer's ``weight``: attention's input projections.
+_ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+@dataclass(frozen=True)
+class CompressibleTensor:
+    """One weight tensor CLIP-Q can compress, and the name a plan calls it by.
+
+    ``name`` is the module's name for a layer's ``weight`` (``features.0``),
+    and ``<module>.<parameter>`` for a weight parameter of another kind
+    (``encoder.layers.0.self_attn.in_proj_weight``). ``key`` is its key in the
+    model's state dict.
+    """
+
+    name: str
+    module: nn.Module
+    attr: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}.weight" if self.attr == "weight" else self.name
+
+    def tensor(self) -> Tensor:
+        """The tensor the forward pass uses (pruned-quantized when CLIP-Q is attached)."""
+        return getattr(self.module, self.attr)
+
+
+def _is_layer(mod: nn.Module) -> bool:
+    # Hugging Face's GPT-2 ``Conv1D`` is a linear layer with a transposed weight of its own class.
+    return isinstance(mod, COMPRESSIBLE_TYPES) or (
+        type(mod).__name__ == "Conv1D" and isinstance(getattr(mod, "weight", None), Tensor)
+    )
+
+
+def compressible_tensors(model: nn.Module) -> dict[str, CompressibleTensor]:
+    """Every compressible weight of ``model`` by plan name, in model order.
+
+    The ``weight`` of every ``nn.Linear`` / ``nn.Conv1d/2d/3d`` (and of
+    Hugging Face's ``Conv1D``), and the input projections of every
+    ``nn.MultiheadAttention`` (``in_proj_weight``, or ``q/k/v_proj_weight``),
+    which are bare parameters, not layers.
+    """
     require_module(model)
-    return {name: mod for name, mod in model.named_modules() if isinstance(mod, COMPRESSIBLE_TYPES) and name}
+    out: dict[str, CompressibleTensor] = {}
+    for name, mod in model.named_modules():
+        if not name:
+            continue
+        if _is_layer(mod):
+            out[name] = CompressibleTensor(name, mod, "weight")
+        elif isinstance(mod, nn.MultiheadAttention):
+            for attr in _ATTENTION_WEIGHTS:
+                if isinstance(getattr(mod, attr, None), Tensor):
+                    out[f"{name}.{attr}"] = CompressibleTensor(f"{name}.{attr}", mod, attr)
+    return out
+
+
+def dense_summary(model: nn.Module, compressed: Iterable[str]) -> dict[str, Any]:
+    """What stays dense when the plan names ``compressed`` are compressed: its share of the fp32 parameter bytes.
+
+    ``{"tensors": n, "bytes": b, "share": b / all parameter bytes, "largest": [[key, bytes], ...]}`` (the
+    three largest), from the parameters only, each counted at 4 bytes per value as in the rate.
+    """
+    tensors = compressible_tensors(model)
+    keys = {tensors[name].key for name in compressed if name in tensors}
+    sizes = {k: 4 * v.numel() for k, v in model.state_dict().items() if v.is_floating_point()}
+    params = {n for n, _ in model.named_parameters()}
+    dense = {k: b for k, b in sizes.items() if k in params and k not in keys}
+    total = sum(b for k, b in sizes.items() if k in params)
+    largest = sorted(dense.items(), key=lambda kv: -kv[1])[:3]
+    return {"tensors": len(dense), "bytes": sum(dense.values()), "share": sum(dense.values()) / max(total, 1),
+            "largest": [[k, b] for k, b in largest]}
+
+
+def compressible_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The module holding each compressible weight (``compressible_tensors``), by plan name, in model order."""
+    return {name: t.module for name, t in compressible_tensors(model).items()}
 
 
 def _is_pattern(key: str) -> bool:
@@ -87,7 +169,7 @@ def check_pattern(key: str, what: str) -> None:
         try:
             re.compile(key[3:])
         except re.error as exc:
-            raise ConfigError(f"{what} {key!r} is not a valid regular expression: {exc}") from None
+            raise ConfigError(f"{what} {shown(key)} is not a valid regular expression: {exc}") from None
 
 
 def _list_names(names: Iterable[str]) -> str:
@@ -105,12 +187,12 @@ class Plan:
     dense: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        layers = {str(k): LayerConfig.from_obj(v, where=f"plan layer {k!r}") for k, v in dict(self.layers).items()}
+        layers = {str(k): LayerConfig.from_obj(v, where=f"plan layer {shown(k)}") for k, v in dict(self.layers).items()}
         object.__setattr__(self, "layers", layers)
         if self.default is not None:
             object.__setattr__(self, "default", LayerConfig.from_obj(self.default, where="plan default"))
         if isinstance(self.dense, str):
-            raise ConfigError(f"plan dense={self.dense!r}: expected a list of layer names or patterns")
+            raise ConfigError(f"plan dense={shown(self.dense)}: expected a list of layer names or patterns")
         object.__setattr__(self, "dense", tuple(str(d) for d in self.dense))
         for key in [*layers, *self.dense]:
             check_pattern(key, "plan key")
@@ -123,23 +205,25 @@ class Plan:
         Raises ``ConfigError`` listing the real layer names when a key matches
         no compressible layer, or when every layer ends up dense.
         """
-        layers = compressible_layers(model)
-        return self.resolve_names(list(layers))
+        return self.resolve_names(list(compressible_tensors(model)))
 
     def resolve_names(self, names: list[str]) -> dict[str, LayerConfig]:
         if not names:
             raise ConfigError(
-                "the model has no compressible layer (nn.Linear, nn.Conv1d/2d/3d) below its top module; "
+                "the model has no compressible layer (nn.Linear, nn.Conv1d/2d/3d, attention projections) below its "
+                "top module; "
                 "to compress a single layer, wrap it: nn.Sequential(layer)"
             )
         for key in [*self.layers, *self.dense]:
             if _is_pattern(key):
                 if not any(matches(key, n) for n in names):
                     raise ConfigError(
-                        f"plan pattern {key!r} matches no compressible layer; layers are: {_list_names(names)}"
+                        f"plan pattern {shown(key)} matches no compressible layer; layers are: {_list_names(names)}"
                     )
             elif key not in names:
-                raise ConfigError(f"plan names unknown layer {key!r}; compressible layers are: {_list_names(names)}")
+                raise ConfigError(
+                    f"plan names unknown layer {shown(key)}; compressible layers are: {_list_names(names)}"
+                )
         patterns = [(k, v) for k, v in self.layers.items() if _is_pattern(k)]
         out: dict[str, LayerConfig] = {}
         for name in names:
@@ -187,7 +271,7 @@ class Plan:
         """Read a plan JSON file (as written by ``export``)."""
         path = Path(path)
         try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
+            obj = json.loads(read_regular(path, PLAN_FILE_LIMIT, "plan file").decode("utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"plan file {path} does not exist; write one with `run_search.py export`") from None
         except IsADirectoryError:
@@ -198,6 +282,9 @@ class Plan:
             raise ConfigError(f"cannot read plan file {path} ({reason}); check the path and its permissions") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ConfigError(f'plan file {path} is not valid JSON ({exc}); expected {{"layers": {{...}}}}') from None
+        except RecursionError:
+            expected = 'expected {"layers": {...}}'
+            raise ConfigError(f"plan file {path} nests too deeply to be a plan; {expected}") from None
         where = f"plan file {path}"
         try:
             return cls.from_dict(obj, where=where)

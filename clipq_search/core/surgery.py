@@ -20,11 +20,10 @@ from torch.nn.utils import parametrize
 
 from clipq_search.core._numba_kernels import DONE, NOT_FINITE
 from clipq_search.core.operator import ClipQStats, CompiledOperator, clipq_quantize_with_stats, compiled_for
-from clipq_search.core.plan import LayerConfig, Plan, require_module
+from clipq_search.core.plan import LayerConfig, Plan, compressible_tensors, require_module
 
 __all__ = ["ClipQWeight", "attach_clipq", "attached_configs", "clipq_weight", "strip_clipq"]
 
-_ORIGINAL = "parametrizations.weight.original"
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -181,33 +180,45 @@ class ClipQWeight(nn.Module):
 _quantize_outside_graphs = torch.compiler.disable(ClipQWeight.quantize)
 
 
-def _clipq_param(module: nn.Module) -> ClipQWeight | None:
-    if not parametrize.is_parametrized(module, "weight"):
+def _clipq_param(module: nn.Module, attr: str = "weight") -> ClipQWeight | None:
+    if not parametrize.is_parametrized(module, attr):
         return None
-    for par in module.parametrizations["weight"]:  # type: ignore[union-attr,index]
+    for par in module.parametrizations[attr]:  # type: ignore[union-attr,index]
         if isinstance(par, ClipQWeight):
             return par
     return None
 
 
+def _clipq_attrs(module: nn.Module) -> list[str]:
+    """The parameters of ``module`` that carry CLIP-Q (``weight``, ``in_proj_weight``, ...)."""
+    if not parametrize.is_parametrized(module):
+        return []
+    return [attr for attr in module.parametrizations if _clipq_param(module, attr) is not None]  # type: ignore[union-attr]
+
+
 def _save_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    # Save the ordinary key: `<layer>.weight` holds the full-precision weight.
-    key = prefix + _ORIGINAL
-    if key in state_dict and _clipq_param(module) is not None:
-        state_dict[prefix + "weight"] = state_dict.pop(key)
+    # Save the ordinary keys: `<layer>.weight` (or `<module>.in_proj_weight`) holds the full-precision weight.
+    for attr in _clipq_attrs(module):
+        key = f"{prefix}parametrizations.{attr}.original"
+        if key in state_dict:
+            state_dict[prefix + attr] = state_dict.pop(key)
 
 
 def _load_pre_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
     # Accept an ordinary state dict: map `<layer>.weight` onto the original.
-    if _clipq_param(module) is not None and prefix + "weight" in state_dict and prefix + _ORIGINAL not in state_dict:
-        state_dict[prefix + _ORIGINAL] = state_dict.pop(prefix + "weight")
+    for attr in _clipq_attrs(module):
+        original = f"{prefix}parametrizations.{attr}.original"
+        if prefix + attr in state_dict and original not in state_dict:
+            state_dict[original] = state_dict.pop(prefix + attr)
 
 
 def attach_clipq(model: nn.Module, plan: Plan | Mapping[str, Any]) -> dict[str, LayerConfig]:
     """Make the plan's layers of ``model`` train with CLIP-Q, in place; return what was attached.
 
-    ``plan`` is a :class:`Plan` or its JSON dict. Layers that already carry
-    CLIP-Q get the new setting. Raises ``ConfigError`` for unknown layer names.
+    ``plan`` is a :class:`Plan` or its JSON dict; its names are those of
+    :func:`compressible_tensors` (layers by module name, attention projections
+    as ``<module>.in_proj_weight``). Layers that already carry CLIP-Q get the
+    new setting. Raises ``ConfigError`` for unknown layer names.
 
     The model's ``state_dict()`` keeps the full-precision weights: to deploy,
     use ``save_compressed`` or ``strip_clipq`` (then ``state_dict()``).
@@ -215,30 +226,32 @@ def attach_clipq(model: nn.Module, plan: Plan | Mapping[str, Any]) -> dict[str, 
     require_module(model)
     if not isinstance(plan, Plan):
         plan = Plan.from_dict(plan)
-    resolved = plan.resolve(model)
-    modules = dict(model.named_modules())
+    tensors = compressible_tensors(model)
+    resolved = plan.resolve_names(list(tensors))
     for name, cfg in resolved.items():
-        module = modules[name]
-        existing = _clipq_param(module)
+        module, attr = tensors[name].module, tensors[name].attr
+        existing = _clipq_param(module, attr)
         if existing is not None:
             existing.p, existing.bits = cfg.p, cfg.bits
             existing.invalidate()
             continue
+        hooked = bool(_clipq_attrs(module))
         if parametrize.is_parametrized(module):  # its class may be shared with a deep copy (``_own_class``)
             _own_class(module)
-        parametrize.register_parametrization(module, "weight", ClipQWeight(cfg.p, cfg.bits), unsafe=True)
-        module.register_state_dict_post_hook(_save_hook)
-        module.register_load_state_dict_pre_hook(_load_pre_hook)
+        parametrize.register_parametrization(module, attr, ClipQWeight(cfg.p, cfg.bits), unsafe=True)
+        if not hooked:  # one pair of hooks serves every parametrized weight of the module
+            module.register_state_dict_post_hook(_save_hook)
+            module.register_load_state_dict_pre_hook(_load_pre_hook)
     return resolved
 
 
 def attached_configs(model: nn.Module) -> dict[str, LayerConfig]:
-    """The (p, bits) of every layer that currently carries CLIP-Q, by module name."""
+    """The (p, bits) of every weight that currently carries CLIP-Q, by plan name, in model order."""
     out = {}
     for name, module in model.named_modules():
-        par = _clipq_param(module)
-        if par is not None:
-            out[name] = par.config
+        for attr in _clipq_attrs(module):
+            par = _clipq_param(module, attr)
+            out[name if attr == "weight" else f"{name}.{attr}"] = par.config  # type: ignore[union-attr]
     return out
 
 
@@ -257,11 +270,13 @@ def strip_clipq(model: nn.Module) -> Plan:
     weights (an attached model's state dict holds the full-precision ones).
     """
     stripped = attached_configs(model)
-    for name, module in model.named_modules():
-        if name in stripped:
+    for module in model.modules():
+        attrs = _clipq_attrs(module)
+        if attrs:
             _own_class(module)
+        for attr in attrs:
             with torch.no_grad():
-                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+                parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
     return Plan(layers=stripped)
 
 

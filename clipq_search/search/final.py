@@ -17,11 +17,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from clipq_search._io import write_json
+from clipq_search._io import read_regular, write_json
 from clipq_search.analysis import rundir
 from clipq_search.analysis.rundir import check_run_dir
-from clipq_search.core.plan import Plan
+from clipq_search.core.plan import PLAN_FILE_LIMIT, Plan
 from clipq_search.errors import ClipQError
+from clipq_search.search.runlock import hold_run, releasing_locks
+from clipq_search.search.worker_kills import gather, kill_point
 
 __all__ = ["choose_plan", "export_plan", "run_final"]
 
@@ -113,8 +115,8 @@ def _check_export_target(path: Path) -> None:
     if not path.exists():
         return
     try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
+        doc = json.loads(read_regular(path, PLAN_FILE_LIMIT, "plan file"))
+    except (OSError, ValueError, RecursionError, ClipQError):
         doc = None
     source = doc.get("source") if isinstance(doc, dict) else None
     ours = isinstance(source, dict) and "trial" in source and "layers" in doc
@@ -122,6 +124,37 @@ def _check_export_target(path: Path) -> None:
         raise ClipQError(
             f"{path} exists and is not a plan exported by clipq-search; choose another --out, or move that file away"
         )
+
+
+def _checkpoints(final_dir: Path, setup: dict[str, Any]) -> dict[str, Path]:
+    """The compressed and control runs' checkpoint files.
+
+    Checkpoints belong to one plan and one training setup: an interrupted run of another plan, or
+    with other settings, is never resumed into this one (it starts afresh; its checkpoint is left).
+    """
+    return {
+        "compressed": final_dir / f"ckpt-compressed-{_digest(setup)}.pt",
+        "control": final_dir / f"ckpt-control-{_digest(setup['train'])}.pt",
+    }
+
+
+def _check_final_dir(final_dir: Path, setup: dict[str, Any], *, force: bool) -> None:
+    """Refuse to replace a finished final of another plan or training setup, unless ``force``."""
+    if force:
+        return
+    path = final_dir / rundir.METRICS_JSON
+    if not path.is_file():
+        return
+    done = rundir.read_json(path, f"delete {path} or pass --force to replace it")
+    same = done.get("setup") == _digest(setup) if "setup" in done else done.get("plan") == setup["plan"]
+    if same:
+        return
+    trial = (done.get("source") or {}).get("trial") if isinstance(done.get("source"), dict) else None
+    which = f"trial {trial}'s plan" if trial is not None else "another plan"
+    raise ClipQError(
+        f"{final_dir} holds the finished final run of {which} or another training setup; pass --force to "
+        f"replace it, or copy {final_dir} elsewhere first to keep it"
+    )
 
 
 def _final_task(
@@ -135,11 +168,13 @@ def _final_task(
 ) -> dict[str, Any]:
     """Ray task: full-length fine-tune (CLIP-Q when ``plan`` is given, else the dense control)."""
     from clipq_search.core.surgery import attach_clipq
-    from clipq_search.search.trial import model_for, state_from_bytes, state_to_bytes, train_config
-    from clipq_search.training.loop import configure_threads, select_device, train
+    from clipq_search.search.trial import model_for, state_from_bytes, state_to_bytes, train_config, worker_device
+    from clipq_search.training.data import loader_workers
+    from clipq_search.training.loop import configure_threads, train
 
     configure_threads(threads)
-    device = select_device(space_data["resources"]["device"])
+    device = worker_device(space_data["resources"]["device"])
+    workers = loader_workers(space_data["resources"]["cpus_per_trial"])
     model = model_for(space_data, payload["info"])
     model.load_state_dict(state_from_bytes(payload["baseline"]), strict=True)
     if plan is not None:
@@ -151,20 +186,25 @@ def _final_task(
     def on_epoch(rec: dict[str, float]) -> None:
         if queue is not None:
             val = f", val {rec['val_top1']:.2f}%" if "val_top1" in rec else ""
-            queue.put(f"  {tag}: epoch {rec['epoch']:g}/{cfg.epochs:g} loss {rec['train_loss']:.4f}{val}")
+            try:
+                queue.put(f"  {tag}: epoch {rec['epoch']:g}/{cfg.epochs:g} loss {rec['train_loss']:.4f}{val}")
+            except Exception:  # noqa: BLE001 - progress lines are a courtesy; a lost queue never stops training
+                pass
 
-    res = train(
-        model,
-        dataset_from_state(payload["train"]),
-        cfg,
-        device=device,
-        val_data=dataset_from_state(payload["val"]),
-        progress=False,
-        desc=tag,
-        on_epoch_end=on_epoch,
-        checkpoint_path=ckpt,
-        resume=True,
-    )
+    with kill_point(tag):
+        res = train(
+            model,
+            dataset_from_state(payload["train"], num_workers=workers),
+            cfg,
+            device=device,
+            val_data=dataset_from_state(payload["val"], num_workers=workers),
+            eval_batch_size=space_data["trial"]["eval_batch_size"],
+            progress=False,
+            desc=tag,
+            on_epoch_end=on_epoch,
+            checkpoint_path=ckpt,
+            resume=True,
+        )
     model.cpu()
     return {
         "state": state_to_bytes(model),
@@ -174,6 +214,48 @@ def _final_task(
     }
 
 
+def _evaluate_task(space_data: dict[str, Any], states: dict[str, bytes], payload: dict[str, Any]) -> dict[str, Any]:
+    """Ray task: test (and validation) metrics of each state dict in ``states``, on the worker's device."""
+    from clipq_search.search.trial import model_for, state_from_bytes, worker_device
+    from clipq_search.training.data import dataset_from_state, loader_workers
+    from clipq_search.training.loop import configure_threads, evaluate
+
+    res = space_data["resources"]
+    configure_threads(max(1, int(res["cpus_per_trial"])))
+    device = worker_device(res["device"])
+    workers = loader_workers(res["cpus_per_trial"])
+    bs = space_data["trial"]["eval_batch_size"]
+    test = dataset_from_state(payload["test"], num_workers=workers)
+    val = dataset_from_state(payload["val"], num_workers=workers) if payload.get("val") is not None else None
+    out: dict[str, Any] = {}
+    for tag, blob in states.items():
+        model = model_for(space_data, payload["info"])
+        model.load_state_dict(state_from_bytes(blob), strict=True)
+        out[tag] = {
+            "test": evaluate(model, test, device=device, batch_size=bs),
+            "val": evaluate(model, val, device=device, batch_size=bs) if val is not None else None,
+            "device": str(device),
+        }
+    return out
+
+
+def _relay(queue: Any, log: Callable[[str], None]) -> Callable[[], None]:
+    """Log the progress lines the runs put on ``queue``; once the queue's actor is gone (killed), stay quiet."""
+    alive = [True]
+
+    def relay() -> None:
+        while alive[0]:
+            try:
+                if queue.empty():
+                    return
+                log(queue.get(timeout=5))
+            except Exception:  # noqa: BLE001 - Ray's errors for a lost actor vary; the runs go on without it
+                alive[0] = False
+
+    return relay
+
+
+@releasing_locks
 def run_final(
     run_dir: Path,
     *,
@@ -183,11 +265,15 @@ def run_final(
     log: Callable[[str], None] = print,
     out_dir: Path | None = None,
     control: bool = True,
+    force: bool = False,
+    trial: int | None = None,
 ) -> dict[str, Any]:
     """Full-length CLIP-Q run of a plan -> ``final/model.clipq`` and ``final/metrics.json``.
 
     ``out_dir`` (default ``RUN_DIR/final``) and ``control=False`` (skip the dense
-    control run) serve benchmarks that finalise several plans of one run.
+    control run) serve benchmarks that finalise several plans of one run. A
+    finished final of another plan or training setup is replaced only with
+    ``force``.
     """
     import ray
 
@@ -196,15 +282,14 @@ def run_final(
     from clipq_search.search.cluster import check_address, check_gpus, init_ray
     from clipq_search.search.space import load_space
     from clipq_search.search.trial import (
-        dataset_spec,
         model_for,
-        splits_info,
+        run_task,
         state_from_bytes,
+        state_to_bytes,
         train_config,
         trial_payload,
     )
-    from clipq_search.training.data import load_dataset
-    from clipq_search.training.loop import evaluate
+    from clipq_search.training.loop import check_checkpoint, epochs_text
 
     # Everything that can fail on bad input runs before anything is written.
     check_run_dir(run_dir)
@@ -217,97 +302,89 @@ def run_final(
     if config:
         plan = Plan.load(config)
         try:
-            source = json.loads(Path(config).read_text()).get("source")
-        except (OSError, ValueError, AttributeError):
+            source = json.loads(read_regular(config, PLAN_FILE_LIMIT, "plan file")).get("source")
+        except (OSError, ValueError, AttributeError, RecursionError, ClipQError):
             source = None
     else:
-        plan, chosen, chosen_line = choose_plan(run_dir)
+        plan, chosen, chosen_line = choose_plan(run_dir, trial=trial)
         source = chosen["source"]
     baseline = run_baseline(run_dir)
-    payload = trial_payload(space, baseline)
+    payload = trial_payload(space, baseline, test=True)
     plan.resolve(model_for(space.data, payload["info"]))  # unknown layers fail before any training
     final_dir = out_dir or run_dir / rundir.FINAL_DIR
+    setup = {"plan": plan.to_dict(), "train": cfg.to_dict()}
+    ckpts = _checkpoints(final_dir, setup)
+    _check_final_dir(final_dir, setup, force=force)
+    for path in ckpts.values():
+        check_checkpoint(path)
+    res = space.data["resources"]
+    if address:  # the cluster answers before anything is written
+        init_ray(address, 2, res["cpus_per_trial"], res["gpus_per_trial"], log)
+    # One `final` at a time into a folder; the lock lives in the run's storage (released when run_final ends).
+    storage = rundir.load_run_info(run_dir).get("storage") or rundir.default_storage(run_dir)
+    hold_run(storage, f"{run_dir.name}:{final_dir.name}", "final", log)
     final_dir.mkdir(parents=True, exist_ok=True)
     if chosen is None:  # a given plan file: final/plan.json says what is trained, whatever it said before
         chosen = {**plan.to_dict(), "source": source if source is not None else {"config": str(config)}}
     else:
         log(chosen_line)
     write_json(final_dir / rundir.PLAN_JSON, chosen)
-    # Checkpoints belong to one plan and one training setup: an interrupted run of another plan, or
-    # with other settings, is never resumed into this one (it starts afresh; its checkpoint is left).
-    setup = {"plan": plan.to_dict(), "train": cfg.to_dict()}
-    ckpts = {
-        "compressed": final_dir / f"ckpt-compressed-{_digest(setup)}.pt",
-        "control": final_dir / f"ckpt-control-{_digest(setup['train'])}.pt",
-    }
-    res = space.data["resources"]
     init_ray(address, 2, res["cpus_per_trial"], res["gpus_per_trial"], log)
     from ray.util.queue import Queue
 
     queue = Queue()
     threads = max(1, int(res["cpus_per_trial"]))
-    task = ray.remote(num_cpus=res["cpus_per_trial"], num_gpus=res["gpus_per_trial"], max_retries=1)(_final_task)
+    # Retries are gather's: a run whose worker Ray kills starts again from its last checkpoint.
+    task = ray.remote(num_cpus=res["cpus_per_trial"], num_gpus=res["gpus_per_trial"], max_retries=0)(_final_task)
     ref_payload = ray.put(payload)
     log(
-        f"final run: {cfg.epochs:g} epochs of CLIP-Q fine-tuning"
+        f"final run: {epochs_text(cfg.epochs)} of CLIP-Q fine-tuning"
         + (" and of the dense control, in parallel" if control else "")
         + " on Ray"
     )
     t0 = time.perf_counter()
-    refs = {
-        "compressed": task.remote(
-            space.data,
-            plan.to_dict(),
-            ref_payload,
-            str(ckpts["compressed"].resolve()),
-            threads,
-            queue,
-            "compressed",
-        ),
-    }
-    if control:
-        refs["control"] = task.remote(
-            space.data, None, ref_payload, str(ckpts["control"].resolve()), threads, queue, "control"
-        )
-    pending = list(refs.values())
-    while pending:
-        _, pending = ray.wait(pending, timeout=1.0, num_returns=len(pending))
-        while not queue.empty():
-            log(queue.get())
-    while not queue.empty():
-        log(queue.get())
-    try:
-        results = {k: ray.get(r) for k, r in refs.items()}
-    except ray.exceptions.RayError as exc:
-        raise ClipQError(
-            f"the final run failed: {str(exc).strip().splitlines()[-1][:300]}; rerun `final` to resume"
-        ) from None
+    plans = {"compressed": plan.to_dict(), "control": None}
+
+    def submit(tag: Any) -> Any:
+        return task.remote(space.data, plans[tag], ref_payload, str(ckpts[tag].resolve()), threads, queue, tag)
+
+    relay = _relay(queue, log)
+    results = gather(
+        submit,
+        ["compressed", "control"] if control else ["compressed"],
+        retries=space.data["search"]["retries"],
+        what=lambda tag: f"final {tag} run",
+        log=log,
+        poll=relay,
+        again="running it again from its checkpoint",
+    )
+    relay()
     for tag, r in results.items():
         if r["resumed_from_step"]:
             log(f"  {tag}: resumed from its checkpoint at step {r['resumed_from_step']}")
 
-    splits = load_dataset(dataset_spec(space))
-    info = splits_info(splits)
-    device = "cpu"
+    info = payload["info"]
     model = model_for(space.data, info)
     attach_clipq(model, plan)
     model.load_state_dict(state_from_bytes(results["compressed"]["state"]), strict=True)
     written = save_compressed(model, final_dir / rundir.MODEL_FILE)
+    # What is evaluated is the file as written: decoded here, evaluated by a worker with the space's resources.
     reloaded = model_for(space.data, info)
     reloaded.load_state_dict(read_compressed(final_dir / rundir.MODEL_FILE)[0], strict=True)
-    compressed = evaluate(reloaded, splits.test, device=device)
-    control_top1 = None
+    states = {"compressed": state_to_bytes(reloaded)}
     if control:
-        control_model = model_for(space.data, info)
-        control_model.load_state_dict(state_from_bytes(results["control"]["state"]), strict=True)
-        control_top1 = evaluate(control_model, splits.test, device=device)["top1"]
+        states["control"] = results["control"]["state"]
+    scores = run_task(
+        _evaluate_task, res, space.data, states, ref_payload,
+        what="the final evaluation", retries=space.data["search"]["retries"], log=log,
+    )
+    compressed = scores["compressed"]["test"]
+    control_top1 = scores["control"]["test"]["top1"] if control else None
     metrics = {
         "baseline_test_top1": baseline.test_top1,
         "control_test_top1": control_top1,
         "compressed_test_top1": compressed["top1"],
-        "compressed_val_top1": evaluate(reloaded, splits.val, device=device)["top1"]
-        if splits.val is not None
-        else None,
+        "compressed_val_top1": scores["compressed"]["val"]["top1"] if scores["compressed"]["val"] else None,
         "rate": written.original_bytes / (final_dir / rundir.MODEL_FILE).stat().st_size,
         "file_bytes": (final_dir / rundir.MODEL_FILE).stat().st_size,
         "original_bytes": written.original_bytes,
@@ -317,6 +394,7 @@ def run_final(
         "trial": (source or {}).get("trial"),
         "source": source,
         "resumed_from_step": {k: r["resumed_from_step"] for k, r in results.items()},
+        "setup": _digest(setup),
     }
     write_json(final_dir / rundir.METRICS_JSON, metrics)
     for path in ckpts.values():

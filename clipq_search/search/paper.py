@@ -19,9 +19,10 @@ import torch
 
 from clipq_search.core.encoding import sparse_layer_bytes
 from clipq_search.core.operator import clipq_quantize
-from clipq_search.core.plan import compressible_layers
+from clipq_search.core.plan import compressible_tensors
 from clipq_search.search.space import LayerSearchParam, Space
-from clipq_search.training.data import dataset_from_state
+from clipq_search.search.worker_kills import gather, kill_point
+from clipq_search.training.data import ArrayDataset, FolderDataset, dataset_from_state, loader_workers
 
 __all__ = ["paper_layer_search", "paper_plans"]
 
@@ -30,21 +31,29 @@ def paper_layer_search(
     space_data: dict[str, Any], unit: LayerSearchParam, payload: dict[str, Any], *, threads: int = 1
 ) -> dict[float, tuple[float, int, float, float]]:
     """Best (p, bits, error, c_i) of one unit for every lambda of ``search.paper``."""
-    from clipq_search.search.trial import model_for, state_from_bytes
+    from clipq_search.search.trial import model_for, state_from_bytes, worker_device
     from clipq_search.training.loop import configure_threads, evaluate
 
     configure_threads(threads)
+    res = space_data["resources"]
+    device = worker_device(res["device"])
     cfg = space_data["search"]["paper"]
     model = model_for(space_data, payload["info"])
     model.load_state_dict(state_from_bytes(payload["baseline"]), strict=True)
     model.eval()
-    train = dataset_from_state(payload["train"])
+    model.to(device)
+    train = dataset_from_state(payload["train"], num_workers=loader_workers(res["cpus_per_trial"]))
     n = min(cfg["subset"], len(train))
     idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(space_data["search"]["seed"]))[:n]
-    subset = train.subset(torch.sort(idx).values)
-    layers = compressible_layers(model)
-    total_bits = sum(32 * m.weight.numel() for m in layers.values())
-    originals = {name: layers[name].weight.detach().clone() for name in unit.layers}
+    # Every evaluation sees the same images: no augmentation; in-memory images are moved to the device once.
+    if isinstance(train, FolderDataset):
+        subset: ArrayDataset | FolderDataset = train.subset(torch.sort(idx).values, train=False)
+    else:
+        subset = train.subset(torch.sort(idx).values).to(device)
+    eval_bs = space_data["trial"]["eval_batch_size"]
+    tensors = compressible_tensors(model)
+    total_bits = sum(32 * t.tensor().numel() for t in tensors.values())
+    originals = {name: tensors[name].tensor().detach().clone() for name in unit.layers}
     cache: dict[tuple[float, int], tuple[float, float]] = {}
 
     def measure(p: float, bits: int) -> tuple[float, float]:
@@ -54,34 +63,35 @@ def paper_layer_search(
             with torch.no_grad():
                 for name, w in originals.items():
                     q = clipq_quantize(w, p, bits)
-                    layers[name].weight.copy_(q)
-                    saved += 32 * w.numel() - 8 * sparse_layer_bytes(name + ".weight", q, bits)
-            err = 1.0 - evaluate(model, subset, device="cpu")["top1"] / 100.0
+                    tensors[name].tensor().copy_(q)
+                    saved += 32 * w.numel() - 8 * sparse_layer_bytes(tensors[name].key, q, bits)
+            err = 1.0 - evaluate(model, subset, device=device, batch_size=eval_bs)["top1"] / 100.0
             with torch.no_grad():
                 for name, w in originals.items():
-                    layers[name].weight.copy_(w)
+                    tensors[name].tensor().copy_(w)
             cache[key] = (err, saved / total_bits)
         return cache[key]
 
     out: dict[float, tuple[float, int, float, float]] = {}
-    for lam in cfg["lambdas"]:
-        sampler = optuna.samplers.GPSampler(
-            seed=space_data["search"]["seed"], n_startup_trials=min(8, cfg["evals_per_layer"])
-        )
-        study = optuna.create_study(direction="minimize", sampler=sampler)
+    with kill_point("paper"):  # test hook (CLIPQ_TEST_KILL); nothing without it
+        for lam in cfg["lambdas"]:
+            sampler = optuna.samplers.GPSampler(
+                seed=space_data["search"]["seed"], n_startup_trials=min(8, cfg["evals_per_layer"])
+            )
+            study = optuna.create_study(direction="minimize", sampler=sampler)
 
-        def objective(trial: optuna.Trial, lam: float = lam) -> float:
-            p = trial.suggest_float("p", *unit.p) if unit.p[0] < unit.p[1] else unit.p[0]
-            if unit.bits[0] < unit.bits[1]:
-                bits = int(round(trial.suggest_float("b", unit.bits[0] - 0.49, unit.bits[1] + 0.49)))
-            else:
-                bits = unit.bits[0]
-            err, c = measure(p, bits)
-            trial.set_user_attr("pb", (p, bits, err, c))
-            return err - lam * c
+            def objective(trial: optuna.Trial, lam: float = lam) -> float:
+                p = trial.suggest_float("p", *unit.p) if unit.p[0] < unit.p[1] else unit.p[0]
+                if unit.bits[0] < unit.bits[1]:
+                    bits = int(round(trial.suggest_float("b", unit.bits[0] - 0.49, unit.bits[1] + 0.49)))
+                else:
+                    bits = unit.bits[0]
+                err, c = measure(p, bits)
+                trial.set_user_attr("pb", (p, bits, err, c))
+                return err - lam * c
 
-        study.optimize(objective, n_trials=cfg["evals_per_layer"])
-        out[float(lam)] = tuple(study.best_trial.user_attrs["pb"])  # type: ignore[assignment]
+            study.optimize(objective, n_trials=cfg["evals_per_layer"])
+            out[float(lam)] = tuple(study.best_trial.user_attrs["pb"])  # type: ignore[assignment]
     return out
 
 
@@ -93,15 +103,25 @@ def paper_plans(
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     res = space.data["resources"]
-    task = ray.remote(num_cpus=res["cpus_per_trial"], num_gpus=0)(paper_layer_search)
+    # Retries are gather's: a layer's search whose worker Ray kills runs again, up to search.retries times.
+    task = ray.remote(num_cpus=res["cpus_per_trial"], num_gpus=res["gpus_per_trial"], max_retries=0)(
+        paper_layer_search
+    )
     payload_ref = ray.put(payload)
     lambdas = space.data["search"]["paper"]["lambdas"]
     log(
         f"paper strategy: per-layer GP search for {len(units)} layer(s) x {len(lambdas)} lambda(s), "
         f"{space.data['search']['paper']['evals_per_layer']} evaluations each, in parallel on Ray"
     )
-    refs = [task.remote(space.data, u, payload_ref, threads=max(1, int(res["cpus_per_trial"]))) for u in units]
-    results = ray.get(refs)
+    threads = max(1, int(res["cpus_per_trial"]))
+    done = gather(
+        lambda i: task.remote(space.data, units[i], payload_ref, threads=threads),
+        list(range(len(units))),
+        retries=space.data["search"]["retries"],
+        what=lambda i: f"the paper strategy's search of layer {units[i].key}",
+        log=log,
+    )
+    results = [done[i] for i in range(len(units))]
     plans = []
     for lam in lambdas:
         params: dict[str, Any] = {}

@@ -14,6 +14,7 @@ import difflib
 import hashlib
 import json
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -22,15 +23,17 @@ from typing import Any
 
 import yaml
 
+from clipq_search._io import MiB, read_regular
 from clipq_search.core.operator import BITS_RANGE
 from clipq_search.core.plan import LayerConfig, Plan, check_pattern, matches
-from clipq_search.errors import ConfigError
+from clipq_search.errors import ConfigError, clip, shown
 from clipq_search.training.data import DATASET_NAMES
 from clipq_search.training.models import list_models
 
 __all__ = [
     "SAMPLERS",
     "SCHEMA",
+    "SEED_MAX",
     "LayerSearchParam",
     "Space",
     "apply_override",
@@ -39,8 +42,65 @@ __all__ = [
     "preset_text",
 ]
 
-SAMPLERS = ("tpe", "gp", "nsga2", "random", "paper")
+SAMPLERS = ("auto", "tpe", "gp", "nsga2", "random", "paper")
 PRESETS_PACKAGE = "clipq_search.presets"  # search_spaces/, installed as package data
+SPACE_FILE_LIMIT = 1 * MiB  # the largest space file read: real ones are a few kB; YAML parses at about 1 MB/s
+# Seeds are 32-bit everywhere (numpy's and Optuna's samplers take seeds below 2**32).
+SEED_MAX = 2**32 - 1
+
+
+class _Refused(Exception):
+    """YAML this project does not read (an alias, too deep a nesting); the message says why."""
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML, with YAML 1.2's numbers and without aliases.
+
+    ``1e-3`` is a number (YAML 1.1, PyYAML's default, reads it as a string).
+    An alias (``*name``) repeats a node without writing it out: a few hundred
+    bytes of them expand to gigabytes, so spaces may not use them; nesting is
+    bounded for the same reason.
+    """
+
+    MAX_DEPTH = 32
+    MAX_NODES = 20_000  # a space holds tens to a few thousand values; parsing stops early beyond this
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            line = self.peek_event().start_mark.line + 1
+            raise _Refused(f"uses a YAML alias (*name) at line {line}; aliases are not accepted: write the value out")
+        depth = getattr(self, "_depth", 0)
+        if depth >= self.MAX_DEPTH:
+            line = self.peek_event().start_mark.line + 1
+            raise _Refused(f"nests deeper than {self.MAX_DEPTH} levels at line {line}; a space is a few levels deep")
+        self._nodes = getattr(self, "_nodes", 0) + 1
+        if self._nodes > self.MAX_NODES:
+            line = self.peek_event().start_mark.line + 1
+            raise _Refused(f"holds more than {self.MAX_NODES:,} values (at line {line}); a space holds a few hundred")
+        self._depth = depth + 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth = depth
+
+
+_Loader.add_implicit_resolver(  # the YAML 1.2 floats YAML 1.1 misses: 1e-3, 2E5, 1.5e3
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Safe YAML that writes a repeated value out again (a saved space is read back without aliases)."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML as spaces are read (:class:`_Loader`)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass(frozen=True)
@@ -129,7 +189,7 @@ def _train_schema(epochs: float | None, lr: float | None, schedule: str | None) 
         "step_epochs": _d(_num(0, None, optional=True), None),
         "gamma": _d(_num(0, 1, optional=True), None),
         "nesterov": _d(Field(None, "true, false or null", lambda v: v is None or isinstance(v, bool)), None),
-        "seed": _d(_int(0, optional=True), None),
+        "seed": _d(_int(0, SEED_MAX, optional=True), None),
         "amp": _d(Field(None, "true, false or null", lambda v: v is None or isinstance(v, bool)), None),
         "max_steps": _d(_int(1, optional=True), None),
     }
@@ -153,11 +213,14 @@ SCHEMA: dict[str, Any] = {
         ),
         "lenet300",
     ),
+    # Published weights of a torchvision or timm model (IMAGENET1K_V2, DEFAULT), read from the local cache.
+    "model_weights": _d(_str(optional=True), None),
     "dataset": {
         "name": _d(_str(*DATASET_NAMES), "fashion-mnist"),
         "root": _d(_str(optional=True), None),
         "val_size": _d(_int(1), 5000),
-        "split_seed": _d(_int(0), 0),
+        "split_seed": _d(_int(0, SEED_MAX), 0),
+        "image_size": _d(_int(1, optional=True), None),  # image folders: the crops' side (null: 224)
     },
     "baseline": {
         "checkpoint": _d(_str(optional=True), None),
@@ -189,10 +252,10 @@ SCHEMA: dict[str, Any] = {
         ),
     },
     "search": {
-        "sampler": _d(_str(*SAMPLERS), "gp"),
+        "sampler": _d(_str(*SAMPLERS), "auto"),
         "trials": _d(_int(1), 32),
         "concurrency": _d(_int(1), 2),
-        "seed": _d(_int(0), 0),
+        "seed": _d(_int(0, SEED_MAX), 0),
         "max_accuracy_drop": _d(_num(0, 100, optional=True), None),
         "retries": _d(_int(0, 10), 1),
         "paper": {
@@ -222,17 +285,19 @@ def _merge(base: dict[str, Any], user: Mapping[str, Any], schema: Mapping[str, A
     for key, value in user.items():
         where = f"{path}{key}"
         if key not in schema:
-            raise ConfigError(f"{source}: unknown key {where!r}; {_suggest(str(key), list(schema))}")
+            raise ConfigError(f"{source}: unknown key {shown(where)}; {_suggest(str(key)[:100], list(schema))}")
         sub = schema[key]
         if isinstance(sub, Mapping):
             if value is None:
                 continue
             if not isinstance(value, Mapping):
-                raise ConfigError(f"{source}: {where!r} must be a mapping with keys {', '.join(sub)}, got {value!r}")
+                raise ConfigError(
+                    f"{source}: {shown(where)} must be a mapping with keys {', '.join(sub)}, got {shown(value)}"
+                )
             _merge(base[key], value, sub, where + ".", source)
         else:
             if not sub.check(value):
-                raise ConfigError(f"{source}: {where}={value!r} is invalid; expected {sub.kind}")
+                raise ConfigError(f"{source}: {where}={shown(value)} is invalid; expected {sub.kind}")
             base[key] = copy.deepcopy(value)
 
 
@@ -241,7 +306,7 @@ def _parse_range(
 ) -> tuple[float, float]:
     if isinstance(value, (list, tuple)):
         if len(value) != 2:
-            raise ConfigError(f"{where}.{what}={value!r} is invalid; expected [low, high] or a single value")
+            raise ConfigError(f"{where}.{what}={shown(value)} is invalid; expected [low, high] or a single value")
         low, high = value
     else:
         low = high = value
@@ -253,9 +318,9 @@ def _parse_range(
         if not ok:
             rng = f"[{lo}, {hi})" if open_hi else f"[{lo}, {hi}]"
             kind = "integers" if integer else "numbers"
-            raise ConfigError(f"{where}.{what}={value!r} is invalid; {what} must be {kind} in {rng}")
+            raise ConfigError(f"{where}.{what}={shown(value)} is invalid; {what} must be {kind} in {rng}")
     if low > high:
-        raise ConfigError(f"{where}.{what}={value!r} has low > high; write [low, high] with low <= high")
+        raise ConfigError(f"{where}.{what}={shown(value)} has low > high; write [low, high] with low <= high")
     return (int(low), int(high)) if integer else (float(low), float(high))
 
 
@@ -291,10 +356,10 @@ class Space:
         )
         self._overrides: dict[str, tuple[tuple[float, float], tuple[int, int]]] = {}
         for key, spec in layers["overrides"].items():
-            where = f"{source}: layers.overrides.{key}"
+            where = f"{source}: layers.overrides.{clip(str(key))}"
             if not isinstance(spec, Mapping) or not set(spec) <= {"p", "bits"} or not spec:
                 example = "{p: [0.5, 0.9], bits: 4}"
-                raise ConfigError(f"{where} must be a mapping with p and/or bits, e.g. {example}, got {spec!r}")
+                raise ConfigError(f"{where} must be a mapping with p and/or bits, e.g. {example}, got {shown(spec)}")
             p = _parse_range(
                 spec.get("p", list(self._default_p)), what="p", integer=False, lo=0.0, hi=1.0, open_hi=True, where=where
             )
@@ -328,29 +393,43 @@ class Space:
         return {k: v for k, v in self.data[section]["train"].items() if v is not None}
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.data, sort_keys=False)
+        return yaml.dump(self.data, Dumper=_Dumper, sort_keys=False)
 
     def fingerprint(self, *sections: str) -> str:
-        blob = json.dumps({s: self.data[s] for s in sections}, sort_keys=True)
+        blob = json.dumps({s: self._fingerprinted(s) for s in sections}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def _fingerprinted(self, section: str) -> Any:
+        """What of ``section`` its fingerprint covers: ``model`` includes ``model_weights`` when set.
+
+        Keys added to the schema later count only once set, so runs and baselines
+        made before them keep their fingerprints.
+        """
+        value = self.data[section]
+        if section == "model" and self.data.get("model_weights") is not None:
+            return [value, self.data["model_weights"]]
+        if section == "dataset" and value.get("image_size") is None:
+            return {k: v for k, v in value.items() if k != "image_size"}
+        return value
 
     # -- layers -----------------------------------------------------------------------
 
     def search_params(self, layer_names: list[str]) -> list[LayerSearchParam]:
-        """The searched units for a model's compressible layers (groups share one (p, bits)).
+        """The searched units for a model's compressible layers (groups share one (p, bits)), in model order.
 
-        Raises ``ConfigError`` listing the real layers when an override, dense
-        entry or group member matches nothing, or when every layer is dense.
+        A group stands where its first layer is and takes that layer's ranges. Raises
+        ``ConfigError`` listing the real layers when an override, dense entry or group
+        member matches nothing, or when every layer is dense.
         """
         layers = self.data["layers"]
-        shown = ", ".join(layer_names)
+        listed = ", ".join(layer_names)
 
         def check(pattern: str, what: str) -> list[str]:
             check_pattern(pattern, f"{self.source}: {what}")
             hits = [n for n in layer_names if n == pattern or matches(pattern, n)]
             if not hits:
                 raise ConfigError(
-                    f"{self.source}: {what} {pattern!r} matches no compressible layer; layers are: {shown}"
+                    f"{self.source}: {what} {shown(pattern)} matches no compressible layer; layers are: {listed}"
                 )
             return hits
 
@@ -362,7 +441,7 @@ class Space:
         remaining = [n for n in layer_names if n not in dense]
         if not remaining:
             raise ConfigError(
-                f"{self.source}: every layer is in layers.dense; leave at least one of {shown} compressible"
+                f"{self.source}: every layer is in layers.dense; leave at least one of {listed} compressible"
             )
 
         def ranges(name: str) -> tuple[tuple[float, float], tuple[int, int]]:
@@ -374,20 +453,34 @@ class Space:
             return self._default_p, self._default_bits  # type: ignore[return-value]
 
         out: list[LayerSearchParam] = []
-        grouped: set[str] = set()
+        owner: dict[str, str] = {}  # layer -> its group: a layer is in one group at most
         for group, members in layers["groups"].items():
-            names = [n for pat in members for n in check(pat, f"layers.groups.{group} member") if n not in dense]
-            names = list(dict.fromkeys(n for n in names if n not in grouped))
+            where = f"layers.groups.{clip(str(group))}"
+            if not members:
+                raise ConfigError(f"{self.source}: {where} is empty; list its layers (of {listed}) or remove it")
+            found = {n for pat in members for n in check(pat, f"{where} member")}
+            names = [n for n in layer_names if n in found]  # model order
+            for n in names:
+                if n in owner:
+                    raise ConfigError(
+                        f"{self.source}: layer {n!r} is in both layers.groups.{clip(owner[n])} and {where}; "
+                        "a layer belongs to one group at most: remove it from one of them"
+                    )
+                owner[n] = str(group)
+            names = [n for n in names if n not in dense]
             if not names:
-                continue
-            grouped.update(names)
+                raise ConfigError(
+                    f"{self.source}: every layer of {where} is in layers.dense; remove the group or those dense entries"
+                )
             p, b = ranges(names[0])
             out.append(LayerSearchParam(str(group), tuple(names), p, b))
+        grouped = set(owner)
         for name in remaining:
             if name not in grouped:
                 p, b = ranges(name)
                 out.append(LayerSearchParam(name, (name,), p, b))
-        return out
+        position = {n: i for i, n in enumerate(layer_names)}
+        return sorted(out, key=lambda u: position[u.layers[0]])  # model order, a group where its first layer is
 
     @staticmethod
     def plan_from_params(params: Mapping[str, Any], units: list[LayerSearchParam]) -> Plan:
@@ -404,7 +497,7 @@ class Space:
 def apply_override(data: dict[str, Any], assignment: str) -> None:
     """Apply ``key.path=value`` (value parsed as YAML) to the resolved space, validating it."""
     if "=" not in assignment:
-        raise ConfigError(f"--set {assignment!r}: expected KEY.PATH=VALUE, e.g. --set trial.train.epochs=2")
+        raise ConfigError(f"--set {shown(assignment)}: expected KEY.PATH=VALUE, e.g. --set trial.train.epochs=2")
     key, _, raw = assignment.partition("=")
     parts = key.strip().split(".")
     schema: Any = SCHEMA
@@ -429,16 +522,18 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
                 node[part] = {}
             node = node[part]
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml_load(raw) if raw.strip() else None
+    except _Refused as exc:
+        raise ConfigError(f"--set {key}: the value {exc}") from None
     except yaml.YAMLError:
         value = raw
     if isinstance(schema, Mapping):
         raise ConfigError(f"--set {key}: {key!r} is a section; set one of its keys: {', '.join(schema)}")
     if not schema.check(value):
-        raise ConfigError(f"--set {key}={raw}: invalid value; expected {schema.kind}")
+        raise ConfigError(f"--set {key}={clip(raw)}: invalid value; expected {schema.kind}")
     node[parts[-1]] = value
     if free is not None and not free[1].check(free[2]):
-        raise ConfigError(f"--set {key}={raw}: invalid value; {free[0]} must be {free[1].kind}")
+        raise ConfigError(f"--set {key}={clip(raw)}: invalid value; {free[0]} must be {free[1].kind}")
 
 
 def list_presets() -> list[tuple[str, str]]:
@@ -474,12 +569,12 @@ def load_space(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         if text is None:
             names = ", ".join(n for n, _ in list_presets())
             raise ConfigError(
-                f"{source!r} is neither a space file nor a preset; presets are: {names} "
+                f"{shown(source)} is neither a space file nor a preset; presets are: {names} "
                 "(clipq-search spaces), or write one with clipq-search init MODEL"
             )
         return _load_text(text, f"preset {source}", overrides, name=source)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular(path, SPACE_FILE_LIMIT, "space file").decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(
             f"space file {path} does not exist; name a preset (clipq-search spaces) or write one "
@@ -497,7 +592,9 @@ def _load_text(
 ) -> Space:
     path = source
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml_load(text)
+    except _Refused as exc:
+        raise ConfigError(f"space file {path} {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from clipq_search.core.plan import compressible_layers
+from clipq_search.core.plan import compressible_tensors
 from clipq_search.errors import ConfigError
 from clipq_search.training.models import build_model
 
@@ -42,8 +42,8 @@ class StarterLayer:
 
 def _layers(model: nn.Module) -> list[StarterLayer]:
     return [
-        StarterLayer(name, type(mod).__name__, tuple(mod.weight.shape), mod.weight.numel())
-        for name, mod in compressible_layers(model).items()
+        StarterLayer(name, type(t.module).__name__, tuple(t.tensor().shape), t.tensor().numel())
+        for name, t in compressible_tensors(model).items()
     ]
 
 

@@ -24,13 +24,27 @@ import optuna
 
 from clipq_search.analysis import rundir
 from clipq_search.errors import ClipQError, ConfigError
-from clipq_search.search.cluster import check_address, check_gpus, first_line, init_ray
-from clipq_search.search.space import LayerSearchParam, Space
-from clipq_search.search.trial import Baseline, check_space, ensure_baseline, layer_names, run_trial, trial_payload
+from clipq_search.search.cluster import check_address, check_gpus, first_line, init_ray, local_concurrency
+from clipq_search.search.runlock import hold_run, releasing_locks
+from clipq_search.search.space import SEED_MAX, LayerSearchParam, Space
+from clipq_search.search.trial import (
+    Baseline,
+    check_space,
+    describe_dense,
+    ensure_baseline,
+    layer_names,
+    run_trial,
+    trial_payload,
+)
+from clipq_search.search.worker_kills import KillLedger, kill_point, kill_reason, quiet_tune
 
 __all__ = ["SearchSummary", "run_search", "trials_frame", "write_trials_csv"]
 
-STUDY_NAME = "clipq"
+# Each run is a study named after the run, so one database holds many runs. Runs made before that
+# have one study of this name in their own study.db; they resume under it.
+LEGACY_STUDY_NAME = "clipq"
+# Study user attribute: the fingerprint of each space section a run's trials depend on.
+SPACE_ATTR = "clipq:space"
 METRIC_NAMES = ["val_top1", "log10_rate"]
 # Attributes that record why a trial failed (Optuna keeps them in its storage).
 ERROR_ATTR, INTERRUPTED_ATTR = "error", "interrupted"
@@ -55,13 +69,25 @@ def _constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
 
 
 def make_sampler(name: str, seed: int, n_trials: int, has_constraint: bool) -> optuna.samplers.BaseSampler:
-    """The Optuna sampler for ``--sampler`` (``paper`` seeds TPE with the paper's plans)."""
+    """The Optuna sampler for ``--sampler`` (``paper`` seeds TPE with the paper's plans).
+
+    ``seed`` is taken modulo 2**32 (a resumed run's seed grows with its trials; samplers take 32 bits).
+
+    ``auto`` starts as the GP; the search's proposer moves it to TPE once the
+    GP's asks no longer keep pace with the trials (clipq_search/search/proposer.py).
+    TPE's constant liar counts the plans in flight as running trials.
+    """
+    seed %= SEED_MAX + 1
     cons = _constraints if has_constraint else None
     if name in ("tpe", "paper"):
         return optuna.samplers.TPESampler(
-            seed=seed, multivariate=True, n_startup_trials=max(4, min(10, n_trials // 4)), constraints_func=cons
+            seed=seed,
+            multivariate=True,
+            constant_liar=True,
+            n_startup_trials=max(4, min(10, n_trials // 4)),
+            constraints_func=cons,
         )
-    if name == "gp":
+    if name in ("gp", "auto"):
         return optuna.samplers.GPSampler(
             seed=seed, n_startup_trials=max(4, min(10, n_trials // 4)), constraints_func=cons
         )
@@ -71,18 +97,45 @@ def make_sampler(name: str, seed: int, n_trials: int, has_constraint: bool) -> o
         )
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    raise ConfigError(f"sampler {name!r} is unknown; choose one of tpe, gp, nsga2, random, paper")
+    raise ConfigError(f"sampler {name!r} is unknown; choose one of auto, tpe, gp, nsga2, random, paper")
+
+
+def shown_url(url: str) -> str:
+    """A storage URL for messages: its password, if any, masked."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL at all: show it as given
+        return url
 
 
 def open_study(
-    storage: str, sampler: optuna.samplers.BaseSampler | None = None, *, create: bool = True
+    storage: str,
+    name: str,
+    sampler: optuna.samplers.BaseSampler | None = None,
+    *,
+    create: bool = True,
+    fingerprint: dict[str, str] | None = None,
+    legacy: bool = False,
 ) -> optuna.Study:
-    """Open (or create) the run's study; an unusable storage URL is one clear error."""
+    """Open (or create) the study ``name`` in ``storage``; an unusable storage URL is one clear error.
+
+    ``fingerprint`` (section -> hash of that part of the space) is stored with a
+    new study; an existing study with another fingerprint is refused, so one
+    name never mixes two searches. With ``legacy`` (the run's own SQLite file),
+    a file holding only the study of a run made before studies were named
+    after their run is opened under that old name.
+    """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
+        if legacy:
+            names = optuna.get_all_study_names(storage)
+            if name not in names and names == [LEGACY_STUDY_NAME]:
+                name = LEGACY_STUDY_NAME
         if create:
             study = optuna.create_study(
-                study_name=STUDY_NAME,
+                study_name=name,
                 storage=storage,
                 sampler=sampler,
                 directions=["maximize", "maximize"],
@@ -94,15 +147,29 @@ def open_study(
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                     study.set_metric_names(METRIC_NAMES)
-            return study
-        return optuna.load_study(study_name=STUDY_NAME, storage=storage, sampler=sampler)
+        else:
+            study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     except KeyError:
-        raise ClipQError(f"storage {storage} holds no clipq-search study; is this a run directory?") from None
+        raise ClipQError(
+            f"storage {shown_url(storage)} holds no study {name!r}; give the run's --name and --storage"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy/driver errors vary by backend
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise ClipQError(
-            f"cannot open storage {storage!r} ({first}); give a writable sqlite:/// path or a reachable database URL"
+            f"cannot open storage {shown_url(storage)!r} ({first}); "
+            "give a writable sqlite:/// path or a reachable database URL"
         ) from None
+    if fingerprint is not None:
+        have = study.user_attrs.get(SPACE_ATTR)
+        if have is None:
+            study.set_user_attr(SPACE_ATTR, fingerprint)
+        elif have != fingerprint:
+            changed = sorted(k for k in set(have) | set(fingerprint) if have.get(k) != fingerprint.get(k))
+            raise ClipQError(
+                f"study {name!r} in {shown_url(storage)} holds a search of a different space "
+                f"({', '.join(changed)} differ); give another --name, or resume it with the same space and --set values"
+            )
+    return study
 
 
 def distributions(units: list[LayerSearchParam]) -> dict[str, optuna.distributions.BaseDistribution]:
@@ -196,9 +263,12 @@ def _trainable(config: dict[str, Any], payload: dict[str, Any]) -> None:
     threads = max(1, int(config["threads"]))
     started = time.time()  # wall clock: compared with the study's start time of the trial
     try:
-        if config.get("inject_failure") and config["number"] in config["inject_failure"]:
-            raise RuntimeError("injected failure (test hook)")
-        out = run_trial(config["space"], config["plan"], payload, threads=threads)
+        with kill_point(f"trial{config['number']}"):
+            # Which worker runs this trial: a kill that ends Tune's own loop names only the process.
+            tune.report({"ok": 0, "started": 1, "val_top1": float("nan"), "worker_pid": os.getpid()})
+            if config.get("inject_failure") and config["number"] in config["inject_failure"]:
+                raise RuntimeError("injected failure (test hook)")
+            out = run_trial(config["space"], config["plan"], payload, threads=threads)
         out["started_unix"] = started
         # Ray flattens nested result dicts; ship the whole record as one JSON string.
         result = {"ok": 1, "val_top1": out["val_top1"], "record": json.dumps(out)}
@@ -219,43 +289,93 @@ def _make_searcher(
     baseline: Baseline,
     threads: int,
     inject_failure: list[int],
+    log: Callable[[str], None] = print,
+    kills: KillLedger | None = None,
 ) -> Any:
     from ray.tune.search import Searcher
 
+    from clipq_search.search.proposer import Proposer
     from clipq_search.search.space import Space as _Space
 
     dists = distributions(units)
-    max_drop = space.data["search"]["max_accuracy_drop"]
+    s = space.data["search"]
+    max_drop = s["max_accuracy_drop"]
+    kills = kills if kills is not None else KillLedger(s["retries"], s["concurrency"], "", log)
+
+    def prepare(trial: optuna.trial.Trial) -> dict[str, Any]:
+        """The config of a proposed trial (runs in the proposer's thread)."""
+        plan = _Space.plan_from_params(dict(trial.params), units)
+        trial.set_user_attr("layers", {k: v.to_dict() for k, v in plan.layers.items()})
+        return {
+            "number": trial.number,
+            "plan": plan.to_dict(),
+            "space": space.data,
+            "threads": threads,
+            "inject_failure": inject_failure,
+        }
+
+    def tpe() -> optuna.samplers.BaseSampler:
+        n = len(study.get_trials(deepcopy=False))
+        return make_sampler("tpe", s["seed"] + n, s["trials"], max_drop is not None)
 
     class StudySearcher(Searcher):
         """Ask the Optuna study for plans; tell it the outcomes."""
 
         def __init__(self) -> None:
             super().__init__(metric="val_top1", mode="max")
-            self.issued = 0
             self.by_tune_id: dict[str, optuna.trial.Trial] = {}
+            self.handed: dict[str, float] = {}
+            # Plans are asked in a background thread: Tune's loop only takes a ready one (never waits).
+            # Made at the first suggest: Tune pickles the searcher when the tuner is built.
+            self.proposer: Proposer | None = None
 
         def suggest(self, trial_id: str) -> dict[str, Any] | None:
-            if self.issued >= to_run:
+            if self.proposer is None:
+                fallback = tpe if s["sampler"] == "auto" else None
+                self.proposer = Proposer(study, dists, to_run, s["concurrency"], prepare, fallback=fallback, log=log)
+                self.proposer.start()
+            if kills.rerun:  # trials whose Tune run ended under them (a kill Tune could not handle)
+                trial = kills.rerun.pop(0)
+                self.by_tune_id[trial_id] = trial
+                self.handed[trial_id] = time.time()
+                return prepare(trial)
+            if self.proposer.exhausted():
                 return Searcher.FINISHED
-            trial = study.ask(dists)
-            self.issued += 1
-            params = dict(trial.params)
-            plan = _Space.plan_from_params(params, units)
-            trial.set_user_attr("layers", {k: v.to_dict() for k, v in plan.layers.items()})
+            ready = self.proposer.take()
+            if ready is None:
+                return None  # Tune asks again on its next step
+            trial, config = ready
             self.by_tune_id[trial_id] = trial
-            return {
-                "number": trial.number,
-                "plan": plan.to_dict(),
-                "space": space.data,
-                "threads": threads,
-                "inject_failure": inject_failure,
-            }
+            self.handed[trial_id] = time.time()
+            return config
+
+        def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+            kills.started(trial_id, result)
+
+        def __getstate__(self) -> dict[str, Any]:
+            # Each Tuner pickles its searcher (for Tune's own restore, which the search never uses); after a
+            # kill ends Tuner.fit, the next Tuner gets this searcher with its proposer thread running: leave it out.
+            return {k: v for k, v in self.__dict__.items() if k != "proposer"}
 
         def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
             trial = self.by_tune_id.pop(trial_id, None)
             if trial is None:
                 return
+            if self.proposer is None:
+                self._complete(trial, trial_id, result, error)
+            else:  # the study's writes run in the proposer's thread, in order, off Tune's event loop
+                self.proposer.defer(self._complete, trial, trial_id, result, error)
+
+        def _complete(
+            self, trial: optuna.trial.Trial, trial_id: str, result: dict[str, Any] | None, error: bool
+        ) -> None:
+            if self.proposer is not None:
+                self.proposer.done(time.time() - self.handed.pop(trial_id, time.time()))
+            if error:  # Ray ended its worker on the last attempt Tune allows
+                msg, text = kills.failed(trial_id, trial.number)
+                result = {"error": msg, "traceback": text}
+            else:
+                kills.ended(None)
             if error or not result or not result.get("ok"):
                 msg = (result or {}).get("error") or "the trial's worker died (node lost, out of memory, or killed)"
                 trial.set_user_attr(ERROR_ATTR, msg)
@@ -287,9 +407,35 @@ def _make_searcher(
             on_done(study._storage.get_trial(trial._trial_id))
 
         def interrupted(self) -> list[optuna.trial.Trial]:
-            return list(self.by_tune_id.values())
+            """The plans of this command left unfinished: in flight, or proposed and never started."""
+            never_started = self.proposer.stop() if self.proposer else []  # first: finishes the deferred writes
+            return list(self.by_tune_id.values()) + kills.rerun + never_started
 
     return StudySearcher()
+
+
+def normalise_storage(url: str) -> str:
+    """``url`` with a bare ``postgresql://`` pointed at psycopg 3 when the dialect's default driver is missing.
+
+    SQLAlchemy 2.1 maps ``postgresql://`` to psycopg 3, earlier versions to
+    psycopg2; the ``postgres`` extra installs psycopg 3, so either way a bare
+    URL works. Any other URL is returned as given.
+    """
+    import importlib.util
+
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+        if parsed.drivername != "postgresql":
+            return url
+        parsed.get_dialect().import_dbapi()
+    except ImportError:
+        if importlib.util.find_spec("psycopg") is not None:
+            return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    except Exception:  # noqa: BLE001 - a malformed URL is check_storage's to report
+        pass
+    return url
 
 
 def check_storage(url: str) -> None:
@@ -303,7 +449,8 @@ def check_storage(url: str) -> None:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-    fix = "give sqlite:///PATH (in an existing folder) or a database URL such as postgresql+psycopg2://user@host/db"
+    fix = "give sqlite:///PATH (in an existing folder) or a database URL such as postgresql://user@host/db"
+    url = normalise_storage(url)
     try:
         parsed = make_url(url)
     except ArgumentError:
@@ -323,9 +470,14 @@ def check_storage(url: str) -> None:
     try:
         dialect.import_dbapi()
     except ImportError as exc:
+        hint = (
+            "pip install 'clipq-search[postgres]' (psycopg 3, for postgresql:// and postgresql+psycopg://)"
+            if parsed.get_backend_name() == "postgresql"
+            else "install the driver that URL names"
+        )
         raise ClipQError(
-            f"--storage {url!r} needs the Python module {exc.name or parsed.drivername!r}, which is not installed; "
-            f"install its driver (e.g. pip install psycopg2-binary for postgresql+psycopg2://)"
+            f"--storage {shown_url(url)!r} needs the Python module {exc.name or parsed.drivername!r}, "
+            f"which is not installed; {hint}"
         ) from None
 
 
@@ -355,6 +507,83 @@ def _check_same_space(run_dir: Path, space: Space) -> None:
         )
 
 
+def _existing_study(run_dir: Path, storage: str | None) -> optuna.Study | None:
+    """The run's study if its storage already holds one; reads only (no file or study is created)."""
+    if storage is None:
+        if not (run_dir / rundir.STUDY_DB).is_file():
+            return None
+        url, legacy = rundir.default_storage(run_dir), True
+    else:
+        url, legacy = storage, False
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        names = optuna.get_all_study_names(url)
+        name = run_dir.name
+        if legacy and name not in names and names == [LEGACY_STUDY_NAME]:
+            name = LEGACY_STUDY_NAME
+        return optuna.load_study(study_name=name, storage=url) if name in names else None
+    except Exception:  # noqa: BLE001 - an unusable storage is reported when the study is opened
+        return None
+
+
+def _has_complete(study: optuna.Study) -> bool:
+    return bool(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+
+
+def _restartable(run_dir: Path, space: Space, storage: str | None) -> bool:
+    """A run of another space that may start afresh: none of its trials completed, so nothing is lost.
+
+    After "every trial failed", the fixed space is a different space; it
+    replaces the run (``_restart``) instead of being refused.
+    """
+    from clipq_search.search.space import load_space
+
+    fingerprint = {k: space.fingerprint(k) for k in _RUN_SECTIONS}
+    differs = False
+    saved = run_dir / rundir.SPACE_YAML
+    if saved.is_file():
+        try:
+            before = load_space(saved)
+        except ClipQError:
+            return False  # _check_same_space says what is wrong with it
+        differs = any(before.fingerprint(k) != fingerprint[k] for k in _RUN_SECTIONS)
+    study = _existing_study(run_dir, storage)
+    if study is not None:
+        if _has_complete(study):
+            return False
+        have = study.user_attrs.get(SPACE_ATTR)
+        differs = differs or (have is not None and have != fingerprint)
+    return differs
+
+
+def _restart(run_dir: Path, storage: str | None, log: Callable[[str], None]) -> None:
+    """Drop a run's study and trials.csv (it holds no complete trial; checked again under the run's lock)."""
+    study = _existing_study(run_dir, storage)
+    if study is not None:
+        if _has_complete(study):
+            raise ClipQError(
+                f"{run_dir} completed a trial meanwhile; give another --name, or resume it with its own space"
+            )
+        optuna.delete_study(study_name=study.study_name, storage=storage or rundir.default_storage(run_dir))
+    (run_dir / rundir.TRIALS_CSV).unlink(missing_ok=True)
+    log(f"run {run_dir} holds no complete trial: starting it afresh with this space (its failed trials are dropped)")
+
+
+def _check_stored_space(storage: str, name: str, fingerprint: dict[str, str]) -> None:
+    """A study of this name already in a shared storage must be of the same space: checked before any training."""
+    try:
+        names = optuna.get_all_study_names(storage)
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy/driver errors vary by backend
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise ClipQError(
+            f"cannot open storage {shown_url(storage)!r} ({first}); "
+            "give a writable sqlite:/// path or a reachable database URL"
+        ) from None
+    if name in names:
+        open_study(storage, name, create=False, fingerprint=fingerprint)
+
+
+@releasing_locks
 def run_search(
     space: Space,
     *,
@@ -380,30 +609,56 @@ def run_search(
     if sampler is not None:
         s["sampler"] = sampler
     if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+            raise ConfigError(f"seed={seed!r} is invalid; give an integer in [0, {SEED_MAX}]")
         s["seed"] = seed
     make_sampler(s["sampler"], s["seed"], s["trials"], False)  # validates the name early
+    if name is not None:
+        run_dir = rundir.run_folder(results_root, name, "--name")
+    else:
+        run_dir = rundir.run_folder(results_root, space.name, f"the name of {space.source}")
     # Everything that can fail on bad input is checked before any training or write.
     if address:
         check_address(address)
     if storage:
+        storage = normalise_storage(storage)
         check_storage(storage)
     check_gpus(address, space.data["resources"]["gpus_per_trial"])
     distributions(check_space(space))
-    run_dir = Path(results_root) / (name or space.name)
-    _check_same_space(run_dir, space)
-    where_study = f"the study in {storage}" if storage else "study.db beside it"
+    restart = _restartable(run_dir, space, storage)
+    if not restart:
+        _check_same_space(run_dir, space)
+        if storage:
+            _check_stored_space(storage, run_dir.name, {k: space.fingerprint(k) for k in _RUN_SECTIONS})
+    res = space.data["resources"]
+    if address:  # the cluster answers before anything is trained or written
+        init_ray(address, s["concurrency"], res["cpus_per_trial"], res["gpus_per_trial"], log)
+    else:
+        s["concurrency"] = local_concurrency(s["concurrency"], res["cpus_per_trial"], res["gpus_per_trial"], log)
+    where_study = f"study {run_dir.name!r} in {shown_url(storage)}" if storage else "study.db beside it"
+    own_file = storage is None
     storage = storage or rundir.default_storage(run_dir)
 
-    baseline = ensure_baseline(space, results_root, progress=progress, log=log)
+    baseline = ensure_baseline(space, results_root, progress=progress, log=log, address=address)
     payload = trial_payload(space, baseline)
     units = space.search_params(layer_names(space, payload["info"]))
     distributions(units)
+    dense, dense_line = describe_dense(space, payload["info"], [n for u in units for n in u.layers])
+    log(dense_line)
 
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
+        # One command at a time on a run, across machines (released when run_search ends).
+        hold_run(storage, run_dir.name, "search", log)
+        if restart:
+            _restart(run_dir, None if own_file else storage, log)
         study = open_study(
-            storage, make_sampler(s["sampler"], s["seed"], s["trials"], s["max_accuracy_drop"] is not None)
+            storage,
+            run_dir.name,
+            make_sampler(s["sampler"], s["seed"], s["trials"], s["max_accuracy_drop"] is not None),
+            fingerprint={k: space.fingerprint(k) for k in _RUN_SECTIONS},
+            legacy=own_file,
         )
     except ClipQError:
         if created:
@@ -416,13 +671,20 @@ def run_search(
         space_yaml=space.to_yaml(),
         baseline=baseline.to_dict(),
         run_info={
-            "storage": storage, "space_source": space.source, "name": run_dir.name, "layers": [u.key for u in units]
+            "storage": storage,
+            "study": study.study_name,
+            "space_source": space.source,
+            "name": run_dir.name,
+            "layers": [u.key for u in units],
+            "units": {u.key: list(u.layers) for u in units},
+            "dense": dense,
         },
     )
     recover_interrupted(study, log)
     # A resumed run continues the sampler's stream instead of replaying it.
     n_existing = len(study.get_trials(deepcopy=False))
-    study.sampler = make_sampler(s["sampler"], s["seed"] + n_existing, s["trials"], s["max_accuracy_drop"] is not None)
+    stream = (s["seed"] + n_existing) % (SEED_MAX + 1)  # seeds stay 32-bit however long the run
+    study.sampler = make_sampler(s["sampler"], stream, s["trials"], s["max_accuracy_drop"] is not None)
     done = _finished(study)
     to_run = s["trials"] - len(done)
     log(
@@ -455,7 +717,7 @@ def run_search(
         why = f" (trial {first.number}: {str(first.user_attrs[ERROR_ATTR])[:200]})" if first else ""
         raise ClipQError(
             f"every trial failed{why}; fix the space (the error column of {run_dir / rundir.TRIALS_CSV} has each "
-            "reason) and run again"
+            "reason) and run the same command again: a run with no complete trial starts afresh with the fixed space"
         )
     return summary
 
@@ -481,6 +743,20 @@ def _best_line(study: optuna.Study, baseline: Baseline) -> str:
         if baseline.val_top1 - acc <= 1.0 and (best is None or rate > best[1]):
             best = (t.number, rate, acc)
     return f"best within 1 pt: #{best[0]} {best[1]:.1f}x @ {best[2]:.2f}%" if best else "best within 1 pt: none yet"
+
+
+def _memory_advice(space: Space) -> str:
+    """What to change when Ray keeps killing trials for memory: fewer trials per node, or smaller ones."""
+    from clipq_search.search.trial import train_config
+
+    s, res = space.data["search"], space.data["resources"]
+    conc, cpus, batch = s["concurrency"], res["cpus_per_trial"], train_config(space.data, "trial").batch_size
+    fewer = f"run fewer trials at once (search.concurrency {conc // 2} instead of {conc}), " if conc > 1 else ""
+    return (
+        f"To need less memory per node: {fewer}give each trial more CPUs so that fewer share a node "
+        f"(resources.cpus_per_trial {cpus * 2:g} instead of {cpus:g}), or train with a smaller batch "
+        f"(trial.train.batch_size {max(1, batch // 2)} instead of {batch})"
+    )
 
 
 def _run_with_tune(
@@ -515,37 +791,65 @@ def _run_with_tune(
         write_trials_csv(study, run_dir)
 
     threads = max(1, int(res["cpus_per_trial"]))
-    searcher = _make_searcher(study, units, space, to_run, on_done, baseline, threads, inject_failure)
+    kills = KillLedger(s["retries"], s["concurrency"], _memory_advice(space), log)
+    searcher = _make_searcher(study, units, space, to_run, on_done, baseline, threads, inject_failure, log, kills)
     resources = {"cpu": res["cpus_per_trial"], "gpu": res["gpus_per_trial"]}
     trainable = tune.with_resources(tune.with_parameters(_trainable, payload=payload), resources)
-    tuner = tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(
-            search_alg=searcher,
-            num_samples=to_run,
-            max_concurrent_trials=s["concurrency"],
-            reuse_actors=True,
-        ),
-        run_config=tune.RunConfig(
-            name=f"tune-{int(time.time())}",
-            storage_path=str((run_dir / "ray").resolve()),
-            failure_config=tune.FailureConfig(max_failures=s["retries"]),
-            verbose=0,
-            log_to_file=True,
-        ),
-    )
+    quiet_tune()
+
+    def tuner(num_samples: int) -> Any:
+        return tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=searcher,
+                num_samples=num_samples,
+                max_concurrent_trials=s["concurrency"],
+                reuse_actors=True,
+            ),
+            run_config=tune.RunConfig(
+                name=f"tune-{time.time_ns() // 1_000_000}",  # a new folder for each Tune run, even a restart
+                storage_path=str((run_dir / "ray").resolve()),
+                # A trial whose worker Ray kills runs again, up to search.retries times; its reason is logged.
+                failure_config=tune.FailureConfig(max_failures=s["retries"]),
+                stop=kills.stopper(),
+                callbacks=[kills.callback()],
+                verbose=0,
+                log_to_file=True,
+            ),
+        )
+
     import ray
 
     try:
-        try:
-            tuner.fit()
-        except (ray.exceptions.RaySystemError, ConnectionError) as exc:
-            # the cluster went away under the search (its head stopped, the network): finished trials are saved
-            first = first_line(exc)
-            raise ClipQError(
-                f"the Ray cluster stopped answering during the search ({first}); finished trials are saved: "
-                "run the same command again to resume"
-            ) from exc
+        num_samples = to_run
+        while True:
+            try:
+                tuner(num_samples).fit()
+                break
+            except (ray.exceptions.RaySystemError, ConnectionError) as exc:
+                # the cluster went away under the search (its head stopped, the network): finished trials are saved
+                first = first_line(exc)
+                raise ClipQError(
+                    f"the Ray cluster stopped answering during the search ({first}); finished trials are saved: "
+                    "run the same command again to resume"
+                ) from exc
+            except Exception as exc:
+                reason = kill_reason(exc)
+                if reason is None:
+                    raise
+                # Tune has no handler for some kills (an actor task killed for memory ends Tuner.fit with the
+                # memory error): the trials in flight are settled here and a new Tune run goes on with the rest.
+                in_flight = dict(searcher.by_tune_id)
+                for tune_id in kills.crashed(exc, reason, in_flight):
+                    searcher.on_trial_complete(tune_id, None, error=True)
+                for tune_id in in_flight:
+                    searcher.by_tune_id.pop(tune_id, None)
+                    searcher.handed.pop(tune_id, None)
+                if kills.stop_line is not None:
+                    break
+                num_samples = -1  # the searcher says when it is done: the trials run again, then the rest
+        if kills.stop_line is not None:
+            raise ClipQError(kills.stop_line)
         if len(_finished(study)) < total and searcher.interrupted():
             # Ray Tune turns Ctrl-C into a graceful stop; surface it as one.
             raise KeyboardInterrupt

@@ -12,7 +12,9 @@ import json
 import math
 import os
 import socket
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,10 +24,11 @@ from torch import nn
 
 from clipq_search._io import write_bytes, write_json
 from clipq_search.core.encoding import estimate_size
-from clipq_search.core.plan import Plan, compressible_layers
+from clipq_search.core.plan import Plan, compressible_tensors, dense_summary
 from clipq_search.core.surgery import attach_clipq
 from clipq_search.errors import ClipQError, ConfigError
 from clipq_search.search.space import LayerSearchParam, Space
+from clipq_search.search.worker_kills import gather, kill_point
 from clipq_search.training.data import (
     DEFAULT_ROOTS,
     DatasetSpec,
@@ -33,6 +36,7 @@ from clipq_search.training.data import (
     dataset_from_state,
     dataset_info,
     load_dataset,
+    loader_workers,
 )
 from clipq_search.training.loop import (
     DEFAULT_PRETRAIN,
@@ -43,18 +47,21 @@ from clipq_search.training.loop import (
     select_device,
     train,
 )
-from clipq_search.training.models import build_model
+from clipq_search.training.models import build_model, check_weights, pretrained_model
 
 __all__ = [
     "Baseline",
     "baseline_paths",
+    "check_device",
     "check_space",
     "dataset_spec",
     "ensure_baseline",
     "load_baseline",
     "model_for",
+    "run_task",
     "run_trial",
     "train_config",
+    "worker_device",
 ]
 
 
@@ -65,7 +72,10 @@ def dataset_spec(space: Space) -> DatasetSpec:
             f"{space.source}: dataset.root is required for {d['name']!r}; set it to the folder holding its files "
             "(--set dataset.root=/path/to/data)"
         )
-    return DatasetSpec(name=d["name"], root=d["root"], val_size=d["val_size"], split_seed=d["split_seed"])
+    return DatasetSpec(
+        name=d["name"], root=d["root"], val_size=d["val_size"], split_seed=d["split_seed"],
+        image_size=d.get("image_size"),
+    )
 
 
 def model_for(space_data: dict[str, Any], splits_info: dict[str, int]) -> nn.Module:
@@ -131,12 +141,23 @@ def baseline_paths(space: Space, results_root: str | Path) -> tuple[Path, Path]:
 
 
 def ensure_baseline(
-    space: Space, results_root: str | Path, *, progress: bool | None = None, log: Any = print
+    space: Space,
+    results_root: str | Path,
+    *,
+    progress: bool | None = None,
+    log: Any = print,
+    address: str | None = None,
 ) -> Baseline:
     """Train the space's dense baseline, or reuse the cached one when it exists and matches.
 
     A user-given ``baseline.checkpoint`` is never trained over: it is loaded
     (weights only), checked against the architecture, and evaluated once.
+    Published weights (``model_weights``) are evaluated, not retrained, unless
+    the dataset has another class count: then the new classifier is trained
+    with ``baseline.train``. Training and evaluation run in a Ray task with the
+    space's resources (``address``: a cluster; default a local instance), on
+    ``resources.device`` resolved on the worker; the driver only reads and
+    writes files. Epoch lines are logged (``progress`` is kept for callers).
     """
     ckpt, meta = baseline_paths(space, results_root)
     fp = space.fingerprint("model", "dataset", "baseline")
@@ -149,57 +170,273 @@ def ensure_baseline(
         except (ValueError, TypeError):
             pass  # unreadable cache: rebuild it
     splits = load_dataset(dataset_spec(space))
-    device = select_device(space.data["resources"]["device"])
-    configure_threads(None)
-    # the dense model's initial weights come from the training seed too: a baseline is reproducible
-    torch.manual_seed(train_config(space.data, "baseline").seed)
-    model = model_for(space.data, splits_info(splits))
-    from clipq_search.training.loop import load_state_dict_file, save_state_dict
-
-    seconds = 0.0
+    info = splits_info(splits)
+    given = None
     if space.data["baseline"]["checkpoint"]:
+        from clipq_search.training.loop import load_state_dict_file
+
+        model = model_for(space.data, info)
         load_state_dict_file(
             model,
             ckpt,
             model_name=space.data["model"],
             fix=f"point baseline.checkpoint at a {space.data['model']} state dict, or remove it to pretrain one",
         )
+        given = state_to_bytes(model)
+        log(f"evaluating the given baseline {ckpt} on {splits.name}")
+    elif space.data["model_weights"]:
+        log(f"evaluating {space.data['model']} with weights {space.data['model_weights']} on {splits.name}")
     else:
         cfg = train_config(space.data, "baseline")
         log(f"pretraining dense {space.data['model']} on {splits.name}: {epochs_text(cfg.epochs)} (cached afterwards)")
-        t0 = time.perf_counter()
-        train(
-            model,
-            splits.train,
-            cfg,
-            device=device,
-            val_data=splits.val,
-            progress=progress,
-            desc="pretrain",
-            checkpoint_path=ckpt.with_suffix(".resume.pt"),
-        )
-        seconds = time.perf_counter() - t0
-        save_state_dict(model, ckpt)
-        ckpt.with_suffix(".resume.pt").unlink(missing_ok=True)
-    val = evaluate(model, splits.val, device=device) if splits.val is not None else {"top1": math.nan}
-    test = evaluate(model, splits.test, device=device)
-    info = Baseline(
-        str(ckpt), val["top1"], test["top1"], test.get("top5"), seconds, space.data["model"], splits.name, fp
+    payload = {
+        "train": splits.train.to_state(),
+        "val": splits.val.to_state() if splits.val is not None else None,
+        "test": splits.test.to_state(),
+        "info": info,
+    }
+    res = space.data["resources"]
+    from clipq_search.search.cluster import check_gpus, init_ray
+
+    check_gpus(address, res["gpus_per_trial"])
+    init_ray(address, 1, res["cpus_per_trial"], res["gpus_per_trial"], log)
+    import ray
+    from ray.util.queue import Queue
+
+    queue = Queue()
+    out = run_task(
+        _baseline_task,
+        res,
+        space.data,
+        ray.put(payload),
+        given,
+        str(ckpt.with_suffix(".resume.pt").resolve()),
+        queue,
+        what="the dense baseline",
+        retries=space.data["search"]["retries"],
+        log=log,
+        poll=relay(queue, log),
     )
-    write_json(meta, {**info.to_dict(), "checkpoint_bytes": ckpt.stat().st_size})
-    return info
+    relay(queue, log)()
+    if out["note"]:
+        log(out["note"])
+    if given is None:
+        write_bytes(ckpt, out["state"])
+        ckpt.with_suffix(".resume.pt").unlink(missing_ok=True)
+    val, test = out["val"], out["test"]
+    info_ = Baseline(
+        str(ckpt), val["top1"], test["top1"], test.get("top5"), out["seconds"], space.data["model"], splits.name, fp
+    )
+    write_json(meta, {**info_.to_dict(), "checkpoint_bytes": ckpt.stat().st_size})
+    return info_
+
+
+def _baseline_task(
+    space_data: dict[str, Any], payload: dict[str, Any], given: bytes | None, resume_path: str, queue: Any
+) -> dict[str, Any]:
+    """Ray task: the dense baseline's training (unless given or published) and its evaluation."""
+    res = space_data["resources"]
+    threads = configure_threads(max(1, int(res["cpus_per_trial"])))
+    device = worker_device(res["device"])
+    workers = loader_workers(res["cpus_per_trial"])
+    info = payload["info"]
+    cfg = train_config(space_data, "baseline")
+    eval_bs = space_data["trial"]["eval_batch_size"]
+    torch.manual_seed(cfg.seed)  # the dense model's initial weights come from the training seed too
+    note = ""
+    if given is not None:
+        model = model_for(space_data, info)
+        model.load_state_dict(state_from_bytes(given), strict=True)
+        fresh = False
+    elif space_data["model_weights"]:
+        model, fresh = pretrained_model(
+            space_data["model"],
+            space_data["model_weights"],
+            num_classes=info["num_classes"],
+            in_channels=info["in_channels"],
+            image_size=info["image_size"],
+        )
+        if fresh:
+            note = (
+                f"the weights {space_data['model_weights']} predict another number of classes than the "
+                f"{info['num_classes']} of the dataset: the classifier is new and was trained "
+                f"({epochs_text(cfg.epochs)} of baseline.train)"
+            )
+    else:
+        model = model_for(space_data, info)
+        fresh = True
+    seconds = 0.0
+    val_data = dataset_from_state(payload["val"], num_workers=workers) if payload["val"] is not None else None
+    if fresh:
+
+        def on_epoch(rec: dict[str, float]) -> None:
+            val = f", val {rec['val_top1']:.2f}%" if "val_top1" in rec else ""
+            say(queue, f"  pretrain: epoch {rec['epoch']:g}/{cfg.epochs:g} loss {rec['train_loss']:.4f}{val}")
+
+        t0 = time.perf_counter()
+        with kill_point("baseline"):
+            train(
+                model,
+                dataset_from_state(payload["train"], num_workers=workers),
+                cfg,
+                device=device,
+                val_data=val_data,
+                progress=False,
+                desc="pretrain",
+                on_epoch_end=on_epoch,
+                checkpoint_path=resume_path,
+                eval_batch_size=eval_bs,
+            )
+        seconds = time.perf_counter() - t0
+    test_data = dataset_from_state(payload["test"], num_workers=workers)
+    val = evaluate(model, val_data, device=device, batch_size=eval_bs) if val_data is not None else {"top1": math.nan}
+    test = evaluate(model, test_data, device=device, batch_size=eval_bs)
+    model.cpu()
+    return {
+        "state": state_to_bytes(model) if given is None else b"",
+        "val": val,
+        "test": test,
+        "seconds": seconds,
+        "note": note,
+        "device": str(device),
+        "threads": threads,
+    }
+
+
+# -- where work runs -----------------------------------------------------------------------
+
+
+def _ray_gpu_ids() -> list[Any] | None:
+    """The GPU ids Ray gave this worker; None outside a Ray task or actor (the driver included)."""
+    if "ray" not in sys.modules:
+        return None
+    import ray
+
+    if not ray.is_initialized() or ray.get_runtime_context().get_task_id() is None:
+        return None
+    return list(ray.get_gpu_ids())
+
+
+def worker_device(name: str | None) -> torch.device:
+    """The device of a trial, task or training worker (``resources.device``), resolved where the work runs.
+
+    ``auto`` inside a Ray worker is the GPU Ray gave it, else the CPU: Ray leaves
+    ``CUDA_VISIBLE_DEVICES`` alone for a worker given no GPU, so there torch
+    sees every GPU of the node and ``cuda`` would put all such workers on GPU 0.
+    Outside Ray, ``auto`` is CUDA when present. An explicit device must exist;
+    ``cuda`` in a Ray worker needs a GPU of its own (``gpus_per_trial`` > 0,
+    fractions share one).
+    """
+    ids = _ray_gpu_ids()
+    if name is None or name == "auto":
+        if ids is None:
+            return select_device("auto")
+        return torch.device("cuda") if ids and torch.cuda.is_available() else torch.device("cpu")
+    device = select_device(name)
+    if device.type == "cuda" and ids == []:
+        raise ClipQError(
+            f"resources.device={name} but Ray gave this worker no GPU; set resources.gpus_per_trial above 0 "
+            "(0.25 packs four trials on a GPU)"
+        )
+    return device
+
+
+def check_device(resources: dict[str, Any], source: str = "space") -> None:
+    """``resources.device`` names a device the workers can use; its presence is checked where they run.
+
+    The driver (often a head node without a GPU) does not need the device.
+    """
+    name = resources["device"]
+    if name is None or name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"{source}: resources.device={name!r} is not a device; use auto, cpu, cuda or mps") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"{source}: resources.device={name!r} is not supported; use auto, cpu, cuda or mps")
+    if device.type == "cuda" and device.index not in (None, 0):
+        raise ConfigError(
+            f"{source}: resources.device={name!r}: each Ray worker sees only the GPUs Ray gave it (as cuda:0); "
+            "use cuda, and resources.gpus_per_trial to say how much of a GPU each trial gets"
+        )
+    if device.type == "cuda" and not resources["gpus_per_trial"] > 0:
+        raise ConfigError(
+            f"{source}: resources.device={name} needs resources.gpus_per_trial above 0 (e.g. 1, or 0.25 to pack "
+            "four trials on a GPU); with 0 Ray gives the trials no GPU"
+        )
+
+
+def run_task(
+    fn: Callable[..., Any],
+    resources: dict[str, Any],
+    *args: Any,
+    what: str,
+    retries: int,
+    log: Callable[[str], None],
+    poll: Callable[[], None] | None = None,
+) -> Any:
+    """``fn(*args)`` as one Ray task with a trial's resources; re-run after a worker kill, up to ``retries``.
+
+    A ``ClipQError`` raised by ``fn`` (a user's error, e.g. a missing file) is
+    raised here as it is, so the command line shows its one line.
+    """
+    import ray
+
+    task = ray.remote(num_cpus=resources["cpus_per_trial"], num_gpus=resources["gpus_per_trial"], max_retries=0)(fn)
+    try:
+        return gather(lambda _k: task.remote(*args), [0], retries=retries, what=lambda _k: what, log=log, poll=poll)[0]
+    except ClipQError as exc:
+        inner = getattr(exc.__cause__, "cause", None)  # a Ray task error's cause: the task's own exception
+        if isinstance(inner, ClipQError):
+            raise inner from None
+        raise
+
+
+def say(queue: Any, line: str) -> None:
+    """Put a progress line on ``queue`` (a ``ray.util.queue.Queue``); a lost queue never stops the work."""
+    if queue is None:
+        return
+    try:
+        queue.put(line)
+    except Exception:  # noqa: BLE001 - progress lines are a courtesy
+        pass
+
+
+def relay(queue: Any, log: Callable[[str], None]) -> Callable[[], None]:
+    """A function that logs the lines waiting on ``queue``; once the queue's actor is gone, it stays quiet."""
+    alive = [True]
+
+    def drain() -> None:
+        while alive[0]:
+            try:
+                if queue.empty():
+                    return
+                log(queue.get(timeout=5))
+            except Exception:  # noqa: BLE001 - Ray's errors for a lost actor vary
+                alive[0] = False
+
+    return drain
 
 
 def check_space(space: Space) -> list[LayerSearchParam]:
     """Check what a space names against the real world, without training; return the searched units.
 
     The dataset files (decoded, or listed for an image folder), the model
-    name, the device, and every layer name, pattern and group against the
-    model's compressible layers. Commands call it first, so bad input fails in
-    seconds and before anything is written.
+    name and its published weights' name, the device's name (whether the
+    device exists is checked on the workers), and every layer name, pattern
+    and group against the model's compressible layers. Commands call it
+    first, so bad input fails in seconds and before anything is written.
     """
     info = dataset_info(dataset_spec(space))
-    select_device(space.data["resources"]["device"])
+    check_device(space.data["resources"], space.source)
+    if space.data["model_weights"] is not None:
+        if space.data["baseline"]["checkpoint"]:
+            raise ConfigError(
+                f"{space.source}: model_weights and baseline.checkpoint both give the dense model's weights; "
+                "keep one of them"
+            )
+        check_weights(space.data["model"], space.data["model_weights"])
     return space.search_params(layer_names(space, info))
 
 
@@ -249,22 +486,25 @@ def run_trial(
     """
     t_start = time.perf_counter()
     configure_threads(threads)
-    device = select_device(space_data["resources"]["device"])
+    res = space_data["resources"]
+    device = worker_device(res["device"])
     model = model_for(space_data, payload["info"])
     model.load_state_dict(state_from_bytes(payload["baseline"]), strict=True)
     resolved = attach_clipq(model, Plan.from_dict(plan))
-    train_data = dataset_from_state(payload["train"])
-    val_data = dataset_from_state(payload["val"])
+    workers = loader_workers(res["cpus_per_trial"])
+    train_data = dataset_from_state(payload["train"], num_workers=workers)
+    val_data = dataset_from_state(payload["val"], num_workers=workers)
     cfg = train_config(space_data, "trial")
     t_train = time.perf_counter()
     result = train(model, train_data, cfg, device=device, progress=False, desc="trial")
     train_seconds = time.perf_counter() - t_train
-    metrics = evaluate(model, val_data, device=device, batch_size=space_data["trial"]["eval_batch_size"])
+    metrics = evaluate(model, val_data, device=device, batch_size=space_data["trial"]["eval_batch_size"], amp=cfg.amp)
     if not math.isfinite(metrics["top1"]) or not math.isfinite(metrics["loss"]):
         raise ClipQError(f"trial produced a non-finite validation result ({metrics})")
     model.cpu()
     size = estimate_size(model)
-    kept = {s.name[: -len(".weight")]: s.kept_fraction for s in size.layers if s.compressed}
+    names = {t.key: name for name, t in compressible_tensors(model).items()}
+    kept = {names[s.name]: s.kept_fraction for s in size.layers if s.compressed}
     return {
         "val_top1": float(metrics["top1"]),
         "val_loss": float(metrics["loss"]),
@@ -277,26 +517,42 @@ def run_trial(
         "trial_seconds": time.perf_counter() - t_start,
         "node": _node_name(),
         "pid": os.getpid(),
+        "device": str(device),
     }
 
 
-def trial_payload(space: Space, baseline: Baseline) -> dict[str, Any]:
-    """What every trial needs, as plain data (shipped once through Ray's object store)."""
+def trial_payload(space: Space, baseline: Baseline, *, test: bool = False) -> dict[str, Any]:
+    """What every trial needs, as plain data (shipped once through Ray's object store); ``test``: the test split too.
+
+    The dataset is read (an image folder listed) once, here.
+    """
     splits = load_dataset(dataset_spec(space))
     if splits.val is None:
         raise ClipQError("the search needs a validation split: set dataset.val_size > 0")
     model = model_for(space.data, splits_info(splits))
     load_baseline(model, baseline)
-    return {
+    payload = {
         "baseline": state_to_bytes(model),
         "train": splits.train.to_state(),
         "val": splits.val.to_state(),
         "info": splits_info(splits),
     }
+    if test:
+        payload["test"] = splits.test.to_state()
+    return payload
 
 
 def layer_names(space: Space, info: dict[str, int]) -> list[str]:
-    return list(compressible_layers(model_for(space.data, info)))
+    return list(compressible_tensors(model_for(space.data, info)))
+
+
+def describe_dense(space: Space, info: dict[str, int], compressed: list[str]) -> tuple[dict[str, Any], str]:
+    """What the search leaves dense (``core.plan.dense_summary``) and a line saying so."""
+    d = dense_summary(model_for(space.data, info), compressed)
+    largest = ", ".join(f"{k} {b:,} B" for k, b in d["largest"])
+    line = (f"stays dense: {d['tensors']} parameter tensors, {100 * d['share']:.1f}% of the model's fp32 bytes"
+            + (f" (largest: {largest})" if largest else ""))
+    return d, line
 
 
 def write_plan_json(path: str | Path, plan: Plan, **extra: Any) -> None:
@@ -304,6 +560,7 @@ def write_plan_json(path: str | Path, plan: Plan, **extra: Any) -> None:
 
 
 __all__ += [
+    "describe_dense",
     "layer_names",
     "splits_info",
     "state_from_bytes",

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import functools
 import gzip
+import io
 import math
 import os
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from clipq_search._io import read_regular
 from clipq_search.errors import ClipQError, ConfigError, FormatError
 
 __all__ = [
@@ -44,11 +46,13 @@ __all__ = [
     "dataset_info",
     "iter_batches",
     "load_dataset",
+    "loader_workers",
     "num_batches",
     "read_cifar10",
     "read_cifar10_batch",
     "read_idx",
     "read_mnist",
+    "scan_image_folder",
 ]
 
 DATASET_NAMES: tuple[str, ...] = ("fashion-mnist", "mnist", "cifar10", "imagefolder")
@@ -96,13 +100,20 @@ _IDX_DTYPES: dict[int, str] = {
 # --------------------------------------------------------------------------- readers
 
 
+DATA_FILE_LIMIT = 2 << 30  # the largest data file read, before and after gunzip (Fashion-MNIST's: 47 MB)
+
+
 def _read_bytes(path: Path) -> bytes:
-    """Whole file content, gunzipped when the name ends in ``.gz``."""
+    """Whole file content, gunzipped when the name ends in ``.gz``; a regular file, bounded in size."""
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as fh:
-                return fh.read()
-        return path.read_bytes()
+        raw = read_regular(path, DATA_FILE_LIMIT, "data file")
+        if path.suffix != ".gz":
+            return raw
+        with gzip.GzipFile(fileobj=io.BytesIO(raw)) as fh:
+            data = fh.read(DATA_FILE_LIMIT + 1)
+        if len(data) > DATA_FILE_LIMIT:
+            raise FormatError(f"{path} unpacks to more than {DATA_FILE_LIMIT >> 30} GiB; it is not a dataset file")
+        return data
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise FormatError(f"{path}: corrupt or truncated gzip data ({exc}); download the file again") from exc
     except OSError as exc:
@@ -350,11 +361,15 @@ class ArrayDataset:
 
         With ``shuffle`` the order is ``torch.randperm(N, generator=generator)``
         (drawn once per call), so a seeded generator gives a reproducible epoch.
-        Indexing happens where the data lives; only the uint8 batch is moved.
+        Indexing happens where the data lives: the order is moved there once per
+        call, not per batch (each move to a GPU would wait for it); only the
+        uint8 batch is moved to ``device``.
         """
         _check_batch_size(batch_size)
         n = len(self)
-        order = torch.randperm(n, generator=generator) if shuffle else None
+        order = None
+        if shuffle:
+            order = torch.randperm(n, generator=generator).to(self.images.device, non_blocking=True)
         stop = n - n % batch_size if drop_last else n
         target = torch.device(device) if device is not None else self.images.device
         for start in range(0, stop, batch_size):
@@ -362,7 +377,7 @@ class ArrayDataset:
             if order is None:
                 xb, yb = self.images[start:end], self.labels[start:end]
             else:
-                idx = order[start:end].to(self.images.device)
+                idx = order[start:end]
                 xb, yb = self.images[idx], self.labels[idx]
             xb = xb.to(target, non_blocking=True)
             yb = yb.to(target, non_blocking=True)
@@ -408,12 +423,70 @@ def _import_torchvision() -> Any:
     return torchvision
 
 
-class FolderDataset:
-    """An image-folder split (one sub-folder per class) read through torchvision and a ``DataLoader``.
+def loader_workers(cpus: float | None = None) -> int:
+    """Image-decoding processes for one training or evaluation process that may use ``cpus`` CPUs.
 
-    Holds only the folder, the item indices and whether to augment, so its
-    state is plain data; images are decoded by ``num_workers`` loader processes.
-    Batches are float32 ``(B, 3, 224, 224)`` with ImageNet normalisation.
+    One CPU is left to the process that trains (it also feeds the GPU); with a
+    single CPU images are decoded in that process (0 workers). ``None``: the
+    CPUs this process may run on, at most 8 workers.
+    """
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(0, min(8, int(cpus) - 1))
+    return max(0, math.floor(cpus + 1e-9) - 1)
+
+
+def scan_image_folder(folder: str | os.PathLike[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Classes (sorted sub-folder names, as torchvision's ``ImageFolder``), files and class of every image.
+
+    Files are paths relative to ``folder`` as a numpy bytes array (one block of
+    memory, cheap to ship to Ray workers and to share with loader processes);
+    targets are int64. The only place an image folder is listed.
+    """
+    _import_torchvision()
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    root = os.path.expanduser(os.fspath(folder))
+    try:
+        classes, class_to_idx = find_classes(root)
+        samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
+    except FileNotFoundError as exc:
+        raise ClipQError(
+            f"{root}: {exc}; put one sub-folder per class there, each holding images ({', '.join(IMG_EXTENSIONS)})"
+        ) from None
+    prefix = os.path.join(root, "")
+    rel = [os.fsencode(path[len(prefix):] if path.startswith(prefix) else path) for path, _ in samples]
+    files = np.array(rel, dtype=np.bytes_) if rel else np.array([], dtype="S1")
+    targets = np.array([t for _, t in samples], dtype=np.int64)
+    return list(classes), files, targets
+
+
+class _ImageFiles(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """``(image, class)`` items read from files with PIL and transformed (what the loader processes run)."""
+
+    def __init__(self, root: str, files: np.ndarray, targets: np.ndarray, transform: Callable[[Any], Tensor]) -> None:
+        self.root, self.files, self.targets, self.transform = root, files, targets, transform
+
+    def __len__(self) -> int:
+        return int(self.files.shape[0])
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        from torchvision.datasets.folder import default_loader
+
+        image = default_loader(os.path.join(self.root, os.fsdecode(bytes(self.files[i]))))
+        return self.transform(image), int(self.targets[i])
+
+
+class FolderDataset:
+    """An image-folder split (one sub-folder per class): its list of files, decoded by ``DataLoader`` workers.
+
+    The folder is listed once (:func:`scan_image_folder`, or the ``files`` and
+    ``targets`` given); its state is that list as numpy arrays, so a worker
+    that rebuilds it reads no directory. ``num_workers`` loader processes
+    decode images; they persist from one pass to the next (one loader per
+    batch size and order). Batches are float32 ``(B, 3, S, S)`` with ImageNet
+    normalisation, ``S = image_size``: a random resized crop and flip for
+    training, a resize to ``S * 256 / 224`` and a centre crop otherwise.
     """
 
     def __init__(
@@ -421,32 +494,83 @@ class FolderDataset:
         folder: str | os.PathLike[str],
         *,
         train: bool,
-        indices: Sequence[int] | None = None,
+        files: np.ndarray | None = None,
+        targets: np.ndarray | None = None,
+        classes: Sequence[str] | None = None,
+        image_size: int = 224,
         num_workers: int | None = None,
     ) -> None:
-        tv = _import_torchvision()
+        _import_torchvision()
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+            raise ConfigError(f"image_size={image_size!r} is invalid; use an integer >= 1")
+        if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int)
+                                        or num_workers < 0):
+            raise ConfigError(f"num_workers={num_workers!r} is invalid; use an integer >= 0")
+        self.folder = os.path.expanduser(os.fspath(folder))
+        if files is None or targets is None or classes is None:
+            classes, files, targets = scan_image_folder(self.folder)
+        if files.shape != targets.shape:
+            raise ValueError(f"FolderDataset: {files.shape[0]} files but {targets.shape[0]} targets")
+        self.train = train
+        self.files, self.targets, self.classes = files, targets, list(classes)
+        self.image_size = image_size
+        self.num_workers = loader_workers() if num_workers is None else num_workers
+        self._loaders: dict[tuple[Any, ...], tuple[torch.Generator | None, torch.utils.data.DataLoader[Any]]] = {}
+
+    def _transform(self) -> Callable[[Any], Tensor]:
         from torchvision import transforms as T
 
         mean, std = NORMALIZATION["imagefolder"]
-        if train:
-            tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+        size = self.image_size
+        if self.train:
+            steps = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()]
         else:
-            tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(mean, std)])
-        self.folder = str(folder)
-        self.train = train
-        self.num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
-        self._full = tv.datasets.ImageFolder(self.folder, transform=tf)
-        self.classes: list[str] = list(self._full.classes)
-        self.indices: list[int] | None = None if indices is None else [int(i) for i in indices]
-        self.dataset: torch.utils.data.Dataset[Any] = (
-            self._full if self.indices is None else torch.utils.data.Subset(self._full, self.indices)
-        )
+            steps = [T.Resize(round(size * 256 / 224)), T.CenterCrop(size)]
+        return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
 
     def __len__(self) -> int:
-        return len(self._full) if self.indices is None else len(self.indices)
+        return int(self.files.shape[0])
 
     def __repr__(self) -> str:
-        return f"FolderDataset({self.folder!r}, train={self.train}, n={len(self)})"
+        return f"FolderDataset({self.folder!r}, train={self.train}, n={len(self)}, image_size={self.image_size})"
+
+    def subset(self, indices: Tensor | Sequence[int] | np.ndarray, *, train: bool | None = None) -> FolderDataset:
+        """A new split of the items at ``indices`` (same folder and loader settings; ``train``: augment them)."""
+        idx = np.asarray(torch.as_tensor(indices, dtype=torch.int64).cpu(), dtype=np.int64)
+        return FolderDataset(
+            self.folder,
+            train=self.train if train is None else train,
+            files=self.files[idx],
+            targets=self.targets[idx],
+            classes=self.classes,
+            image_size=self.image_size,
+            num_workers=self.num_workers,
+        )
+
+    def _loader(
+        self, batch_size: int, shuffle: bool, generator: torch.Generator | None, drop_last: bool, pin: bool
+    ) -> torch.utils.data.DataLoader[Any]:
+        """The loader for these settings, made once: its worker processes stay up between passes."""
+        key = (batch_size, shuffle, drop_last, pin)
+        cached = self._loaders.get(key)
+        if cached is not None and cached[0] is generator:
+            return cached[1]
+        loader = torch.utils.data.DataLoader(
+            _ImageFiles(self.folder, self.files, self.targets, self._transform()),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            pin_memory=pin,
+            persistent_workers=self.num_workers > 0,
+        )
+        self._loaders[key] = (generator, loader)
+        return loader
+
+    def close(self) -> None:
+        """Stop the loader processes (they also stop when this dataset is garbage-collected)."""
+        self._loaders.clear()
 
     def batches(
         self,
@@ -457,19 +581,10 @@ class FolderDataset:
         device: torch.device | str | None = None,
         drop_last: bool = False,
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield ``(x, y)`` batches from a ``DataLoader`` (pinned memory when copying to CUDA)."""
+        """Yield ``(x, y)`` batches on ``device`` (pinned memory, copied without blocking, for CUDA)."""
         _check_batch_size(batch_size)
         target = torch.device(device) if device is not None else torch.device("cpu")
-        loader = torch.utils.data.DataLoader(
-            self.dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            drop_last=drop_last,
-            num_workers=self.num_workers,
-            pin_memory=target.type == "cuda",
-            persistent_workers=False,
-        )
+        loader = self._loader(batch_size, shuffle, generator, drop_last, target.type == "cuda")
         for xb, yb in loader:
             yield xb.to(target, non_blocking=True), yb.to(target, non_blocking=True)
 
@@ -478,32 +593,45 @@ class FolderDataset:
         return len(self) // batch_size if drop_last else -(-len(self) // batch_size)
 
     def to_state(self) -> dict[str, Any]:
+        """Plain data: the folder, its file list and classes, the image size; no loader settings.
+
+        How many processes decode images is decided where the data is used
+        (``dataset_from_state(..., num_workers=...)``), from that worker's CPUs.
+        """
         return {
             "kind": "folder",
             "folder": self.folder,
             "train": self.train,
-            "indices": None if self.indices is None else np.asarray(self.indices, dtype=np.int64),
-            "num_workers": self.num_workers,
+            "files": self.files,
+            "targets": self.targets,
+            "classes": list(self.classes),
+            "image_size": self.image_size,
         }
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> FolderDataset:
-        idx = state["indices"]
+    def from_state(cls, state: dict[str, Any], *, num_workers: int | None = None) -> FolderDataset:
+        """Inverse of :meth:`to_state`, without listing the folder again."""
         return cls(
             state["folder"],
             train=bool(state["train"]),
-            indices=None if idx is None else [int(i) for i in idx],
-            num_workers=int(state["num_workers"]),
+            files=np.asarray(state["files"]),
+            targets=np.asarray(state["targets"], dtype=np.int64),
+            classes=[str(c) for c in state["classes"]],
+            image_size=int(state["image_size"]),
+            num_workers=num_workers,
         )
 
 
-def dataset_from_state(state: dict[str, Any]) -> ArrayDataset | FolderDataset:
-    """Rebuild an :class:`ArrayDataset` or :class:`FolderDataset` from its ``to_state()``."""
+def dataset_from_state(state: dict[str, Any], *, num_workers: int | None = None) -> ArrayDataset | FolderDataset:
+    """Rebuild an :class:`ArrayDataset` or :class:`FolderDataset` from its ``to_state()``.
+
+    ``num_workers``: image-decoding processes of a folder dataset (see :func:`loader_workers`).
+    """
     kind = state.get("kind", "array")
     if kind == "array":
         return ArrayDataset.from_state(state)
     if kind == "folder":
-        return FolderDataset.from_state(state)
+        return FolderDataset.from_state(state, num_workers=num_workers)
     raise FormatError(f"dataset state has kind={kind!r}; expected 'array' or 'folder'")
 
 
@@ -546,13 +674,16 @@ class DatasetSpec:
     """Which dataset, where it lives, and how the validation split is drawn.
 
     ``val_size`` images are held out of the training set by a permutation
-    seeded with ``split_seed``; 0 means no validation split.
+    seeded with ``split_seed``; 0 means no validation split. ``image_size``
+    (image folders only) is the side of the square crops the model sees;
+    None means 224.
     """
 
     name: str
     root: str | None = None
     val_size: int = 5000
     split_seed: int = 0
+    image_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.name not in DATASET_NAMES:
@@ -567,6 +698,19 @@ class DatasetSpec:
             raise ConfigError(f"DatasetSpec.val_size={self.val_size!r} is invalid; use an integer >= 0")
         if isinstance(self.split_seed, bool) or not isinstance(self.split_seed, int) or self.split_seed < 0:
             raise ConfigError(f"DatasetSpec.split_seed={self.split_seed!r} is invalid; use an integer >= 0")
+        if self.image_size is not None:
+            if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1:
+                raise ConfigError(f"DatasetSpec.image_size={self.image_size!r} is invalid; use an integer >= 1")
+            if self.name != "imagefolder":
+                raise ConfigError(
+                    f"DatasetSpec.image_size applies to image folders only; {self.name} images keep their own "
+                    "size: remove image_size"
+                )
+
+    @property
+    def crop_size(self) -> int:
+        """The side of an image folder's crops: ``image_size``, or 224."""
+        return self.image_size if self.image_size is not None else 224
 
     @property
     def resolved_root(self) -> str:
@@ -645,7 +789,7 @@ def dataset_info(spec: DatasetSpec) -> dict[str, int]:
         classes = sum(1 for entry in os.scandir(train_dir) if entry.is_dir())
         if classes == 0:
             raise ClipQError(f"{train_dir} has no class sub-folders; put one sub-folder of images per class there")
-        return {"num_classes": classes, "in_channels": 3, "image_size": 224}
+        return {"num_classes": classes, "in_channels": 3, "image_size": spec.crop_size}
     splits = load_dataset(spec)
     return {"num_classes": splits.num_classes, "in_channels": splits.in_channels, "image_size": splits.image_size}
 
@@ -663,28 +807,31 @@ def _imagefolder_dirs(root: Path) -> tuple[Path, Path]:
 
 
 def _load_imagefolder(spec: DatasetSpec, root: Path) -> DataSplits:
+    """The splits of an image folder, each folder listed once; the validation split is held out of train/."""
     _import_torchvision()
     train_dir, test_dir = _imagefolder_dirs(root)
-    probe = FolderDataset(train_dir, train=False)
+    size = spec.crop_size
+    classes, files, targets = scan_image_folder(train_dir)
+    full = FolderDataset(train_dir, train=True, files=files, targets=targets, classes=classes, image_size=size)
     if spec.val_size == 0:
-        train: FolderDataset = FolderDataset(train_dir, train=True)
+        train: FolderDataset = full
         val: FolderDataset | None = None
     else:
-        train_idx, val_idx = split_indices(len(probe), spec.val_size, spec.split_seed)
-        train = FolderDataset(train_dir, train=True, indices=train_idx.tolist())
-        val = FolderDataset(train_dir, train=False, indices=val_idx.tolist())
-    test = FolderDataset(test_dir, train=False)
-    if test.classes != probe.classes:
+        train_idx, val_idx = split_indices(len(full), spec.val_size, spec.split_seed)
+        train = full.subset(train_idx)
+        val = full.subset(val_idx, train=False)
+    test = FolderDataset(test_dir, train=False, image_size=size)
+    if test.classes != classes:
         raise FormatError(
-            f"{test_dir} has classes {test.classes[:5]}... but {train_dir} has {probe.classes[:5]}...; "
+            f"{test_dir} has classes {test.classes[:5]}... but {train_dir} has {classes[:5]}...; "
             "use the same class sub-folders in both"
         )
     return DataSplits(
         train=train,
         val=val,
         test=test,
-        num_classes=len(probe.classes),
+        num_classes=len(classes),
         in_channels=3,
-        image_size=224,
+        image_size=size,
         name=spec.name,
     )

@@ -256,12 +256,18 @@ def _show_progress(progress: bool | None) -> bool:
     return progress
 
 
+def _amp_dtype(device: torch.device) -> torch.dtype | None:
+    """Autocast's type on ``device``: bfloat16 where CUDA supports it, else float16; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 def _amp_setup(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
-    if not (cfg.amp and device.type == "cuda"):
-        return None, None
-    if torch.cuda.is_bf16_supported():
-        return torch.bfloat16, None
-    return torch.float16, torch.amp.GradScaler("cuda")
+    dtype = _amp_dtype(device) if cfg.amp else None
+    if dtype is None or dtype == torch.bfloat16:
+        return dtype, None
+    return dtype, torch.amp.GradScaler("cuda")
 
 
 def _rng_state(generator: torch.Generator, device: torch.device) -> dict[str, Tensor]:
@@ -447,6 +453,7 @@ def train(
     on_epoch_end: Callable[[dict[str, float]], None] | None = None,
     checkpoint_path: str | os.PathLike[str] | None = None,
     resume: bool = True,
+    eval_batch_size: int = 1000,
 ) -> TrainResult:
     """Train ``model`` in place with SGD + cross-entropy on ``train_data``; returns a :class:`TrainResult`.
 
@@ -456,7 +463,8 @@ def train(
     if given, a checkpoint is written if ``checkpoint_path`` is set, then
     ``on_epoch_end(record)`` is called; an exception it raises (e.g. a pruned
     Optuna trial) stops training. With ``resume`` and an existing checkpoint,
-    training continues from it instead of starting over.
+    training continues from it instead of starting over. Validation runs in
+    batches of ``eval_batch_size``, under autocast when ``cfg.amp`` applies.
     """
     device = torch.device(device)
     started = time.perf_counter()
@@ -505,7 +513,7 @@ def train(
                 "seconds": time.perf_counter() - epoch_start,
             }
             if val_data is not None:
-                metrics = evaluate(model, val_data, device=device)
+                metrics = evaluate(model, val_data, device=device, batch_size=eval_batch_size, amp=cfg.amp)
                 record["val_top1"] = metrics["top1"]
                 record["val_loss"] = metrics["loss"]
                 model.train()
@@ -527,37 +535,46 @@ def train(
 # --------------------------------------------------------------------------- evaluation
 
 
-@torch.no_grad()
 def evaluate(
-    model: nn.Module, data: BatchSource | Iterable[Any], *, device: torch.device | str, batch_size: int = 1000
+    model: nn.Module,
+    data: BatchSource | Iterable[Any],
+    *,
+    device: torch.device | str,
+    batch_size: int = 1000,
+    amp: bool = True,
 ) -> dict[str, float]:
-    """Accuracy and mean cross-entropy of ``model`` on ``data``.
+    """Accuracy and mean cross-entropy of ``model`` on ``data``, in batches of ``batch_size``.
 
-    Returns ``top1`` (percent), ``loss``, ``n`` (items) and, when there are
-    more than 5 classes, ``top5`` (percent). The model's train/eval mode is
-    restored afterwards.
+    Runs under ``torch.inference_mode`` and, on CUDA with ``amp``, under the
+    same autocast as training (bfloat16, or float16). Returns ``top1``
+    (percent), ``loss``, ``n`` (items) and, when there are more than 5
+    classes, ``top5`` (percent). The model's train/eval mode is restored
+    afterwards.
     """
     device = torch.device(device)
     data = _resident(data, device)
     was_training = model.training
     model.eval()
     model.to(device)
-    correct1 = torch.zeros((), dtype=torch.int64, device=device)
-    correct5 = torch.zeros((), dtype=torch.int64, device=device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    amp_dtype = _amp_dtype(device) if amp else None
     n = 0
     classes = 0
     try:
-        for xb, yb in iter_batches(data, batch_size, shuffle=False, device=device):
-            logits = model(xb).float()
-            classes = logits.shape[1]
-            loss_sum += F.cross_entropy(logits, yb, reduction="sum").double()
-            k = min(5, classes)
-            topk = logits.topk(k, dim=1).indices
-            hits = topk == yb.unsqueeze(1)
-            correct1 += hits[:, 0].sum()
-            correct5 += hits.any(dim=1).sum()
-            n += int(yb.shape[0])
+        with torch.inference_mode():
+            correct1 = torch.zeros((), dtype=torch.int64, device=device)
+            correct5 = torch.zeros((), dtype=torch.int64, device=device)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            for xb, yb in iter_batches(data, batch_size, shuffle=False, device=device):
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    logits = model(xb).float()
+                classes = logits.shape[1]
+                loss_sum += F.cross_entropy(logits, yb, reduction="sum").double()
+                k = min(5, classes)
+                topk = logits.topk(k, dim=1).indices
+                hits = topk == yb.unsqueeze(1)
+                correct1 += hits[:, 0].sum()
+                correct5 += hits.any(dim=1).sum()
+                n += int(yb.shape[0])
     finally:
         model.train(was_training)
     if n == 0:
@@ -609,7 +626,7 @@ def load_state_dict_file(
     path = Path(path)
     label = model_name or type(model).__name__
     if not path.is_file():
-        what = "is a directory" if path.is_dir() else "does not exist"
+        what = "is a directory" if path.is_dir() else "is not a regular file" if path.exists() else "does not exist"
         raise ClipQError(f"checkpoint {path} {what}; {fix}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -3,7 +3,9 @@
 ``build_model(name, num_classes=..., in_channels=..., image_size=...)`` accepts
 
 * a registered name (:func:`list_models`): ``lenet300``, ``lenet5``, ``resnet20``;
-* ``torchvision:<name>``: any torchvision classification model, untrained;
+* ``torchvision:<name>``: any torchvision classification model, untrained
+  or with its published weights (``weights``, from torch's local cache);
+* ``timm:<name>``: a timm model (the ``timm`` extra), likewise;
 * ``package.module:factory``: a function in an importable module of your own.
 
 Layer (module) names are stable and documented per model, because per-layer
@@ -15,13 +17,16 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import os
+import urllib.parse
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from clipq_search.errors import ClipQError, ConfigError
+from clipq_search.errors import ClipQError, ConfigError, clip, shown
 
 __all__ = [
     "LeNet5",
@@ -29,7 +34,9 @@ __all__ = [
     "ResNet20",
     "build_model",
     "count_parameters",
+    "check_weights",
     "list_models",
+    "pretrained_model",
     "register_model",
 ]
 
@@ -223,7 +230,7 @@ def _build_torchvision(name: str, num_classes: int, in_channels: int) -> nn.Modu
     known = set(torchvision.models.list_models(module=torchvision.models))
     if name not in known:
         raise ConfigError(
-            f"unknown torchvision classification model {name!r}; "
+            f"unknown torchvision classification model {shown(name)}; "
             "see torchvision.models.list_models(module=torchvision.models)"
         )
     if in_channels != 3:
@@ -240,21 +247,23 @@ def _build_torchvision(name: str, num_classes: int, in_channels: int) -> nn.Modu
 def _build_user(ref: str, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     module_name, _, attr = ref.partition(":")
     if not module_name or not attr or ":" in attr:
-        raise ConfigError(f"model reference {ref!r} is malformed; use 'package.module:factory'")
+        raise ConfigError(f"model reference {shown(ref)} is malformed; use 'package.module:factory'")
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # SystemExit too: a module's code must not end the command silently
         raise ClipQError(
-            f"cannot import module {module_name!r} for model {ref!r}: {type(exc).__name__}: {exc}; "
-            "check the name and that its folder is on PYTHONPATH"
+            f"cannot import module {shown(module_name)} for model {shown(ref)}: {type(exc).__name__}: "
+            f"{clip(str(exc))}; check the name and that its folder is on PYTHONPATH"
         ) from exc
     factory: Any = module
     for part in attr.split("."):
         if not hasattr(factory, part):
-            raise ClipQError(f"model {ref!r}: module {module_name!r} has no attribute {attr!r}")
+            raise ClipQError(f"model {shown(ref)}: module {shown(module_name)} has no attribute {shown(attr)}")
         factory = getattr(factory, part)
     if not callable(factory):
-        raise ClipQError(f"model {ref!r}: {attr!r} is not callable; point at a function or class")
+        raise ClipQError(f"model {shown(ref)}: {shown(attr)} is not callable; point at a function or class")
     offered = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
     try:
         params = inspect.signature(factory).parameters
@@ -271,32 +280,241 @@ def _build_user(ref: str, num_classes: int, in_channels: int, image_size: int) -
             }
     try:
         model = factory(**kwargs)
-    except Exception as exc:
-        raise ClipQError(f"model {ref!r}: calling the factory failed: {type(exc).__name__}: {exc}") from exc
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # SystemExit too (e.g. builtins:exit): one clear error, never a silent exit
+        raise ClipQError(
+            f"model {shown(ref)}: calling the factory failed ({type(exc).__name__}: {clip(str(exc))}); "
+            "'module:factory' must name a function or class that returns a torch.nn.Module"
+        ) from None
     if not isinstance(model, nn.Module):
-        raise ClipQError(f"model {ref!r}: the factory returned {type(model).__name__}, not a torch.nn.Module")
+        raise ClipQError(
+            f"model {shown(ref)}: the factory returned {type(model).__name__}, not a torch.nn.Module; "
+            "'module:factory' must name a function or class that returns one"
+        )
     return model
 
 
-def build_model(name: str, *, num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> nn.Module:
-    """Build an untrained model by name: registered, ``torchvision:<name>`` or ``package.module:factory``.
+# --------------------------------------------------------------------------- published weights
+
+
+def _torchvision_entry(name: str, weights: str) -> Any:
+    """torchvision's description of the weight set ``weights`` of model ``name`` (its URL, its classes)."""
+    import torchvision
+
+    try:
+        enum = torchvision.models.get_model_weights(name)
+    except (ValueError, KeyError):
+        raise ConfigError(f"torchvision:{name} has no published weights; remove model_weights") from None
+    names = list(enum.__members__)
+    if weights not in names:
+        raise ConfigError(
+            f"model_weights={shown(weights)} is not a weight set of torchvision:{name}; use one of {', '.join(names)}"
+        )
+    return enum[weights]
+
+
+def check_weights(name: str, weights: str) -> None:
+    """That ``weights`` names published weights of model ``name``; whether their file is cached is not checked.
+
+    The file is looked for where the model is built (a Ray worker's own cache).
+    """
+    if not isinstance(weights, str) or not weights:
+        raise ConfigError(f"model_weights={shown(weights)} is invalid; give a weight set name such as DEFAULT")
+    if name.startswith("torchvision:"):
+        _torchvision_entry(name.removeprefix("torchvision:"), weights)
+        return
+    if name.startswith("timm:"):
+        short = name.removeprefix("timm:")
+        if weights != "DEFAULT":
+            raise ConfigError(
+                f"model_weights={shown(weights)} for timm:{short}: timm's weights are named by the model's tag; "
+                f"use model_weights: DEFAULT and a tagged name such as timm:{short.split('.')[0]}.a1_in1k"
+            )
+        timm = _import_timm(short)
+        _timm_exists(timm, short)
+        from timm.models import get_pretrained_cfg
+
+        if get_pretrained_cfg(short) is None:
+            raise ConfigError(f"timm:{short} has no pretrained weights; remove model_weights, or name a tagged model")
+        return
+    raise ConfigError(
+        f"model_weights applies to torchvision: and timm: models, not {shown(name)}; for a model of your own, "
+        "give its trained state dict as baseline.checkpoint"
+    )
+
+
+def _torchvision_weights(name: str, weights: str) -> tuple[Path, int]:
+    """The cached file of torchvision's weights ``weights`` of model ``name`` and their class count."""
+    import torch
+
+    entry = _torchvision_entry(name, weights)
+    filename = os.path.basename(urllib.parse.urlparse(entry.url).path)
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    path = folder / filename
+    if not path.is_file():
+        raise ClipQError(
+            f"torchvision:{name} weights {entry.name} are not in torch's cache ({path} is missing) and nothing is "
+            f"downloaded; put {filename} (from {entry.url}) in {folder} (TORCH_HOME sets that folder)"
+        )
+    return path, len(entry.meta.get("categories") or ()) or 1000
+
+
+def _load_torchvision_weights(model: nn.Module, path: Path, name: str, weight_classes: int) -> bool:
+    """Load a cached torchvision weight file into ``model``; True when its classifier stays newly initialised.
+
+    The classifier's tensors (those whose first dimension is the weights' class
+    count) keep their initialisation when the dataset has another number of
+    classes; every other tensor must match the file.
+    """
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch.load's errors vary with the damage
+        raise ClipQError(
+            f"{path} is not a readable torch weight file ({type(exc).__name__}); delete it and put the published "
+            "file there again"
+        ) from None
+    own = model.state_dict()
+    if not isinstance(state, dict):
+        raise ClipQError(f"{path} holds a {type(state).__name__}, not torchvision:{name}'s weights; put the "
+                         "published file there again")
+    # Files older than BatchNorm's step counter lack it; BatchNorm fills it in on loading.
+    missing = sorted(k for k in set(own) - set(state) if not k.endswith("num_batches_tracked"))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ClipQError(
+            f"{path} does not hold torchvision:{name}'s weights (missing {', '.join(missing[:3]) or 'nothing'}, "
+            f"unexpected {', '.join(unexpected[:3]) or 'nothing'}); put the published file there again"
+        )
+    fresh = [k for k in state if state[k].shape != own[k].shape]
+    for k in fresh:
+        if state[k].shape[:1] != (weight_classes,):
+            raise ClipQError(
+                f"{path}: tensor {k} has shape {tuple(state[k].shape)}, the model {tuple(own[k].shape)}; "
+                f"it is not torchvision:{name}'s weight file"
+            )
+        state[k] = own[k]
+    model.load_state_dict(state, strict=False)
+    return bool(fresh)
+
+
+def _timm_weights(name: str) -> tuple[str, int]:
+    """The cached file of timm model ``name``'s pretrained weights (Hugging Face or torch cache) and their classes."""
+    import torch
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    if cfg is None:
+        raise ConfigError(f"timm:{name} has no pretrained weights; remove model_weights, or name a tagged model")
+    classes = int(cfg.num_classes or 1000)
+    tried: list[str] = []
+    if cfg.hf_hub_id:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        repo = cfg.hf_hub_id.partition("@")[0]
+        files = [cfg.hf_hub_filename] if getattr(cfg, "hf_hub_filename", None) else []
+        for filename in [*files, "model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"]:
+            found = try_to_load_from_cache(repo, filename)
+            if isinstance(found, str):
+                return found, classes
+        tried.append(
+            f"{repo}/model.safetensors in the Hugging Face cache {constants.HF_HUB_CACHE} (HF_HOME sets it; "
+            f"on a machine with internet: huggingface-cli download {repo} model.safetensors, then copy the cache)"
+        )
+    if cfg.url:
+        filename = os.path.basename(urllib.parse.urlparse(cfg.url).path)
+        path = Path(torch.hub.get_dir()) / "checkpoints" / filename
+        if path.is_file():
+            return str(path), classes
+        tried.append(f"{filename} (from {cfg.url}) in {path.parent} (TORCH_HOME sets it)")
+    raise ClipQError(
+        f"timm:{name}'s pretrained weights are not cached here and nothing is downloaded; put "
+        + " or ".join(tried or ["its weight file in timm's cache"])
+    )
+
+
+def pretrained_model(
+    name: str, weights: str, *, num_classes: int, in_channels: int = 3, image_size: int = 224
+) -> tuple[nn.Module, bool]:
+    """``name`` (``torchvision:`` or ``timm:``) with its published weights, read from the library's cache.
+
+    ``weights``: a torchvision weight set (``IMAGENET1K_V2``, ``DEFAULT``) or,
+    for timm, ``DEFAULT`` (the weights of the tagged model name, e.g.
+    ``timm:resnet50.a1_in1k``). Never downloads: a missing file is a
+    :class:`ClipQError` naming it and the folder it belongs in. Returns the
+    model and whether its classifier is newly initialised (the dataset has
+    another class count than the weights).
+    """
+    _check_dims(num_classes, in_channels, image_size)
+    check_weights(name, weights)
+    if name.startswith("torchvision:"):
+        short = name.removeprefix("torchvision:")
+        model = _build_torchvision(short, num_classes, in_channels)
+        path, classes = _torchvision_weights(short, weights)
+        return model, _load_torchvision_weights(model, path, short, classes)
+    short = name.removeprefix("timm:")
+    timm = _import_timm(short)
+    file, classes = _timm_weights(short)
+    model = timm.create_model(
+        short, pretrained=True, num_classes=num_classes, in_chans=in_channels, pretrained_cfg_overlay={"file": file}
+    )
+    return model, classes != num_classes
+
+
+def _import_timm(name: str) -> Any:
+    try:
+        import timm
+    except ImportError as exc:
+        raise ClipQError(
+            f"model 'timm:{name}' needs timm, which is not installed; pip install 'clipq-search[timm]'"
+        ) from exc
+    return timm
+
+
+def _timm_exists(timm: Any, name: str) -> None:
+    if not timm.is_model(name.split(".")[0]):
+        close = difflib.get_close_matches(name, timm.list_models(), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"unknown timm model {shown(name)}; {hint}see timm.list_models()")
+
+
+def _build_timm(name: str, num_classes: int, in_channels: int) -> nn.Module:
+    timm = _import_timm(name)
+    _timm_exists(timm, name)
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+
+
+def build_model(
+    name: str, *, num_classes: int = 10, in_channels: int = 1, image_size: int = 28, weights: str | None = None
+) -> nn.Module:
+    """Build a model by name: registered, ``torchvision:<name>``, ``timm:<name>`` or ``package.module:factory``.
+
+    Untrained, unless ``weights`` names published weights of a torchvision or
+    timm model (:func:`pretrained_model`: read from the local cache only).
 
     The ``package.module:factory`` form imports and runs that module's code:
     only use references you trust. The factory receives whichever of
     ``num_classes``, ``in_channels`` and ``image_size`` its signature accepts.
     """
+    if weights is not None:
+        return pretrained_model(name, weights, num_classes=num_classes, in_channels=in_channels,
+                                image_size=image_size)[0]
     _check_dims(num_classes, in_channels, image_size)
     if name in _REGISTRY:
         return _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, image_size=image_size)
     if name.startswith("torchvision:"):
         return _build_torchvision(name.removeprefix("torchvision:"), num_classes, in_channels)
+    if name.startswith("timm:"):
+        return _build_timm(name.removeprefix("timm:"), num_classes, in_channels)
     if ":" in name:
         return _build_user(name, num_classes, in_channels, image_size)
     close = difflib.get_close_matches(name, list_models(), n=1, cutoff=0.6)
     hint = f"did you mean {close[0]!r}? " if close else ""
     raise ConfigError(
-        f"unknown model {name!r}; {hint}known models: {', '.join(list_models())}, "
-        "or 'torchvision:<name>', or 'package.module:factory'"
+        f"unknown model {shown(name)}; {hint}known models: {', '.join(list_models())}, "
+        "or 'torchvision:<name>', 'timm:<name>', or 'package.module:factory'"
     )
 
 
