@@ -15,7 +15,11 @@ setup: $(VENV)/.installed
 
 # Rebuilt when the project's dependencies change. Debian packages first: the
 # Fashion-MNIST IDX files, venv support for the system Python, and PostgreSQL
-# (a throwaway server is started by the tests themselves).
+# (a throwaway server is started by the tests themselves). torch and torchvision go in together, as
+# the vision extra pins them (the tests run real torchvision and timm models): "===" takes the
+# registry's own torch 2.13.0 (its CUDA 13 build, which runs on CPU-only machines too), never a local
+# variant such as 2.13.0+cpu that a wheel folder may offer first and that torchvision 0.28.0 cannot
+# load beside. That step takes about 2 minutes and 4.8 GB of disk (docs/vision.md).
 $(VENV)/.installed: pyproject.toml
 	@need=""; \
 	[ -d /usr/share/datasets/fashion-mnist ] || need="$$need dataset-fashion-mnist"; \
@@ -28,8 +32,8 @@ $(VENV)/.installed: pyproject.toml
 	fi
 	[ -x $(PY) ] || $(SYSTEM_PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=24" "setuptools>=77"
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q "torch===2.13.0" "torchvision==0.28.0"
+	$(PY) -m pip install -q -e ".[test,vision,timm]"
 	@touch $@
 
 demo: setup
