@@ -98,7 +98,6 @@ def _written_before_run_json(entry: str) -> bool:
         entry in _BEFORE_RUN_JSON
         or entry.startswith(STUDY_DB + "-")  # SQLite's journal files
         or (entry.startswith(".") and entry.endswith(".tmp"))  # an atomic write that was cut short
-        or entry.endswith(".lock")
     )
 
 
