@@ -30,6 +30,8 @@ __all__ = ["Proposer"]
 
 # An ask may take this share of the time between two trial completions before ``auto`` leaves the GP.
 PACE_SHARE = 0.5
+# Study user attribute: set once ``auto`` has left the GP, so a resumed run starts with TPE.
+AUTO_ATTR = "clipq:auto_sampler"
 
 
 class Proposer:
@@ -52,7 +54,7 @@ class Proposer:
         self.asked = 0  # plans asked of the study (ready, handed out, or finished)
         self.asking = False  # an ask is under way
         self.in_flight = 0  # plans handed out and not finished
-        self.ask_log: list[tuple[int, float, str]] = []  # (trials in the study, seconds, sampler class)
+        self.ask_log: list[tuple[int, float, str]] = []  # (trials before it in the study, seconds, sampler class)
         self.trial_seconds: deque[float] = deque(maxlen=32)
         self.error: BaseException | None = None
         self._ready: deque[tuple[optuna.trial.Trial, dict[str, Any]]] = deque()
@@ -64,6 +66,9 @@ class Proposer:
     # -- the searcher's side ------------------------------------------------------------------------
 
     def start(self) -> Proposer:
+        if self.fallback is not None and self.study.user_attrs.get(AUTO_ATTR) == "tpe":
+            self.study.sampler = self.fallback()  # the GP fell behind earlier in this run
+            self.fallback = None
         self._thread.start()
         return self
 
@@ -132,11 +137,10 @@ class Proposer:
                 if job is not None:
                     job()
                     continue
-                n = len(self.study.get_trials(deepcopy=False))
                 t0 = time.perf_counter()
                 trial = self.study.ask(self.dists)
                 seconds = time.perf_counter() - t0
-                self.ask_log.append((n, seconds, type(self.study.sampler).__name__))
+                self.ask_log.append((trial.number, seconds, type(self.study.sampler).__name__))
                 config = self.prepare(trial)
                 with self._cond:
                     self._ready.append((trial, config))
@@ -152,14 +156,14 @@ class Proposer:
             return
         sampler = type(self.study.sampler).__name__
         recent = [s for _, s, name in self.ask_log[-3:] if name == sampler]
-        if len(recent) < 3:
-            return
         budget = PACE_SHARE * statistics.median(self.trial_seconds) / self.concurrency
-        if statistics.median(recent) > budget:
+        # three asks over the budget, or one far over it (an ask of a resumed run with many trials)
+        if (len(recent) == 3 and statistics.median(recent) > budget) or seconds > 4 * budget:
             self.study.sampler = self.fallback()
             self.fallback = None
+            self.study.set_user_attr(AUTO_ATTR, "tpe")
             self.log(
-                f"sampler auto: {sampler} asks take {statistics.median(recent):.2f} s, more than the "
+                f"sampler auto: {sampler} asks take {max([seconds, *recent]):.2f} s, more than the "
                 f"{budget:.2f} s the trials allow (median trial {statistics.median(self.trial_seconds):.1f} s, "
                 f"{self.concurrency} at a time); TPE from trial {len(self.study.get_trials(deepcopy=False))} on"
             )
