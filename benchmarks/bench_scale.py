@@ -1,25 +1,31 @@
 #!/usr/bin/env python3
-"""A simulated GPU cluster: does the driver keep 32 GPU slots busy, and how do asks and writes grow to 1,000 trials?
+"""A simulated GPU cluster: does the driver keep the GPU slots busy, and how do asks and writes grow to 1,000 trials?
 
-    python benchmarks/bench_scale.py                      # SQLite and PostgreSQL; writes results/scale.json
-    python benchmarks/bench_scale.py --storages sqlite --trials 200 --utilisation-trials 100
+    python benchmarks/bench_scale.py                    # about 10 min here; writes benchmarks/results/scale.json
+    python benchmarks/bench_scale.py --storages --out benchmarks/results/scale_utilisation.json   # phase U only
 
-A ``ray.cluster_utils.Cluster`` of ``--nodes`` nodes with ``--gpus-per-node``
-declared GPUs each (Ray schedules declared GPUs without devices). Each trial
-asks for one GPU and is a synthetic trainable: it scores its plan with a
-closed-form stand-in of (accuracy, log10 rate) and sleeps ``--trial-seconds``
-(a 60-s trial scaled down). Everything else is the search's own: the study
-(``open_study`` on the storage), the sampler (``make_sampler``, default
-``auto``), the searcher with its background proposer (``_make_searcher``), the
-per-completion bookkeeping of ``search`` (progress line and trials.csv), and
-Ray Tune configured as ``search`` configures it.
+Everything but the training is the search's own: the study (``open_study``
+on SQLite or a throwaway PostgreSQL server, tests/_postgres.py), the sampler
+(``make_sampler``, default ``auto``), the searcher with its background
+proposer (``_make_searcher``), what ``search`` does after each trial (a
+progress line and trials.csv), Ray Tune configured as ``search`` configures it.
 
-Per storage: phase 1 runs ``--utilisation-trials`` trials at ``--concurrency``
-and measures GPU-slot utilisation = busy slot-seconds / (slots x wall);
-phase 2 resumes the study to ``--trials`` trials. Over both: ask latency and
-storage write latency against the number of trials, driver CPU and memory;
-then ``report`` on the finished run. PostgreSQL is a throwaway server
-(tests/_postgres.py).
+Phase L (per storage in ``--storages``): the study is filled with finished
+trials to each size in ``--at`` and a window of ``--window`` trials runs
+through the searcher with ``--concurrency`` plans in flight, Tune's calls made
+directly and every trial of zero length. It measures ask latency, the
+study's write latency per finished trial, the trials.csv rewrite, and the
+trials per second the driver alone sustains; then ``report`` on the run
+(``--at``'s last size + the window = 1,000 trials by default).
+
+Phase U (``--utilisation-storage``): a ``ray.cluster_utils.Cluster`` of
+``--nodes`` nodes with ``--gpus-per-node`` declared GPUs each (Ray schedules
+declared GPUs without devices) runs ``--utilisation-trials`` trials, each
+asking one GPU: a synthetic trainable that scores its plan with a closed-form
+stand-in of (accuracy, log10 rate) and sleeps ``--trial-seconds`` (a 60-s
+trial scaled down). It measures GPU-slot utilisation = busy slot-seconds /
+(slots x wall), the time Tune spent inside the searcher's ``suggest`` and how
+often a free slot found no plan ready, and the driver's CPU and memory.
 """
 
 from __future__ import annotations
@@ -75,9 +81,24 @@ def synthetic_trainable(config: dict[str, Any], sleep_s: float) -> None:
         "val_top1": acc, "val_loss": 0.3, "rate": rate, "size_bytes": int(1e6 / rate), "train_seconds": sleep_s,
         "trial_seconds": ended - started, "node": os.environ.get("RAY_NODE_ID", "sim")[:8],
         "kept": {k: 1 - c["p"] for k, c in layers.items()}, "train_loss": 0.3, "started_unix": started,
-        "ended_unix": ended,
+        "ended_unix": ended, "pid": os.getpid(),
     }
     tune.report({"ok": 1, "val_top1": acc, "record": json.dumps(record)})
+
+
+def search_on_done(study: optuna.Study, run_dir: Path, s: dict[str, Any], log: list[str],
+                   seconds: list[tuple[int, float]]) -> Any:
+    """What ``search`` does after each finished trial (as _run_with_tune's on_done): a progress line, trials.csv."""
+
+    def on_done(t: optuna.trial.FrozenTrial) -> None:
+        t0 = time.perf_counter()
+        n_done = len(st._finished(study))
+        a = t.user_attrs
+        log.append(f"[{n_done}/{s['trials']}] trial {t.number}: val {a.get('val_top1', 0):.2f}%")
+        st.write_trials_csv(study, run_dir)
+        seconds.append((t.number, time.perf_counter() - t0))
+
+    return on_done
 
 
 def run_phase(study: optuna.Study, space: Any, units: list[LayerSearchParam], run_dir: Path, to_run: int,
@@ -87,32 +108,37 @@ def run_phase(study: optuna.Study, space: Any, units: list[LayerSearchParam], ru
 
     s = space.data["search"]
     writes: list[tuple[int, float]] = []
-    bookkeeping: list[float] = []
+    bookkeeping: list[tuple[int, float]] = []
     spans: list[tuple[float, float]] = []
+    workers: list[int] = []
 
-    def on_done(t: optuna.trial.FrozenTrial) -> None:  # as _run_with_tune's: a progress line and trials.csv
-        t0 = time.perf_counter()
-        n_done = len(st._finished(study))
-        a = t.user_attrs
-        log.append(f"[{n_done}/{s['trials']}] trial {t.number}: val {a.get('val_top1', 0):.2f}%")
-        st.write_trials_csv(study, run_dir)
-        bookkeeping.append(time.perf_counter() - t0)
-
-    searcher = st._make_searcher(study, units, space, to_run, on_done, None, 1, [], log.append)
+    searcher = st._make_searcher(study, units, space, to_run, search_on_done(study, run_dir, s, log, bookkeeping),
+                                 None, 1, [], log.append)
     complete = searcher._complete  # the study's writes for a finished trial (run in the proposer's thread)
 
     def timed_complete(trial: Any, trial_id: str, result: dict[str, Any] | None, error: bool) -> None:
         if result and result.get("record"):
             rec = json.loads(result["record"])
             spans.append((rec["started_unix"], rec["ended_unix"]))
-        n = len(study.get_trials(deepcopy=False))
+            workers.append(rec["pid"])
+        n = trial.number
         before = len(bookkeeping)
         t0 = time.perf_counter()
         complete(trial, trial_id, result, error)
         total = time.perf_counter() - t0
-        writes.append((n, total - (bookkeeping[-1] if len(bookkeeping) > before else 0.0)))
+        writes.append((n, total - (bookkeeping[-1][1] if len(bookkeeping) > before else 0.0)))
 
     searcher._complete = timed_complete
+    suggest = searcher.suggest
+    asked: list[tuple[float, bool]] = []  # (seconds inside suggest, a plan was ready)
+
+    def timed_suggest(trial_id: str) -> Any:
+        t0 = time.perf_counter()
+        out = suggest(trial_id)
+        asked.append((time.perf_counter() - t0, out is not None))
+        return out
+
+    searcher.suggest = timed_suggest
     trainable = tune.with_resources(tune.with_parameters(synthetic_trainable, sleep_s=sleep_s), {"cpu": 1, "gpu": 1})
     tuner = tune.Tuner(  # as _run_with_tune configures it
         trainable,
@@ -128,6 +154,7 @@ def run_phase(study: optuna.Study, space: Any, units: list[LayerSearchParam], ru
     tuner.fit()
     wall = time.time() - t0
     searcher.interrupted()  # stops the proposer
+    pids = set(workers)
     first = min(a for a, _ in spans)
     last = max(b for _, b in spans)
     busy = sum(b - a for a, b in spans)
@@ -138,23 +165,80 @@ def run_phase(study: optuna.Study, space: Any, units: list[LayerSearchParam], ru
         "busy_slot_s": round(busy, 2),
         "utilisation_fit": round(busy / (s["concurrency"] * wall), 4),
         "utilisation_steady": round(busy / (s["concurrency"] * (last - first)), 4),
+        "worker_processes": len(pids),
+        "suggest_calls": len(asked),
+        "suggest_not_ready": sum(1 for _, ready in asked if not ready),
+        "suggest_seconds_total": round(sum(sec for sec, _ in asked), 4),
+        "suggest_seconds_max": round(max(sec for sec, _ in asked), 4),
         "asks": [(n, round(sec, 4), name) for n, sec, name in searcher.proposer.ask_log],
         "writes": [(n, round(sec, 4)) for n, sec in writes],
-        "bookkeeping_s": [round(x, 4) for x in bookkeeping],
+        "bookkeeping": [(n, round(x, 4)) for n, x in bookkeeping],
     }
 
 
-def by_bucket(points: list[tuple[int, float]], edges: list[int]) -> list[dict[str, Any]]:
-    out = []
-    for lo, hi in zip(edges, edges[1:], strict=False):
-        xs = [s for n, s in points if lo <= n < hi]
-        if xs:
-            out.append({"trials": f"{lo}-{hi - 1}", "n": len(xs), "median_s": round(statistics.median(xs), 4),
-                        "p90_s": round(float(np.quantile(xs, 0.9)), 4), "max_s": round(max(xs), 4)})
-    return out
+def drive_without_ray(study: optuna.Study, space: Any, units: list[LayerSearchParam], run_dir: Path, to_run: int,
+                      log: list[str]) -> dict[str, Any]:
+    """Grow the study through the same searcher with Tune's calls made directly: trials of zero length.
+
+    ``concurrency`` plans are in flight at any time (the sampler sees them as
+    running trials); each completion is the searcher's ``on_trial_complete``
+    with the synthetic trainable's record. The rate reached is what the driver
+    alone sustains: trials finished per second with no time spent training.
+    """
+    from ray.tune.search import Searcher
+
+    s = space.data["search"]
+    writes: list[tuple[int, float]] = []
+    bookkeeping: list[tuple[int, float]] = []
+    searcher = st._make_searcher(study, units, space, to_run, search_on_done(study, run_dir, s, log, bookkeeping),
+                                 None, 1, [], log.append)
+    complete = searcher._complete
+
+    def timed_complete(trial: Any, trial_id: str, result: dict[str, Any] | None, error: bool) -> None:
+        n = trial.number
+        before = len(bookkeeping)
+        t0 = time.perf_counter()
+        complete(trial, trial_id, result, error)
+        total = time.perf_counter() - t0
+        writes.append((n, total - (bookkeeping[-1][1] if len(bookkeeping) > before else 0.0)))
+
+    searcher._complete = timed_complete
+    in_flight: dict[str, dict[str, Any]] = {}
+    issued = done = 0
+    t0 = time.perf_counter()
+    while done < to_run:
+        while len(in_flight) < s["concurrency"]:
+            config = searcher.suggest(f"t{issued}")
+            if config is None or config == Searcher.FINISHED:
+                break
+            in_flight[f"t{issued}"] = config
+            issued += 1
+        if not in_flight:
+            time.sleep(0.001)
+            continue
+        trial_id = next(iter(in_flight))
+        layers = in_flight.pop(trial_id)["plan"]["layers"]
+        acc, rate = stand_in(layers)
+        now = time.time()
+        record = {"val_top1": acc, "val_loss": 0.3, "rate": rate, "size_bytes": int(1e6 / rate), "train_seconds": 0.0,
+                  "trial_seconds": 0.0, "node": "none", "kept": {k: 1 - c["p"] for k, c in layers.items()},
+                  "train_loss": 0.3, "started_unix": now}
+        searcher.on_trial_complete(trial_id, {"ok": 1, "val_top1": acc, "record": json.dumps(record)})
+        done += 1
+    searcher.interrupted()  # finishes the deferred writes, stops the proposer
+    wall = time.perf_counter() - t0
+    return {
+        "trials": done,
+        "wall_s": round(wall, 2),
+        "driver_trials_per_s": round(done / wall, 2),
+        "bookkeeping": [(n, round(x, 4)) for n, x in bookkeeping],
+        "asks": [(n, round(sec, 4), name) for n, sec, name in searcher.proposer.ask_log],
+        "writes": [(n, round(sec, 4)) for n, sec in writes],
+    }
 
 
-def bench_storage(kind: str, url: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def new_run(kind: str, url: str, args: argparse.Namespace, work: Path) -> tuple[optuna.Study, Any, list, Path]:
+    """A run folder and its study in ``url``, as ``search`` makes them (synthetic baseline and layers)."""
     space = load_space("smoke", [f"search.concurrency={args.concurrency}", f"search.sampler={args.sampler}",
                                  f"search.trials={args.trials}"])
     layers = [f"layer{i}" for i in range(args.dims // 2)]
@@ -170,63 +254,115 @@ def bench_storage(kind: str, url: str, args: argparse.Namespace, work: Path) -> 
         "model": "lenet300", "dataset": "fashion-mnist", "fingerprint": "synthetic"})
     write_json(run_dir / "run.json", {"storage": st.shown_url(url), "study": run_dir.name, "space_source": "synthetic",
                                       "name": run_dir.name, "layers": layers})
+    return study, space, units, run_dir
+
+
+def prefill(study: optuna.Study, units: list[LayerSearchParam], n: int, seed: int) -> None:
+    """Finished trials with the records a real trial leaves, until the study holds ``n``."""
+    dists = st.distributions(units)
+    rng = np.random.default_rng(seed)
+    trials = []
+    for _ in range(n - len(study.get_trials(deepcopy=False))):
+        params = {k: (float(rng.uniform(d.low, d.high)) if isinstance(d, optuna.distributions.FloatDistribution)
+                      else int(rng.integers(d.low, d.high + 1))) for k, d in dists.items()}
+        layers = {u.key: {"p": params[f"p:{u.key}"], "bits": params[f"bits:{u.key}"]} for u in units}
+        acc, rate = stand_in(layers)
+        attrs = {"layers": layers, "val_top1": acc, "val_loss": 0.3, "rate": rate, "size_bytes": int(1e6 / rate),
+                 "train_seconds": 60.0, "trial_seconds": 61.0, "node": "prefill",
+                 "kept": {k: 1 - c["p"] for k, c in layers.items()}, "train_loss": 0.3, "queue_seconds": 0.0}
+        trials.append(optuna.trial.create_trial(params=params, distributions=dists, values=[acc, float(np.log10(rate))],
+                                                user_attrs=attrs))
+    study.add_trials(trials)
+
+
+def utilisation(kind: str, url: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Phase U: the search's trial phase on the simulated cluster, ``--utilisation-trials`` trials."""
+    study, space, units, run_dir = new_run(f"{kind}-u", url, args, work)
     log: list[str] = []
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.time()
-    phase1 = run_phase(study, space, units, run_dir, args.utilisation_trials, args.trial_seconds, log)
-    print(f"{kind}: {phase1['trials']} trials at {args.concurrency}: utilisation {phase1['utilisation_fit']:.3f} "
-          f"(steady {phase1['utilisation_steady']:.3f}), wall {phase1['wall_fit_s']:.0f} s", flush=True)
-    # the same study resumed (as a rerun of the command would) with the sampler's stream continued
-    study.sampler = st.make_sampler(s["sampler"], s["seed"] + len(study.trials), s["trials"], False)
-    phase2 = run_phase(study, space, units, run_dir, args.trials - args.utilisation_trials, args.trial_seconds, log)
+    out = run_phase(study, space, units, run_dir, args.utilisation_trials, args.trial_seconds, log)
     wall = time.time() - t0
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
-    print(f"{kind}: resumed to {len(study.trials)} trials: utilisation {phase2['utilisation_fit']:.3f}", flush=True)
-    asks = phase1["asks"] + phase2["asks"]
-    writes = phase1["writes"] + phase2["writes"]
-    edges = [0, 100, 200, 400, 600, 800, args.trials + 100]
+    print(f"{kind}: {out['trials']} trials at {args.concurrency}: utilisation {out['utilisation_fit']:.3f} "
+          f"(first start to last end {out['utilisation_steady']:.3f}), wall {out['wall_fit_s']:.0f} s, "
+          f"{out['worker_processes']} worker processes", flush=True)
+    out.update({
+        "storage": kind,
+        "sampler_switch": [line for line in log if line.startswith("sampler auto")],
+        "driver_cpu_s": round(cpu, 1),
+        "driver_cpu_share": round(cpu / wall, 3),
+        "driver_cpu_ms_per_trial": round(1000 * cpu / max(1, out["trials"]), 1),
+        "driver_maxrss_mb": round(ru1.ru_maxrss / 1024, 1),
+    })
+    return out
+
+
+def latency(kind: str, url: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Phase L: at each size in ``--at``, ``--window`` trials through the same searcher without Ray."""
+    study, space, units, run_dir = new_run(kind, url, args, work)
+    s = space.data["search"]
+    log: list[str] = []
+    windows = []
+    for n in args.at:
+        t0 = time.perf_counter()
+        prefill(study, units, n, seed=n)
+        fill_s = time.perf_counter() - t0
+        # a rerun of the command at this size: the sampler's stream continued, `auto` starting as the GP again
+        study.sampler = st.make_sampler(s["sampler"], s["seed"] + len(study.trials), s["trials"], False)
+        w = drive_without_ray(study, space, units, run_dir, args.window, log)
+        asks = [sec for _, sec, _ in w["asks"]]
+        tpe_asks = [sec for _, sec, name in w["asks"] if name == "TPESampler"]
+        windows.append({
+            "trials_at_start": n, "prefill_s": round(fill_s, 1), "driver_trials_per_s": w["driver_trials_per_s"],
+            "ask_median_s": round(statistics.median(asks), 4),
+            "ask_median_tpe_s": round(statistics.median(tpe_asks), 4) if tpe_asks else None,
+            "ask_max_s": round(max(asks), 4),
+            "write_median_s": round(statistics.median(x for _, x in w["writes"]), 4),
+            "write_p90_s": round(float(np.quantile([x for _, x in w["writes"]], 0.9)), 4),
+            "bookkeeping_median_s": round(statistics.median(x for _, x in w["bookkeeping"]), 4),
+            "asks": w["asks"],
+        })
+        print(f"{kind}: at {n} trials: driver alone {w['driver_trials_per_s']:.1f} trials/s, ask median "
+              f"{windows[-1]['ask_median_s']:.3f} s, write median {windows[-1]['write_median_s']:.3f} s, "
+              f"trials.csv {windows[-1]['bookkeeping_median_s']:.3f} s", flush=True)
     t1 = time.perf_counter()
     rep = subprocess.run([sys.executable, "run_search.py", "report", str(run_dir)], cwd=ROOT, capture_output=True,
                          text=True)
     report_s = time.perf_counter() - t1
-    switched = [line for line in log if line.startswith("sampler auto")]
+    all_asks = [sec for w in windows for _, sec, _ in w["asks"]]
     return {
         "storage": kind,
+        "windows": windows,
+        "ask_median_all_s": round(statistics.median(all_asks), 4),
+        "sampler_switch": [line for line in log if line.startswith("sampler auto")],
         "trials_in_study": len(study.trials),
-        "phase1_utilisation": phase1,
-        "phase2_resume": phase2,
-        "ask_all": {"median_s": round(statistics.median(s for _, s, _ in asks), 4),
-                    "p90_s": round(float(np.quantile([s for _, s, _ in asks], 0.9)), 4),
-                    "max_s": round(max(s for _, s, _ in asks), 4)},
-        "ask_by_trials": by_bucket([(n, s) for n, s, _ in asks], edges),
-        "write_by_trials": by_bucket(writes, edges),
-        "bookkeeping_by_trials": by_bucket(
-            [(n, b) for (n, _), b in zip(writes, phase1["bookkeeping_s"] + phase2["bookkeeping_s"], strict=False)],
-            edges),
-        "sampler_switch": switched,
-        "driver_cpu_s": round(cpu, 1),
-        "driver_cpu_share": round(cpu / wall, 3),
-        "driver_maxrss_mb": round(ru1.ru_maxrss / 1024, 1),
-        "wall_s": round(wall, 1),
         "report_s": round(report_s, 2),
         "report_ok": rep.returncode == 0,
+        "report_error": rep.stderr.strip().splitlines()[-1] if rep.returncode else None,
     }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--storages", nargs="+", default=["sqlite", "postgres"], choices=["sqlite", "postgres"])
+    ap.add_argument("--storages", nargs="*", default=["sqlite", "postgres"], choices=["sqlite", "postgres"],
+                    help="storages of phase L")
+    ap.add_argument("--utilisation-storage", default="postgres", choices=["sqlite", "postgres", "none"],
+                    help="storage of phase U (none: skip it)")
     ap.add_argument("--nodes", type=int, default=4)
     ap.add_argument("--gpus-per-node", type=int, default=8)
     ap.add_argument("--concurrency", type=int, default=32)
-    ap.add_argument("--trials", type=int, default=1000, help="trials in the study at the end")
-    ap.add_argument("--utilisation-trials", type=int, default=500, help="trials of the utilisation phase")
-    ap.add_argument("--trial-seconds", type=float, default=2.0, help="a trial's sleep (standing for 60 s)")
+    ap.add_argument("--utilisation-trials", type=int, default=160, help="trials of phase U")
+    ap.add_argument("--trial-seconds", type=float, default=8.0, help="a trial's sleep in phase U (standing for 60 s)")
+    ap.add_argument("--at", nargs="+", type=int, default=[0, 250, 500, 936],
+                    help="phase L: study sizes at which a window of trials runs")
+    ap.add_argument("--window", type=int, default=64, help="phase L: trials per window")
     ap.add_argument("--dims", type=int, default=12, help="searched dimensions (p and bits of dims/2 layers)")
     ap.add_argument("--sampler", default="auto")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
+    args.trials = max(args.at) + args.window
 
     import ray
     from ray.cluster_utils import Cluster
@@ -235,36 +371,47 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="clipq-scale-"))
     server = None
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": args.gpus_per_node, "num_gpus": args.gpus_per_node, "node_ip_address": "127.0.0.1"})
-    rows = []
+    cluster = None
+    out: dict[str, Any] = {"benchmark": "scale", "machine": machine_line(), "cpus": os.cpu_count(),
+                           "settings": {k: v for k, v in vars(args).items() if k != "out"}, "latency": []}
+    t_all = time.time()
     try:
-        for _ in range(args.nodes - 1):
-            cluster.add_node(num_cpus=args.gpus_per_node, num_gpus=args.gpus_per_node, node_ip_address="127.0.0.1")
-        cluster.wait_for_nodes()
-        init_ray(cluster.address, args.concurrency, 1, 1, print)
-        for kind in args.storages:
+        urls = {}
+        for kind in sorted(set(args.storages) | ({args.utilisation_storage} - {"none"})):
             if kind == "postgres":
                 from tests._postgres import PostgresServer
 
                 server = PostgresServer().start()
-                url = server.create_database("scale")
+                urls[kind] = server.create_database("scale")
             else:
-                url = f"sqlite:///{work / 'scale.db'}"
-            rows.append(bench_storage(kind, url, args, work))
-            print(json.dumps({k: v for k, v in rows[-1].items() if not k.startswith("phase")}), flush=True)
+                urls[kind] = f"sqlite:///{work / 'scale.db'}"
+        for kind in args.storages:
+            out["latency"].append(latency(kind, urls[kind], args, work))
+            row = out["latency"][-1]
+            print(f"{kind}: report on {row['trials_in_study']} trials {row['report_s']:.1f} s "
+                  f"({'ok' if row['report_ok'] else row['report_error']})", flush=True)
+        if args.utilisation_storage != "none":
+            cluster = Cluster(initialize_head=True, head_node_args={
+                "num_cpus": args.gpus_per_node, "num_gpus": args.gpus_per_node, "node_ip_address": "127.0.0.1"})
+            for _ in range(args.nodes - 1):
+                cluster.add_node(num_cpus=args.gpus_per_node, num_gpus=args.gpus_per_node, node_ip_address="127.0.0.1")
+            cluster.wait_for_nodes()
+            init_ray(cluster.address, args.concurrency, 1, 1, print)
+            kind = args.utilisation_storage
+            out["utilisation"] = utilisation(kind, urls[kind], args, work)
     finally:
-        ray.shutdown()
-        cluster.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
         if server is not None:
             server.stop()
         shutil.rmtree(work, ignore_errors=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k != "out"}
-    out.write_text(json.dumps({"benchmark": "scale", "machine": machine_line(), "settings": settings, "rows": rows},
-                              indent=1) + "\n")
-    print(f"wrote {out}")
+    out["wall_s"] = round(time.time() - t_all, 1)
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {path} ({out['wall_s']:.0f} s in all)")
 
 
 if __name__ == "__main__":

@@ -74,3 +74,24 @@ def test_orchestration_benchmark_reports_overhead_and_queue_times(tmp_path: Path
         assert row["complete"] == 2 and row["concurrency"] == int(c[1])
         assert row["overhead_trial_phase"] >= 1.0 - 1e-6 and row["trials_per_hour"] > 0
         assert len(row["queue_seconds_first_trials"]) == row["concurrency"]
+
+
+def test_ask_benchmark_times_each_sampler(tmp_path: Path) -> None:
+    out = tmp_path / "ask.json"
+    r = _run("bench_ask.py", "--samplers", "tpe", "--dims", "6", "--trials", "20", "--asks", "2", "--pending", "3",
+             "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["sampler"] == "tpe" and row["trials"] == 20 and len(row["ask_s"]) == 2 and row["median_s"] > 0
+
+
+@pytest.mark.slow
+def test_scale_benchmark_drives_the_searcher_and_reports_the_run(tmp_path: Path) -> None:
+    out = tmp_path / "scale.json"
+    r = _run("bench_scale.py", "--storages", "sqlite", "--utilisation-storage", "none", "--at", "0", "30",
+             "--window", "10", "--concurrency", "4", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    (row,) = json.loads(out.read_text())["latency"]
+    assert row["trials_in_study"] == 40 and row["report_ok"]
+    assert [w["trials_at_start"] for w in row["windows"]] == [0, 30]
+    assert all(w["driver_trials_per_s"] > 0 and w["write_median_s"] > 0 for w in row["windows"])
