@@ -12,6 +12,8 @@ import optuna
 import pandas as pd
 import pytest
 
+from clipq_search.search.study import interrupted_numbers
+
 from .conftest import REPO, needs_fashion
 
 pytestmark = [needs_fashion, pytest.mark.slow]
@@ -52,12 +54,13 @@ def _interrupt_mid_run(results: Path, name: str, sig: signal.Signals) -> int:
 def _check_exact(results: Path, name: str) -> None:
     run_dir = results / name
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{run_dir / 'study.db'}")
-    finished = [t for t in study.trials if t.state.is_finished() and not t.user_attrs.get("interrupted")]
+    stopped = interrupted_numbers(study)
+    finished = [t for t in study.trials if t.state.is_finished() and t.number not in stopped]
     assert len(finished) == 6, [(t.number, t.state.name) for t in study.trials]
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
     # every interrupted trial's plan was run again
     for t in study.trials:
-        if t.user_attrs.get("interrupted"):
+        if t.number in stopped:
             assert any(u.user_attrs.get("retry_of") == t.number and u.state.is_finished() for u in study.trials)
     df = pd.read_csv(run_dir / "trials.csv")
     assert list(df["number"]) == [t.number for t in study.trials]

@@ -101,7 +101,7 @@ def test_paper_strategy_produces_valid_plans(results_root: Path, ray_local) -> N
 
 def test_recovered_interrupted_trials_keep_their_source() -> None:
     """A paper-procedure plan cut off mid-trial is re-queued with its label and lambda; others stay sampler plans."""
-    from clipq_search.search.study import INTERRUPTED_ATTR, recover_interrupted
+    from clipq_search.search.study import interrupted_numbers, recover_interrupted, trials_frame
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(directions=["maximize", "maximize"])
@@ -113,7 +113,10 @@ def test_recovered_interrupted_trials_keep_their_source() -> None:
     assert recover_interrupted(study, logs.append) == 2
     assert "recovered 2 interrupted trial(s)" in logs[0]
     old = {t.number: t for t in study.get_trials(deepcopy=False)}
-    assert old[paper.number].user_attrs[INTERRUPTED_ATTR] and old[plain.number].user_attrs[INTERRUPTED_ATTR]
+    assert interrupted_numbers(study) == {paper.number, plain.number}
+    assert old[paper.number].state == old[plain.number].state == optuna.trial.TrialState.FAIL
+    rows = trials_frame(study).set_index("number")
+    assert rows.loc[paper.number, "state"] == "INTERRUPTED" and "re-queued" in rows.loc[plain.number, "error"]
     waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
     by_retry = {t.user_attrs["retry_of"]: t for t in waiting}
     assert by_retry[paper.number].user_attrs["source"] == "paper"

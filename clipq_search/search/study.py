@@ -187,18 +187,34 @@ def distributions(units: list[LayerSearchParam]) -> dict[str, optuna.distributio
     return out
 
 
+# The study's record of interrupted trials: their numbers (a study attribute, set through Optuna's public
+# API; a trial of another process can be ended by number, not given attributes).
+INTERRUPTED_TRIALS = "interrupted_trials"
+INTERRUPTED_ERROR = "interrupted before it finished; re-queued"
+
+
+def interrupted_numbers(study: optuna.Study) -> set[int]:
+    """Numbers of the trials a killed or interrupted search left unfinished (their plans ran again)."""
+    return set(study.user_attrs.get(INTERRUPTED_TRIALS, []))
+
+
+def is_interrupted(trial: optuna.trial.FrozenTrial, interrupted: set[int]) -> bool:
+    return trial.number in interrupted or bool(trial.user_attrs.get(INTERRUPTED_ATTR))  # the attribute: older runs
+
+
 def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
-    return [t for t in study.get_trials(deepcopy=False, states=states) if not t.user_attrs.get(INTERRUPTED_ATTR)]
+    interrupted = interrupted_numbers(study)
+    return [t for t in study.get_trials(deepcopy=False, states=states) if not is_interrupted(t, interrupted)]
 
 
 def recover_interrupted(study: optuna.Study, log: Callable[[str], None]) -> int:
     """Trials left RUNNING by a killed search: mark them failed-interrupted and queue their plans again."""
     stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    if stale:
+        study.set_user_attr(INTERRUPTED_TRIALS, sorted(interrupted_numbers(study) | {t.number for t in stale}))
     for t in stale:
-        study._storage.set_trial_user_attr(t._trial_id, INTERRUPTED_ATTR, True)
-        study._storage.set_trial_user_attr(t._trial_id, ERROR_ATTR, "interrupted before it finished; re-queued")
-        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
         # Keep where the plan came from (a paper-procedure plan stays labelled as one).
         kept = {k: t.user_attrs[k] for k in ("source", "lambda") if k in t.user_attrs}
         study.enqueue_trial(t.params, user_attrs={**kept, "retry_of": t.number}, skip_if_exists=False)
@@ -218,11 +234,13 @@ def trials_frame(study: optuna.Study) -> Any:
     import pandas as pd
 
     rows = []
+    interrupted = interrupted_numbers(study)
     for t in study.get_trials(deepcopy=False):
         a = t.user_attrs
+        stopped = is_interrupted(t, interrupted)
         row: dict[str, Any] = {
             "number": t.number,
-            "state": "INTERRUPTED" if a.get(INTERRUPTED_ATTR) else t.state.name,
+            "state": "INTERRUPTED" if stopped else t.state.name,
             "val_top1": a.get("val_top1"),
             "rate": a.get("rate"),
             "size_bytes": a.get("size_bytes"),
@@ -232,7 +250,7 @@ def trials_frame(study: optuna.Study) -> Any:
             "queue_seconds": a.get("queue_seconds"),
             "node": a.get("node"),
             "source": a.get("source", "sampler"),
-            "error": a.get(ERROR_ATTR),
+            "error": INTERRUPTED_ERROR if stopped else a.get(ERROR_ATTR),
             "datetime_start": t.datetime_start,
             "datetime_complete": t.datetime_complete,
         }
@@ -381,7 +399,7 @@ def _make_searcher(
                 trial.set_user_attr(ERROR_ATTR, msg)
                 if result and result.get("traceback"):
                     trial.set_user_attr("traceback", result["traceback"])
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                frozen = study.tell(trial, state=optuna.trial.TrialState.FAIL)
             else:
                 result = json.loads(result["record"])
                 for key in (
@@ -403,8 +421,8 @@ def _make_searcher(
                     trial.set_user_attr("queue_seconds", round(queued, 3))
                 if max_drop is not None:
                     trial.set_user_attr("constraint", [baseline.val_top1 - result["val_top1"] - max_drop])
-                study.tell(trial, [result["val_top1"], math.log10(result["rate"])])
-            on_done(study._storage.get_trial(trial._trial_id))
+                frozen = study.tell(trial, [result["val_top1"], math.log10(result["rate"])])
+            on_done(frozen)
 
         def interrupted(self) -> list[optuna.trial.Trial]:
             """The plans of this command left unfinished: in flight, or proposed and never started."""
