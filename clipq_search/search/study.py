@@ -26,7 +26,7 @@ from clipq_search.analysis import rundir
 from clipq_search.errors import ClipQError, ConfigError
 from clipq_search.search.cluster import check_address, check_gpus, first_line, init_ray, local_concurrency
 from clipq_search.search.runlock import hold_run, releasing_locks
-from clipq_search.search.space import SEED_MAX, LayerSearchParam, Space
+from clipq_search.search.space import SAMPLERS, SEED_MAX, LayerSearchParam, Space
 from clipq_search.search.trial import (
     Baseline,
     check_space,
@@ -97,7 +97,7 @@ def make_sampler(name: str, seed: int, n_trials: int, has_constraint: bool) -> o
         )
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    raise ConfigError(f"sampler {name!r} is unknown; choose one of auto, tpe, gp, nsga2, random, paper")
+    raise ConfigError(f"sampler {name!r} is unknown; choose one of {', '.join(SAMPLERS)}")
 
 
 def shown_url(url: str) -> str:
