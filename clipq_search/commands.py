@@ -122,6 +122,7 @@ def cmd_final(args: argparse.Namespace) -> None:
         overrides=args.overrides,
         address=args.address,
         force=args.force,
+        workers=args.workers,
         log=_log,
     )
 
@@ -176,6 +177,7 @@ def cmd_init(args: argparse.Namespace) -> None:
 
 def register(sub: argparse._SubParsersAction, add_space_args: Callable, positive_int: Callable) -> None:
     """Add the pretrain / search / report / export / final / demo sub-commands."""
+    from clipq_search.search.space import SAMPLERS
 
     def nonneg_float(text: str) -> float:
         try:
@@ -216,9 +218,7 @@ def register(sub: argparse._SubParsersAction, add_space_args: Callable, positive
     add_space_args(p)
     p.add_argument("--trials", type=positive_int, help="total finished trials wanted (default: search.trials)")
     p.add_argument("--concurrency", type=positive_int, help="trials at once (default: search.concurrency)")
-    p.add_argument(
-        "--sampler", choices=["auto", "tpe", "gp", "nsga2", "random", "paper"], help="default: search.sampler"
-    )
+    p.add_argument("--sampler", choices=SAMPLERS, help="default: search.sampler")
     p.add_argument("--seed", type=seed_int, help="sampler seed (default: search.seed)")
     p.add_argument("--name", help="run name: results/<name>/ (default: the space's name)")
     p.add_argument("--address", help="Ray cluster address HOST:PORT (default: a private local Ray instance)")
@@ -247,6 +247,9 @@ def register(sub: argparse._SubParsersAction, add_space_args: Callable, positive
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     p.add_argument("--address", help="Ray cluster address (default: local)")
     p.add_argument("--force", action="store_true", help="replace a finished final run of another plan or setup")
+    p.add_argument(
+        "--workers", type=positive_int, help="data-parallel workers of each run (Ray Train DDP; default final.workers)"
+    )
     p.set_defaults(func=cmd_final)
 
     p = sub.add_parser("demo", help="pretrain, search, report, export and final in one go")

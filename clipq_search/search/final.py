@@ -267,13 +267,15 @@ def run_final(
     control: bool = True,
     force: bool = False,
     trial: int | None = None,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """Full-length CLIP-Q run of a plan -> ``final/model.clipq`` and ``final/metrics.json``.
 
     ``out_dir`` (default ``RUN_DIR/final``) and ``control=False`` (skip the dense
     control run) serve benchmarks that finalise several plans of one run. A
     finished final of another plan or training setup is replaced only with
-    ``force``.
+    ``force``. ``workers`` (default ``final.workers``) above 1 trains each run
+    data-parallel on that many Ray Train workers (``final_ddp``).
     """
     import ray
 
@@ -298,6 +300,10 @@ def run_final(
     space = load_space(run_dir / rundir.SPACE_YAML, overrides)
     check_gpus(address, space.data["resources"]["gpus_per_trial"])
     cfg = train_config(space.data, "final")
+    from clipq_search.search.final_ddp import check_workers
+
+    n_workers = space.data["final"]["workers"] if workers is None else workers
+    check_workers(n_workers, cfg.batch_size)
     chosen: dict[str, Any] | None = None
     if config:
         plan = Plan.load(config)
@@ -313,6 +319,8 @@ def run_final(
     plan.resolve(model_for(space.data, payload["info"]))  # unknown layers fail before any training
     final_dir = out_dir or run_dir / rundir.FINAL_DIR
     setup = {"plan": plan.to_dict(), "train": cfg.to_dict()}
+    if n_workers > 1:  # another setup: its own checkpoints (a 1-worker setup keeps the digest it always had)
+        setup["workers"] = n_workers
     ckpts = _checkpoints(final_dir, setup)
     _check_final_dir(final_dir, setup, force=force)
     for path in ckpts.values():
@@ -337,28 +345,45 @@ def run_final(
     # Retries are gather's: a run whose worker Ray kills starts again from its last checkpoint.
     task = ray.remote(num_cpus=res["cpus_per_trial"], num_gpus=res["gpus_per_trial"], max_retries=0)(_final_task)
     ref_payload = ray.put(payload)
-    log(
-        f"final run: {epochs_text(cfg.epochs)} of CLIP-Q fine-tuning"
-        + (" and of the dense control, in parallel" if control else "")
-        + " on Ray"
-    )
+    if n_workers > 1:
+        log(
+            f"final run: {epochs_text(cfg.epochs)} of CLIP-Q fine-tuning"
+            + (" then of the dense control" if control else "")
+            + f", each on {n_workers} data-parallel workers (Ray Train)"
+        )
+    else:
+        log(
+            f"final run: {epochs_text(cfg.epochs)} of CLIP-Q fine-tuning"
+            + (" and of the dense control, in parallel" if control else "")
+            + " on Ray"
+        )
     t0 = time.perf_counter()
     plans = {"compressed": plan.to_dict(), "control": None}
 
     def submit(tag: Any) -> Any:
         return task.remote(space.data, plans[tag], ref_payload, str(ckpts[tag].resolve()), threads, queue, tag)
 
-    relay = _relay(queue, log)
-    results = gather(
-        submit,
-        ["compressed", "control"] if control else ["compressed"],
-        retries=space.data["search"]["retries"],
-        what=lambda tag: f"final {tag} run",
-        log=log,
-        poll=relay,
-        again="running it again from its checkpoint",
-    )
-    relay()
+    tags = ["compressed", "control"] if control else ["compressed"]
+    ddp_storage = (final_dir / "ray-train").resolve()
+    if n_workers > 1:
+        from clipq_search.search.final_ddp import run_ddp
+
+        results = run_ddp(
+            space.data, {t: plans[t] for t in tags}, ref_payload, ddp_storage, _digest(setup), n_workers,
+            retries=space.data["search"]["retries"], log=log,
+        )
+    else:
+        relay = _relay(queue, log)
+        results = gather(
+            submit,
+            tags,
+            retries=space.data["search"]["retries"],
+            what=lambda tag: f"final {tag} run",
+            log=log,
+            poll=relay,
+            again="running it again from its checkpoint",
+        )
+        relay()
     for tag, r in results.items():
         if r["resumed_from_step"]:
             log(f"  {tag}: resumed from its checkpoint at step {r['resumed_from_step']}")
@@ -395,10 +420,17 @@ def run_final(
         "source": source,
         "resumed_from_step": {k: r["resumed_from_step"] for k, r in results.items()},
         "setup": _digest(setup),
+        "workers": n_workers,
     }
+    if n_workers > 1:  # one digest of the quantized weights per rank: they agree (checked by run_ddp)
+        metrics["rank_digests"] = {k: r["digests"] for k, r in results.items()}
     write_json(final_dir / rundir.METRICS_JSON, metrics)
     for path in ckpts.values():
         path.unlink(missing_ok=True)
+    if n_workers > 1:
+        from clipq_search.search.final_ddp import forget
+
+        forget(ddp_storage, _digest(setup), tags)
     log(
         f"final: test accuracy baseline {metrics['baseline_test_top1']:.2f}%, "
         + (f"control {control_top1:.2f}%, " if control_top1 is not None else "")

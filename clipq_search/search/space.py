@@ -232,6 +232,7 @@ SCHEMA: dict[str, Any] = {
     },
     "final": {
         "train": _train_schema(20.0, 0.01, "cosine"),
+        "workers": _d(_int(1), 1),  # data-parallel workers of each final run (Ray Train, DDP); 1: one Ray task
     },
     "layers": {
         "default": dict(_LAYER_RANGE),
