@@ -95,3 +95,14 @@ def test_scale_benchmark_drives_the_searcher_and_reports_the_run(tmp_path: Path)
     assert row["trials_in_study"] == 40 and row["report_ok"]
     assert [w["trials_at_start"] for w in row["windows"]] == [0, 30]
     assert all(w["driver_trials_per_s"] > 0 and w["write_median_s"] > 0 for w in row["windows"])
+
+
+def test_gpu_check_skips_cleanly_without_cuda(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is here: benchmarks/gpu_check.py runs for real")
+    out = tmp_path / "gpu_check.json"
+    r = _run("gpu_check.py", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "no CUDA GPU here" in r.stdout and not out.exists()
