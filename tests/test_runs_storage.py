@@ -16,7 +16,7 @@ from sqlalchemy.engine import make_url
 from clipq_search.errors import ClipQError
 from clipq_search.search.runlock import RunLock, RunLocked
 from clipq_search.search.space import load_space
-from clipq_search.search.study import LEGACY_STUDY_NAME, normalise_storage, open_study, run_search
+from clipq_search.search.study import LEGACY_STUDY_NAME, interrupted_numbers, normalise_storage, open_study, run_search
 
 from .conftest import REPO, SMOKE, needs_fashion
 
@@ -124,7 +124,8 @@ def _run(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Comple
 def _finished(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
     study = optuna.load_study(study_name=name, storage=storage)
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
-    return [t for t in study.trials if t.state.is_finished() and not t.user_attrs.get("interrupted")]
+    stopped = interrupted_numbers(study)
+    return [t for t in study.trials if t.state.is_finished() and t.number not in stopped]
 
 
 @needs_fashion
@@ -178,7 +179,7 @@ def test_postgres_search_refuses_a_second_command_survives_sigkill_and_resumes_e
     assert len(finished) == 6 and len({t.number for t in finished}) == 6
     study = optuna.load_study(study_name="pgkill", storage=url)
     for t in study.trials:  # every interrupted plan ran again
-        if t.user_attrs.get("interrupted"):
+        if t.number in interrupted_numbers(study):
             assert any(u.user_attrs.get("retry_of") == t.number and u.state.is_finished() for u in study.trials)
     assert "0 to run" in _run(cmd).stdout
 
@@ -206,7 +207,11 @@ def test_two_searches_at_once_on_two_runs_in_one_postgres_database(postgres, res
 def test_a_lock_left_by_a_killed_holder_elsewhere_expires(results_root: Path, tmp_path: Path) -> None:
     """The holder ran on another machine (so its process cannot be checked): its lock lasts until the expiry."""
     url = f"sqlite:///{tmp_path / 'shared.db'}"
-    env = {"CLIPQ_LOCK_EXPIRY_S": "20"}
+    env = {"CLIPQ_LOCK_EXPIRY_S": "30"}
+    cmd = _cmd(results_root, "stale", url, 1, "--set", "trial.train.epochs=0.05")
+    # the baseline first, so the search reaches the lock within the expiry
+    pre = _run([sys.executable, "run_search.py", "pretrain", str(SMOKE), "--results", str(results_root)])
+    assert pre.returncode == 0, pre.stderr[-2000:]
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time\nfrom clipq_search.search.runlock import RunLock\n"
          f"RunLock({url!r}, 'stale', host='node-gone').acquire()\nprint('held', flush=True)\ntime.sleep(600)"],
@@ -216,13 +221,22 @@ def test_a_lock_left_by_a_killed_holder_elsewhere_expires(results_root: Path, tm
     holder.send_signal(signal.SIGKILL)
     holder.wait(timeout=30)
     killed = time.time()
-    cmd = _cmd(results_root, "stale", url, 1, "--set", "trial.train.epochs=0.05")
     refused = _run(cmd, env)
-    assert time.time() - killed < 20, "too slow to see the lock before it expired"
+    assert time.time() - killed < 30, "too slow to see the lock before it expired"
     assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 1, refused.stderr
     assert "run 'stale' is in use: `search` by pid" in refused.stderr and "on node-gone" in refused.stderr
-    assert "expires 20 s after its last heartbeat" in refused.stderr
-    time.sleep(max(0.0, killed + 21 - time.time()))
+    assert "expires 30 s after its last heartbeat" in refused.stderr
+    time.sleep(max(0.0, killed + 31 - time.time()))
     done = _run(cmd, env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "took over run 'stale'" in done.stdout and "node-gone" in done.stdout and "[1/1]" in done.stdout
+    # `final` on the run is guarded the same way: a second one is refused before any training
+    held = RunLock(url, "stale:final", command="final", host="node-f").acquire()
+    try:
+        final = subprocess.run([sys.executable, "run_search.py", "final", str(results_root / "stale"), "--trial", "0"],
+                               cwd=REPO, capture_output=True, text=True, timeout=300)
+    finally:
+        held.release()
+    assert final.returncode == 2 and len(final.stderr.splitlines()) == 1, final.stderr
+    assert f"run 'stale:final' is in use: `final` by pid {os.getpid()} on node-f" in final.stderr
+    assert not (results_root / "stale" / "final").exists()
