@@ -154,11 +154,7 @@ def open_study(
             f"storage {shown_url(storage)} holds no study {name!r}; give the run's --name and --storage"
         ) from None
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy/driver errors vary by backend
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise ClipQError(
-            f"cannot open storage {shown_url(storage)!r} ({first}); "
-            "give a writable sqlite:/// path or a reachable database URL"
-        ) from None
+        raise _unusable_storage(storage, exc) from None
     if fingerprint is not None:
         have = study.user_attrs.get(SPACE_ATTR)
         if have is None:
@@ -587,16 +583,21 @@ def _restart(run_dir: Path, storage: str | None, log: Callable[[str], None]) -> 
     log(f"run {run_dir} holds no complete trial: starting it afresh with this space (its failed trials are dropped)")
 
 
+def _unusable_storage(storage: str, exc: Exception) -> ClipQError:
+    """One line for a storage that cannot be opened (SQLAlchemy's and the drivers' errors run to pages)."""
+    first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+    return ClipQError(
+        f"cannot open storage {shown_url(storage)!r} ({first}); give a writable sqlite:/// path or a reachable "
+        "database URL"
+    )
+
+
 def _check_stored_space(storage: str, name: str, fingerprint: dict[str, str]) -> None:
     """A study of this name already in a shared storage must be of the same space: checked before any training."""
     try:
         names = optuna.get_all_study_names(storage)
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy/driver errors vary by backend
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise ClipQError(
-            f"cannot open storage {shown_url(storage)!r} ({first}); "
-            "give a writable sqlite:/// path or a reachable database URL"
-        ) from None
+        raise _unusable_storage(storage, exc) from None
     if name in names:
         open_study(storage, name, create=False, fingerprint=fingerprint)
 
