@@ -129,26 +129,7 @@ def open_study(
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        if legacy:
-            names = optuna.get_all_study_names(storage)
-            if name not in names and names == [LEGACY_STUDY_NAME]:
-                name = LEGACY_STUDY_NAME
-        if create:
-            study = optuna.create_study(
-                study_name=name,
-                storage=storage,
-                sampler=sampler,
-                directions=["maximize", "maximize"],
-                load_if_exists=True,
-            )
-            if study.metric_names is None:
-                import warnings
-
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    study.set_metric_names(METRIC_NAMES)
-        else:
-            study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+        study, name = _racing_schema(lambda: _open_or_create(storage, name, sampler, create=create, legacy=legacy))
     except KeyError:
         raise ClipQError(
             f"storage {shown_url(storage)} holds no study {name!r}; give the run's --name and --storage"
@@ -583,6 +564,45 @@ def _restart(run_dir: Path, storage: str | None, log: Callable[[str], None]) -> 
     log(f"run {run_dir} holds no complete trial: starting it afresh with this space (its failed trials are dropped)")
 
 
+def _racing_schema(open_: Callable[[], Any]) -> Any:
+    """``open_()``, tried again when it loses a race to create Optuna's tables.
+
+    Two commands opening a new database at once both create the tables; the
+    loser sees a duplicate-key error and, a moment later, the tables.
+    """
+    from sqlalchemy.exc import DBAPIError
+
+    for attempt in range(3):
+        try:
+            return open_()
+        except DBAPIError:
+            if attempt == 2:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def _open_or_create(
+    storage: str, name: str, sampler: optuna.samplers.BaseSampler | None, *, create: bool, legacy: bool
+) -> tuple[optuna.Study, str]:
+    if legacy:
+        names = optuna.get_all_study_names(storage)
+        if name not in names and names == [LEGACY_STUDY_NAME]:
+            name = LEGACY_STUDY_NAME
+    if not create:
+        return optuna.load_study(study_name=name, storage=storage, sampler=sampler), name
+    study = optuna.create_study(
+        study_name=name, storage=storage, sampler=sampler, directions=["maximize", "maximize"], load_if_exists=True
+    )
+    if study.metric_names is None:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(METRIC_NAMES)
+    return study, name
+
+
 def _unusable_storage(storage: str, exc: Exception) -> ClipQError:
     """One line for a storage that cannot be opened (SQLAlchemy's and the drivers' errors run to pages)."""
     first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
@@ -595,7 +615,7 @@ def _unusable_storage(storage: str, exc: Exception) -> ClipQError:
 def _check_stored_space(storage: str, name: str, fingerprint: dict[str, str]) -> None:
     """A study of this name already in a shared storage must be of the same space: checked before any training."""
     try:
-        names = optuna.get_all_study_names(storage)
+        names = _racing_schema(lambda: optuna.get_all_study_names(storage))
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy/driver errors vary by backend
         raise _unusable_storage(storage, exc) from None
     if name in names:
