@@ -325,6 +325,14 @@ def _parse_range(
     return (int(low), int(high)) if integer else (float(low), float(high))
 
 
+def _p_bits_ranges(p: Any, bits: Any, where: str) -> tuple[tuple[float, float], tuple[int, int]]:
+    """A layer's p range in [0, 1) and bits range in ``BITS_RANGE``, each a [low, high] pair or one value."""
+    return (
+        _parse_range(p, what="p", integer=False, lo=0.0, hi=1.0, open_hi=True, where=where),  # type: ignore[return-value]
+        _parse_range(bits, what="bits", integer=True, lo=BITS_RANGE[0], hi=BITS_RANGE[1], open_hi=False, where=where),
+    )
+
+
 @dataclass(frozen=True)
 class LayerSearchParam:
     """One searched unit: a layer or a group of layers sharing (p, bits)."""
@@ -342,18 +350,8 @@ class Space:
         self.data = data
         self.source = source
         layers = data["layers"]
-        where = f"{source}: layers.default"
-        self._default_p = _parse_range(
-            layers["default"]["p"], what="p", integer=False, lo=0.0, hi=1.0, open_hi=True, where=where
-        )
-        self._default_bits = _parse_range(
-            layers["default"]["bits"],
-            what="bits",
-            integer=True,
-            lo=BITS_RANGE[0],
-            hi=BITS_RANGE[1],
-            open_hi=False,
-            where=where,
+        self._default_p, self._default_bits = _p_bits_ranges(
+            layers["default"]["p"], layers["default"]["bits"], f"{source}: layers.default"
         )
         self._overrides: dict[str, tuple[tuple[float, float], tuple[int, int]]] = {}
         for key, spec in layers["overrides"].items():
@@ -361,21 +359,10 @@ class Space:
             if not isinstance(spec, Mapping) or not set(spec) <= {"p", "bits"} or not spec:
                 example = "{p: [0.5, 0.9], bits: 4}"
                 raise ConfigError(f"{where} must be a mapping with p and/or bits, e.g. {example}, got {shown(spec)}")
-            p = _parse_range(
-                spec.get("p", list(self._default_p)), what="p", integer=False, lo=0.0, hi=1.0, open_hi=True, where=where
+            self._overrides[str(key)] = _p_bits_ranges(  # type: ignore[assignment]
+                spec.get("p", list(self._default_p)), spec.get("bits", list(self._default_bits)), where
             )
-            b = _parse_range(
-                spec.get("bits", list(self._default_bits)),
-                what="bits",
-                integer=True,
-                lo=BITS_RANGE[0],
-                hi=BITS_RANGE[1],
-                open_hi=False,
-                where=where,
-            )
-            self._overrides[str(key)] = (p, b)  # type: ignore[assignment]
-        if data["search"]["concurrency"] > data["search"]["trials"]:
-            pass  # allowed: concurrency is capped by the number of trials to run
+        # search.concurrency above search.trials is allowed: it is capped by the number of trials to run.
 
     # -- convenience accessors --------------------------------------------------------
 
