@@ -30,12 +30,13 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from clipq_search.core import _numba_kernels as _fused
-from clipq_search.core._rules import clip_ranks, fixed_point_bits, partition
+from clipq_search.core._rules import F32_TINY
 from clipq_search.errors import ConfigError, shown
 
 __all__ = [
@@ -48,23 +49,7 @@ __all__ = [
 
 BITS_RANGE = (2, 8)
 
-# Tensors up to this many elements find their thresholds with ``kthvalue``;
-# above it the histogram search is cheaper. Tests lower it to cover both paths.
-_DIRECT_SELECT_MAX = 4096
-# Fine histogram bins per sign window: enough to leave the threshold alone in
-# its bin nearly always, few enough for a cheap bincount.
-_FINE_BINS = 2048
-# Counters per histogram bin (a power of two), see ``_lanes``.
-_LANES = 4
-# A hinted window spans this many average gaps between sorted weights on each
-# side of the previous threshold.
-_HINT_GAPS = 64.0
-# Histogram rounds (each narrows the window on a miss) before a full ``kthvalue``.
-_MAX_ROUNDS = 4
-# A bin with more than one but at most this many elements is resolved by extracting them.
-_EXTRACT_MAX = 64
-# Largest tensor (elements) whose CPU scratch buffers are kept between calls:
-# 4 float32 buffers (5 for half-precision weights), at most 40 MiB per thread.
+# Largest tensor (elements) whose CPU prefix-sum buffer is kept between calls (8 bytes each).
 _SCRATCH_MAX = 1 << 21
 
 
@@ -105,192 +90,6 @@ class ClipQStats:
         return (self.c_neg, self.c_pos, self.w_min, self.w_max)
 
 
-# --------------------------------------------------------------------------- scratch
-
-_local = threading.local()
-
-
-def _scratch(n: int, device: torch.device, count: int) -> list[torch.Tensor]:
-    """``count`` float32 buffers of ``n`` elements, contents undefined.
-
-    On CPU they are views of per-thread buffers kept for the largest tensor
-    seen (up to ``_SCRATCH_MAX``), so a training loop touches no new pages;
-    elsewhere (CUDA has its own caching allocator) they are fresh.
-    """
-    if device.type != "cpu" or n > _SCRATCH_MAX:
-        return [torch.empty(n, device=device) for _ in range(count)]
-    views = getattr(_local, "views", {})
-    if (n, count) in views:
-        return views[(n, count)]
-    bufs: list[torch.Tensor] = getattr(_local, "bufs", [])
-    if len(bufs) < count or bufs[0].numel() < n:
-        size = max(n, bufs[0].numel() if bufs else 0)
-        _local.bufs = bufs = [torch.empty(size) for _ in range(max(count, len(bufs)))]
-        _local.views = views = {}
-    if len(views) >= 32:  # many layer sizes: forget the views, not the buffers
-        views.clear()
-    views[(n, count)] = [b[:n] for b in bufs[:count]]
-    _local.views = views
-    return views[(n, count)]
-
-
-# --------------------------------------------------------------------------- thresholds
-
-
-def _select_direct(w: torch.Tensor, p: float) -> tuple[int, int, int, int, int, float, float]:
-    """Counts per sign, ranks and thresholds with ``kthvalue`` (small tensors)."""
-    n = w.numel()
-    n_negative = int((w < 0).sum())
-    n_positive = int((w > 0).sum())
-    n_zero = n - n_negative - n_positive
-    _, _, rank_neg, rank_pos = clip_ranks(p, n_negative, n_zero, n_positive)
-    c_neg = float(torch.kthvalue(w, rank_neg).values) if rank_neg else 0.0
-    c_pos = float(torch.kthvalue(w, rank_pos).values) if rank_pos else 0.0
-    return n_negative, n_zero, n_positive, rank_neg, rank_pos, c_neg, c_pos
-
-
-def _neg_window(lo: float, hi: float) -> tuple[float, float]:
-    """A window [lo, hi'] for the negative side, ending below zero far enough that 0 lies beyond its last bin."""
-    width = max(hi - lo, 1e-30)
-    hi = min(hi, -4.0 * width / _FINE_BINS)
-    if not hi > lo:
-        lo = hi - width
-    return lo, hi
-
-
-def _pos_window(lo: float, hi: float) -> tuple[float, float]:
-    lo2, hi2 = _neg_window(-hi, -lo)
-    return -hi2, -lo2
-
-
-def _lanes(w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """0.._LANES-1 per weight (float32, into ``out``) from its low mantissa bits.
-
-    ``bincount`` adds serially, and increments of one counter in a row wait on
-    each other: a bin holding 90% of the elements costs 3-4x. Spreading each
-    bin over ``_LANES`` counters picked pseudo-randomly removes that.
-    """
-    bits = torch.bitwise_and(w.view(torch.int32), _LANES - 1, out=out.view(torch.int32))
-    return out.copy_(bits)  # elementwise in place: each float overwrites its own int32
-
-
-def _hist_key(w: torch.Tensor, win_n: tuple[float, float], win_p: tuple[float, float], lanes: torch.Tensor,
-              a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
-    """Histogram bin of every weight into ``a`` (float32), and ``bin + lane * n_bins`` (int32, returned).
-
-    The bin is a monotone (non-decreasing) function of the value, which is all
-    exactness needs: an element in a lower bin is never larger than one in a
-    higher bin, whatever the rounding. Layout (W = ``_FINE_BINS``): 0 below the
-    negative window, 1..W its fine bins, W+1 the other negatives, W+2 exact
-    zeros, W+3 positives below the positive window, W+4..2W+3 its fine bins,
-    2W+4 above it. ``b`` is scratch; the int32 result is a view of it. None when
-    the windows are too narrow or too far out for float32 (extreme magnitudes).
-    """
-    fine = float(_FINE_BINS)
-    (ln, un), (lp, up) = win_n, win_p
-    if not (un - ln > 0 and up - lp > 0):
-        return None
-    s_n, s_p = fine / (un - ln), fine / (up - lp)
-    if not max(s_n, s_p, abs(s_n * ln), abs(s_p * lp)) < 1e30:  # also False for inf/nan
-        return None
-    # Separately rounded sub and mul, not one fused add: the vectorised body and
-    # the scalar tail of a kernel may differ on fused multiply-adds, and the
-    # bin must be the same function of the value for every element.
-    # negatives: 2 + fine bin in [2, W+3]; zero and positives: W+3 (the window ends below 0)
-    torch.sub(w, ln - 3.0 / s_n, out=a).mul_(s_n).clamp_(2.0, fine + 3.0)
-    # zero and negatives: -1 (the window starts above 0); positives: fine bin - 1 in [-1, W]
-    torch.sub(w, lp, out=b).mul_(s_p).clamp_(-1.0, fine)
-    a.add_(b)
-    a.add_(torch.sign(w, out=b)).floor_()
-    torch.add(a, lanes, alpha=2 * _FINE_BINS + 5, out=b)  # exact: small integers
-    key = b.view(torch.int32)
-    return key.copy_(b)  # elementwise in place: each int32 overwrites its own float
-
-
-def _bin_window(side: int, j: int, win: tuple[float, float], w_min: float, w_max: float) -> tuple[float, float]:
-    """Approximate value range of bin ``j`` of one side (0: before the window, 1..W: fine, W+1: after), widened."""
-    lo, hi = win
-    step = (hi - lo) / _FINE_BINS
-    if side < 0:
-        if j <= 0:
-            return _neg_window(w_min, lo + step)
-        if j > _FINE_BINS:  # between the window and zero
-            return _neg_window(hi - step, hi * 0.125)
-        return _neg_window(lo + (j - 2) * step, lo + (j + 1) * step)
-    if j <= 0:  # between zero and the window
-        return _pos_window(lo * 0.125, lo + step)
-    if j > _FINE_BINS:
-        return _pos_window(hi - step, w_max)
-    return _pos_window(lo + (j - 2) * step, lo + (j + 1) * step)
-
-
-def _select_hist(
-    w: torch.Tensor, p: float, hint: tuple[float, float] | None, w_min: float, w_max: float,
-    lanes: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-) -> tuple[int, int, int, int, int, float, float]:
-    """Counts per sign, ranks and exact thresholds, usually from a single histogram pass.
-
-    Fine bins cover a window around each hinted threshold (or the whole sign
-    without a hint). The rank's bin is found from cumulative counts; if it
-    holds one element that element is the threshold, read with a 0/1 mask;
-    a few elements are extracted and sorted; a crowded or coarse bin narrows
-    the window for another round.
-    """
-    n = w.numel()
-    fine = _FINE_BINS
-    half = max(w_max - w_min, 1e-30) * _HINT_GAPS / n
-    h_neg, h_pos = hint if hint is not None else (math.nan, math.nan)
-    if math.isfinite(h_neg) and w_min <= h_neg < 0:
-        win_n = _neg_window(max(h_neg - half, w_min), h_neg + half)
-    else:
-        win_n = _neg_window(min(w_min, -1e-30), 0.0)
-    if math.isfinite(h_pos) and 0 < h_pos <= w_max:
-        win_p = _pos_window(h_pos - half, min(h_pos + half, w_max))
-    else:
-        win_p = _pos_window(0.0, max(w_max, 1e-30))
-
-    n_bins = 2 * fine + 5
-    counts: tuple[int, int, int] | None = None
-    ranks = (0, 0)
-    found: dict[int, float] = {}
-    for _ in range(_MAX_ROUNDS):
-        key = _hist_key(w, win_n, win_p, lanes, a, b)
-        if key is None:
-            if counts is None:
-                return _select_direct(w, p)
-            break
-        hist = torch.bincount(key, minlength=n_bins * _LANES)
-        cum = hist.view(_LANES, n_bins).sum(0).cumsum_(0)
-        if counts is None:
-            n_negative, n_nonpos = cum[[fine + 1, fine + 2]].tolist()
-            counts = (n_negative, n_nonpos - n_negative, n - n_nonpos)
-            ranks = clip_ranks(p, *counts)[2:]
-            found = {side: 0.0 for side, r in zip((-1, 1), ranks, strict=True) if r == 0}
-        todo = [(side, r) for side, r in zip((-1, 1), ranks, strict=True) if side not in found]
-        if not todo:
-            break
-        bins = torch.searchsorted(cum, torch.tensor([r for _, r in todo], device=cum.device)).tolist()
-        cums = cum[[i for k in bins for i in (k, max(k - 1, 0))]].tolist()
-        for i, ((side, r), k) in enumerate(zip(todo, bins, strict=True)):
-            below = cums[2 * i + 1] if k > 0 else 0
-            m, j = cums[2 * i] - below, r - below
-            if m == 1:  # the bin holds just the threshold: a 0/1 mask dotted with w reads it exactly
-                found[side] = float(torch.dot(torch.eq(a, float(k), out=b), w))
-            elif m <= _EXTRACT_MAX:
-                found[side] = float(torch.kthvalue(w[a == k], j).values)
-            elif side < 0:
-                win_n = _bin_window(-1, k, win_n, w_min, w_max)
-            else:
-                win_p = _bin_window(1, k - (fine + 3), win_p, w_min, w_max)
-        if len(found) == 2:
-            break
-    assert counts is not None
-    for side, r in zip((-1, 1), ranks, strict=True):
-        if side not in found:  # pathological value distribution: plain exact selection
-            found[side] = float(torch.kthvalue(w, r).values)
-    return (*counts, *ranks, found[-1], found[1])
-
-
 # --------------------------------------------------------------------------- compiled CPU path
 
 # Window elements kept by one scan; a window holding more is a miss.
@@ -301,6 +100,9 @@ _WINDOW_CAP = 4096
 # where thresholds move far between steps (large layers, high learning rates), narrower where
 # they barely move.
 _FUSED_HINT_GAPS = 64.0
+# Scans with a narrowed window before the compiled path selects a missed threshold with ``kthvalue``.
+_MAX_ROUNDS = 4
+_local = threading.local()
 
 
 # The compiled kernels count in int32.
@@ -407,35 +209,190 @@ def _byte_scratch(n: int) -> tuple[np.ndarray, np.ndarray]:
     return have[0, :n], have[1, :n]
 
 
-# --------------------------------------------------------------------------- operator
+# --------------------------------------------------------------------------- tensor implementation
+
+_FLOAT32_MAX_EXP = 127  # the largest power of two a float32 holds: 2**127
 
 
-def _codes(
-    w: torch.Tensor, base: torch.Tensor, w_min: float, c_neg: float, c_pos: float, n_neg_int: int, n_levels: int,
-    width_neg: float | None, width_pos: float | None, acc: torch.Tensor, tmp: torch.Tensor, mask: torch.Tensor,
-) -> torch.Tensor:
-    """Interval index per weight (int32, a view of ``mask``): negatives 0.., positives n_neg_int.., clipped ``base``.
+class _Constants:
+    """The small constant tensors of one (device, size, p, bits), made once and kept on the device.
 
-    Same float32 arithmetic as the definition, ``clamp(floor((w - start) / width))``
-    per side (values on an inner boundary go up, extremes to the last interval),
-    chosen per weight with ``lerp`` by a 0/1 mask instead of ``where`` (slow on
-    CPU); with weights exactly 0 or 1, lerp returns one of its inputs exactly.
-    The negative side is floored by the final truncation (its values are >= 0).
-    ``base`` is ``n_levels + lane``: the clipped weights, usually most of them,
-    are spread over ``_LANES`` codes whose level is zero, so that ``bincount``
-    runs fast.
+    Copying them from the host at every call would wait for the device; kept,
+    a training step only launches work.
     """
-    if width_neg is not None:
-        torch.sub(w, w_min, out=tmp).div_(width_neg).clamp_(0, n_neg_int - 1)
-        torch.lerp(base, tmp, torch.lt(w, c_neg, out=mask), out=acc)
-    else:
-        acc.copy_(base)
-    if width_pos is not None:
-        n_pos_int = n_levels - n_neg_int
-        torch.sub(w, c_pos, out=tmp).div_(width_pos).floor_().clamp_(0, n_pos_int - 1).add_(n_neg_int)
-        torch.lerp(acc, tmp, torch.gt(w, c_pos, out=mask), out=acc)
-    idx = mask.view(torch.int32)
-    return idx.copy_(acc)  # truncation toward zero; elementwise in place
+
+    def __init__(self, device: torch.device, n: int, p: float, bits: int) -> None:
+        inf, levels = math.inf, 2**bits - 1
+
+        def f64(*v: float) -> torch.Tensor:
+            return torch.tensor(v, dtype=torch.float64, device=device)
+
+        def f32(*v: float) -> torch.Tensor:
+            return torch.tensor(v, dtype=torch.float32, device=device)
+
+        # Count queries: weights below -inf (none), below the smallest subnormal (<= 0), below 0, below -inf.
+        self.count_queries = f32(-inf, F32_TINY, 0.0, -inf)
+        self.count_offsets = torch.tensor([0, n, 0, 0], dtype=torch.int64, device=device)
+        self.fractions = f64(0.0, p, p, 0.0)
+        self.index_base = f64(0.0, n - 1.0, 0.0, n - 1.0)
+        self.index_sign = f64(0.0, -1.0, 1.0, 0.0)
+        self.always = f64(1.0, 0.0, 0.0, 1.0)
+        self.side_sign = f64(1.0, -1.0)
+        self.side_base = f64(0.0, float(levels))
+        self.query_shift = f32(-inf, 0.0, 0.0, inf)
+        self.query_towards = f32(-inf, inf, 0.0, inf)
+        self.magnitude_sign = f64(-1.0, 0.0, 0.0, 1.0)
+        self.interval_queries = torch.arange(levels + 1, dtype=torch.float32, device=device).repeat(2, 1)
+        self.not_clipped = torch.ones(2 * levels + 1, dtype=torch.bool, device=device)
+        self.not_clipped[levels] = False
+        self.float32_max_exp = torch.tensor(_FLOAT32_MAX_EXP, dtype=torch.int32, device=device)
+        self.zero_exp = torch.zeros((), dtype=torch.int32, device=device)
+        self.n_bits = math.frexp(float(n))[1]  # n < 2**n_bits (``_rules.fixed_point_bits``)
+
+
+_constants: dict[tuple[Any, ...], _Constants] = {}
+_constants_lock = threading.Lock()
+# Distinct (device, size, p, bits) kept at most: a model's layers, a few times over.
+_CONSTANTS_MAX = 4096
+
+
+def _constants_for(device: torch.device, n: int, p: float, bits: int) -> _Constants:
+    key = (device, n, p, bits)
+    found = _constants.get(key)
+    if found is None:
+        found = _Constants(device, n, p, bits)
+        with _constants_lock:
+            if len(_constants) >= _CONSTANTS_MAX:
+                _constants.clear()
+            _constants[key] = found
+    return found
+
+
+def _prefix_buffer(n: int, device: torch.device) -> torch.Tensor:
+    """``n + 1`` int64, the first 0: the running sums go after it. Kept per thread on CPU for small sizes."""
+    if device.type != "cpu" or n > _SCRATCH_MAX:
+        return torch.zeros(n + 1, dtype=torch.int64, device=device)
+    have = getattr(_local, "prefix", None)
+    if have is None or have.numel() < n + 1:
+        have = _local.prefix = torch.zeros(max(n + 1, 1024), dtype=torch.int64)
+    return have[: n + 1]
+
+
+def _power_of_two(exponent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``2**exponent`` exactly (int32 tensor of exponents in the dtype's normal range), from its bit pattern."""
+    if dtype == torch.float64:
+        return torch.bitwise_left_shift(exponent.to(torch.int64) + 1023, 52).view(torch.float64)
+    return torch.bitwise_left_shift(exponent + _FLOAT32_MAX_EXP, 23).view(torch.float32)
+
+
+@dataclass(frozen=True)
+class PendingStats:
+    """The statistics of one ``quantize_on_device`` call, still on the device; ``read()`` brings them over."""
+
+    n: int
+    bits: int
+    ends: torch.Tensor  # float64 [w_min, c_pos, c_neg, w_max]
+    clipped: torch.Tensor  # float64 [0, k_pos, k_neg, 0]
+    index: torch.Tensor  # int64 [0, index of c_pos, index of c_neg, n - 1] in the ascending tensor
+    spans: torch.Tensor  # float64 [span_neg, span_pos]; 0 for a side that keeps nothing
+    n_neg_intervals: torch.Tensor  # float64, 1 element
+    levels: torch.Tensor  # float32, 2 * n_levels + 1: the negative side's, the clipped (0), the positive side's
+
+    def read(self) -> ClipQStats:
+        """A ``ClipQStats`` (one read from the device)."""
+        n_levels = 2**self.bits - 1
+        small = torch.cat([self.ends, self.clipped, self.index.double(), self.spans, self.n_neg_intervals])
+        w_min, c_pos, c_neg, w_max, _, k_pos, k_neg, _, _, i_pos, i_neg, _, span_neg, span_pos, n_neg = small.tolist()
+        rank_neg = int(i_neg) + 1 if k_neg > 0 else 0
+        rank_pos = int(i_pos) + 1 if k_pos > 0 else 0
+        nan = math.nan
+        if not (math.isfinite(w_min) and math.isfinite(w_max)):
+            levels = torch.full((n_levels,), nan, device=self.levels.device)
+            return ClipQStats(nan, nan, 0, levels, 0, 0, w_min, w_max)
+        if not (span_neg > 0 or span_pos > 0):  # every weight clipped
+            levels = torch.full((n_levels,), nan, device=self.levels.device)
+            return ClipQStats(c_neg, c_pos, 0, levels, rank_neg, rank_pos, w_min, w_max)
+        n_neg = int(n_neg)
+        levels = torch.cat([self.levels[:n_neg], self.levels[n_levels + 1: 2 * n_levels + 1 - n_neg]])
+        return ClipQStats(c_neg, c_pos, n_neg, levels, rank_neg, rank_pos, w_min, w_max)
+
+
+def quantize_on_device(
+    weight: torch.Tensor, p: float, bits: int, *, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, PendingStats]:
+    """The CLIP-Q operator as a fixed sequence of tensor operations that never reads a value back to the host.
+
+    The tensor implementation: what runs on CUDA (and on CPU without numba).
+    Every size is known before the call, so no step waits for the device,
+    and ``torch.compile`` can trace it whole. Bit for bit the reference:
+
+    - one sort gives the counts per sign, the ranks' thresholds and the
+      extremes as order statistics (ties at a threshold are clipped);
+    - the partition rules (``_rules.clip_ranks``, ``_rules.partition``) run
+      as float64 arithmetic on two- and four-element tensors;
+    - in sorted order every interval is a contiguous run: its bounds are
+      where ``floor((w - start) / width)``, computed in float32 as the
+      definition does, first reaches each code (a search in the sorted
+      codes), and its exact fixed-point sum is a difference of running sums;
+    - the levels go back to each weight's place through the sort's permutation.
+
+    ``weight`` must be non-empty and floating point; ``out`` (optional) is a
+    contiguous tensor of its shape and dtype that receives the result.
+    Returns the result and the statistics, still on the device.
+    """
+    device, n, levels_n = weight.device, weight.numel(), 2**bits - 1
+    k = _constants_for(device, n, p, bits)
+    w = weight.detach().reshape(-1)
+    if w.dtype != torch.float32:
+        w = w.float()
+    s, order = torch.sort(w)
+    # counts [0, n_nonpositive, n_negative, 0] -> per sign [0, n_positive, n_negative, 0]
+    per_sign = torch.searchsorted(s, k.count_queries).sub_(k.count_offsets).abs_()
+    clipped = torch.mul(per_sign, k.fractions).round_()  # round(p * count), half to even as Python's round
+    # indices [0, n - 1 - kept positives, kept-candidate negatives, n - 1] of w_min, c+, c-, w_max
+    index = torch.addcmul(k.index_base, per_sign - clipped, k.index_sign).clamp_(0, n - 1).long()
+    # [w_min, c+, c-, w_max]; a threshold is 0 where its sign clips nothing
+    ends = s.take(index) * torch.add(clipped, k.always).sign_()
+    ends32 = ends.float()
+    pairs = ends.view(2, 2)  # [[w_min, c+], [c-, w_max]]
+    spans = torch.sub(pairs[1], pairs[0]).clamp_min_(0.0)  # [c- - w_min, w_max - c+]
+    # intervals of the negative side: round(n_levels * span- / (span- + span+)), at least 1 for a side
+    # that keeps weights, at most n_levels - 1 when the other side keeps some too
+    has = spans.sign()
+    share = torch.mul(spans, float(levels_n)).div_(spans.sum()).round_()
+    n_neg = share.clamp_(has, torch.rsub(has.flip(0), float(levels_n)))[:1]
+    intervals = torch.addcmul(k.side_base, n_neg, k.side_sign).float()  # [n_neg, n_levels - n_neg]
+    widths = torch.div(spans, intervals).clamp_min_(F32_TINY).float()
+    # Codes in sorted order per side, capped at the side's last interval: floor(code) >= j iff code >= j.
+    codes = torch.sub(s, ends32[:2, None]).div_(widths[:, None]).clamp_max_((intervals - 1.0)[:, None])
+    bounds = torch.searchsorted(codes, k.interval_queries)
+    # each side's run: [0, a) kept negatives, [b, n) kept positives, from [-inf, next(c+), c-, +inf]
+    runs = torch.searchsorted(s, torch.nextafter(ends32 + k.query_shift, ends32 + k.query_towards)).view(2, 2)
+    edges = bounds.clamp_(runs[0, :, None], runs[1, :, None]).view(-1)  # runs: neg 0..n_neg, clipped, pos
+    # Exact sums (``_rules.fixed_point_bits``): trunc(w * 2**F) in int64; 2**F in two float32 factors,
+    # each exact, so that no float64 copy of the weights is made.
+    magnitude = torch.mul(ends, k.magnitude_sign).amax()  # max(-w_min, w_max)
+    exp_f = torch.rsub(torch.frexp(magnitude).exponent, 62 - k.n_bits)
+    exp_hi = torch.clamp_max(exp_f, k.float32_max_exp)
+    fixed = torch.mul(s, _power_of_two(exp_hi, torch.float32))
+    fixed = fixed.mul_(_power_of_two(torch.sub(exp_f, exp_hi), torch.float32)).to(torch.int64)
+    prefix = _prefix_buffer(n, device)
+    torch.cumsum(fixed, 0, out=prefix[1:])
+    at_edges = prefix.take(edges)
+    sums = at_edges[1:] - at_edges[:-1]
+    counts = edges[1:] - edges[:-1]
+    # level = sum / count * 2**-F in float64 (``_rules.level``); the clipped run's level is 0; a weight
+    # that is NaN or infinite makes every level NaN (magnitude * 0)
+    levels = sums.double().div_(counts).mul_(_power_of_two(torch.neg(exp_f), torch.float64))
+    levels = torch.where(k.not_clipped, levels, 0.0).add_(magnitude * 0.0).float()
+    run = torch.searchsorted(edges[1:-1], torch.arange(n, device=device), right=True)
+    target = out.view(-1) if out is not None else torch.empty(n, dtype=weight.dtype, device=device)
+    target.index_copy_(0, order, levels.to(weight.dtype).take(run))
+    stats = PendingStats(n, bits, ends, clipped, index, spans, n_neg, levels)
+    return target.view(weight.shape), stats
+
+
+# --------------------------------------------------------------------------- operator
 
 
 def _not_finite(weight: torch.Tensor, n_levels: int, w_min: float, w_max: float) -> tuple[torch.Tensor, ClipQStats]:
@@ -496,51 +453,8 @@ def clipq_quantize_with_stats(
         else:
             result = torch.zeros_like(weight)
         return result, op.stats()
-    if w.dtype == torch.float32:
-        a, b, c, lanes = _scratch(n, w.device, 4)
-    else:
-        a, b, c, lanes, w32 = _scratch(n, w.device, 5)
-        w = w32.copy_(w)
-    w_min, w_max = (float(v) for v in torch.aminmax(w))
-    if not (math.isfinite(w_min) and math.isfinite(w_max)):
-        return _not_finite(weight, n_levels, w_min, w_max)
-    _lanes(w, lanes)
-    if n <= _DIRECT_SELECT_MAX:
-        selected = _select_direct(w, p)
-    else:
-        selected = _select_hist(w, p, hint[:2] if hint is not None else None, w_min, w_max, lanes, a, b)
-    n_negative, n_zero, n_positive, rank_neg, rank_pos, c_neg, c_pos = selected
-    k_neg, k_pos, _, _ = clip_ranks(p, n_negative, n_zero, n_positive)
-    has_neg, has_pos, n_neg_int, width_neg, width_pos = partition(
-        n_levels, n_negative, n_positive, k_neg, k_pos, rank_neg, rank_pos, w_min, w_max, c_neg, c_pos
-    )
-    if not (has_neg or has_pos):
-        levels = torch.full((n_levels,), float("nan"), device=w.device)
-        stats = ClipQStats(c_neg, c_pos, 0, levels, rank_neg, rank_pos, w_min, w_max)
-        return torch.zeros_like(weight), stats
-
-    # Interval index per weight: uniform bins need no search. Clipped weights
-    # go to extra codes (n_levels and up) whose level is zero. Values on an
-    # inner boundary belong to the upper interval; the extreme value belongs
-    # to the last interval of its side.
-    idx = _codes(
-        w, lanes.add_(n_levels), w_min, c_neg, c_pos, n_neg_int, n_levels,
-        width_neg if has_neg else None,
-        width_pos if has_pos else None,
-        a, b, c,
-    )
-    # Exact sums: every weight as an integer multiple of 2**-F (``_rules.fixed_point_bits``), added up
-    # in int64, so the levels do not depend on the order of the additions (threads, devices); the
-    # level from sum and count in float64 as ``_rules.level`` does (NaN, 0/0, for unused codes).
-    n_codes = n_levels + _LANES
-    bits_f = fixed_point_bits(n, w_min, w_max)
-    fixed = w.to(torch.float64).mul_(math.ldexp(1.0, bits_f)).to(torch.int64)  # truncated toward zero
-    sums = torch.zeros(n_codes, dtype=torch.int64, device=w.device).index_add_(0, idx, fixed)
-    counts = torch.bincount(idx, minlength=n_codes)
-    table = sums.to(torch.float64).div_(counts.to(torch.float64)).mul_(math.ldexp(1.0, -bits_f)).to(torch.float32)
-    table[n_levels:] = 0.0  # clipped
-    out = table.index_select(0, idx).reshape(weight.shape).to(out_dtype)
-    return out, ClipQStats(c_neg, c_pos, n_neg_int, table[:n_levels], rank_neg, rank_pos, w_min, w_max)
+    result, pending = quantize_on_device(weight, p, bits)
+    return result, pending.read()
 
 
 def clipq_quantize(weight: torch.Tensor, p: float, bits: int) -> torch.Tensor:

@@ -19,7 +19,14 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from clipq_search.core._numba_kernels import DONE, NOT_FINITE
-from clipq_search.core.operator import ClipQStats, CompiledOperator, clipq_quantize_with_stats, compiled_for
+from clipq_search.core.operator import (
+    ClipQStats,
+    CompiledOperator,
+    PendingStats,
+    clipq_quantize_with_stats,
+    compiled_for,
+    quantize_on_device,
+)
 from clipq_search.core.plan import LayerConfig, Plan, compressible_tensors, require_module
 
 __all__ = ["ClipQWeight", "attach_clipq", "attached_configs", "clipq_weight", "strip_clipq"]
@@ -104,9 +111,9 @@ class ClipQWeight(nn.Module):
     def last_stats(self) -> ClipQStats | None:
         """Thresholds and levels of the latest computation (None before the first)."""
         stats = self._state["stats"]
-        if isinstance(stats, CompiledOperator):
+        if isinstance(stats, (CompiledOperator, PendingStats)):
             with self._state["lock"]:  # not while another thread's call is filling it
-                stats = self._state["stats"] = stats.stats()
+                stats = self._state["stats"] = stats.stats() if isinstance(stats, CompiledOperator) else stats.read()
         return stats
 
     def invalidate(self) -> None:
@@ -149,18 +156,22 @@ class ClipQWeight(nn.Module):
                         torch.autograd.graph.increment_version(buf)
                     state["stats"], state["key"] = op, key
                     return buf
+            n = original.numel()
+            if not (_compilable(original) and compiled_for(n)):
+                # CUDA, half precision, no numba: the tensor implementation, which never waits for the device
+                state["stats"] = quantize_on_device(original, self.p, self.bits, out=buf)[1] if n else None
+                state["key"] = key
+                return buf
             stats = state["stats"]
             if isinstance(stats, CompiledOperator):
                 stats = stats.stats()
-            hint = stats.hint if stats is not None else None
+            hint = stats.hint if isinstance(stats, ClipQStats) else None
             q, stats = clipq_quantize_with_stats(original, self.p, self.bits, hint=hint)
             buf.copy_(q)
             state["stats"], state["key"] = stats, key
-            n = original.numel()
-            if _compilable(original) and compiled_for(n):
-                if op is None or not _fits(op, original, self.p, self.bits):
-                    op = state["op"] = CompiledOperator(n, self.p, self.bits)
-                op.set_hint(stats.hint, original)
+            if op is None or not _fits(op, original, self.p, self.bits):
+                op = state["op"] = CompiledOperator(n, self.p, self.bits)
+            op.set_hint(stats.hint, original)
         return buf
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
