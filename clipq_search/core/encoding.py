@@ -346,9 +346,100 @@ def _plan_file(
     return SizeEstimate(tuple(sizes), total, original), data
 
 
+def _layer_counts(w: torch.Tensor) -> torch.Tensor:
+    """What sizes one compressed layer, computed where ``w`` lives: int64 ``(19,)``.
+
+    ``[distinct non-zero values, non-zeros, zeros after the last non-zero,
+    sum((gap - 1) >> k) for k in 1..16]``, the gaps being those of
+    ``_codes_and_gaps``. No value is read back to the host here.
+    """
+    flat = w.detach().reshape(-1)
+    n = flat.numel()
+    if n == 0:
+        return torch.zeros(3 + len(K_RANGE), dtype=torch.int64, device=flat.device)
+    nonzero = flat != 0
+    ordered = torch.sort(flat.float()).values
+    distinct = (ordered[:1] != 0).sum() + ((ordered[1:] != ordered[:-1]) & (ordered[1:] != 0)).sum()
+    index = torch.arange(n, device=flat.device)
+    last = torch.cummax(torch.where(nonzero, index, -1), dim=0).values  # latest non-zero at or before each index
+    previous = torch.cat([last.new_full((1,), -1), last[:-1]])
+    g1 = torch.where(nonzero, index - previous - 1, 0)  # gap - 1 at the non-zeros, 0 elsewhere
+    shifted = [(g1 >> k).sum() for k in K_RANGE]
+    return torch.stack([distinct, nonzero.sum(), (n - 1 - last[-1]), *shifted]).to(torch.int64)
+
+
+def _size_from_counts(key: str, shape: tuple[int, ...], cfg: LayerConfig, counts: list[int]) -> LayerSize:
+    """A compressed layer's :class:`LayerSize` from :func:`_layer_counts` (the k choice of ``_best_k``)."""
+    distinct, kept, tail, *shifted = counts
+    n_levels = 2**cfg.bits - 1
+    if distinct > n_levels:
+        raise ValueError(f"layer {key!r} has {distinct} distinct non-zero values, more than 2**{cfg.bits} - 1")
+    best: tuple[int, int, int] | None = None
+    for k, s in zip(K_RANGE, shifted, strict=True):
+        entries = s + kept + (tail >> k)
+        nbytes = math.ceil(entries * (cfg.bits + k) / 8)
+        if best is None or nbytes < best[0]:
+            best = (nbytes, k, entries)
+    assert best is not None
+    _, k, entries = best
+    numel = math.prod(shape)
+    nbytes = _sparse_size(key, len(shape), cfg.bits, k, entries)
+    return LayerSize(key, shape, numel, True, True, cfg.p, cfg.bits, k, kept, entries, nbytes)
+
+
+def _estimate(model: nn.Module, plan: Plan | Mapping[str, object] | None) -> SizeEstimate:
+    """``estimate_size`` on the model's own device: one read of all layers' counts at the end.
+
+    Attached layers are counted from their pruned-quantized weight as it is
+    (their operator guarantees the levels); a layer only the ``plan`` names
+    is checked first, as ``_compressed_weights`` does (one read for it).
+    """
+    require_module(model)
+    configs = dict(attached_configs(model))
+    tensors = compressible_tensors(model)
+    attached = set(configs)
+    if plan is not None:
+        plan = plan if isinstance(plan, Plan) else Plan.from_dict(plan)
+        configs.update(plan.resolve_names(list(tensors)))
+    compressed: dict[str, tuple[LayerConfig, tuple[int, ...]]] = {}
+    counts: list[torch.Tensor] = []
+    with torch.no_grad():
+        for name, cfg in configs.items():
+            w = tensors[name].tensor().detach()
+            if name not in attached and torch.unique(w[w != 0]).numel() > 2**cfg.bits - 1:
+                w = clipq_quantize(w.float(), cfg.p, cfg.bits)
+            compressed[tensors[name].key] = (cfg, tuple(w.shape))
+            counts.append(_layer_counts(w))
+    # the one wait for the device: every layer's numbers at once
+    read = torch.stack([c.to(counts[0].device) for c in counts]).tolist() if counts else []
+    by_key = dict(zip(compressed, read, strict=True))
+    params = {n for n, _ in model.named_parameters()}
+    params |= {re.sub(r"\.parametrizations\.([^.]+)\.original$", r".\1", n) for n in params}
+    sizes: list[LayerSize] = []
+    original = 0
+    for key, t in model.state_dict().items():
+        if key in compressed:
+            cfg, shape = compressed[key]
+            sizes.append(_size_from_counts(key, shape, cfg, by_key[key]))
+            original += 4 * sizes[-1].numel
+            continue
+        code = _dense_dtype(t)
+        shape = tuple(t.shape)
+        nbytes = _record_head_size(key, len(shape)) + t.numel() * np.dtype(_DTYPES[code][1]).itemsize
+        is_param = key in params
+        sizes.append(LayerSize(key, shape, t.numel(), is_param, False, None, None, None, t.numel(), 0, nbytes))
+        original += 4 * t.numel() if is_param else 0
+    total = _HEADER.size + sum(s.bytes for s in sizes) + 4
+    return SizeEstimate(tuple(sizes), total, original)
+
+
 def estimate_size(model: nn.Module, plan: Plan | Mapping[str, object] | None = None) -> SizeEstimate:
-    """Bytes of the ``.clipq`` file ``save_compressed(model, path, plan)`` would write, without writing it."""
-    return _plan_file(model, plan, write=False)[0]
+    """Bytes of the ``.clipq`` file ``save_compressed(model, path, plan)`` would write, without writing it.
+
+    Computed on the device the model's weights live on (a GPU stays busy, the
+    host reads the numbers once), with the same byte counts as the writer.
+    """
+    return _estimate(model, plan)
 
 
 def save_compressed(

@@ -173,7 +173,7 @@ def _final_task(
     from clipq_search.training.loop import configure_threads, train
 
     configure_threads(threads)
-    device = worker_device(space_data["resources"]["device"])
+    device = worker_device(space_data["resources"])
     workers = loader_workers(space_data["resources"]["cpus_per_trial"])
     model = model_for(space_data, payload["info"])
     model.load_state_dict(state_from_bytes(payload["baseline"]), strict=True)
@@ -204,6 +204,7 @@ def _final_task(
             on_epoch_end=on_epoch,
             checkpoint_path=ckpt,
             resume=True,
+            checkpoint_minutes=space_data["final"].get("checkpoint_minutes"),
         )
     model.cpu()
     return {
@@ -222,7 +223,7 @@ def _evaluate_task(space_data: dict[str, Any], states: dict[str, bytes], payload
 
     res = space_data["resources"]
     configure_threads(max(1, int(res["cpus_per_trial"])))
-    device = worker_device(res["device"])
+    device = worker_device(res)
     workers = loader_workers(res["cpus_per_trial"])
     bs = space_data["trial"]["eval_batch_size"]
     test = dataset_from_state(payload["test"], num_workers=workers)

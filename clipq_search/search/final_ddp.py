@@ -129,7 +129,7 @@ def _worker(config: dict[str, Any]) -> None:
     from clipq_search.search.trial import model_for, say, state_from_bytes, train_config
     from clipq_search.search.worker_kills import kill_point
     from clipq_search.training.data import dataset_from_state, loader_workers
-    from clipq_search.training.loop import configure_threads, evaluate, train
+    from clipq_search.training.loop import configure_device_, configure_threads, evaluate, train
 
     space, tag, queue = config["space"], config["tag"], config["queue"]
     payload = ray.get(config["payload"])
@@ -138,6 +138,7 @@ def _worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     configure_threads(max(1, int(res["cpus_per_trial"])))
     device = _device(res)
+    configure_device_(device, deterministic=bool(res.get("deterministic")), channels_last=res.get("channels_last"))
     model = model_for(space, payload["info"])
     model.load_state_dict(state_from_bytes(payload["baseline"]), strict=True)
     if config["plan"] is not None:
@@ -184,6 +185,7 @@ def _worker(config: dict[str, Any]) -> None:
         result = train(
             model, data, cfg, device=device, progress=False, desc=tag, on_epoch_end=on_epoch,
             checkpoint_path=state_file, resume=True, eval_batch_size=eval_bs,
+            checkpoint_minutes=None,  # Ray Train keeps the epoch ends' checkpoints (on_epoch reports them)
         )
     digests: list[Any] = [None] * world
     torch.distributed.all_gather_object(digests, quantized_digest(inner))

@@ -36,7 +36,7 @@ def paper_layer_search(
 
     configure_threads(threads)
     res = space_data["resources"]
-    device = worker_device(res["device"])
+    device = worker_device(res)
     cfg = space_data["search"]["paper"]
     model = model_for(space_data, payload["info"])
     model.load_state_dict(state_from_bytes(payload["baseline"]), strict=True)

@@ -233,6 +233,7 @@ SCHEMA: dict[str, Any] = {
     "final": {
         "train": _train_schema(20.0, 0.01, "cosine"),
         "workers": _d(_int(1), 1),  # data-parallel workers of each final run (Ray Train, DDP); 1: one Ray task
+        "checkpoint_minutes": _d(_num(0, open_lo=True, optional=True), 10),  # also inside an epoch; null: epoch ends
     },
     "layers": {
         "default": dict(_LAYER_RANGE),
@@ -269,6 +270,8 @@ SCHEMA: dict[str, Any] = {
         "device": _d(_str(optional=True), "auto"),
         "cpus_per_trial": _d(_num(0.01), 1),
         "gpus_per_trial": _d(_num(0), 0),
+        "deterministic": _d(_bool(), False),  # reproducible CUDA runs (deterministic algorithms, no cuDNN autotuning)
+        "channels_last": _d(Field(None, "true, false or null", lambda v: v is None or isinstance(v, bool)), None),
     },
 }
 

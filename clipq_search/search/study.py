@@ -31,12 +31,22 @@ from clipq_search.search.trial import (
     Baseline,
     check_space,
     describe_dense,
+    device_failure,
     ensure_baseline,
+    free_device_memory,
     layer_names,
     run_trial,
     trial_payload,
 )
-from clipq_search.search.worker_kills import KillLedger, kill_point, kill_reason, quiet_tune
+from clipq_search.search.worker_kills import (
+    GPU_ERROR,
+    GPU_MEMORY,
+    DeviceFailed,
+    KillLedger,
+    kill_point,
+    kill_reason,
+    quiet_tune,
+)
 
 __all__ = ["SearchSummary", "run_search", "trials_frame", "write_trials_csv"]
 
@@ -263,16 +273,33 @@ def _trainable(config: dict[str, Any], payload: dict[str, Any]) -> None:
             tune.report({"ok": 0, "started": 1, "val_top1": float("nan"), "worker_pid": os.getpid()})
             if config.get("inject_failure") and config["number"] in config["inject_failure"]:
                 raise RuntimeError("injected failure (test hook)")
-            out = run_trial(config["space"], config["plan"], payload, threads=threads)
+            out = _run_trial_on_device(config, payload, threads)
         out["started_unix"] = started
         # Ray flattens nested result dicts; ship the whole record as one JSON string.
         result = {"ok": 1, "val_top1": out["val_top1"], "record": json.dumps(out)}
     except BaseException as exc:  # noqa: BLE001 - every failure is recorded, the search goes on
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
+        failure = device_failure(exc)
+        if failure is not None:
+            # This worker's GPU is unusable (or its memory stays full): raising makes Tune end this actor,
+            # never reuse it, and run the trial again on a new one (FailureConfig, search.retries).
+            reason = GPU_ERROR if failure == "cuda" else GPU_MEMORY
+            raise DeviceFailed(f"{reason}: {first_line(exc)}") from exc
         msg = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:500]
         result = {"ok": 0, "val_top1": float("nan"), "error": msg, "traceback": traceback.format_exc()[-4000:]}
     tune.report(result)
+
+
+def _run_trial_on_device(config: dict[str, Any], payload: dict[str, Any], threads: int) -> dict[str, Any]:
+    """``run_trial``; after the GPU ran out of memory, once more with the worker's cached memory freed."""
+    try:
+        return run_trial(config["space"], config["plan"], payload, threads=threads)
+    except Exception as exc:  # noqa: BLE001 - only a GPU out of memory is tried again
+        if device_failure(exc) != "memory":
+            raise
+    free_device_memory()  # outside the handler: the error's frames no longer hold the trial's tensors
+    return run_trial(config["space"], config["plan"], payload, threads=threads)
 
 
 def _make_searcher(

@@ -14,7 +14,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from clipq_search.training.data import (
 from clipq_search.training.loop import (
     DEFAULT_PRETRAIN,
     TrainConfig,
+    configure_device_,
     configure_threads,
     epochs_text,
     evaluate,
@@ -55,6 +56,8 @@ __all__ = [
     "check_device",
     "check_space",
     "dataset_spec",
+    "device_failure",
+    "free_device_memory",
     "ensure_baseline",
     "load_baseline",
     "model_for",
@@ -237,7 +240,7 @@ def _baseline_task(
     """Ray task: the dense baseline's training (unless given or published) and its evaluation."""
     res = space_data["resources"]
     threads = configure_threads(max(1, int(res["cpus_per_trial"])))
-    device = worker_device(res["device"])
+    device = worker_device(res)
     workers = loader_workers(res["cpus_per_trial"])
     info = payload["info"]
     cfg = train_config(space_data, "baseline")
@@ -317,8 +320,12 @@ def _ray_gpu_ids() -> list[Any] | None:
     return list(ray.get_gpu_ids())
 
 
-def worker_device(name: str | None) -> torch.device:
+def worker_device(resources: str | None | Mapping[str, Any]) -> torch.device:
     """The device of a trial, task or training worker (``resources.device``), resolved where the work runs.
+
+    Given the space's whole ``resources`` section, it also sets this process's
+    flags for that device (``training.loop.configure_device_``: cuDNN
+    autotuning, TF32, ``deterministic``, ``channels_last``).
 
     ``auto`` inside a Ray worker is the GPU Ray gave it, else the CPU: Ray leaves
     ``CUDA_VISIBLE_DEVICES`` alone for a worker given no GPU, so there torch
@@ -327,6 +334,18 @@ def worker_device(name: str | None) -> torch.device:
     ``cuda`` in a Ray worker needs a GPU of its own (``gpus_per_trial`` > 0,
     fractions share one).
     """
+    name = resources.get("device") if isinstance(resources, Mapping) else resources
+    device = _resolve_device(name)
+    if isinstance(resources, Mapping):
+        configure_device_(
+            device,
+            deterministic=bool(resources.get("deterministic", False)),
+            channels_last=resources.get("channels_last"),
+        )
+    return device
+
+
+def _resolve_device(name: str | None) -> torch.device:
     ids = _ray_gpu_ids()
     if name is None or name == "auto":
         if ids is None:
@@ -339,6 +358,53 @@ def worker_device(name: str | None) -> torch.device:
             "(0.25 packs four trials on a GPU)"
         )
     return device
+
+
+#: Texts of the CUDA errors after which a process's GPU context is unusable (every later call fails too).
+_STICKY_CUDA = (
+    "cuda error",
+    "illegal memory access",
+    "device-side assert",
+    "unspecified launch failure",
+    "cublas_status_execution_failed",
+    "cublas_status_internal_error",
+    "cudnn_status_execution_failed",
+    "cudnn_status_internal_error",
+    "uncorrectable ecc error",
+)
+
+
+def device_failure(exc: BaseException) -> str | None:
+    """What broke when ``exc`` is a failure of the GPU rather than of the trial: ``"cuda"``, ``"memory"``, or None.
+
+    ``"cuda"``: a CUDA error that leaves the process's GPU context unusable
+    (an illegal memory access, a device-side assert, a cuBLAS or cuDNN
+    execution failure); ``"memory"``: the GPU ran out of memory.
+    """
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, torch.OutOfMemoryError):
+            return "memory"
+        if isinstance(e, (torch.AcceleratorError, RuntimeError)):
+            text = str(e).lower()
+            if any(marker in text for marker in _STICKY_CUDA):
+                return "cuda"
+        todo += [e.__cause__, e.__context__]
+    return None
+
+
+def free_device_memory(device: torch.device | None = None) -> None:
+    """Hand the CUDA memory this process caches back to the GPU (a reused worker keeps it otherwise)."""
+    import gc
+
+    gc.collect()
+    if (device is None or device.type == "cuda") and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def check_device(resources: dict[str, Any], source: str = "space") -> None:
@@ -482,12 +548,25 @@ def run_trial(
 
     ``payload`` holds ``baseline`` (state-dict bytes), ``train`` and ``val``
     (dataset states) and ``info`` (num_classes, in_channels, image_size).
-    Returns plain numbers; raises on failure (the caller records it).
+    Returns plain numbers; raises on failure (the caller records it). On
+    CUDA the size is computed on the device, and the memory the trial cached
+    is handed back at its end (a reused worker runs the next trial).
     """
     t_start = time.perf_counter()
     configure_threads(threads)
     res = space_data["resources"]
-    device = worker_device(res["device"])
+    device = worker_device(res)
+    try:
+        return _run_trial(space_data, plan, payload, device, t_start)
+    finally:
+        if device.type == "cuda":
+            free_device_memory(device)
+
+
+def _run_trial(
+    space_data: dict[str, Any], plan: dict[str, Any], payload: dict[str, Any], device: torch.device, t_start: float
+) -> dict[str, Any]:
+    res = space_data["resources"]
     model = model_for(space_data, payload["info"])
     model.load_state_dict(state_from_bytes(payload["baseline"]), strict=True)
     resolved = attach_clipq(model, Plan.from_dict(plan))
@@ -501,8 +580,7 @@ def run_trial(
     metrics = evaluate(model, val_data, device=device, batch_size=space_data["trial"]["eval_batch_size"], amp=cfg.amp)
     if not math.isfinite(metrics["top1"]) or not math.isfinite(metrics["loss"]):
         raise ClipQError(f"trial produced a non-finite validation result ({metrics})")
-    model.cpu()
-    size = estimate_size(model)
+    size = estimate_size(model)  # on the model's device
     names = {t.key: name for name, t in compressible_tensors(model).items()}
     kept = {names[s.name]: s.kept_fraction for s in size.layers if s.compressed}
     return {

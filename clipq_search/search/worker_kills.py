@@ -24,7 +24,10 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "GPU_ERROR",
+    "GPU_MEMORY",
     "MEMORY",
+    "DeviceFailed",
     "KillLedger",
     "gather",
     "is_ray_error",
@@ -39,6 +42,8 @@ MEMORY = "killed: node out of memory (Ray memory monitor)"
 NODE = "killed: its node died or left the cluster"
 PREEMPTED = "killed: its node was preempted"
 PROCESS = "killed: the worker process died (a signal, a crash, or the system's OOM killer)"
+GPU_ERROR = "ended: a CUDA error left its GPU unusable to its worker"
+GPU_MEMORY = "ended: its GPU ran out of memory twice"
 
 KILL_ENV, ONCE_ENV = "CLIPQ_TEST_KILL", "CLIPQ_TEST_KILL_ONCE"
 # The search stops when this many trials in a row (or the concurrency, if larger) end killed.
@@ -62,8 +67,20 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         todo += [e.__cause__, e.__context__, cause if isinstance(cause, BaseException) else None]
 
 
+class DeviceFailed(RuntimeError):
+    """A trial's GPU failed under it (a sticky CUDA error, or memory that stays full): its worker must go.
+
+    Raised out of a Ray Tune trainable, it makes Tune end that actor (Tune never
+    reuses the actor of a trial that raised) and run the trial again on a new
+    one, counted under ``search.retries``. The message starts with the reason.
+    """
+
+
 def reason_from_text(text: str) -> str:
     """The kill's reason from the text of Ray's error (what Ray Tune keeps of a failed trial)."""
+    for reason in (GPU_ERROR, GPU_MEMORY):
+        if reason in text:
+            return reason
     if "running low on memory" in text or "NODE_OUT_OF_MEMORY" in text:
         return MEMORY
     if "preempted" in text:
@@ -361,7 +378,8 @@ def _plan() -> dict[str, str]:
     return out
 
 
-def _die(target: str) -> None:
+def _first_time(target: str) -> bool:
+    """False when ``CLIPQ_TEST_KILL_ONCE`` says ``target`` was hit already (else it marks it now)."""
     once = os.environ.get(ONCE_ENV)
     if once:
         marker = Path(once) / target
@@ -369,8 +387,13 @@ def _die(target: str) -> None:
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.open("x").close()
         except FileExistsError:
-            return  # killed once already: this attempt lives
-    os.kill(os.getpid(), signal.SIGKILL)
+            return False  # killed once already: this attempt lives
+    return True
+
+
+def _die(target: str) -> None:
+    if _first_time(target):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _hog(target: str) -> None:
@@ -389,9 +412,11 @@ def kill_point(target: str) -> Iterator[None]:
     ``target@start`` dies at once; ``target@N`` after N training steps (counted
     as top-level forward calls, through torch's global module hooks, removed on
     leaving); ``target@memN`` takes memory after N steps until Ray's memory
-    monitor kills it. With ``CLIPQ_TEST_KILL_ONCE=DIR`` each target dies only
-    once (a marker file in DIR); a rerun of it then lives. Without the
-    variable this does nothing.
+    monitor kills it; ``target@cuda`` raises, at once, the ``RuntimeError``
+    torch raises after an illegal memory access on a GPU (the process lives).
+    With ``CLIPQ_TEST_KILL_ONCE=DIR`` each target is hit only once (a marker
+    file in DIR); a rerun of it then lives. Without the variable this does
+    nothing.
     """
     when = _plan().get(target)
     if when is None:
@@ -399,6 +424,11 @@ def kill_point(target: str) -> Iterator[None]:
         return
     if when == "start":
         _die(target)
+        yield
+        return
+    if when == "cuda":
+        if _first_time(target):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (test hook)")
         yield
         return
     hog = when.startswith("mem")

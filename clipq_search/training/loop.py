@@ -2,9 +2,9 @@
 
 The loop only touches ``model.parameters()``, so it fine-tunes models whose
 weights carry ``torch.nn.utils.parametrize`` parametrizations (CLIP-Q) exactly
-as it trains dense ones. It is seeded, checkpoints at epoch ends (atomically),
-resumes from a checkpoint, and stops with :class:`TrainingDiverged` on a
-non-finite loss.
+as it trains dense ones. It is seeded, checkpoints at epoch ends and every few
+minutes inside an epoch (atomically), resumes from a checkpoint exactly where it
+stopped, and stops with :class:`TrainingDiverged` on a non-finite loss.
 """
 
 from __future__ import annotations
@@ -29,19 +29,23 @@ from clipq_search.training.data import ArrayDataset, BatchSource, iter_batches, 
 
 __all__ = [
     "DEFAULT_PRETRAIN",
+    "DeviceSettings",
     "epochs_text",
     "SCHEDULES",
     "TrainConfig",
     "TrainResult",
     "TrainingDiverged",
     "check_checkpoint",
+    "configure_device_",
     "configure_threads",
+    "device_settings",
     "evaluate",
     "load_state_dict_file",
     "lr_at",
     "save_state_dict",
     "select_device",
     "train",
+    "use_channels_last",
 ]
 
 SCHEDULES: tuple[str, ...] = ("cosine", "step", "constant")
@@ -102,6 +106,84 @@ def configure_threads(n: int | None) -> int:
     threads = n or available_cpus()
     torch.set_num_threads(threads)
     return threads
+
+
+@dataclass(frozen=True)
+class DeviceSettings:
+    """How this process computes (``resources.deterministic`` and ``resources.channels_last``).
+
+    ``channels_last``: None lets :func:`train` and :func:`evaluate` use the
+    channels-last memory layout for models with 2-D convolutions on CUDA
+    (what cuDNN's fastest convolutions want); True uses it on every device;
+    False never.
+    """
+
+    deterministic: bool = False
+    channels_last: bool | None = None
+
+
+_settings = DeviceSettings()
+
+#: cuBLAS needs a fixed workspace to be reproducible; it reads this before its first use in the process.
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+def configure_device_(
+    device: torch.device | str, *, deterministic: bool = False, channels_last: bool | None = None
+) -> dict[str, Any]:
+    """Set torch's process-wide flags for computing on ``device``; return the settings now in effect.
+
+    On CUDA: cuDNN picks its fastest convolution algorithms (``benchmark``)
+    and float32 matrix products and convolutions run in TF32. With
+    ``deterministic``: ``torch.use_deterministic_algorithms(True,
+    warn_only=True)`` (an operation without a deterministic implementation
+    warns rather than fails), ``cudnn.deterministic``, no ``benchmark``, and
+    ``CUBLAS_WORKSPACE_CONFIG`` (set when the process has not set it). Each
+    call sets every flag, so a reused worker never keeps a former trial's.
+    """
+    global _settings
+    device = torch.device(device)
+    _settings = DeviceSettings(deterministic, channels_last)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    cuda = device.type == "cuda"
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = cuda and not deterministic
+    if cuda:
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    return device_settings()
+
+
+def device_settings() -> dict[str, Any]:
+    """The flags in effect in this process (see :func:`configure_device_`), as plain data."""
+    return {
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+        "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+        "matmul_fp32_precision": torch.backends.cuda.matmul.fp32_precision,
+        "conv_fp32_precision": torch.backends.cudnn.conv.fp32_precision,
+        "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+        "channels_last": _settings.channels_last,
+    }
+
+
+def use_channels_last(model: nn.Module, device: torch.device, choice: bool | None = None) -> bool:
+    """Whether ``model`` computes in the channels-last layout on ``device``.
+
+    ``choice`` None takes the process's setting (:func:`configure_device_`);
+    still None there: yes for a model with 2-D convolutions on CUDA.
+    """
+    choice = _settings.channels_last if choice is None else choice
+    if choice is False:
+        return False
+    has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    return has_conv and (choice is True or device.type == "cuda")
+
+
+def _layout(x: Tensor, channels_last: bool) -> Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
 
 
 # --------------------------------------------------------------------------- config
@@ -257,10 +339,14 @@ def _show_progress(progress: bool | None) -> bool:
 
 
 def _amp_dtype(device: torch.device) -> torch.dtype | None:
-    """Autocast's type on ``device``: bfloat16 where CUDA supports it, else float16; None off CUDA."""
+    """Autocast's type on ``device``: bfloat16 from compute capability 8.0 (Ampere) on, else float16; None off CUDA.
+
+    ``torch.cuda.is_bf16_supported()`` also counts emulated bfloat16 (V100, T4),
+    which is slow there: those GPUs train in float16 with loss scaling.
+    """
     if device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
 
 
 def _amp_setup(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
@@ -327,8 +413,12 @@ def _resume_from_(
     generator: torch.Generator,
     device: torch.device,
     result: TrainResult,
-) -> int:
-    """Load a checkpoint into the model, optimizer, scaler and random streams; return its step."""
+) -> tuple[int, int, Tensor | None]:
+    """Load a checkpoint into the model, optimizer, scaler and random streams.
+
+    Returns its step and, for a checkpoint inside an epoch, the batches of
+    that epoch done and their losses (else 0 and None).
+    """
     ckpt = _load_checkpoint(ckpt_path)
     if ckpt.get("config") != cfg.to_dict() or ckpt.get("steps_per_epoch") != steps_per_epoch:
         raise ClipQError(
@@ -353,12 +443,18 @@ def _resume_from_(
     step = int(ckpt["step"])
     result.history = [dict(h) for h in ckpt["history"]]
     result.resumed_from_step = step
-    return step
+    return step, int(ckpt.get("epoch_batches", 0)), ckpt.get("epoch_losses")
 
 
 @dataclass
 class _Run:
-    """What one training run's phases share: the data, the optimizer, the step count and the progress bar."""
+    """What one training run's phases share: the data, the optimizer, the step count and the progress bar.
+
+    A checkpoint inside an epoch (every ``every_steps`` steps or ``every_seconds``)
+    keeps the shuffle generator's state from the start of that epoch, the
+    batches of the epoch already done and their losses: a resume draws the
+    same order and goes on from the next batch.
+    """
 
     model: nn.Module
     train_data: Any
@@ -374,6 +470,14 @@ class _Run:
     desc: str
     step: int = 0
     bar: Any = None
+    channels_last: bool = False
+    ckpt_path: Path | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    every_steps: int | None = None
+    every_seconds: float | None = None
+    skip: int = 0  # batches of the current epoch done before a mid-epoch resume
+    done_losses: Tensor | None = None  # their losses
+    last_save: tuple[int, float] = (0, 0.0)  # step and monotonic time of the latest checkpoint (or start)
 
     def check(self, losses: list[Tensor], checked: int, first_step: int, lr: float) -> int:
         """Raise on a non-finite loss among the unchecked ones; update the bar. Returns #checked."""
@@ -388,20 +492,36 @@ class _Run:
             self.bar.set_postfix(loss=f"{float(losses[-1]):.4f}", lr=f"{lr:.3g}")
         return len(losses)
 
+    def _due(self) -> bool:
+        """Whether a checkpoint inside the epoch is due (never without a checkpoint path)."""
+        if self.ckpt_path is None:
+            return False
+        step0, t0 = self.last_save
+        if self.every_steps is not None and self.step - step0 >= self.every_steps:
+            return True
+        return self.every_seconds is not None and time.monotonic() - t0 >= self.every_seconds
+
     def epoch(self) -> tuple[float, float]:
         """Train up to one epoch (or to the last step); return the mean training loss and the last lr."""
         cfg, optimizer, scaler = self.cfg, self.optimizer, self.scaler
+        epoch_rng = self.generator.get_state()  # before the epoch's order is drawn
+        skip, done = self.skip, self.done_losses
+        self.skip, self.done_losses = 0, None
         first_step = self.step
         losses: list[Tensor] = []
         checked = 0
         lr = cfg.lr
-        for xb, yb in iter_batches(
+        batches = iter_batches(
             self.train_data, cfg.batch_size, shuffle=True, generator=self.generator, device=self.device,
             drop_last=self.drop_last,
-        ):
+        )
+        for i, (xb, yb) in enumerate(batches):
+            if i < skip:  # done before the checkpoint this run resumed from
+                continue
             lr = lr_at(cfg, self.step, self.total, self.steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            xb = _layout(xb, self.channels_last)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 loss = F.cross_entropy(self.model(xb), yb)
             optimizer.zero_grad(set_to_none=True)
@@ -418,27 +538,50 @@ class _Run:
                 checked = self.check(losses, checked, first_step, lr)
             if self.step >= self.total:
                 break
+            if i + 1 < self.steps_per_epoch and self._due():
+                checked = self.check(losses, checked, first_step, lr)  # never save a diverged model
+                so_far = torch.stack(losses) if done is None else torch.cat([done.to(losses[0].device),
+                                                                                torch.stack(losses)])
+                self.checkpoint(epoch_rng=epoch_rng, epoch_batches=i + 1, epoch_losses=so_far)
         if not losses:
             raise ClipQError("training data yielded no batches; check the dataset")
         if checked < len(losses):
             self.check(losses, checked, first_step, lr)
-        return float(torch.stack(losses).mean()), lr
+        all_losses = torch.stack(losses)
+        if done is not None:
+            all_losses = torch.cat([done.to(all_losses.device), all_losses])
+        return float(all_losses.mean()), lr
 
-    def checkpoint(self, path: Path, record: dict[str, float], history: list[dict[str, float]]) -> None:
+    def checkpoint(
+        self,
+        *,
+        epoch_rng: Tensor | None = None,
+        epoch_batches: int = 0,
+        epoch_losses: Tensor | None = None,
+    ) -> None:
+        """Write the checkpoint: at an epoch's end, or inside one (``epoch_batches`` of it done)."""
+        assert self.ckpt_path is not None
+        rng = _rng_state(self.generator, self.device)
         payload: dict[str, Any] = {
             "version": _CHECKPOINT_VERSION,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "epoch": record["epoch"],
+            "epoch": round(self.step / self.steps_per_epoch, 6),
             "step": self.step,
             "steps_per_epoch": self.steps_per_epoch,
-            "rng": _rng_state(self.generator, self.device),
-            "history": history,
+            "rng": rng,
+            "history": self.history,
             "config": self.cfg.to_dict(),
         }
+        if epoch_batches:
+            assert epoch_rng is not None and epoch_losses is not None
+            rng["shuffle"] = epoch_rng  # the resume draws this epoch's order again and skips what was done
+            payload["epoch_batches"] = epoch_batches
+            payload["epoch_losses"] = epoch_losses.detach().cpu()
         if self.scaler is not None:
             payload["scaler"] = self.scaler.state_dict()
-        _write_checkpoint(path, payload)
+        _write_checkpoint(self.ckpt_path, payload)
+        self.last_save = (self.step, time.monotonic())
 
 
 def train(
@@ -454,6 +597,9 @@ def train(
     checkpoint_path: str | os.PathLike[str] | None = None,
     resume: bool = True,
     eval_batch_size: int = 1000,
+    checkpoint_minutes: float | None = 10.0,
+    checkpoint_steps: int | None = None,
+    channels_last: bool | None = None,
 ) -> TrainResult:
     """Train ``model`` in place with SGD + cross-entropy on ``train_data``; returns a :class:`TrainResult`.
 
@@ -465,6 +611,12 @@ def train(
     Optuna trial) stops training. With ``resume`` and an existing checkpoint,
     training continues from it instead of starting over. Validation runs in
     batches of ``eval_batch_size``, under autocast when ``cfg.amp`` applies.
+
+    Inside an epoch, a checkpoint is also written every ``checkpoint_minutes``
+    (None: never) and every ``checkpoint_steps`` steps (None: never); resuming
+    from one continues the epoch's data order at the next batch, so the
+    result is the one of an uninterrupted run (the skipped batches are read
+    again, not trained on). ``channels_last``: see :func:`use_channels_last`.
     """
     device = torch.device(device)
     started = time.perf_counter()
@@ -473,6 +625,9 @@ def train(
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     model.to(device)
+    layout = use_channels_last(model, device, channels_last)
+    if layout:
+        model.to(memory_format=torch.channels_last)
 
     # Drop a ragged last batch (every step the same size; BatchNorm never sees a batch of 1).
     n_items = len(train_data) if isinstance(train_data, BatchSource) else None
@@ -488,13 +643,22 @@ def train(
         params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
     )
     amp_dtype, scaler = _amp_setup(cfg, device)
-    run = _Run(model, train_data, cfg, device, optimizer, scaler, amp_dtype, generator, drop_last,
-               steps_per_epoch, cfg.total_steps(steps_per_epoch), desc)
-
+    if checkpoint_steps is not None and (not _is_int(checkpoint_steps) or checkpoint_steps < 1):
+        raise ConfigError(f"checkpoint_steps={checkpoint_steps!r} is invalid; use an integer >= 1, or None")
+    if checkpoint_minutes is not None and (not _is_number(checkpoint_minutes) or checkpoint_minutes <= 0):
+        raise ConfigError(f"checkpoint_minutes={checkpoint_minutes!r} is invalid; use a number > 0, or None")
     result = TrainResult()
     ckpt_path = Path(checkpoint_path) if checkpoint_path is not None else None
+    run = _Run(model, train_data, cfg, device, optimizer, scaler, amp_dtype, generator, drop_last,
+               steps_per_epoch, cfg.total_steps(steps_per_epoch), desc, channels_last=layout, ckpt_path=ckpt_path,
+               history=result.history, every_steps=checkpoint_steps,
+               every_seconds=None if checkpoint_minutes is None else 60.0 * checkpoint_minutes)
     if ckpt_path is not None and resume and ckpt_path.exists():
-        run.step = _resume_from_(ckpt_path, cfg, steps_per_epoch, model, optimizer, scaler, generator, device, result)
+        run.step, run.skip, run.done_losses = _resume_from_(
+            ckpt_path, cfg, steps_per_epoch, model, optimizer, scaler, generator, device, result
+        )
+        run.history = result.history
+    run.last_save = (run.step, time.monotonic())
 
     if _show_progress(progress):
         from tqdm.auto import tqdm
@@ -513,13 +677,14 @@ def train(
                 "seconds": time.perf_counter() - epoch_start,
             }
             if val_data is not None:
-                metrics = evaluate(model, val_data, device=device, batch_size=eval_batch_size, amp=cfg.amp)
+                metrics = evaluate(model, val_data, device=device, batch_size=eval_batch_size, amp=cfg.amp,
+                                   channels_last=layout)
                 record["val_top1"] = metrics["top1"]
                 record["val_loss"] = metrics["loss"]
                 model.train()
             result.history.append(record)
             if ckpt_path is not None:
-                run.checkpoint(ckpt_path, record, result.history)
+                run.checkpoint()
             if on_epoch_end is not None:
                 on_epoch_end(dict(record))
     finally:
@@ -542,6 +707,7 @@ def evaluate(
     device: torch.device | str,
     batch_size: int = 1000,
     amp: bool = True,
+    channels_last: bool | None = None,
 ) -> dict[str, float]:
     """Accuracy and mean cross-entropy of ``model`` on ``data``, in batches of ``batch_size``.
 
@@ -549,13 +715,16 @@ def evaluate(
     same autocast as training (bfloat16, or float16). Returns ``top1``
     (percent), ``loss``, ``n`` (items) and, when there are more than 5
     classes, ``top5`` (percent). The model's train/eval mode is restored
-    afterwards.
+    afterwards. ``channels_last``: see :func:`use_channels_last`.
     """
     device = torch.device(device)
     data = _resident(data, device)
     was_training = model.training
     model.eval()
     model.to(device)
+    layout = use_channels_last(model, device, channels_last)
+    if layout:
+        model.to(memory_format=torch.channels_last)
     amp_dtype = _amp_dtype(device) if amp else None
     n = 0
     classes = 0
@@ -566,7 +735,7 @@ def evaluate(
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             for xb, yb in iter_batches(data, batch_size, shuffle=False, device=device):
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits = model(xb).float()
+                    logits = model(_layout(xb, layout)).float()
                 classes = logits.shape[1]
                 loss_sum += F.cross_entropy(logits, yb, reduction="sum").double()
                 k = min(5, classes)
