@@ -508,3 +508,36 @@ def test_a_compiled_attached_model_trains_as_the_eager_one_without_recompiling()
         losses += [(step(compiled, opt_c, x, y), step(eager, opt_e, x, y)) for x, y in batches[2:]]
     assert [c for c, _ in losses] == [e for _, e in losses]
     torch._dynamo.reset()
+
+
+def test_the_tensor_implementation_joins_the_compiled_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the tensor implementation runs (CUDA; here forced on CPU), a compiled model is one graph, no break,
+    and trains exactly as the eager one."""
+    import torch._dynamo
+
+    monkeypatch.setenv("CLIPQ_SEARCH_KERNEL", "torch")
+
+    def make() -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 20), nn.ReLU(), nn.Linear(20, 3))
+        attach_clipq(m, {"default": {"p": 0.8, "bits": 3}})
+        return m, torch.optim.SGD(m.parameters(), lr=0.1)
+
+    (eager, opt_e), (model, opt_c) = make(), make()
+    x0 = torch.randn(16, 40)
+    explained = torch._dynamo.explain(model)(x0)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x, y = torch.randn(16, 40, generator=g), torch.randint(0, 3, (16,), generator=g)
+        losses = []
+        for net, opt in ((compiled, opt_c), (eager, opt_e)):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(net(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        assert losses[0] == losses[1]
+    torch._dynamo.reset()

@@ -257,6 +257,8 @@ _CONSTANTS_MAX = 4096
 
 
 def _constants_for(device: torch.device, n: int, p: float, bits: int) -> _Constants:
+    if torch.compiler.is_compiling():  # traced into a graph: they become the graph's constants
+        return _Constants(device, n, p, bits)
     key = (device, n, p, bits)
     found = _constants.get(key)
     if found is None:

@@ -175,9 +175,15 @@ class ClipQWeight(nn.Module):
         return buf
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
-        # Under torch.compile the bookkeeping and the kernel call run as they are, outside the graph:
-        # traced, their per-step state would become guards and recompile the model at every step.
-        q = _quantize_outside_graphs(self, original) if torch.compiler.is_compiling() else self.quantize(original)
+        if not torch.compiler.is_compiling():
+            q = self.quantize(original)
+        elif original.device.type != "cpu" or not compiled_for(original.numel()):
+            # The tensor implementation reads nothing back from the device: it joins the model's graph.
+            q = quantize_on_device(original, self.p, self.bits)[0]
+        else:
+            # The compiled CPU operator and its bookkeeping run as they are, outside the graph: traced,
+            # their per-step state would become guards and recompile the model at every step.
+            q = _quantize_outside_graphs(self, original)
         # While torch.jit.trace records, also without gradients: its check traces again under no_grad
         # and compares the two graphs.
         if (original.requires_grad and torch.is_grad_enabled()) or torch.jit.is_tracing():
