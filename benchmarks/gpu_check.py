@@ -12,8 +12,18 @@ On a machine with a CUDA GPU it
    and ``device: cuda`` (four trials at once on one GPU), through the command
    line, and reports whether the trials overlapped;
 
+4. checks the device paths: the CLIP-Q operator on the GPU bit for bit
+   against ``core.reference.reference_clipq`` on several layer sizes; host
+   syncs (``torch.cuda.set_sync_debug_mode``) and kernel launches
+   (``torch.profiler``) of one CLIP-Q step of ResNet-18's layers; the AMP
+   type chosen for the GPU and its compute capability; ``estimate_size`` of
+   ResNet-50 on the GPU against the CPU; the cuDNN, TF32 and channels_last
+   settings a worker runs with;
+
 and writes the figures to ``benchmarks/results/gpu_check.json``. Without
 CUDA it says so and exits 0 (the gpu-marked tests skip), writing nothing.
+``--cpu-smoke`` runs the checks of 4 on the CPU at small sizes (seconds) and
+writes ``benchmarks/results/gpu_check_cpu_smoke.json``.
 """
 
 from __future__ import annotations
@@ -70,6 +80,144 @@ def step_ms(model_name: str, clipq: bool, batch: int, steps: int, warmup: int) -
     return sorted(times)[len(times) // 2]
 
 
+def bit_exact(device: torch.device, sizes: list[int]) -> dict[str, Any]:
+    """The operator on ``device`` against the reference, bit for bit, for each size and a few (p, bits)."""
+    from clipq_search.core.operator import clipq_quantize_with_stats
+    from clipq_search.core.reference import reference_clipq
+
+    rows = []
+    for n in sizes:
+        w = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 0.05
+        for p, bits in ((0.0, 8), (0.5, 4), (0.9, 2), (0.98, 6)):
+            out, _ = clipq_quantize_with_stats(w.to(device), p, bits)
+            ref, _ = reference_clipq(w, p, bits)
+            rows.append({"n": n, "p": p, "bits": bits, "equal": bool(torch.equal(out.cpu(), ref))})
+    return {"all_equal": all(r["equal"] for r in rows), "cases": rows}
+
+
+def _resnet(name: str) -> torch.nn.Module:
+    """torchvision's model when installed, else a stack of its layer shapes (enough for the operator and sizing)."""
+    try:
+        import torchvision
+
+        return torchvision.models.get_model(name, num_classes=1000)
+    except ImportError:
+        widths = [64, 128, 256, 512]
+        layers = [torch.nn.Conv2d(3, 64, 7)]
+        for a, b in zip([64, *widths[:-1]], widths, strict=True):
+            layers += [torch.nn.Conv2d(a, b, 3), torch.nn.Conv2d(b, b, 3)]
+        return torch.nn.Sequential(*layers, torch.nn.Flatten(), torch.nn.Linear(512, 1000))
+
+
+def step_syncs_and_launches(device: torch.device, model_name: str) -> dict[str, Any]:
+    """Host syncs and kernel launches of one CLIP-Q step of every layer (the weights changed, then read)."""
+    import warnings
+
+    from clipq_search.core.plan import compressible_tensors
+
+    model = _resnet(model_name).to(device)
+    attach_clipq(model, Plan.from_dict({"default": {"p": 0.9, "bits": 4}}))
+    tensors = list(compressible_tensors(model).values())
+
+    def step() -> None:
+        with torch.no_grad():
+            for par in model.parameters():
+                par.add_(0.0)  # as an optimizer step: every weight's version moves on
+            for t in tensors:
+                t.tensor()
+
+    for _ in range(3):  # warm up: buffers, hints, caches
+        step()
+    out: dict[str, Any] = {"model": model_name, "layers": len(tensors)}
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower()]
+        out["host_syncs_per_step"] = len(syncs)
+        out["host_syncs_first"] = syncs[:5]
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    events = prof.events()
+    out["aten_calls_per_step"] = sum(1 for e in events if e.name.startswith("aten::"))
+    if device.type == "cuda":
+        launches = sum(1 for e in events if e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+        out["kernel_launches_per_step"] = launches
+        out["kernel_launches_per_layer"] = round(launches / max(1, len(tensors)), 2)
+    return out
+
+
+def amp_choice(device: torch.device) -> dict[str, Any]:
+    """The autocast type training picks on ``device`` and, on CUDA, the GPU's compute capability."""
+    from clipq_search.training import loop
+
+    out: dict[str, Any] = {"amp_dtype": str(loop._amp_dtype(device))}
+    if device.type == "cuda":
+        out["capability"] = list(torch.cuda.get_device_capability(device))
+        out["torch_is_bf16_supported"] = torch.cuda.is_bf16_supported()
+    return out
+
+
+def sizing(device: torch.device, model_name: str) -> dict[str, Any]:
+    """Seconds of ``estimate_size`` on ``device`` and on the CPU for a compressed model; the two must agree."""
+    from clipq_search.core.encoding import estimate_size
+
+    rows = []
+    for p, bits in ((0.8, 5), (0.0, 8)):
+        torch.manual_seed(0)
+        model = _resnet(model_name)
+        attach_clipq(model, Plan.from_dict({"default": {"p": p, "bits": bits}}))
+        row: dict[str, Any] = {"p": p, "bits": bits}
+        for where in (device, torch.device("cpu")) if device.type != "cpu" else (device,):
+            model.to(where)
+            estimate_size(model)  # warm: every layer quantized, kernels loaded
+            if where.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            est = estimate_size(model)
+            row[f"{where.type}_seconds"] = round(time.perf_counter() - t0, 4)
+            row[f"{where.type}_bytes"] = est.total_bytes
+        row["same_bytes"] = len({v for k, v in row.items() if k.endswith("_bytes")}) == 1
+        rows.append(row)
+    return {"model": model_name, "cases": rows}
+
+
+def settings(device: torch.device) -> dict[str, Any]:
+    """The flags a worker on ``device`` runs with (``resources`` defaults); whether ResNet-50 is channels_last."""
+    from clipq_search.training.loop import configure_device_, use_channels_last
+
+    out = configure_device_(device)
+    out["channels_last_resnet50"] = use_channels_last(_resnet("resnet50"), device)
+    out["deterministic_variant"] = configure_device_(device, deterministic=True)
+    configure_device_(device)
+    return out
+
+
+def device_checks(device: torch.device, smoke: bool) -> dict[str, Any]:
+    sizes = [1_000, 10_000] if smoke else [4_096, 147_456, 589_824, 2_359_296]
+    out: dict[str, Any] = {"bit_exact": bit_exact(device, sizes)}
+    print(f"operator bit-exact on {device}: {out['bit_exact']['all_equal']}")
+    out["step"] = step_syncs_and_launches(device, "resnet18")
+    print(f"one CLIP-Q step of resnet18's layers: {out['step']}")
+    out["amp"] = amp_choice(device)
+    print(f"AMP: {out['amp']}")
+    out["sizing"] = sizing(device, "resnet18" if smoke else "resnet50")
+    print(f"estimate_size: {out['sizing']}")
+    out["settings"] = settings(device)
+    print(f"settings: {out['settings']}")
+    return out
+
+
 def packed_trials() -> dict[str, Any]:
     """A 4-trial search of the smoke space, 4 at once on one GPU (gpus_per_trial 0.25), through the CLI."""
     import pandas as pd
@@ -106,8 +254,19 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--skip-tests", action="store_true", help="do not run the gpu-marked tests")
     ap.add_argument("--skip-trials", action="store_true", help="do not run the packed-trials search")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_check.json"))
+    ap.add_argument("--skip-device-checks", action="store_true", help="do not run the checks of the device paths")
+    ap.add_argument("--cpu-smoke", action="store_true", help="run the device-path checks on the CPU, small sizes")
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    results = ROOT / "benchmarks" / "results"
+    if args.cpu_smoke:
+        out_path = Path(args.out or results / "gpu_check_cpu_smoke.json")
+        report = {"torch": torch.__version__, **device_checks(torch.device("cpu"), smoke=True)}
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {out_path}")
+        return 0 if report["bit_exact"]["all_equal"] else 1
+    args.out = args.out or str(results / "gpu_check.json")
     if not torch.cuda.is_available():
         print("no CUDA GPU here: the GPU check is skipped (nothing written)")
         return 0
@@ -117,6 +276,8 @@ def main() -> int:
         "settings": {"batch": args.batch, "steps": args.steps, "warmup": args.warmup, "amp": "bfloat16",
                      "memory_format": "channels_last", "plan": {"p": 0.9, "bits": 4}},
     }
+    if not args.skip_device_checks:
+        out["device_checks"] = device_checks(torch.device("cuda"), smoke=False)
     if not args.skip_tests:
         out["gpu_tests"] = gpu_tests()
         print(f"gpu tests: {out['gpu_tests']['summary']}")
@@ -134,7 +295,8 @@ def main() -> int:
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out}")
     failed = out.get("gpu_tests", {}).get("returncode", 0) not in (0, 5) or \
-        out.get("packed_trials", {}).get("returncode", 0) != 0
+        out.get("packed_trials", {}).get("returncode", 0) != 0 or \
+        not out.get("device_checks", {}).get("bit_exact", {}).get("all_equal", True)
     return 1 if failed else 0
 
 

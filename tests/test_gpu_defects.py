@@ -328,7 +328,7 @@ def test_size_on_the_device_equals_the_file_writer(tmp_path: Path) -> None:
     from clipq_search.core import encoding
 
     for label, model, plan in _sized_models():
-        device_path = encoding.estimate_size(model, plan)
+        device_path = encoding._estimate(model, plan)  # what estimate_size runs for a model on a GPU
         host_path = encoding._plan_file(model, plan, write=False)[0]  # the writer's own count
         assert device_path == host_path, label
         written = encoding.save_compressed(model, tmp_path / "m.clipq", plan)
@@ -352,5 +352,5 @@ def test_sizing_reads_the_device_once(monkeypatch: pytest.MonkeyPatch) -> None:
         for t in compressible_tensors(model).values():
             t.tensor()  # quantize first: only the sizing's own reads are counted
     reads.clear()
-    encoding.estimate_size(model)
+    encoding._estimate(model, None)  # what estimate_size runs for a model on a GPU
     assert reads == ["tolist"]
