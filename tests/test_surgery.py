@@ -541,3 +541,50 @@ def test_the_tensor_implementation_joins_the_compiled_graph(monkeypatch: pytest.
             losses.append(float(loss.detach()))
         assert losses[0] == losses[1]
     torch._dynamo.reset()
+
+
+def test_a_cuda_graph_that_cannot_be_recorded_leaves_the_operator_running_without_graphs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from clipq_search.core import surgery
+
+    def refuse(*args: object) -> None:
+        raise RuntimeError("operation not permitted when stream is capturing\nmore lines")
+
+    monkeypatch.setattr(surgery.torch.cuda, "current_stream", refuse)
+    surgery.use_cuda_graphs(True)
+    try:
+        w = torch.randn(300)
+        with pytest.warns(UserWarning, match=r"without CUDA graphs: recording one failed \(operation not permitted"):
+            assert surgery._record(w, torch.empty_like(w), 0.5, 4) is None
+        assert not surgery._cuda_graphs["on"]
+    finally:
+        surgery.use_cuda_graphs(False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_give_the_operator_bit_for_bit_along_training() -> None:
+    """Replayed graphs write what the operator computes, step after step, and the statistics follow."""
+    from clipq_search.core import surgery
+    from clipq_search.core.reference import reference_clipq
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, 200), nn.ReLU(), nn.Linear(200, 10)).cuda()
+    attach_clipq(model, {"default": {"p": 0.7, "bits": 5}})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    surgery.use_cuda_graphs(True)
+    try:
+        for _ in range(4):
+            opt.zero_grad()
+            model(torch.randn(32, 300, device="cuda")).square().mean().backward()
+            opt.step()
+            for layer in (model[0], model[2]):
+                q = layer.weight.detach()
+                original = layer.parametrizations.weight.original.detach().cpu()
+                ref = reference_clipq(original, 0.7, 5)[0]
+                assert torch.equal(q.cpu().view(torch.int32), ref.view(torch.int32))
+        assert surgery._cuda_graphs["on"]
+        assert model[0].parametrizations.weight[0]._state["graph"] is not None
+    finally:
+        surgery.use_cuda_graphs(False)
