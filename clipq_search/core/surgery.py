@@ -307,6 +307,8 @@ def attach_clipq(model: nn.Module, plan: Plan | Mapping[str, Any]) -> dict[str, 
     resolved = plan.resolve_names(list(tensors))
     for name, cfg in resolved.items():
         module, attr = tensors[name].module, tensors[name].attr
+        if cfg.bits >= FULL_PRECISION_BITS:
+            _keep_full_precision(module)
         existing = _clipq_param(module, attr)
         if existing is not None:
             existing.p, existing.bits = cfg.p, cfg.bits
@@ -320,6 +322,47 @@ def attach_clipq(model: nn.Module, plan: Plan | Mapping[str, Any]) -> dict[str, 
             module.register_state_dict_post_hook(_save_hook)
             module.register_load_state_dict_pre_hook(_load_pre_hook)
     return resolved
+
+
+#: From this many bits on, bfloat16 (8 significant bits) cannot keep a layer's levels apart: under bfloat16
+#: autocast such a layer computes in float32, so training sees the weights the file holds.
+FULL_PRECISION_BITS = 7
+_autocast_exits = threading.local()
+
+
+def _needs_full_precision(module: nn.Module, device_type: str) -> bool:
+    if not torch.is_autocast_enabled(device_type) or torch.get_autocast_dtype(device_type) != torch.bfloat16:
+        return False
+    return any(par.bits >= FULL_PRECISION_BITS for attr in _clipq_attrs(module)
+               if (par := _clipq_param(module, attr)) is not None)
+
+
+def _full_precision_pre_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """Under bfloat16 autocast, a layer with a CLIP-Q weight of 7 or 8 bits runs without autocast, in float32."""
+    stack = _autocast_exits.__dict__.setdefault("stack", [])
+    device_type = next((a.device.type for a in args if isinstance(a, torch.Tensor)), None)
+    if device_type is None or not _needs_full_precision(module, device_type):
+        stack.append(None)
+        return None
+    off = torch.autocast(device_type, enabled=False)
+    off.__enter__()
+    stack.append(off)
+    return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+def _full_precision_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    off = _autocast_exits.stack.pop()
+    if off is not None:
+        off.__exit__(None, None, None)
+
+
+def _keep_full_precision(module: nn.Module) -> None:
+    """Give ``module`` the hooks that keep its 7- and 8-bit CLIP-Q weight out of bfloat16 (once)."""
+    if getattr(module, "_clipq_full_precision", False):
+        return
+    module.register_forward_pre_hook(_full_precision_pre_hook)
+    module.register_forward_hook(_full_precision_hook, always_call=True)  # also when the forward raises
+    module._clipq_full_precision = True
 
 
 def attached_configs(model: nn.Module) -> dict[str, LayerConfig]:
