@@ -125,6 +125,26 @@ def test_the_space_carries_the_settings_to_the_worker(restore_flags: None) -> No
         load_space(SMOKE, ["resources.deterministic=3"])
 
 
+def test_cuda_graphs_follow_the_space_and_only_on_cuda(restore_flags: None) -> None:
+    from clipq_search.core import surgery
+    from clipq_search.search.trial import worker_device
+
+    try:
+        configure_device_(torch.device("cuda"), cuda_graphs=True)
+        assert surgery._cuda_graphs["on"] and device_settings()["cuda_graphs"]
+        configure_device_(torch.device("cpu"), cuda_graphs=True)  # CPU layers run the compiled operator
+        assert not surgery._cuda_graphs["on"]
+        configure_device_(torch.device("cuda"), cuda_graphs=True)
+        space = load_space(SMOKE)
+        assert space.data["resources"]["cuda_graphs"] is False
+        worker_device(space.data["resources"])  # a reused worker's next trial: the space's setting, off
+        assert not surgery._cuda_graphs["on"] and not device_settings()["cuda_graphs"]
+        with pytest.raises(Exception, match="cuda_graphs"):
+            load_space(SMOKE, ["resources.cuda_graphs=maybe"])
+    finally:
+        surgery.use_cuda_graphs(False)
+
+
 # -- 15: a checkpoint inside an epoch, resumed exactly -------------------------------------------------------------
 
 

@@ -138,7 +138,8 @@ def _worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     configure_threads(max(1, int(res["cpus_per_trial"])))
     device = _device(res)
-    configure_device_(device, deterministic=bool(res.get("deterministic")), channels_last=res.get("channels_last"))
+    configure_device_(device, deterministic=bool(res.get("deterministic")), channels_last=res.get("channels_last"),
+                      cuda_graphs=bool(res.get("cuda_graphs")))
     model = model_for(space, payload["info"])
     model.load_state_dict(state_from_bytes(payload["baseline"]), strict=True)
     if config["plan"] is not None:

@@ -272,6 +272,7 @@ SCHEMA: dict[str, Any] = {
         "gpus_per_trial": _d(_num(0), 0),
         "deterministic": _d(_bool(), False),  # reproducible CUDA runs (deterministic algorithms, no cuDNN autotuning)
         "channels_last": _d(Field(None, "true, false or null", lambda v: v is None or isinstance(v, bool)), None),
+        "cuda_graphs": _d(_bool(), False),  # replay each layer's CLIP-Q operator as a recorded CUDA graph
     },
 }
 

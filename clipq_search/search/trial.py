@@ -341,6 +341,7 @@ def worker_device(resources: str | None | Mapping[str, Any]) -> torch.device:
             device,
             deterministic=bool(resources.get("deterministic", False)),
             channels_last=resources.get("channels_last"),
+            cuda_graphs=bool(resources.get("cuda_graphs", False)),
         )
     return device
 

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from clipq_search._io import atomic_open
+from clipq_search.core.surgery import use_cuda_graphs
 from clipq_search.errors import ClipQError, ConfigError
 from clipq_search.training.data import ArrayDataset, BatchSource, iter_batches, num_batches
 
@@ -110,7 +111,7 @@ def configure_threads(n: int | None) -> int:
 
 @dataclass(frozen=True)
 class DeviceSettings:
-    """How this process computes (``resources.deterministic`` and ``resources.channels_last``).
+    """How this process computes (``resources.deterministic``, ``channels_last`` and ``cuda_graphs``).
 
     ``channels_last``: None lets :func:`train` and :func:`evaluate` use the
     channels-last memory layout for models with 2-D convolutions on CUDA
@@ -120,6 +121,7 @@ class DeviceSettings:
 
     deterministic: bool = False
     channels_last: bool | None = None
+    cuda_graphs: bool = False
 
 
 _settings = DeviceSettings()
@@ -129,7 +131,8 @@ CUBLAS_WORKSPACE = ":4096:8"
 
 
 def configure_device_(
-    device: torch.device | str, *, deterministic: bool = False, channels_last: bool | None = None
+    device: torch.device | str, *, deterministic: bool = False, channels_last: bool | None = None,
+    cuda_graphs: bool = False,
 ) -> dict[str, Any]:
     """Set torch's process-wide flags for computing on ``device``; return the settings now in effect.
 
@@ -138,12 +141,15 @@ def configure_device_(
     ``deterministic``: ``torch.use_deterministic_algorithms(True,
     warn_only=True)`` (an operation without a deterministic implementation
     warns rather than fails), ``cudnn.deterministic``, no ``benchmark``, and
-    ``CUBLAS_WORKSPACE_CONFIG`` (set when the process has not set it). Each
-    call sets every flag, so a reused worker never keeps a former trial's.
+    ``CUBLAS_WORKSPACE_CONFIG`` (set when the process has not set it). With
+    ``cuda_graphs`` on CUDA, each layer's CLIP-Q operator is replayed as a
+    recorded CUDA graph (``core.surgery.use_cuda_graphs``). Each call sets
+    every flag, so a reused worker never keeps a former trial's.
     """
     global _settings
     device = torch.device(device)
-    _settings = DeviceSettings(deterministic, channels_last)
+    _settings = DeviceSettings(deterministic, channels_last, cuda_graphs)
+    use_cuda_graphs(cuda_graphs and device.type == "cuda")
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
@@ -166,6 +172,7 @@ def device_settings() -> dict[str, Any]:
         "conv_fp32_precision": torch.backends.cudnn.conv.fp32_precision,
         "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
         "channels_last": _settings.channels_last,
+        "cuda_graphs": _settings.cuda_graphs,
     }
 
 
