@@ -54,10 +54,16 @@ def gpu_tests() -> dict[str, Any]:
     return {"returncode": r.returncode, "summary": lines[-1] if lines else r.stderr.strip()[-300:]}
 
 
-def step_ms(model_name: str, clipq: bool, batch: int, steps: int, warmup: int) -> float:
-    """Median milliseconds of one SGD step (forward, backward, update) on random 224x224 images."""
+def step_ms(model_name: str, clipq: bool, batch: int, steps: int, warmup: int, graphs: bool = False) -> float:
+    """Median milliseconds of one SGD step (forward, backward, update) on random 224x224 images.
+
+    ``graphs``: the CLIP-Q operator replayed as CUDA graphs (``resources.cuda_graphs``).
+    """
     import torchvision
 
+    from clipq_search.core.surgery import use_cuda_graphs
+
+    use_cuda_graphs(graphs)
     torch.manual_seed(0)
     model = torchvision.models.get_model(model_name, num_classes=1000).cuda().to(memory_format=torch.channels_last)
     if clipq:
@@ -91,7 +97,8 @@ def bit_exact(device: torch.device, sizes: list[int]) -> dict[str, Any]:
         for p, bits in ((0.0, 8), (0.5, 4), (0.9, 2), (0.98, 6)):
             out, _ = clipq_quantize_with_stats(w.to(device), p, bits)
             ref, _ = reference_clipq(w, p, bits)
-            rows.append({"n": n, "p": p, "bits": bits, "equal": bool(torch.equal(out.cpu(), ref))})
+            same = torch.equal(out.cpu().view(torch.int32), ref.view(torch.int32))  # bit patterns, signed zeros too
+            rows.append({"n": n, "p": p, "bits": bits, "equal": bool(same)})
     return {"all_equal": all(r["equal"] for r in rows), "cases": rows}
 
 
@@ -109,11 +116,17 @@ def _resnet(name: str) -> torch.nn.Module:
         return torch.nn.Sequential(*layers, torch.nn.Flatten(), torch.nn.Linear(512, 1000))
 
 
-def step_syncs_and_launches(device: torch.device, model_name: str) -> dict[str, Any]:
-    """Host syncs and kernel launches of one CLIP-Q step of every layer (the weights changed, then read)."""
+def step_syncs_and_launches(device: torch.device, model_name: str, graphs: bool = False) -> dict[str, Any]:
+    """Host syncs and kernel launches of one CLIP-Q step of every layer (the weights changed, then read).
+
+    ``graphs``: with the operator replayed as CUDA graphs.
+    """
     import warnings
 
     from clipq_search.core.plan import compressible_tensors
+    from clipq_search.core.surgery import use_cuda_graphs
+
+    use_cuda_graphs(graphs)
 
     model = _resnet(model_name).to(device)
     attach_clipq(model, Plan.from_dict({"default": {"p": 0.9, "bits": 4}}))
@@ -151,7 +164,8 @@ def step_syncs_and_launches(device: torch.device, model_name: str) -> dict[str, 
     events = prof.events()
     out["aten_calls_per_step"] = sum(1 for e in events if e.name.startswith("aten::"))
     if device.type == "cuda":
-        launches = sum(1 for e in events if e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+        launches = sum(1 for e in events if e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC",
+                                                        "cudaGraphLaunch"))
         out["kernel_launches_per_step"] = launches
         out["kernel_launches_per_layer"] = round(launches / max(1, len(tensors)), 2)
     return out
@@ -209,6 +223,9 @@ def device_checks(device: torch.device, smoke: bool) -> dict[str, Any]:
     print(f"operator bit-exact on {device}: {out['bit_exact']['all_equal']}")
     out["step"] = step_syncs_and_launches(device, "resnet18")
     print(f"one CLIP-Q step of resnet18's layers: {out['step']}")
+    if device.type == "cuda":
+        out["step_cuda_graphs"] = step_syncs_and_launches(device, "resnet18", graphs=True)
+        print(f"the same with CUDA graphs: {out['step_cuda_graphs']}")
     out["amp"] = amp_choice(device)
     print(f"AMP: {out['amp']}")
     out["sizing"] = sizing(device, "resnet18" if smoke else "resnet50")
@@ -285,9 +302,12 @@ def main() -> int:
     for name in filter(None, args.models.split(",")):
         plain = step_ms(name, False, args.batch, args.steps, args.warmup)
         clipq = step_ms(name, True, args.batch, args.steps, args.warmup)
-        ratio = clipq / plain
-        out["steps"][name] = {"plain_ms": round(plain, 2), "clipq_ms": round(clipq, 2), "ratio": round(ratio, 3)}
-        print(f"{name}: plain {plain:.1f} ms, CLIP-Q {clipq:.1f} ms per step ({ratio:.2f}x)")
+        graphs = step_ms(name, True, args.batch, args.steps, args.warmup, graphs=True)
+        ratio, ratio_g = clipq / plain, graphs / plain
+        out["steps"][name] = {"plain_ms": round(plain, 2), "clipq_ms": round(clipq, 2), "ratio": round(ratio, 3),
+                              "clipq_cuda_graphs_ms": round(graphs, 2), "ratio_cuda_graphs": round(ratio_g, 3)}
+        print(f"{name}: plain {plain:.1f} ms, CLIP-Q {clipq:.1f} ms ({ratio:.2f}x), "
+              f"with CUDA graphs {graphs:.1f} ms ({ratio_g:.2f}x) per step")
     if not args.skip_trials:
         out["packed_trials"] = packed_trials()
         print(f"4 trials at gpus_per_trial 0.25: {out['packed_trials']}")
