@@ -145,6 +145,49 @@ def cmd_demo(args: argparse.Namespace) -> None:
     _log(f"report with the final result: {html}")
 
 
+def cmd_cluster(args: argparse.Namespace) -> None:
+    """Each node of the cluster (or of a local instance): resources, torch and CUDA, and whether its workers
+    import the package (shipped through Ray's runtime_env) and, with --space, read the space's dataset.root."""
+    from clipq_search.search.cluster import (
+        check_address,
+        check_nodes,
+        format_node,
+        init_ray,
+        node_reports,
+        nodes_summary,
+    )
+
+    root, needed = None, False
+    if args.space:
+        from clipq_search.search.space import load_space
+        from clipq_search.search.trial import dataset_spec
+
+        spec = dataset_spec(load_space(args.space, args.overrides))
+        root, needed = spec.resolved_root, spec.name == "imagefolder"
+    if args.address:
+        check_address(args.address)
+        init_ray(args.address, 1, 0, 0, _log, check_versions=False)
+    else:
+        import torch
+
+        init_ray(None, 1, 0, 1 if torch.cuda.is_available() else 0, _log)  # GPUs: Ray counts this machine's
+    reports = node_reports(root)
+    for r in reports:
+        print(format_node(r))
+    where = args.address or "local"
+    check_nodes(reports, where, 0, 0)
+    if needed:
+        unread = [r.name for r in reports if r.dataset_ok is False]
+        if unread:
+            raise ClipQError(
+                f"{', '.join(unread)} cannot read dataset.root {root}; image folders must be at the same path on "
+                "every node"
+            )
+    elif root is not None:
+        print(f"dataset {spec.name}: shipped from this machine through Ray's object store; nodes need no copy")
+    print(f"ok: {nodes_summary(reports)}")
+
+
 def cmd_spaces(args: argparse.Namespace) -> None:
     from clipq_search.search.space import list_presets
 
@@ -176,7 +219,7 @@ def cmd_init(args: argparse.Namespace) -> None:
 
 
 def register(sub: argparse._SubParsersAction, add_space_args: Callable, positive_int: Callable) -> None:
-    """Add the pretrain / search / report / export / final / demo sub-commands."""
+    """Add the pretrain / search / report / export / final / demo / cluster sub-commands."""
     from clipq_search.search.space import SAMPLERS
 
     def nonneg_float(text: str) -> float:
@@ -256,3 +299,16 @@ def register(sub: argparse._SubParsersAction, add_space_args: Callable, positive
     add_space_args(p)
     p.add_argument("--name", help="run name (default: the space's name)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("cluster", help="list the Ray cluster's nodes: resources, torch, CUDA, package, dataset")
+    p.add_argument("--address", help="Ray cluster address HOST:PORT (default: a private local Ray instance)")
+    p.add_argument("--space", help="also check that every node reads this space's dataset.root")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a value of --space, e.g. --set dataset.root=/data/imagenet (repeatable)",
+    )
+    p.set_defaults(func=cmd_cluster)
