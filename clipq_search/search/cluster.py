@@ -390,9 +390,23 @@ def _node_probe() -> Callable[[str | None], dict[str, Any]]:
             import torch
 
             found["torch"], found["cuda"] = str(torch.__version__), torch.version.cuda
-            found["cuda_devices"] = torch.cuda.device_count() if torch.cuda.is_available() else 0
         except Exception as exc:  # noqa: BLE001 - reported, whatever it is
             found["torch_error"] = f"{type(exc).__name__}: {exc}"
+        if found.get("cuda"):
+            # Ray hides the GPUs from a task that asks for none (CUDA_VISIBLE_DEVICES=""), and this one takes
+            # none so that it runs on a busy node: count them in a process that sees the node's devices, which
+            # also keeps CUDA's context out of this worker.
+            import subprocess
+            import sys
+
+            env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+            count = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
+            try:
+                cmd = [sys.executable, "-c", count]
+                out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=False)
+                found["cuda_devices"] = int(out.stdout.strip().splitlines()[-1])
+            except (OSError, subprocess.TimeoutExpired, IndexError, ValueError):
+                found["cuda_devices"] = 0
         try:
             import clipq_search
 
