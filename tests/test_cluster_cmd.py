@@ -67,6 +67,20 @@ def test_a_rejected_token_names_where_it_came_from(monkeypatch: pytest.MonkeyPat
     assert cluster._auth_problem("h:1", "ok", "") is None and cluster._auth_problem("h:1", "other", "boom") is None
 
 
+def test_a_cluster_on_other_versions_is_named_in_one_line() -> None:
+    ray_says = RuntimeError(
+        "Version mismatch: The cluster was started with:\n    Ray: 2.60.0\n    Python: 3.11.7\n"
+        "This process on node 127.0.0.2 was started with:\n    Ray: 2.60.0\n    Python: 3.11.2\n"
+    )
+    assert cluster._connect_problem("h:1", ray_says) == (
+        "the Ray cluster at --address h:1 runs Ray 2.60.0 on Python 3.11.7, this machine Ray 2.60.0 on Python "
+        "3.11.2; run the command with the cluster's Ray and Python versions"
+    )
+    assert cluster._connect_problem("h:1", ConnectionError("refused\nmore")).startswith(
+        "no Ray cluster answers at --address h:1 (refused)"
+    )
+
+
 def test_the_package_folder_is_shipped_without_caches() -> None:
     env = cluster.shipped_code()
     assert env["py_modules"] == [str(Path(clipq_search.__file__).resolve().parent)]

@@ -61,6 +61,23 @@ def _stay_on_loopback() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
+def _connect_problem(address: str, exc: BaseException) -> str:
+    """One line for a failed ``ray.init(address=...)``; Ray's version mismatch spans lines, so it is read whole."""
+    import re
+
+    versions = re.findall(r"Ray: (\S+)\s+Python: (\S+)", str(exc))
+    if str(exc).startswith("Version mismatch") and len(versions) == 2:
+        (ray_there, py_there), (ray_here, py_here) = versions
+        return (
+            f"the Ray cluster at --address {address} runs Ray {ray_there} on Python {py_there}, this machine Ray "
+            f"{ray_here} on Python {py_here}; run the command with the cluster's Ray and Python versions"
+        )
+    return (
+        f"no Ray cluster answers at --address {address} ({first_line(exc)}); start one with `ray start --head` "
+        "or drop --address to run locally"
+    )
+
+
 def _loopback_ip(host: str) -> str | None:
     """The loopback IP ``host`` names (localhost: 127.0.0.1; Ray keeps 127.0.0.2 and up as given), or None."""
     import ipaddress
@@ -111,11 +128,7 @@ def init_ray(
             local = {"_node_ip_address": loopback} if loopback else {}
             ray.init(address=address, logging_level="ERROR", log_to_driver=False, runtime_env=shipped_code(), **local)
         except Exception as exc:  # noqa: BLE001 - connection failures come in many types
-            first = first_line(exc)
-            raise ClipQError(
-                f"no Ray cluster answers at --address {address} ({first}); start one with `ray start --head` "
-                "or drop --address to run locally"
-            ) from None
+            raise ClipQError(_connect_problem(address, exc)) from None
         res = ray.cluster_resources()
         log(
             f"connected to Ray cluster at {address}: {len(ray.nodes())} node(s), "
