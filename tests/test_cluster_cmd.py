@@ -1,6 +1,7 @@
 """Joining a Ray cluster: the token check, the package shipped to the workers, the per-node checks, `cluster`.
 
-The slow tests start a real two-node cluster with `ray start` (see ``token_cluster``), the way a user does.
+The tests below the line start a real two-node cluster with `ray start` (see ``token_cluster``), as a user does;
+the token tests take seconds, the search is marked slow.
 """
 
 from __future__ import annotations
@@ -188,7 +189,7 @@ def _session_pids(sid: int) -> list[int]:
 
 
 def _end_sessions(sids: list[int]) -> None:
-    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+    for sig, wait in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
         for sid in sids:
             for pid in _session_pids(sid):
                 try:
@@ -267,7 +268,6 @@ def _cli(c: TokenCluster, *args: str, timeout: int = 300, **env: str) -> tuple[s
     return proc, time.perf_counter() - t0
 
 
-@pytest.mark.slow
 def test_the_nodes_cannot_import_the_package_on_their_own(token_cluster: TokenCluster) -> None:
     def imports(module: str) -> bool:
         cmd = [str(token_cluster.python), "-c", f"import {module}"]
@@ -277,7 +277,6 @@ def test_the_nodes_cannot_import_the_package_on_their_own(token_cluster: TokenCl
     assert not imports("clipq_search")
 
 
-@pytest.mark.slow
 def test_a_missing_token_is_one_line_within_10_seconds(token_cluster: TokenCluster, tmp_path: Path) -> None:
     address = token_cluster.address
     proc, took = _cli(token_cluster, "search", "smoke", "--address", address, "--results", str(tmp_path), timeout=60)
@@ -294,13 +293,15 @@ def test_a_missing_token_is_one_line_within_10_seconds(token_cluster: TokenClust
 
 
 @pytest.mark.slow
-def test_cluster_lists_each_node_with_the_shipped_package(token_cluster: TokenCluster) -> None:
+@needs_fashion
+def test_cluster_then_a_search_with_the_token_run_on_a_worker_without_the_package(
+    token_cluster: TokenCluster, tmp_path: Path
+) -> None:
     import torch
 
     c = token_cluster
-    proc, _ = _cli(
-        c, "cluster", "--address", c.address, "--space", "smoke", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=c.token
-    )
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": c.token}
+    proc, _ = _cli(c, "cluster", "--address", c.address, "--space", "smoke", **auth)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     assert lines[0] == f"connected to Ray cluster at {c.address}: 2 node(s), 2 CPUs, 0 GPUs"
@@ -312,18 +313,8 @@ def test_cluster_lists_each_node_with_the_shipped_package(token_cluster: TokenCl
         assert f"clipq-search {clipq_search.__version__} (shipped)" in line
         assert re.search(r"dataset\.root \S+ readable \(\d+ entries\)", line)
     assert "nodes need no copy" in lines[-2] and lines[-1].startswith("ok: checked 2 node(s)")
+    node = re.search(r"\((\S+)\) worker:", nodes[1]).group(1)  # HOST/ID, as trials.csv names it
 
-
-@pytest.mark.slow
-@needs_fashion
-def test_a_search_with_the_token_runs_on_a_worker_without_the_package(
-    token_cluster: TokenCluster, tmp_path: Path
-) -> None:
-    c = token_cluster
-    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": c.token}
-    proc, _ = _cli(c, "cluster", "--address", c.address, **auth)
-    worker = next(line for line in proc.stdout.splitlines() if " worker: " in line)
-    node = re.search(r"\((\S+)\) worker:", worker).group(1)  # HOST/ID, as trials.csv names it
     budget = ["--set", "baseline.train.max_steps=20", "--set", "trial.train.max_steps=5"]
     args = ["search", "smoke", "--address", c.address, "--results", str(tmp_path), "--trials", "2", *budget]
     proc, _ = _cli(c, *args, timeout=600, **auth)
@@ -336,7 +327,6 @@ def test_a_search_with_the_token_runs_on_a_worker_without_the_package(
     assert set(df["node"]) == {node}  # the worker node, whose interpreter cannot import the package
 
 
-@pytest.mark.slow
 def test_cluster_without_address_checks_the_local_instance(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "clipq_search.cli", "cluster"],
