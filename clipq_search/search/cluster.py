@@ -278,7 +278,8 @@ def shipped_code() -> dict[str, Any]:
 AUTH_SECONDS = 10.0
 # Run in a subprocess: asks the head with Ray's own client and this environment's RAY_AUTH_* settings, and
 # prints one JSON verdict. Ray's client prints its warnings there (dropped), and one that aborts (Ray stops
-# the process when RAY_AUTH_MODE=token finds no token) cannot take the command with it.
+# the process when RAY_AUTH_MODE=token finds no token) cannot take the command with it. Ray has no public
+# call for this; should these internals move, the verdict is "ok" or "other" and ``ray.init`` reports.
 _AUTH_PROBE = """
 import json, sys
 verdict, detail = "ok", ""
