@@ -540,9 +540,10 @@ def check_nodes(reports: list[NodeReport], address: str, cpus_per_trial: float, 
         return
     (problem, fix), more = problems[0], len(problems) - 1
     also = f" (and {more} more)" if more else ""
-    raise ClipQError(
-        f"Ray cluster at {address}: {problem}{also}; {fix} (`clipq-search cluster --address {address}` lists each node)"
-    )
+    where, hint = f"Ray cluster at {address}", f" (`clipq-search cluster --address {address}` lists each node)"
+    if address == "local":
+        where, hint = "local Ray instance", ""
+    raise ClipQError(f"{where}: {problem}{also}; {fix}{hint}")
 
 
 def nodes_summary(reports: list[NodeReport], cpus_per_trial: float = 0.0, gpus_per_trial: float = 0.0) -> str:
