@@ -288,18 +288,25 @@ def quiet_tune() -> None:
     import logging
 
     os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
-    logger = logging.getLogger("ray.tune.tune")
-    if not any(isinstance(f, _NoTrialList) for f in logger.filters):
-        logger.addFilter(_NoTrialList())
+    for name in ("ray.tune.tune", "ray.tune.execution.tune_controller"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoTrialList) for f in logger.filters):
+            logger.addFilter(_NoTrialList())
 
 
 class _NoTrialList:
-    """Drops Tune's "Trials did not complete: [...]" line (the search reports its failed trials itself)."""
+    """Drops Tune's own words on failed trials (the search reports its failed trials itself, in one line each).
+
+    "Trials did not complete: [...]"; "Trial ... : Error stopping trial." with
+    a traceback, which Tune logs when the actor of a trial that raised (a
+    GPU failure ends it on purpose) is gone before Tune stops it.
+    """
 
     def filter(self, record: Any) -> bool:
         if os.environ.get("TUNE_PRINT_ALL_TRIAL_ERRORS") == "1":
             return True
-        return not str(record.getMessage()).startswith("Trials did not complete")
+        message = str(record.getMessage())
+        return not (message.startswith("Trials did not complete") or message.endswith("Error stopping trial."))
 
 
 # -- Ray tasks that run again after a kill ----------------------------------------------------
