@@ -7,7 +7,7 @@
 Everything but the training is the search's own: the study (``open_study``
 on SQLite or a throwaway PostgreSQL server, tests/_postgres.py), the sampler
 (``make_sampler``, default ``auto``), the searcher with its background
-proposer (``_make_searcher``), what ``search`` does after each trial (a
+proposer (``searcher.StudySearcher``), what ``search`` does after each trial (a
 progress line and trials.csv), Ray Tune configured as ``search`` configures it.
 
 Phase L (per storage in ``--storages``): the study is filled with finished
@@ -86,19 +86,30 @@ def synthetic_trainable(config: dict[str, Any], sleep_s: float) -> None:
     tune.report({"ok": 1, "val_top1": acc, "record": json.dumps(record)})
 
 
-def search_on_done(study: optuna.Study, run_dir: Path, s: dict[str, Any], log: list[str],
+def search_on_done(study: optuna.Study, run_dir: Path, s: Any, log: list[str],
                    seconds: list[tuple[int, float]]) -> Any:
-    """What ``search`` does after each finished trial (as _run_with_tune's on_done): a progress line, trials.csv."""
+    """What ``search`` does after each finished trial (as study._progress makes it): a progress line, trials.csv."""
 
     def on_done(t: optuna.trial.FrozenTrial) -> None:
         t0 = time.perf_counter()
         n_done = len(st._finished(study))
         a = t.user_attrs
-        log.append(f"[{n_done}/{s['trials']}] trial {t.number}: val {a.get('val_top1', 0):.2f}%")
+        log.append(f"[{n_done}/{s.trials}] trial {t.number}: val {a.get('val_top1', 0):.2f}%")
         st.write_trials_csv(study, run_dir)
         seconds.append((t.number, time.perf_counter() - t0))
 
     return on_done
+
+
+def make_searcher(study: optuna.Study, space: Any, units: list[LayerSearchParam], to_run: int, on_done: Any,
+                  log: list[str]) -> Any:
+    """The search's own searcher (no baseline: the synthetic runs set no accuracy constraint)."""
+    from clipq_search.search.searcher import StudySearcher
+    from clipq_search.search.worker_kills import KillLedger
+
+    s = space.search
+    return StudySearcher(study, units, st.distributions(units), space, to_run=to_run, on_done=on_done, baseline=None,
+                         threads=1, kills=KillLedger(s.retries, s.concurrency, "", log.append), log=log.append)
 
 
 def run_phase(study: optuna.Study, space: Any, units: list[LayerSearchParam], run_dir: Path, to_run: int,
@@ -106,14 +117,13 @@ def run_phase(study: optuna.Study, space: Any, units: list[LayerSearchParam], ru
     """One ``search`` command's trial phase, with the synthetic trainable in place of the real one."""
     from ray import tune
 
-    s = space.data["search"]
+    s = space.search
     writes: list[tuple[int, float]] = []
     bookkeeping: list[tuple[int, float]] = []
     spans: list[tuple[float, float]] = []
     workers: list[int] = []
 
-    searcher = st._make_searcher(study, units, space, to_run, search_on_done(study, run_dir, s, log, bookkeeping),
-                                 None, 1, [], log.append)
+    searcher = make_searcher(study, space, units, to_run, search_on_done(study, run_dir, s, log, bookkeeping), log)
     complete = searcher._complete  # the study's writes for a finished trial (run in the proposer's thread)
 
     def timed_complete(trial: Any, trial_id: str, result: dict[str, Any] | None, error: bool) -> None:
@@ -140,14 +150,14 @@ def run_phase(study: optuna.Study, space: Any, units: list[LayerSearchParam], ru
 
     searcher.suggest = timed_suggest
     trainable = tune.with_resources(tune.with_parameters(synthetic_trainable, sleep_s=sleep_s), {"cpu": 1, "gpu": 1})
-    tuner = tune.Tuner(  # as _run_with_tune configures it
+    tuner = tune.Tuner(  # as study._tuner configures it
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=searcher, num_samples=to_run, max_concurrent_trials=s["concurrency"], reuse_actors=True
+            search_alg=searcher, num_samples=to_run, max_concurrent_trials=s.concurrency, reuse_actors=True
         ),
         run_config=tune.RunConfig(
             name=f"tune-{int(time.time())}", storage_path=str((run_dir / "ray").resolve()),
-            failure_config=tune.FailureConfig(max_failures=s["retries"]), verbose=0, log_to_file=True,
+            failure_config=tune.FailureConfig(max_failures=s.retries), verbose=0, log_to_file=True,
         ),
     )
     t0 = time.time()
@@ -163,8 +173,8 @@ def run_phase(study: optuna.Study, space: Any, units: list[LayerSearchParam], ru
         "wall_fit_s": round(wall, 2),
         "wall_first_start_to_last_end_s": round(last - first, 2),
         "busy_slot_s": round(busy, 2),
-        "utilisation_fit": round(busy / (s["concurrency"] * wall), 4),
-        "utilisation_steady": round(busy / (s["concurrency"] * (last - first)), 4),
+        "utilisation_fit": round(busy / (s.concurrency * wall), 4),
+        "utilisation_steady": round(busy / (s.concurrency * (last - first)), 4),
         "worker_processes": len(pids),
         "suggest_calls": len(asked),
         "suggest_not_ready": sum(1 for _, ready in asked if not ready),
@@ -187,11 +197,10 @@ def drive_without_ray(study: optuna.Study, space: Any, units: list[LayerSearchPa
     """
     from ray.tune.search import Searcher
 
-    s = space.data["search"]
+    s = space.search
     writes: list[tuple[int, float]] = []
     bookkeeping: list[tuple[int, float]] = []
-    searcher = st._make_searcher(study, units, space, to_run, search_on_done(study, run_dir, s, log, bookkeeping),
-                                 None, 1, [], log.append)
+    searcher = make_searcher(study, space, units, to_run, search_on_done(study, run_dir, s, log, bookkeeping), log)
     complete = searcher._complete
 
     def timed_complete(trial: Any, trial_id: str, result: dict[str, Any] | None, error: bool) -> None:
@@ -207,7 +216,7 @@ def drive_without_ray(study: optuna.Study, space: Any, units: list[LayerSearchPa
     issued = done = 0
     t0 = time.perf_counter()
     while done < to_run:
-        while len(in_flight) < s["concurrency"]:
+        while len(in_flight) < s.concurrency:
             config = searcher.suggest(f"t{issued}")
             if config is None or config == Searcher.FINISHED:
                 break
@@ -245,8 +254,8 @@ def new_run(kind: str, url: str, args: argparse.Namespace, work: Path) -> tuple[
     units = [LayerSearchParam(k, (k,), (0.3, 0.99), (2, 8)) for k in layers]
     run_dir = work / f"scale-{kind}"
     run_dir.mkdir(parents=True)
-    s = space.data["search"]
-    study = st.open_study(url, run_dir.name, st.make_sampler(s["sampler"], s["seed"], s["trials"], False),
+    s = space.search
+    study = st.open_study(url, run_dir.name, st.make_sampler(s.sampler, s.seed, s.trials, False),
                           fingerprint={"layers": "synthetic"})
     (run_dir / "space.yaml").write_text(space.to_yaml())
     write_json(run_dir / "baseline.json", {
@@ -302,7 +311,7 @@ def utilisation(kind: str, url: str, args: argparse.Namespace, work: Path) -> di
 def latency(kind: str, url: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Phase L: at each size in ``--at``, ``--window`` trials through the same searcher without Ray."""
     study, space, units, run_dir = new_run(kind, url, args, work)
-    s = space.data["search"]
+    s = space.search
     log: list[str] = []
     windows = []
     for n in args.at:
@@ -310,7 +319,7 @@ def latency(kind: str, url: str, args: argparse.Namespace, work: Path) -> dict[s
         prefill(study, units, n, seed=n)
         fill_s = time.perf_counter() - t0
         # a rerun of the command at this size: the sampler's stream continued, `auto` starting as the GP again
-        study.sampler = st.make_sampler(s["sampler"], s["seed"] + len(study.trials), s["trials"], False)
+        study.sampler = st.make_sampler(s.sampler, s.seed + len(study.trials), s.trials, False)
         w = drive_without_ray(study, space, units, run_dir, args.window, log)
         asks = [sec for _, sec, _ in w["asks"]]
         tpe_asks = [sec for _, sec, name in w["asks"] if name == "TPESampler"]

@@ -154,7 +154,7 @@ def _init_worker(space_path: str, overrides: list[str], results_root: str) -> No
 def _uniform_point(p: float, bits: int) -> dict[str, Any]:
     plan = {"layers": {name: {"p": p, "bits": bits} for name in _WORKER["layers"]}}
     try:
-        out = run_trial(_WORKER["space"].data, plan, _WORKER["payload"], threads=1)
+        out = run_trial(_WORKER["space"], plan, _WORKER["payload"], threads=1)
     except Exception as exc:  # noqa: BLE001 - a failed point is recorded, the grid goes on
         return {"p": p, "bits": bits, "error": f"{type(exc).__name__}: {exc}"[:300]}
     return {"p": p, "bits": bits, "val_top1": out["val_top1"], "rate": out["rate"], "size_bytes": out["size_bytes"],
@@ -295,7 +295,7 @@ def main() -> None:
             "machine": machine,
             "partial": partial,
             "space": str(SPACE.relative_to(ROOT)),
-            "model": space.data["model"],
+            "model": space.model,
             "trial_epochs": args.epochs,
             "trials": args.trials,
             "concurrency": args.concurrency,

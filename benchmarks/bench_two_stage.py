@@ -225,8 +225,8 @@ def cached_baseline(model_name: str, seed: int) -> Path | None:
         info = json.loads(meta.read_text())
         wanted = dataclasses.replace(DEFAULT_PRETRAIN[model_name], seed=seed)
         if (
-            space.data["baseline"]["checkpoint"]
-            or train_config(space.data, "baseline") != wanted
+            space.baseline.checkpoint
+            or train_config(space, "baseline") != wanted
             or dataset_spec(space) != DatasetSpec("fashion-mnist")
             or info.get("fingerprint") != space.fingerprint("model", "dataset", "baseline")
             or info.get("checkpoint_bytes") != ckpt.stat().st_size

@@ -31,33 +31,26 @@ def _check_results_root(root: str) -> None:
         raise ClipQError(f"--results {root}: {existing} is not writable here; give a folder you can write to")
 
 
-def _prepare(
-    args: argparse.Namespace, *, search: bool, address: str | None = None, storage: str | None = None
-) -> Space:
+def _prepare(args: argparse.Namespace, *, search: bool, address: str | None = None) -> Space:
     """Load the space and check every input of the command, before any training, Ray start or write.
 
-    Cheap checks first: ``address`` answers and ``storage`` can work (when
-    given), then the space (file, ``--set``, dataset, model, layers); with
-    ``search`` also that the space leaves something to search.
+    Cheap checks first: ``address`` answers (when given), ``--results``, the
+    space file and its ``--set`` values; then what the space names (dataset,
+    model, layers). A ``search`` checks those itself (``run_search``, once,
+    with the run's name, cluster and storage): here only the space is read.
     """
     from clipq_search.search.space import load_space
-    from clipq_search.search.trial import check_space
 
     if address:
         from clipq_search.search.cluster import check_address
 
         check_address(address)
-    if storage:
-        from clipq_search.search.study import check_storage
-
-        check_storage(storage)
     _check_results_root(args.results)
     space = load_space(args.space, args.overrides)
-    units = check_space(space)
-    if search:
-        from clipq_search.search.study import distributions
+    if not search:
+        from clipq_search.search.trial import check_space
 
-        distributions(units)
+        check_space(space)
     return space
 
 
@@ -77,7 +70,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 def cmd_search(args: argparse.Namespace) -> None:
     from clipq_search.search.study import run_search
 
-    space = _prepare(args, search=True, address=args.address, storage=args.storage)
+    space = _prepare(args, search=True)
     run_search(
         space,
         results_root=args.results,

@@ -311,7 +311,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
 
     # A finished final of another plan (must not be replaced without --force) and a corrupt checkpoint.
     space = load_space(SMOKE)
-    setup = {"plan": Plan.load(plans["good"]).to_dict(), "train": train_config(space.data, "final").to_dict()}
+    setup = {"plan": Plan.load(plans["good"]).to_dict(), "train": train_config(space, "final").to_dict()}
     other = _fake_run(root / "run_final_other", root)
     (other / "final").mkdir()
     (other / "final" / "metrics.json").write_text(

@@ -67,14 +67,14 @@ def test_a_driver_without_a_gpu_accepts_a_cuda_space() -> None:
 def test_device_names_the_workers_cannot_use_are_refused() -> None:
     def refused(device: str, gpus: float) -> str:
         with pytest.raises(ConfigError) as info:
-            check_device({"device": device, "gpus_per_trial": gpus})
+            check_device(device, gpus)
         return str(info.value)
 
     assert "gpus_per_trial above 0" in refused("cuda", 0)
     assert "use cuda" in refused("cuda:1", 1)
     assert "not a device" in refused("gpu0", 1)
     for ok in ("auto", "cpu", "cuda", "cuda:0", None):
-        check_device({"device": ok, "gpus_per_trial": 1})
+        check_device(ok, 1)
 
 
 @needs_fashion

@@ -114,12 +114,12 @@ def test_the_space_carries_the_settings_to_the_worker(restore_flags: None) -> No
     from clipq_search.search.trial import worker_device
 
     space = load_space(SMOKE)
-    res = space.data["resources"]
-    assert res["deterministic"] is False and res["channels_last"] is None
-    assert space.data["final"]["checkpoint_minutes"] == 10
+    res = space.resources
+    assert res.deterministic is False and res.channels_last is None
+    assert space.final.checkpoint_minutes == 10
     space = load_space(SMOKE, ["resources.deterministic=true", "resources.channels_last=false",
                                "final.checkpoint_minutes=0.5"])
-    assert worker_device(space.data["resources"]).type == "cpu"
+    assert worker_device(space.resources).type == "cpu"
     assert device_settings()["deterministic"] and device_settings()["channels_last"] is False
     with pytest.raises(Exception, match="deterministic"):
         load_space(SMOKE, ["resources.deterministic=3"])
@@ -136,8 +136,8 @@ def test_cuda_graphs_follow_the_space_and_only_on_cuda(restore_flags: None) -> N
         assert not surgery._cuda_graphs["on"]
         configure_device_(torch.device("cuda"), cuda_graphs=True)
         space = load_space(SMOKE)
-        assert space.data["resources"]["cuda_graphs"] is False
-        worker_device(space.data["resources"])  # a reused worker's next trial: the space's setting, off
+        assert space.resources.cuda_graphs is False
+        worker_device(space.resources)  # a reused worker's next trial: the space's setting, off
         assert not surgery._cuda_graphs["on"] and not device_settings()["cuda_graphs"]
         with pytest.raises(Exception, match="cuda_graphs"):
             load_space(SMOKE, ["resources.cuda_graphs=maybe"])

@@ -35,15 +35,15 @@ from .conftest import REPO, SMOKE, needs_fashion
 def test_exponent_numbers_are_numbers_in_set_and_in_space_files(tmp_path: Path, text: str) -> None:
     value = float(text)
     space = load_space(SMOKE, [f"trial.train.lr={text}"])
-    assert space.data["trial"]["train"]["lr"] == value and isinstance(space.data["trial"]["train"]["lr"], float)
+    assert space.trial.train.lr == value and isinstance(space.trial.train.lr, float)
     path = tmp_path / "space.yaml"
     path.write_text(SMOKE.read_text().replace("lr: 0.01", f"lr: {text}"))
-    assert load_space(path).data["trial"]["train"]["lr"] == value
-    assert load_space(path).data["final"]["train"]["lr"] == value
+    assert load_space(path).trial.train.lr == value
+    assert load_space(path).final.train.lr == value
     # and a space written back (space.yaml in a run) reads the same
     again = tmp_path / "again.yaml"
     again.write_text(load_space(path).to_yaml())
-    assert load_space(again).data["trial"]["train"]["lr"] == value
+    assert load_space(again).trial.train.lr == value
 
 
 @needs_fashion
@@ -202,7 +202,7 @@ def test_capped_concurrency_a_failed_run_restarted_and_the_largest_seed_resumed(
     assert first.returncode == 0, first.stderr[-3000:]
     assert "holds no complete trial: starting it afresh with this space" in first.stdout, first.stdout
     assert "0 of 1 trials finished" in first.stdout
-    assert load_space(results_root / "hostile" / "space.yaml").data["layers"]["default"]["bits"] == [2, 5]
+    assert load_space(results_root / "hostile" / "space.yaml").to_dict()["layers"]["default"]["bits"] == [2, 5]
 
     again = _search(results_root, *fixed, "--trials", "2")  # resumed: the sampler's seed is 2**32-1 + 1 trial
     assert again.returncode == 0, again.stderr[-3000:]

@@ -41,8 +41,8 @@ def test_spaces_command_lists_the_presets(capsys: pytest.CaptureFixture[str]) ->
 def test_a_preset_name_loads_from_any_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     space = load_space("smoke", ["search.trials=3"])
-    assert space.name == "smoke" and space.data["search"]["trials"] == 3
-    assert space.data == load_space(REPO / "search_spaces" / "smoke.yaml", ["search.trials=3"]).data
+    assert space.name == "smoke" and space.search.trials == 3
+    assert space.to_dict() == load_space(REPO / "search_spaces" / "smoke.yaml", ["search.trials=3"]).to_dict()
 
 
 def test_a_file_of_that_name_in_the_folder_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -71,7 +71,7 @@ def test_init_writes_a_space_that_loads_and_resolves_against_the_model(
     space = load_space(out)
     units = space.search_params(layers)
     assert sorted(n for u in units for n in u.layers) == sorted(layers)
-    assert space.data["layers"]["overrides"].keys() == {layers[0], layers[-1]}
+    assert dict(space.layers.overrides).keys() == {layers[0], layers[-1]}
 
 
 def test_init_groups_a_deep_model_by_its_blocks(tmp_path: Path) -> None:
@@ -82,7 +82,7 @@ def test_init_groups_a_deep_model_by_its_blocks(tmp_path: Path) -> None:
     units = space.search_params(layers)
     assert [u.key for u in units] == ["conv1", "layer1", "layer2", "layer3", "fc"]
     assert [n for u in units for n in u.layers] == layers  # every layer once, in model order
-    assert space.data["dataset"]["name"] == "cifar10"
+    assert space.dataset.name == "cifar10"
 
 
 def test_init_prints_to_standard_output_without_out(capsys: pytest.CaptureFixture[str]) -> None:
@@ -97,7 +97,7 @@ def test_init_never_replaces_a_file_without_force(tmp_path: Path, capsys: pytest
     assert "exists; give another file name or --force" in capsys.readouterr().err
     assert out.read_text() == "my own notes\n"
     assert main(["init", "lenet300", "--out", str(out), "--force"]) == 0
-    assert load_space(out).data["model"] == "lenet300"
+    assert load_space(out).model == "lenet300"
 
 
 @pytest.mark.parametrize(
@@ -129,7 +129,7 @@ def test_init_takes_a_user_model_from_module_factory(
     monkeypatch.syspath_prepend(str(tmp_path))
     assert main(["init", "mynets:tiny", "--out", str(tmp_path / "tiny.yaml")]) == 0
     space = load_space(tmp_path / "tiny.yaml")
-    assert space.data["model"] == "mynets:tiny"
+    assert space.model == "mynets:tiny"
     assert [u.key for u in space.search_params(["0", "3"])] == ["0", "3"]
 
 

@@ -146,7 +146,7 @@ def test_imagenet_presets_name_real_layers() -> None:
         assert len(names) == layers
         units = space.search_params(names)  # raises when a pattern or group member matches nothing
         assert sorted(n for u in units for n in u.layers) == sorted(names)  # every layer searched, once
-        for group, members in space.data["layers"]["groups"].items():
+        for group, members in space.layers.groups:
             unit = next(u for u in units if u.key == group)
             assert unit.layers and all(any(n == m or n.startswith(m.rstrip("*")) for m in members) for n in unit.layers)
 

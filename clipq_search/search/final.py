@@ -15,7 +15,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from clipq_search._io import read_regular, write_json
 from clipq_search.analysis import rundir
@@ -24,6 +24,9 @@ from clipq_search.core.plan import PLAN_FILE_LIMIT, Plan
 from clipq_search.errors import ClipQError
 from clipq_search.search.runlock import hold_run, releasing_locks
 from clipq_search.search.worker_kills import gather, kill_point
+
+if TYPE_CHECKING:
+    from clipq_search.search.space import Space
 
 __all__ = ["choose_plan", "export_plan", "run_final"]
 
@@ -158,7 +161,7 @@ def _check_final_dir(final_dir: Path, setup: dict[str, Any], *, force: bool) -> 
 
 
 def _final_task(
-    space_data: dict[str, Any],
+    space: Space,
     plan: dict[str, Any] | None,
     payload: dict[str, Any],
     ckpt: str,
@@ -173,15 +176,15 @@ def _final_task(
     from clipq_search.training.loop import configure_threads, train
 
     configure_threads(threads)
-    device = worker_device(space_data["resources"])
-    workers = loader_workers(space_data["resources"]["cpus_per_trial"])
-    model = model_for(space_data, payload["info"])
+    device = worker_device(space.resources)
+    workers = loader_workers(space.resources.cpus_per_trial)
+    model = model_for(space, payload["info"])
     model.load_state_dict(state_from_bytes(payload["baseline"]), strict=True)
     if plan is not None:
         attach_clipq(model, Plan.from_dict(plan))
     from clipq_search.training.data import dataset_from_state
 
-    cfg = train_config(space_data, "final")
+    cfg = train_config(space, "final")
 
     def on_epoch(rec: dict[str, float]) -> None:
         if queue is not None:
@@ -198,13 +201,13 @@ def _final_task(
             cfg,
             device=device,
             val_data=dataset_from_state(payload["val"], num_workers=workers),
-            eval_batch_size=space_data["trial"]["eval_batch_size"],
+            eval_batch_size=space.trial.eval_batch_size,
             progress=False,
             desc=tag,
             on_epoch_end=on_epoch,
             checkpoint_path=ckpt,
             resume=True,
-            checkpoint_minutes=space_data["final"].get("checkpoint_minutes"),
+            checkpoint_minutes=space.final.checkpoint_minutes,
         )
     model.cpu()
     return {
@@ -215,22 +218,22 @@ def _final_task(
     }
 
 
-def _evaluate_task(space_data: dict[str, Any], states: dict[str, bytes], payload: dict[str, Any]) -> dict[str, Any]:
+def _evaluate_task(space: Space, states: dict[str, bytes], payload: dict[str, Any]) -> dict[str, Any]:
     """Ray task: test (and validation) metrics of each state dict in ``states``, on the worker's device."""
     from clipq_search.search.trial import model_for, state_from_bytes, worker_device
     from clipq_search.training.data import dataset_from_state, loader_workers
     from clipq_search.training.loop import configure_threads, evaluate
 
-    res = space_data["resources"]
-    configure_threads(max(1, int(res["cpus_per_trial"])))
+    res = space.resources
+    configure_threads(max(1, int(res.cpus_per_trial)))
     device = worker_device(res)
-    workers = loader_workers(res["cpus_per_trial"])
-    bs = space_data["trial"]["eval_batch_size"]
+    workers = loader_workers(res.cpus_per_trial)
+    bs = space.trial.eval_batch_size
     test = dataset_from_state(payload["test"], num_workers=workers)
     val = dataset_from_state(payload["val"], num_workers=workers) if payload.get("val") is not None else None
     out: dict[str, Any] = {}
     for tag, blob in states.items():
-        model = model_for(space_data, payload["info"])
+        model = model_for(space, payload["info"])
         model.load_state_dict(state_from_bytes(blob), strict=True)
         out[tag] = {
             "test": evaluate(model, test, device=device, batch_size=bs),
@@ -299,11 +302,11 @@ def run_final(
     if address:
         check_address(address)
     space = load_space(run_dir / rundir.SPACE_YAML, overrides)
-    check_gpus(address, space.data["resources"]["gpus_per_trial"])
-    cfg = train_config(space.data, "final")
+    check_gpus(address, space.resources.gpus_per_trial)
+    cfg = train_config(space, "final")
     from clipq_search.search.final_ddp import check_workers
 
-    n_workers = space.data["final"]["workers"] if workers is None else workers
+    n_workers = space.final.workers if workers is None else workers
     check_workers(n_workers, cfg.batch_size)
     chosen: dict[str, Any] | None = None
     if config:
@@ -317,7 +320,7 @@ def run_final(
         source = chosen["source"]
     baseline = run_baseline(run_dir)
     payload = trial_payload(space, baseline, test=True)
-    plan.resolve(model_for(space.data, payload["info"]))  # unknown layers fail before any training
+    plan.resolve(model_for(space, payload["info"]))  # unknown layers fail before any training
     final_dir = out_dir or run_dir / rundir.FINAL_DIR
     setup = {"plan": plan.to_dict(), "train": cfg.to_dict()}
     if n_workers > 1:  # another setup: its own checkpoints (a 1-worker setup keeps the digest it always had)
@@ -326,9 +329,9 @@ def run_final(
     _check_final_dir(final_dir, setup, force=force)
     for path in ckpts.values():
         check_checkpoint(path)
-    res = space.data["resources"]
+    res = space.resources
     if address:  # the cluster answers before anything is written
-        init_ray(address, 2, res["cpus_per_trial"], res["gpus_per_trial"], log)
+        init_ray(address, 2, res.cpus_per_trial, res.gpus_per_trial, log)
     # One `final` at a time into a folder; the lock lives in the run's storage (released when run_final ends).
     storage = rundir.load_run_info(run_dir).get("storage") or rundir.default_storage(run_dir)
     hold_run(storage, f"{run_dir.name}:{final_dir.name}", "final", log)
@@ -338,13 +341,13 @@ def run_final(
     else:
         log(chosen_line)
     write_json(final_dir / rundir.PLAN_JSON, chosen)
-    init_ray(address, 2, res["cpus_per_trial"], res["gpus_per_trial"], log)
+    init_ray(address, 2, res.cpus_per_trial, res.gpus_per_trial, log)
     from ray.util.queue import Queue
 
     queue = Queue()
-    threads = max(1, int(res["cpus_per_trial"]))
+    threads = max(1, int(res.cpus_per_trial))
     # Retries are gather's: a run whose worker Ray kills starts again from its last checkpoint.
-    task = ray.remote(num_cpus=res["cpus_per_trial"], num_gpus=res["gpus_per_trial"], max_retries=0)(_final_task)
+    task = ray.remote(num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial, max_retries=0)(_final_task)
     ref_payload = ray.put(payload)
     if n_workers > 1:
         log(
@@ -362,7 +365,7 @@ def run_final(
     plans = {"compressed": plan.to_dict(), "control": None}
 
     def submit(tag: Any) -> Any:
-        return task.remote(space.data, plans[tag], ref_payload, str(ckpts[tag].resolve()), threads, queue, tag)
+        return task.remote(space, plans[tag], ref_payload, str(ckpts[tag].resolve()), threads, queue, tag)
 
     tags = ["compressed", "control"] if control else ["compressed"]
     ddp_storage = (final_dir / "ray-train").resolve()
@@ -370,15 +373,15 @@ def run_final(
         from clipq_search.search.final_ddp import run_ddp
 
         results = run_ddp(
-            space.data, {t: plans[t] for t in tags}, ref_payload, ddp_storage, _digest(setup), n_workers,
-            retries=space.data["search"]["retries"], log=log,
+            space, {t: plans[t] for t in tags}, ref_payload, ddp_storage, _digest(setup), n_workers,
+            retries=space.search.retries, log=log,
         )
     else:
         relay = _relay(queue, log)
         results = gather(
             submit,
             tags,
-            retries=space.data["search"]["retries"],
+            retries=space.search.retries,
             what=lambda tag: f"final {tag} run",
             log=log,
             poll=relay,
@@ -390,19 +393,19 @@ def run_final(
             log(f"  {tag}: resumed from its checkpoint at step {r['resumed_from_step']}")
 
     info = payload["info"]
-    model = model_for(space.data, info)
+    model = model_for(space, info)
     attach_clipq(model, plan)
     model.load_state_dict(state_from_bytes(results["compressed"]["state"]), strict=True)
     written = save_compressed(model, final_dir / rundir.MODEL_FILE)
     # What is evaluated is the file as written: decoded here, evaluated by a worker with the space's resources.
-    reloaded = model_for(space.data, info)
+    reloaded = model_for(space, info)
     reloaded.load_state_dict(read_compressed(final_dir / rundir.MODEL_FILE)[0], strict=True)
     states = {"compressed": state_to_bytes(reloaded)}
     if control:
         states["control"] = results["control"]["state"]
     scores = run_task(
-        _evaluate_task, res, space.data, states, ref_payload,
-        what="the final evaluation", retries=space.data["search"]["retries"], log=log,
+        _evaluate_task, res, space, states, ref_payload,
+        what="the final evaluation", retries=space.search.retries, log=log,
     )
     compressed = scores["compressed"]["test"]
     control_top1 = scores["control"]["test"]["top1"] if control else None

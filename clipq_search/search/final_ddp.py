@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from clipq_search.errors import ClipQError, ConfigError
+from clipq_search.search.space import Resources, Space
 
 __all__ = ["check_workers", "forget", "quantized_digest", "run_ddp"]
 
@@ -102,16 +103,16 @@ class _Shard:
         yield from part.batches(batch_size, shuffle=False, device=device, drop_last=drop_last)
 
 
-def _device(resources: dict[str, Any]) -> torch.device:
+def _device(resources: Resources) -> torch.device:
     """This worker's device: the GPU Ray Train gave it (its local rank's), else the CPU."""
     import ray
     import ray.train.torch
 
-    if resources["device"] != "cpu" and ray.get_gpu_ids():
+    if resources.device != "cpu" and ray.get_gpu_ids():
         return ray.train.torch.get_device()
-    if resources["device"] not in (None, "auto", "cpu"):
+    if resources.device not in (None, "auto", "cpu"):
         raise ClipQError(
-            f"resources.device={resources['device']} but Ray gave this worker no GPU; set resources.gpus_per_trial "
+            f"resources.device={resources.device} but Ray gave this worker no GPU; set resources.gpus_per_trial "
             "above 0"
         )
     return torch.device("cpu")
@@ -133,13 +134,13 @@ def _worker(config: dict[str, Any]) -> None:
 
     space, tag, queue = config["space"], config["tag"], config["queue"]
     payload = ray.get(config["payload"])
-    res = space["resources"]
+    res = space.resources
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    configure_threads(max(1, int(res["cpus_per_trial"])))
+    configure_threads(max(1, int(res.cpus_per_trial)))
     device = _device(res)
-    configure_device_(device, deterministic=bool(res.get("deterministic")), channels_last=res.get("channels_last"),
-                      cuda_graphs=bool(res.get("cuda_graphs")))
+    configure_device_(device, deterministic=res.deterministic, channels_last=res.channels_last,
+                      cuda_graphs=res.cuda_graphs)
     model = model_for(space, payload["info"])
     model.load_state_dict(state_from_bytes(payload["baseline"]), strict=True)
     if config["plan"] is not None:
@@ -148,10 +149,10 @@ def _worker(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model)  # DDP over the workers, on this worker's device
     whole = train_config(space, "final")
     cfg = replace(whole, batch_size=whole.batch_size // world)
-    workers = loader_workers(res["cpus_per_trial"])
+    workers = loader_workers(res.cpus_per_trial)
     data = _Shard(dataset_from_state(payload["train"], num_workers=workers), rank, world)
     val = dataset_from_state(payload["val"], num_workers=workers) if rank == 0 else None
-    eval_bs = space["trial"]["eval_batch_size"]
+    eval_bs = space.trial.eval_batch_size
     local = Path(tempfile.mkdtemp(prefix="clipq-ddp-"))
     state_file = local / TRAIN_FILE
     start = ray.train.get_checkpoint()
@@ -233,7 +234,7 @@ def _latest(experiment: Path) -> Any:
 
 
 def run_ddp(
-    space_data: dict[str, Any],
+    space: Space,
     plans: dict[str, dict[str, Any] | None],
     payload_ref: Any,
     storage: Path,
@@ -258,9 +259,9 @@ def run_ddp(
     from clipq_search.search.trial import relay
     from clipq_search.search.worker_kills import quiet_tune
 
-    res = space_data["resources"]
-    use_gpu = res["gpus_per_trial"] > 0 and res["device"] != "cpu"
-    per_worker = {"CPU": res["cpus_per_trial"], **({"GPU": res["gpus_per_trial"]} if use_gpu else {})}
+    res = space.resources
+    use_gpu = res.gpus_per_trial > 0 and res.device != "cpu"
+    per_worker = {"CPU": res.cpus_per_trial, **({"GPU": res.gpus_per_trial} if use_gpu else {})}
     have = ray.cluster_resources()
     short = [f"{workers * v:g} {k}s (it has {have.get(k, 0):g})" for k, v in per_worker.items()
              if workers * v > have.get(k, 0) + 1e-9]
@@ -277,7 +278,7 @@ def run_ddp(
         queue = Queue()
         trainer = TorchTrainer(
             _worker,
-            train_loop_config={"space": space_data, "plan": plan, "payload": payload_ref, "tag": tag, "queue": queue},
+            train_loop_config={"space": space, "plan": plan, "payload": payload_ref, "tag": tag, "queue": queue},
             scaling_config=ScalingConfig(
                 num_workers=workers, use_gpu=use_gpu, resources_per_worker=per_worker, trainer_resources={"CPU": 0}
             ),

@@ -28,29 +28,28 @@ __all__ = ["paper_layer_search", "paper_plans"]
 
 
 def paper_layer_search(
-    space_data: dict[str, Any], unit: LayerSearchParam, payload: dict[str, Any], *, threads: int = 1
+    space: Space, unit: LayerSearchParam, payload: dict[str, Any], *, threads: int = 1
 ) -> dict[float, tuple[float, int, float, float]]:
     """Best (p, bits, error, c_i) of one unit for every lambda of ``search.paper``."""
     from clipq_search.search.trial import model_for, state_from_bytes, worker_device
     from clipq_search.training.loop import configure_threads, evaluate
 
     configure_threads(threads)
-    res = space_data["resources"]
-    device = worker_device(res)
-    cfg = space_data["search"]["paper"]
-    model = model_for(space_data, payload["info"])
+    device = worker_device(space.resources)
+    cfg = space.search.paper
+    model = model_for(space, payload["info"])
     model.load_state_dict(state_from_bytes(payload["baseline"]), strict=True)
     model.eval()
     model.to(device)
-    train = dataset_from_state(payload["train"], num_workers=loader_workers(res["cpus_per_trial"]))
-    n = min(cfg["subset"], len(train))
-    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(space_data["search"]["seed"]))[:n]
+    train = dataset_from_state(payload["train"], num_workers=loader_workers(space.resources.cpus_per_trial))
+    n = min(cfg.subset, len(train))
+    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(space.search.seed))[:n]
     # Every evaluation sees the same images: no augmentation; in-memory images are moved to the device once.
     if isinstance(train, FolderDataset):
         subset: ArrayDataset | FolderDataset = train.subset(torch.sort(idx).values, train=False)
     else:
         subset = train.subset(torch.sort(idx).values).to(device)
-    eval_bs = space_data["trial"]["eval_batch_size"]
+    eval_bs = space.trial.eval_batch_size
     tensors = compressible_tensors(model)
     total_bits = sum(32 * t.tensor().numel() for t in tensors.values())
     originals = {name: tensors[name].tensor().detach().clone() for name in unit.layers}
@@ -74,10 +73,8 @@ def paper_layer_search(
 
     out: dict[float, tuple[float, int, float, float]] = {}
     with kill_point("paper"):  # test hook (CLIPQ_TEST_KILL); nothing without it
-        for lam in cfg["lambdas"]:
-            sampler = optuna.samplers.GPSampler(
-                seed=space_data["search"]["seed"], n_startup_trials=min(8, cfg["evals_per_layer"])
-            )
+        for lam in cfg.lambdas:
+            sampler = optuna.samplers.GPSampler(seed=space.search.seed, n_startup_trials=min(8, cfg.evals_per_layer))
             study = optuna.create_study(direction="minimize", sampler=sampler)
 
             def objective(trial: optuna.Trial, lam: float = lam) -> float:
@@ -90,7 +87,7 @@ def paper_layer_search(
                 trial.set_user_attr("pb", (p, bits, err, c))
                 return err - lam * c
 
-            study.optimize(objective, n_trials=cfg["evals_per_layer"])
+            study.optimize(objective, n_trials=cfg.evals_per_layer)
             out[float(lam)] = tuple(study.best_trial.user_attrs["pb"])  # type: ignore[assignment]
     return out
 
@@ -102,22 +99,22 @@ def paper_plans(
     import ray
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    res = space.data["resources"]
+    res = space.resources
     # Retries are gather's: a layer's search whose worker Ray kills runs again, up to search.retries times.
-    task = ray.remote(num_cpus=res["cpus_per_trial"], num_gpus=res["gpus_per_trial"], max_retries=0)(
+    task = ray.remote(num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial, max_retries=0)(
         paper_layer_search
     )
     payload_ref = ray.put(payload)
-    lambdas = space.data["search"]["paper"]["lambdas"]
+    lambdas = space.search.paper.lambdas
     log(
         f"paper strategy: per-layer GP search for {len(units)} layer(s) x {len(lambdas)} lambda(s), "
-        f"{space.data['search']['paper']['evals_per_layer']} evaluations each, in parallel on Ray"
+        f"{space.search.paper.evals_per_layer} evaluations each, in parallel on Ray"
     )
-    threads = max(1, int(res["cpus_per_trial"]))
+    threads = max(1, int(res.cpus_per_trial))
     done = gather(
-        lambda i: task.remote(space.data, units[i], payload_ref, threads=threads),
+        lambda i: task.remote(space, units[i], payload_ref, threads=threads),
         list(range(len(units))),
-        retries=space.data["search"]["retries"],
+        retries=space.search.retries,
         what=lambda i: f"the paper strategy's search of layer {units[i].key}",
         log=log,
     )

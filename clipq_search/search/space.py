@@ -3,8 +3,10 @@
 A space is a YAML mapping (see ``docs/search-space.md`` and ``search_spaces/``).
 It is validated against :data:`SCHEMA` on load: unknown keys get the closest
 known key suggested, values are type- and range-checked with messages that
-name the key. The resolved space is plain data (a nested dict), written to
-the run directory and shipped to Ray workers as is.
+name the key. A :class:`Space` is built once from the validated data and read
+through typed, read-only sections (``space.search.trials``,
+``space.resources.cpus_per_trial``); its plain data (``to_dict``, ``to_yaml``)
+is written to the run directory.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -34,8 +36,17 @@ __all__ = [
     "SAMPLERS",
     "SCHEMA",
     "SEED_MAX",
+    "BaselineSettings",
+    "DatasetSettings",
+    "FinalSettings",
     "LayerSearchParam",
+    "LayerSettings",
+    "PaperSettings",
+    "Resources",
+    "SearchSettings",
     "Space",
+    "TrainSettings",
+    "TrialSettings",
     "apply_override",
     "list_presets",
     "load_space",
@@ -347,45 +358,196 @@ class LayerSearchParam:
     bits: tuple[int, int]
 
 
-class Space:
-    """A validated search space (``data`` is the resolved nested dict)."""
+# -- typed, read-only sections -------------------------------------------------------------
+# One frozen dataclass per section of SCHEMA, with the same keys: built once, from validated data.
 
-    def __init__(self, data: dict[str, Any], source: str = "space") -> None:
-        self.data = data
-        self.source = source
-        layers = data["layers"]
-        self._default_p, self._default_bits = _p_bits_ranges(
-            layers["default"]["p"], layers["default"]["bits"], f"{source}: layers.default"
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """``baseline.train``, ``trial.train`` or ``final.train``: ``None`` means the default (see ``given``)."""
+
+    epochs: float | None
+    batch_size: int | None
+    lr: float | None
+    momentum: float | None
+    weight_decay: float | None
+    schedule: str | None
+    step_epochs: float | None
+    gamma: float | None
+    nesterov: bool | None
+    seed: int | None
+    amp: bool | None
+    max_steps: int | None
+
+    def given(self) -> dict[str, Any]:
+        """The settings the space sets (the nulls left out: they fall back to the defaults)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+@dataclass(frozen=True)
+class DatasetSettings:
+    name: str
+    root: str | None
+    val_size: int
+    split_seed: int
+    image_size: int | None
+
+
+@dataclass(frozen=True)
+class BaselineSettings:
+    checkpoint: str | None  # a user's dense state dict, used instead of pretraining one
+    train: TrainSettings
+
+
+@dataclass(frozen=True)
+class TrialSettings:
+    train: TrainSettings
+    eval_batch_size: int
+
+
+@dataclass(frozen=True)
+class FinalSettings:
+    train: TrainSettings
+    workers: int
+    checkpoint_minutes: float | None
+
+
+@dataclass(frozen=True)
+class PaperSettings:
+    """``search.paper``: the paper's per-layer procedure (``--sampler paper``)."""
+
+    lambdas: tuple[float, ...]
+    evals_per_layer: int
+    subset: int
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    sampler: str
+    trials: int
+    concurrency: int
+    seed: int
+    max_accuracy_drop: float | None
+    retries: int
+    paper: PaperSettings
+
+
+@dataclass(frozen=True)
+class Resources:
+    """``resources``: what each trial, task or training worker gets, and how its device is set up."""
+
+    device: str | None
+    cpus_per_trial: float
+    gpus_per_trial: float
+    deterministic: bool
+    channels_last: bool | None
+    cuda_graphs: bool
+
+
+Ranges = tuple[tuple[float, float], tuple[int, int]]  # a layer's (p low, p high), (bits low, bits high)
+
+
+@dataclass(frozen=True)
+class LayerSettings:
+    """``layers``, parsed: the default ranges, the overrides' ranges by name or pattern, dense layers, groups."""
+
+    default: Ranges
+    overrides: tuple[tuple[str, Ranges], ...]  # (name or pattern, its ranges), in the file's order
+    dense: tuple[str, ...]
+    groups: tuple[tuple[str, tuple[str, ...]], ...]  # (group name, its members), in the file's order
+
+
+def _train_settings(node: Mapping[str, Any]) -> TrainSettings:
+    return TrainSettings(**node)
+
+
+def _search_settings(node: Mapping[str, Any]) -> SearchSettings:
+    paper = node["paper"]
+    return SearchSettings(**{**node, "paper": PaperSettings(**{**paper, "lambdas": tuple(paper["lambdas"])})})
+
+
+def _layer_settings(layers: Mapping[str, Any], source: str) -> LayerSettings:
+    """The ``layers`` section's ranges, each checked (raises ``ConfigError`` naming the key)."""
+    default = _p_bits_ranges(layers["default"]["p"], layers["default"]["bits"], f"{source}: layers.default")
+    overrides: dict[str, Ranges] = {}
+    for key, spec in layers["overrides"].items():
+        where = f"{source}: layers.overrides.{clip(str(key))}"
+        if not isinstance(spec, Mapping) or not set(spec) <= {"p", "bits"} or not spec:
+            example = "{p: [0.5, 0.9], bits: 4}"
+            raise ConfigError(f"{where} must be a mapping with p and/or bits, e.g. {example}, got {shown(spec)}")
+        overrides[str(key)] = _p_bits_ranges(spec.get("p", list(default[0])), spec.get("bits", list(default[1])), where)
+    groups = tuple((str(g), tuple(m)) for g, m in layers["groups"].items())
+    return LayerSettings(default, tuple(overrides.items()), tuple(layers["dense"]), groups)
+
+
+class Space:
+    """A validated search space, read through typed, read-only sections.
+
+    ``model``, ``model_weights``, ``dataset``, ``baseline``, ``trial``, ``final``,
+    ``layers``, ``search`` and ``resources`` mirror the file's keys (frozen
+    dataclasses). The space never changes once built: :meth:`with_search` makes
+    a new one (command-line options such as ``--trials``). ``to_dict`` and
+    ``to_yaml`` give the resolved plain data (written to the run directory).
+    A space pickles as it is, so Ray ships it to the workers.
+    """
+
+    def __init__(self, data: Mapping[str, Any], source: str = "space") -> None:
+        data = copy.deepcopy(dict(data))
+        self._set(
+            _data=data,
+            source=source,
+            model=data["model"],
+            model_weights=data["model_weights"],
+            dataset=DatasetSettings(**data["dataset"]),
+            baseline=BaselineSettings(data["baseline"]["checkpoint"], _train_settings(data["baseline"]["train"])),
+            trial=TrialSettings(_train_settings(data["trial"]["train"]), data["trial"]["eval_batch_size"]),
+            final=FinalSettings(
+                _train_settings(data["final"]["train"]), data["final"]["workers"], data["final"]["checkpoint_minutes"]
+            ),
+            layers=_layer_settings(data["layers"], source),
+            search=_search_settings(data["search"]),
+            resources=Resources(**data["resources"]),
         )
-        self._overrides: dict[str, tuple[tuple[float, float], tuple[int, int]]] = {}
-        for key, spec in layers["overrides"].items():
-            where = f"{source}: layers.overrides.{clip(str(key))}"
-            if not isinstance(spec, Mapping) or not set(spec) <= {"p", "bits"} or not spec:
-                example = "{p: [0.5, 0.9], bits: 4}"
-                raise ConfigError(f"{where} must be a mapping with p and/or bits, e.g. {example}, got {shown(spec)}")
-            self._overrides[str(key)] = _p_bits_ranges(  # type: ignore[assignment]
-                spec.get("p", list(self._default_p)), spec.get("bits", list(self._default_bits)), where
-            )
         # search.concurrency above search.trials is allowed: it is capped by the number of trials to run.
 
-    # -- convenience accessors --------------------------------------------------------
+    def _set(self, **values: Any) -> None:
+        for key, value in values.items():
+            object.__setattr__(self, key, value)
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError(f"a Space is read-only; make another with with_search(), not by setting {key}")
+
+    def with_search(self, **changes: Any) -> Space:
+        """This space with some ``search`` settings replaced (``trials``, ``concurrency``, ``sampler``, ``seed``).
+
+        Each value is checked as the schema checks the file's; the layers are not parsed again.
+        """
+        schema = SCHEMA["search"]
+        data = self.to_dict()
+        for key, value in changes.items():
+            if key not in schema or not isinstance(schema[key], Field):
+                raise TypeError(f"with_search: {key!r} is not a search setting")
+            if not schema[key].check(value):
+                raise ConfigError(f"{key}={value!r} is invalid; give {schema[key].kind}")
+            data["search"][key] = copy.deepcopy(value)
+        new = copy.copy(self)
+        new._set(_data=data, search=_search_settings(data["search"]))
+        return new
 
     @property
     def name(self) -> str:
-        return self.data.get("name") or Path(self.source).stem
+        return self._data.get("name") or Path(self.source).stem
 
-    def get(self, dotted: str) -> Any:
-        node: Any = self.data
-        for part in dotted.split("."):
-            node = node[part]
-        return node
+    @property
+    def description(self) -> str | None:
+        return self._data.get("description")
 
-    def train_overrides(self, section: str) -> dict[str, Any]:
-        """Non-null training settings of ``baseline``, ``trial`` or ``final``."""
-        return {k: v for k, v in self.data[section]["train"].items() if v is not None}
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved space as plain data (a copy: changing it leaves the space as it is)."""
+        return copy.deepcopy(self._data)
 
     def to_yaml(self) -> str:
-        return yaml.dump(self.data, Dumper=_Dumper, sort_keys=False)
+        return yaml.dump(self._data, Dumper=_Dumper, sort_keys=False)
 
     def fingerprint(self, *sections: str) -> str:
         blob = json.dumps({s: self._fingerprinted(s) for s in sections}, sort_keys=True)
@@ -397,9 +559,9 @@ class Space:
         Keys added to the schema later count only once set, so runs and baselines
         made before them keep their fingerprints.
         """
-        value = self.data[section]
-        if section == "model" and self.data.get("model_weights") is not None:
-            return [value, self.data["model_weights"]]
+        value = self._data[section]
+        if section == "model" and self._data.get("model_weights") is not None:
+            return [value, self._data["model_weights"]]
         if section == "dataset" and value.get("image_size") is None:
             return {k: v for k, v in value.items() if k != "image_size"}
         return value
@@ -413,7 +575,8 @@ class Space:
         ``ConfigError`` listing the real layers when an override, dense entry or group
         member matches nothing, or when every layer is dense.
         """
-        layers = self.data["layers"]
+        layers = self.layers
+        overrides = dict(layers.overrides)
         listed = ", ".join(layer_names)
 
         def check(pattern: str, what: str) -> list[str]:
@@ -426,9 +589,9 @@ class Space:
             return hits
 
         dense: set[str] = set()
-        for pat in layers["dense"]:
+        for pat in layers.dense:
             dense.update(check(pat, "layers.dense entry"))
-        for pat in self._overrides:
+        for pat in overrides:
             check(pat, "layers.overrides key")
         remaining = [n for n in layer_names if n not in dense]
         if not remaining:
@@ -437,17 +600,17 @@ class Space:
             )
 
         def ranges(name: str) -> tuple[tuple[float, float], tuple[int, int]]:
-            if name in self._overrides:
-                return self._overrides[name]
-            for pat, r in self._overrides.items():
+            if name in overrides:
+                return overrides[name]
+            for pat, r in overrides.items():
                 if matches(pat, name):
                     return r
-            return self._default_p, self._default_bits  # type: ignore[return-value]
+            return layers.default
 
         out: list[LayerSearchParam] = []
         owner: dict[str, str] = {}  # layer -> its group: a layer is in one group at most
-        for group, members in layers["groups"].items():
-            where = f"layers.groups.{clip(str(group))}"
+        for group, members in layers.groups:
+            where = f"layers.groups.{clip(group)}"
             if not members:
                 raise ConfigError(f"{self.source}: {where} is empty; list its layers (of {listed}) or remove it")
             found = {n for pat in members for n in check(pat, f"{where} member")}
@@ -458,14 +621,14 @@ class Space:
                         f"{self.source}: layer {n!r} is in both layers.groups.{clip(owner[n])} and {where}; "
                         "a layer belongs to one group at most: remove it from one of them"
                     )
-                owner[n] = str(group)
+                owner[n] = group
             names = [n for n in names if n not in dense]
             if not names:
                 raise ConfigError(
                     f"{self.source}: every layer of {where} is in layers.dense; remove the group or those dense entries"
                 )
             p, b = ranges(names[0])
-            out.append(LayerSearchParam(str(group), tuple(names), p, b))
+            out.append(LayerSearchParam(group, tuple(names), p, b))
         grouped = set(owner)
         for name in remaining:
             if name not in grouped:

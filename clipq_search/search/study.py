@@ -10,13 +10,12 @@ the result (or the failure, with its error).
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,6 @@ from clipq_search.search.trial import (
     device_failure,
     ensure_baseline,
     free_device_memory,
-    layer_names,
     run_trial,
     trial_payload,
 )
@@ -48,7 +46,7 @@ from clipq_search.search.worker_kills import (
     quiet_tune,
 )
 
-__all__ = ["SearchSummary", "run_search", "trials_frame", "write_trials_csv"]
+__all__ = ["SearchRequest", "SearchSummary", "run_search", "trials_frame", "write_trials_csv"]
 
 # Each run is a study named after the run, so one database holds many runs. Runs made before that
 # have one study of this name in their own study.db; they resume under it.
@@ -302,140 +300,6 @@ def _run_trial_on_device(config: dict[str, Any], payload: dict[str, Any], thread
     return run_trial(config["space"], config["plan"], payload, threads=threads)
 
 
-def _make_searcher(
-    study: optuna.Study,
-    units: list[LayerSearchParam],
-    space: Space,
-    to_run: int,
-    on_done: Callable[[optuna.trial.FrozenTrial], None],
-    baseline: Baseline,
-    threads: int,
-    inject_failure: list[int],
-    log: Callable[[str], None] = print,
-    kills: KillLedger | None = None,
-) -> Any:
-    from ray.tune.search import Searcher
-
-    from clipq_search.search.proposer import Proposer
-    from clipq_search.search.space import Space as _Space
-
-    dists = distributions(units)
-    s = space.data["search"]
-    max_drop = s["max_accuracy_drop"]
-    kills = kills if kills is not None else KillLedger(s["retries"], s["concurrency"], "", log)
-
-    def prepare(trial: optuna.trial.Trial) -> dict[str, Any]:
-        """The config of a proposed trial (runs in the proposer's thread)."""
-        plan = _Space.plan_from_params(dict(trial.params), units)
-        trial.set_user_attr("layers", {k: v.to_dict() for k, v in plan.layers.items()})
-        return {
-            "number": trial.number,
-            "plan": plan.to_dict(),
-            "space": space.data,
-            "threads": threads,
-            "inject_failure": inject_failure,
-        }
-
-    def tpe() -> optuna.samplers.BaseSampler:
-        n = len(study.get_trials(deepcopy=False))
-        return make_sampler("tpe", s["seed"] + n, s["trials"], max_drop is not None)
-
-    class StudySearcher(Searcher):
-        """Ask the Optuna study for plans; tell it the outcomes."""
-
-        def __init__(self) -> None:
-            super().__init__(metric="val_top1", mode="max")
-            self.by_tune_id: dict[str, optuna.trial.Trial] = {}
-            self.handed: dict[str, float] = {}
-            # Plans are asked in a background thread: Tune's loop only takes a ready one (never waits).
-            # Made at the first suggest: Tune pickles the searcher when the tuner is built.
-            self.proposer: Proposer | None = None
-
-        def suggest(self, trial_id: str) -> dict[str, Any] | None:
-            if self.proposer is None:
-                fallback = tpe if s["sampler"] == "auto" else None
-                self.proposer = Proposer(study, dists, to_run, s["concurrency"], prepare, fallback=fallback, log=log)
-                self.proposer.start()
-            if kills.rerun:  # trials whose Tune run ended under them (a kill Tune could not handle)
-                trial = kills.rerun.pop(0)
-                self.by_tune_id[trial_id] = trial
-                self.handed[trial_id] = time.time()
-                return prepare(trial)
-            if self.proposer.exhausted():
-                return Searcher.FINISHED
-            ready = self.proposer.take()
-            if ready is None:
-                return None  # Tune asks again on its next step
-            trial, config = ready
-            self.by_tune_id[trial_id] = trial
-            self.handed[trial_id] = time.time()
-            return config
-
-        def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-            kills.started(trial_id, result)
-
-        def __getstate__(self) -> dict[str, Any]:
-            # Each Tuner pickles its searcher (for Tune's own restore, which the search never uses); after a
-            # kill ends Tuner.fit, the next Tuner gets this searcher with its proposer thread running: leave it out.
-            return {k: v for k, v in self.__dict__.items() if k != "proposer"}
-
-        def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
-            trial = self.by_tune_id.pop(trial_id, None)
-            if trial is None:
-                return
-            if self.proposer is None:
-                self._complete(trial, trial_id, result, error)
-            else:  # the study's writes run in the proposer's thread, in order, off Tune's event loop
-                self.proposer.defer(self._complete, trial, trial_id, result, error)
-
-        def _complete(
-            self, trial: optuna.trial.Trial, trial_id: str, result: dict[str, Any] | None, error: bool
-        ) -> None:
-            if self.proposer is not None:
-                self.proposer.done(time.time() - self.handed.pop(trial_id, time.time()))
-            if error:  # Ray ended its worker on the last attempt Tune allows
-                msg, text = kills.failed(trial_id, trial.number)
-                result = {"error": msg, "traceback": text}
-            else:
-                kills.ended(None)
-            if error or not result or not result.get("ok"):
-                msg = (result or {}).get("error") or "the trial's worker died (node lost, out of memory, or killed)"
-                trial.set_user_attr(ERROR_ATTR, msg)
-                if result and result.get("traceback"):
-                    trial.set_user_attr("traceback", result["traceback"])
-                frozen = study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            else:
-                result = json.loads(result["record"])
-                for key in (
-                    "val_top1",
-                    "val_loss",
-                    "rate",
-                    "size_bytes",
-                    "train_seconds",
-                    "trial_seconds",
-                    "node",
-                    "kept",
-                    "train_loss",
-                ):
-                    trial.set_user_attr(key, result[key])
-                # From the plan's proposal to its start on a worker (worker start-up, scheduling).
-                proposed = trial.datetime_start
-                if proposed is not None:
-                    queued = max(0.0, result["started_unix"] - proposed.timestamp())
-                    trial.set_user_attr("queue_seconds", round(queued, 3))
-                if max_drop is not None:
-                    trial.set_user_attr("constraint", [baseline.val_top1 - result["val_top1"] - max_drop])
-                frozen = study.tell(trial, [result["val_top1"], math.log10(result["rate"])])
-            on_done(frozen)
-
-        def interrupted(self) -> list[optuna.trial.Trial]:
-            """The plans of this command left unfinished: in flight, or proposed and never started."""
-            never_started = self.proposer.stop() if self.proposer else []  # first: finishes the deferred writes
-            return list(self.by_tune_id.values()) + kills.rerun + never_started
-
-    return StudySearcher()
-
-
 def normalise_storage(url: str) -> str:
     """``url`` with a bare ``postgresql://`` pointed at psycopg 3 when the dialect's default driver is missing.
 
@@ -649,81 +513,156 @@ def _check_stored_space(storage: str, name: str, fingerprint: dict[str, str]) ->
         open_study(storage, name, create=False, fingerprint=fingerprint)
 
 
+@dataclass(frozen=True)
+class SearchRequest:
+    """What one search command asks besides its space.
+
+    Where the run lives (``results_root``/``name``; the name defaults to the
+    space's), where it runs (``address``: a Ray cluster, default a local
+    instance; ``storage``: the study's database, default the run's own
+    study.db), and the command line's replacements of the space's search
+    settings (``trials``, ``concurrency``, ``sampler``, ``seed``; ``None``: the
+    space's own). ``inject_failure``: trial numbers that fail on purpose (a
+    test hook); ``progress`` is kept for callers.
+    """
+
+    results_root: str | Path = "results"
+    name: str | None = None
+    trials: int | None = None
+    concurrency: int | None = None
+    sampler: str | None = None
+    seed: int | None = None
+    address: str | None = None
+    storage: str | None = None
+    progress: bool | None = None
+    inject_failure: Sequence[int] | None = None
+
+    def search_changes(self) -> dict[str, Any]:
+        """The search settings this request replaces."""
+        given = {k: getattr(self, k) for k in ("trials", "concurrency", "sampler", "seed")}
+        return {k: v for k, v in given.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class _Run:
+    """A search's run once opened: its space as run, study, baseline, searched units and trial payload."""
+
+    space: Space
+    run_dir: Path
+    study: optuna.Study
+    baseline: Baseline
+    units: list[LayerSearchParam]
+    dists: dict[str, optuna.distributions.BaseDistribution]
+    payload: dict[str, Any]
+    where_study: str  # where the study is, for the last line
+
+
 @releasing_locks
 def run_search(
-    space: Space,
-    *,
-    results_root: str | Path = "results",
-    name: str | None = None,
-    trials: int | None = None,
-    concurrency: int | None = None,
-    sampler: str | None = None,
-    seed: int | None = None,
-    address: str | None = None,
-    storage: str | None = None,
-    progress: bool | None = None,
-    inject_failure: list[int] | None = None,
-    log: Callable[[str], None] = print,
+    space: Space, request: SearchRequest | None = None, *, log: Callable[[str], None] = print, **options: Any
 ) -> SearchSummary:
-    """Run (or resume) a search until ``trials`` trials have finished; see the module doc."""
+    """Run (or resume) a search until ``search.trials`` trials have finished; see the module doc.
+
+    ``request`` says where and how (:class:`SearchRequest`); its fields may
+    also be given as keyword arguments (``run_search(space, name="r", trials=8)``).
+    """
     t0 = time.perf_counter()
-    s = space.data["search"]
-    if trials is not None:
-        s["trials"] = trials
-    if concurrency is not None:
-        s["concurrency"] = concurrency
-    if sampler is not None:
-        s["sampler"] = sampler
-    if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
-            raise ConfigError(f"seed={seed!r} is invalid; give an integer in [0, {SEED_MAX}]")
-        s["seed"] = seed
-    make_sampler(s["sampler"], s["seed"], s["trials"], False)  # validates the name early
-    if name is not None:
-        run_dir = rundir.run_folder(results_root, name, "--name")
+    request = replace(request or SearchRequest(), **options)
+    run = _open_run(space, request, log)
+    s = run.space.search
+    done = _finished(run.study)
+    to_run = s.trials - len(done)
+    log(
+        f"run {run.run_dir}: {len(done)} of {s.trials} trials finished; {max(to_run, 0)} to run, "
+        f"{s.concurrency} at a time, sampler {s.sampler}, baseline val {run.baseline.val_top1:.2f}%"
+    )
+    if to_run <= 0:
+        write_trials_csv(run.study, run.run_dir)
+        return _summary(run.study, run.run_dir, t0, s.concurrency)
+    _enqueue_paper_plans(run, request.address, log)
+    _run_with_tune(run, to_run, request.address, list(request.inject_failure or []), log)
+    write_trials_csv(run.study, run.run_dir)
+    return _summarise(run, t0, log)
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """What the input checks found (:func:`_check_inputs`)."""
+
+    space: Space  # with the request's search settings
+    run_dir: Path
+    storage: str | None  # as given, normalised; None: the run's own study.db
+    restart: bool  # the run holds another space and no complete trial: it starts afresh
+    units: list[LayerSearchParam]
+    dists: dict[str, optuna.distributions.BaseDistribution]
+
+
+def _check_inputs(space: Space, request: SearchRequest) -> _Checked:
+    """Everything that can fail on bad input, before any training or write."""
+    if request.sampler is not None:
+        make_sampler(request.sampler, 0, 1, False)  # an unknown name: the list of samplers
+    space = space.with_search(**request.search_changes())
+    if request.name is not None:
+        run_dir = rundir.run_folder(request.results_root, request.name, "--name")
     else:
-        run_dir = rundir.run_folder(results_root, space.name, f"the name of {space.source}")
-    # Everything that can fail on bad input is checked before any training or write.
-    if address:
-        check_address(address)
+        run_dir = rundir.run_folder(request.results_root, space.name, f"the name of {space.source}")
+    if request.address:
+        check_address(request.address)
+    storage = request.storage
     if storage:
         storage = normalise_storage(storage)
         check_storage(storage)
-    check_gpus(address, space.data["resources"]["gpus_per_trial"])
-    distributions(check_space(space))
+    check_gpus(request.address, space.resources.gpus_per_trial)
+    units = check_space(space)
+    dists = distributions(units)
     restart = _restartable(run_dir, space, storage)
     if not restart:
         _check_same_space(run_dir, space)
         if storage:
-            _check_stored_space(storage, run_dir.name, {k: space.fingerprint(k) for k in _RUN_SECTIONS})
-    res = space.data["resources"]
-    if address:  # the cluster answers before anything is trained or written
-        init_ray(address, s["concurrency"], res["cpus_per_trial"], res["gpus_per_trial"], log)
-    else:
-        s["concurrency"] = local_concurrency(s["concurrency"], res["cpus_per_trial"], res["gpus_per_trial"], log)
+            _check_stored_space(storage, run_dir.name, _run_fingerprint(space))
+    return _Checked(space, run_dir, storage, restart, units, dists)
+
+
+def _run_fingerprint(space: Space) -> dict[str, str]:
+    return {k: space.fingerprint(k) for k in _RUN_SECTIONS}
+
+
+def _fit_to_cluster(space: Space, address: str | None, log: Callable[[str], None]) -> Space:
+    """A cluster answers before anything is trained or written; a local instance caps the concurrency."""
+    s, res = space.search, space.resources
+    if address:
+        init_ray(address, s.concurrency, res.cpus_per_trial, res.gpus_per_trial, log)
+        return space
+    return space.with_search(concurrency=local_concurrency(s.concurrency, res.cpus_per_trial, res.gpus_per_trial, log))
+
+
+def _open_run(space: Space, request: SearchRequest, log: Callable[[str], None]) -> _Run:
+    """Check the inputs, make the baseline and open the run: its lock, study and files; interrupted trials requeued."""
+    checked = _check_inputs(space, request)
+    run_dir, storage, units = checked.run_dir, checked.storage, checked.units
+    space = _fit_to_cluster(checked.space, request.address, log)
     where_study = f"study {run_dir.name!r} in {shown_url(storage)}" if storage else "study.db beside it"
     own_file = storage is None
-    storage = storage or rundir.default_storage(run_dir)
+    url = storage or rundir.default_storage(run_dir)
 
-    baseline = ensure_baseline(space, results_root, progress=progress, log=log, address=address)
+    baseline = ensure_baseline(space, request.results_root, progress=request.progress, log=log, address=request.address)
     payload = trial_payload(space, baseline)
-    units = space.search_params(layer_names(space, payload["info"]))
-    distributions(units)
     dense, dense_line = describe_dense(space, payload["info"], [n for u in units for n in u.layers])
     log(dense_line)
 
+    s = space.search
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         # One command at a time on a run, across machines (released when run_search ends).
-        hold_run(storage, run_dir.name, "search", log)
-        if restart:
-            _restart(run_dir, None if own_file else storage, log)
+        hold_run(url, run_dir.name, "search", log)
+        if checked.restart:
+            _restart(run_dir, None if own_file else url, log)
         study = open_study(
-            storage,
+            url,
             run_dir.name,
-            make_sampler(s["sampler"], s["seed"], s["trials"], s["max_accuracy_drop"] is not None),
-            fingerprint={k: space.fingerprint(k) for k in _RUN_SECTIONS},
+            make_sampler(s.sampler, s.seed, s.trials, s.max_accuracy_drop is not None),
+            fingerprint=_run_fingerprint(space),
             legacy=own_file,
         )
     except ClipQError:
@@ -737,7 +676,7 @@ def run_search(
         space_yaml=space.to_yaml(),
         baseline=baseline.to_dict(),
         run_info={
-            "storage": storage,
+            "storage": url,
             "study": study.study_name,
             "space_source": space.source,
             "name": run_dir.name,
@@ -749,41 +688,37 @@ def run_search(
     recover_interrupted(study, log)
     # A resumed run continues the sampler's stream instead of replaying it.
     n_existing = len(study.get_trials(deepcopy=False))
-    stream = (s["seed"] + n_existing) % (SEED_MAX + 1)  # seeds stay 32-bit however long the run
-    study.sampler = make_sampler(s["sampler"], stream, s["trials"], s["max_accuracy_drop"] is not None)
-    done = _finished(study)
-    to_run = s["trials"] - len(done)
-    log(
-        f"run {run_dir}: {len(done)} of {s['trials']} trials finished; {max(to_run, 0)} to run, "
-        f"{s['concurrency']} at a time, sampler {s['sampler']}, baseline val {baseline.val_top1:.2f}%"
-    )
-    if to_run <= 0:
-        write_trials_csv(study, run_dir)
-        return _summary(study, run_dir, t0, s["concurrency"])
+    stream = (s.seed + n_existing) % (SEED_MAX + 1)  # seeds stay 32-bit however long the run
+    study.sampler = make_sampler(s.sampler, stream, s.trials, s.max_accuracy_drop is not None)
+    return _Run(space, run_dir, study, baseline, units, checked.dists, payload, where_study)
 
-    if s["sampler"] == "paper" and not any(
-        t.user_attrs.get("source") == "paper" for t in study.get_trials(deepcopy=False)
-    ):
-        from clipq_search.search.paper import paper_plans
 
-        res = space.data["resources"]
-        init_ray(address, s["concurrency"], res["cpus_per_trial"], res["gpus_per_trial"], log)
-        for lam, params in paper_plans(space, units, payload, log=log):
-            study.enqueue_trial(params, user_attrs={"source": "paper", "lambda": lam})
+def _enqueue_paper_plans(run: _Run, address: str | None, log: Callable[[str], None]) -> None:
+    """``--sampler paper``: the paper's per-layer plans run first (once per run)."""
+    s, res = run.space.search, run.space.resources
+    if s.sampler != "paper" or any(t.user_attrs.get("source") == "paper" for t in run.study.get_trials(deepcopy=False)):
+        return
+    from clipq_search.search.paper import paper_plans
 
-    _run_with_tune(study, space, units, payload, baseline, run_dir, to_run, address, inject_failure or [], log)
-    write_trials_csv(study, run_dir)
-    summary = _summary(study, run_dir, t0, s["concurrency"])
+    init_ray(address, s.concurrency, res.cpus_per_trial, res.gpus_per_trial, log)
+    for lam, params in paper_plans(run.space, run.units, run.payload, log=log):
+        run.study.enqueue_trial(params, user_attrs={"source": "paper", "lambda": lam})
+
+
+def _summarise(run: _Run, t0: float, log: Callable[[str], None]) -> SearchSummary:
+    """The last line of a search; a search whose every trial failed is an error that names the first reason."""
+    summary = _summary(run.study, run.run_dir, t0, run.space.search.concurrency)
     log(
         f"done: {summary.finished} finished ({summary.complete} complete, {summary.failed} failed) in "
-        f"{summary.wall_seconds:.0f}s; trials.csv in {run_dir}, {where_study}"
+        f"{summary.wall_seconds:.0f}s; trials.csv in {run.run_dir}, {run.where_study}"
     )
     if summary.finished and not summary.complete:
-        first = next((t for t in _finished(study) if t.user_attrs.get(ERROR_ATTR)), None)
+        first = next((t for t in _finished(run.study) if t.user_attrs.get(ERROR_ATTR)), None)
         why = f" (trial {first.number}: {str(first.user_attrs[ERROR_ATTR])[:200]})" if first else ""
         raise ClipQError(
-            f"every trial failed{why}; fix the space (the error column of {run_dir / rundir.TRIALS_CSV} has each "
-            "reason) and run the same command again: a run with no complete trial starts afresh with the fixed space"
+            f"every trial failed{why}; fix the space (the error column of {run.run_dir / rundir.TRIALS_CSV} has "
+            "each reason) and run the same command again: a run with no complete trial starts afresh with the "
+            "fixed space"
         )
     return summary
 
@@ -815,8 +750,8 @@ def _memory_advice(space: Space) -> str:
     """What to change when Ray keeps killing trials for memory: fewer trials per node, or smaller ones."""
     from clipq_search.search.trial import train_config
 
-    s, res = space.data["search"], space.data["resources"]
-    conc, cpus, batch = s["concurrency"], res["cpus_per_trial"], train_config(space.data, "trial").batch_size
+    conc, cpus = space.search.concurrency, space.resources.cpus_per_trial
+    batch = train_config(space, "trial").batch_size
     fewer = f"run fewer trials at once (search.concurrency {conc // 2} instead of {conc}), " if conc > 1 else ""
     return (
         f"To need less memory per node: {fewer}give each trial more CPUs so that fewer share a node "
@@ -825,23 +760,9 @@ def _memory_advice(space: Space) -> str:
     )
 
 
-def _run_with_tune(
-    study: optuna.Study,
-    space: Space,
-    units: list[LayerSearchParam],
-    payload: dict[str, Any],
-    baseline: Baseline,
-    run_dir: Path,
-    to_run: int,
-    address: str | None,
-    inject_failure: list[int],
-    log: Callable[[str], None],
-) -> None:
-    from ray import tune
-
-    s, res = space.data["search"], space.data["resources"]
-    init_ray(address, s["concurrency"], res["cpus_per_trial"], res["gpus_per_trial"], log)
-    total = s["trials"]
+def _progress(run: _Run, log: Callable[[str], None]) -> Callable[[optuna.trial.FrozenTrial], None]:
+    """What the search does after each finished trial: a progress line, trials.csv rewritten."""
+    study, baseline, run_dir, total = run.study, run.baseline, run.run_dir, run.space.search.trials
 
     def on_done(t: optuna.trial.FrozenTrial) -> None:
         n_done = len(_finished(study))
@@ -856,41 +777,61 @@ def _run_with_tune(
         log(line)
         write_trials_csv(study, run_dir)
 
-    threads = max(1, int(res["cpus_per_trial"]))
-    kills = KillLedger(s["retries"], s["concurrency"], _memory_advice(space), log)
-    searcher = _make_searcher(study, units, space, to_run, on_done, baseline, threads, inject_failure, log, kills)
-    resources = {"cpu": res["cpus_per_trial"], "gpu": res["gpus_per_trial"]}
-    trainable = tune.with_resources(tune.with_parameters(_trainable, payload=payload), resources)
-    quiet_tune()
+    return on_done
 
-    def tuner(num_samples: int) -> Any:
-        return tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(
-                search_alg=searcher,
-                num_samples=num_samples,
-                max_concurrent_trials=s["concurrency"],
-                reuse_actors=True,
-            ),
-            run_config=tune.RunConfig(
-                name=f"tune-{time.time_ns() // 1_000_000}",  # a new folder for each Tune run, even a restart
-                storage_path=str((run_dir / "ray").resolve()),
-                # A trial whose worker Ray kills runs again, up to search.retries times; its reason is logged.
-                failure_config=tune.FailureConfig(max_failures=s["retries"]),
-                stop=kills.stopper(),
-                callbacks=[kills.callback()],
-                verbose=0,
-                log_to_file=True,
-            ),
-        )
 
+def _tuner(run: _Run, trainable: Any, searcher: Any, kills: KillLedger, num_samples: int) -> Any:
+    """A Ray Tune run of the search's trials, configured as ``search`` runs them."""
+    from ray import tune
+
+    s = run.space.search
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            num_samples=num_samples,
+            max_concurrent_trials=s.concurrency,
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=f"tune-{time.time_ns() // 1_000_000}",  # a new folder for each Tune run, even a restart
+            storage_path=str((run.run_dir / "ray").resolve()),
+            # A trial whose worker Ray kills runs again, up to search.retries times; its reason is logged.
+            failure_config=tune.FailureConfig(max_failures=s.retries),
+            stop=kills.stopper(),
+            callbacks=[kills.callback()],
+            verbose=0,
+            log_to_file=True,
+        ),
+    )
+
+
+def _run_with_tune(
+    run: _Run, to_run: int, address: str | None, inject_failure: list[int], log: Callable[[str], None]
+) -> None:
+    """Run ``to_run`` trials on Ray Tune; a kill Tune cannot handle settles its trials and Tune goes on."""
     import ray
+    from ray import tune
+
+    from clipq_search.search.searcher import StudySearcher
+
+    s, res = run.space.search, run.space.resources
+    study, run_dir, total = run.study, run.run_dir, s.trials
+    init_ray(address, s.concurrency, res.cpus_per_trial, res.gpus_per_trial, log)
+    kills = KillLedger(s.retries, s.concurrency, _memory_advice(run.space), log)
+    searcher = StudySearcher(
+        study, run.units, run.dists, run.space, to_run=to_run, on_done=_progress(run, log), baseline=run.baseline,
+        threads=max(1, int(res.cpus_per_trial)), kills=kills, inject_failure=inject_failure, log=log,
+    )
+    resources = {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial}
+    trainable = tune.with_resources(tune.with_parameters(_trainable, payload=run.payload), resources)
+    quiet_tune()
 
     try:
         num_samples = to_run
         while True:
             try:
-                tuner(num_samples).fit()
+                _tuner(run, trainable, searcher, kills, num_samples).fit()
                 break
             except (ray.exceptions.RaySystemError, ConnectionError) as exc:
                 # the cluster went away under the search (its head stopped, the network): finished trials are saved

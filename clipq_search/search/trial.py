@@ -14,7 +14,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from clipq_search.core.encoding import estimate_size
 from clipq_search.core.plan import Plan, compressible_tensors, dense_summary
 from clipq_search.core.surgery import attach_clipq
 from clipq_search.errors import ClipQError, ConfigError
-from clipq_search.search.space import LayerSearchParam, Space
+from clipq_search.search.space import LayerSearchParam, Resources, Space
 from clipq_search.search.worker_kills import gather, kill_point
 from clipq_search.training.data import (
     DEFAULT_ROOTS,
@@ -69,21 +69,21 @@ __all__ = [
 
 
 def dataset_spec(space: Space) -> DatasetSpec:
-    d = space.data["dataset"]
-    if d["root"] is None and d["name"] not in DEFAULT_ROOTS:  # say it in the space's terms
+    d = space.dataset
+    if d.root is None and d.name not in DEFAULT_ROOTS:  # say it in the space's terms
         raise ConfigError(
-            f"{space.source}: dataset.root is required for {d['name']!r}; set it to the folder holding its files "
+            f"{space.source}: dataset.root is required for {d.name!r}; set it to the folder holding its files "
             "(--set dataset.root=/path/to/data)"
         )
     return DatasetSpec(
-        name=d["name"], root=d["root"], val_size=d["val_size"], split_seed=d["split_seed"],
-        image_size=d.get("image_size"),
+        name=d.name, root=d.root, val_size=d.val_size, split_seed=d.split_seed, image_size=d.image_size
     )
 
 
-def model_for(space_data: dict[str, Any], splits_info: dict[str, int]) -> nn.Module:
+def model_for(space: Space, splits_info: dict[str, int]) -> nn.Module:
+    """The space's model, untrained, for a dataset of ``splits_info``'s shape."""
     return build_model(
-        space_data["model"],
+        space.model,
         num_classes=splits_info["num_classes"],
         in_channels=splits_info["in_channels"],
         image_size=splits_info["image_size"],
@@ -94,11 +94,11 @@ def splits_info(splits: DataSplits) -> dict[str, int]:
     return {"num_classes": splits.num_classes, "in_channels": splits.in_channels, "image_size": splits.image_size}
 
 
-def train_config(space_data: dict[str, Any], section: str) -> TrainConfig:
+def train_config(space: Space, section: str) -> TrainConfig:
     """The TrainConfig of ``baseline``, ``trial`` or ``final`` (nulls fall back to defaults)."""
-    given = {k: v for k, v in space_data[section]["train"].items() if v is not None}
+    given = getattr(space, section).train.given()
     if section == "baseline":
-        base = asdict(DEFAULT_PRETRAIN.get(space_data["model"], TrainConfig(epochs=20)))
+        base = asdict(DEFAULT_PRETRAIN.get(space.model, TrainConfig(epochs=20)))
     else:
         base = {"epochs": 1.0}
     base.update(given)
@@ -130,7 +130,7 @@ class Baseline:
 
 def baseline_paths(space: Space, results_root: str | Path) -> tuple[Path, Path]:
     """(checkpoint, metrics json) of the space's baseline; a user checkpoint keeps its own path."""
-    given = space.data["baseline"]["checkpoint"]
+    given = space.baseline.checkpoint
     fp = space.fingerprint("model", "dataset", "baseline")
     if given:
         ckpt = Path(given)
@@ -138,7 +138,7 @@ def baseline_paths(space: Space, results_root: str | Path) -> tuple[Path, Path]:
     base = (
         Path(results_root)
         / "baselines"
-        / f"{space.data['model'].replace(':', '_').replace('/', '_')}-{space.data['dataset']['name']}-{fp}"
+        / f"{space.model.replace(':', '_').replace('/', '_')}-{space.dataset.name}-{fp}"
     )
     return base.with_suffix(".pt"), base.with_suffix(".json")
 
@@ -175,34 +175,34 @@ def ensure_baseline(
     splits = load_dataset(dataset_spec(space))
     info = splits_info(splits)
     given = None
-    if space.data["baseline"]["checkpoint"]:
+    if space.baseline.checkpoint:
         from clipq_search.training.loop import load_state_dict_file
 
-        model = model_for(space.data, info)
+        model = model_for(space, info)
         load_state_dict_file(
             model,
             ckpt,
-            model_name=space.data["model"],
-            fix=f"point baseline.checkpoint at a {space.data['model']} state dict, or remove it to pretrain one",
+            model_name=space.model,
+            fix=f"point baseline.checkpoint at a {space.model} state dict, or remove it to pretrain one",
         )
         given = state_to_bytes(model)
         log(f"evaluating the given baseline {ckpt} on {splits.name}")
-    elif space.data["model_weights"]:
-        log(f"evaluating {space.data['model']} with weights {space.data['model_weights']} on {splits.name}")
+    elif space.model_weights:
+        log(f"evaluating {space.model} with weights {space.model_weights} on {splits.name}")
     else:
-        cfg = train_config(space.data, "baseline")
-        log(f"pretraining dense {space.data['model']} on {splits.name}: {epochs_text(cfg.epochs)} (cached afterwards)")
+        cfg = train_config(space, "baseline")
+        log(f"pretraining dense {space.model} on {splits.name}: {epochs_text(cfg.epochs)} (cached afterwards)")
     payload = {
         "train": splits.train.to_state(),
         "val": splits.val.to_state() if splits.val is not None else None,
         "test": splits.test.to_state(),
         "info": info,
     }
-    res = space.data["resources"]
+    res = space.resources
     from clipq_search.search.cluster import check_gpus, init_ray
 
-    check_gpus(address, res["gpus_per_trial"])
-    init_ray(address, 1, res["cpus_per_trial"], res["gpus_per_trial"], log)
+    check_gpus(address, res.gpus_per_trial)
+    init_ray(address, 1, res.cpus_per_trial, res.gpus_per_trial, log)
     import ray
     from ray.util.queue import Queue
 
@@ -210,13 +210,13 @@ def ensure_baseline(
     out = run_task(
         _baseline_task,
         res,
-        space.data,
+        space,
         ray.put(payload),
         given,
         str(ckpt.with_suffix(".resume.pt").resolve()),
         queue,
         what="the dense baseline",
-        retries=space.data["search"]["retries"],
+        retries=space.search.retries,
         log=log,
         poll=relay(queue, log),
     )
@@ -228,45 +228,45 @@ def ensure_baseline(
         ckpt.with_suffix(".resume.pt").unlink(missing_ok=True)
     val, test = out["val"], out["test"]
     info_ = Baseline(
-        str(ckpt), val["top1"], test["top1"], test.get("top5"), out["seconds"], space.data["model"], splits.name, fp
+        str(ckpt), val["top1"], test["top1"], test.get("top5"), out["seconds"], space.model, splits.name, fp
     )
     write_json(meta, {**info_.to_dict(), "checkpoint_bytes": ckpt.stat().st_size})
     return info_
 
 
 def _baseline_task(
-    space_data: dict[str, Any], payload: dict[str, Any], given: bytes | None, resume_path: str, queue: Any
+    space: Space, payload: dict[str, Any], given: bytes | None, resume_path: str, queue: Any
 ) -> dict[str, Any]:
     """Ray task: the dense baseline's training (unless given or published) and its evaluation."""
-    res = space_data["resources"]
-    threads = configure_threads(max(1, int(res["cpus_per_trial"])))
+    res = space.resources
+    threads = configure_threads(max(1, int(res.cpus_per_trial)))
     device = worker_device(res)
-    workers = loader_workers(res["cpus_per_trial"])
+    workers = loader_workers(res.cpus_per_trial)
     info = payload["info"]
-    cfg = train_config(space_data, "baseline")
-    eval_bs = space_data["trial"]["eval_batch_size"]
+    cfg = train_config(space, "baseline")
+    eval_bs = space.trial.eval_batch_size
     torch.manual_seed(cfg.seed)  # the dense model's initial weights come from the training seed too
     note = ""
     if given is not None:
-        model = model_for(space_data, info)
+        model = model_for(space, info)
         model.load_state_dict(state_from_bytes(given), strict=True)
         fresh = False
-    elif space_data["model_weights"]:
+    elif space.model_weights:
         model, fresh = pretrained_model(
-            space_data["model"],
-            space_data["model_weights"],
+            space.model,
+            space.model_weights,
             num_classes=info["num_classes"],
             in_channels=info["in_channels"],
             image_size=info["image_size"],
         )
         if fresh:
             note = (
-                f"the weights {space_data['model_weights']} predict another number of classes than the "
+                f"the weights {space.model_weights} predict another number of classes than the "
                 f"{info['num_classes']} of the dataset: the classifier is new and was trained "
                 f"({epochs_text(cfg.epochs)} of baseline.train)"
             )
     else:
-        model = model_for(space_data, info)
+        model = model_for(space, info)
         fresh = True
     seconds = 0.0
     val_data = dataset_from_state(payload["val"], num_workers=workers) if payload["val"] is not None else None
@@ -320,7 +320,7 @@ def _ray_gpu_ids() -> list[Any] | None:
     return list(ray.get_gpu_ids())
 
 
-def worker_device(resources: str | None | Mapping[str, Any]) -> torch.device:
+def worker_device(resources: str | None | Resources) -> torch.device:
     """The device of a trial, task or training worker (``resources.device``), resolved where the work runs.
 
     Given the space's whole ``resources`` section, it also sets this process's
@@ -334,14 +334,14 @@ def worker_device(resources: str | None | Mapping[str, Any]) -> torch.device:
     ``cuda`` in a Ray worker needs a GPU of its own (``gpus_per_trial`` > 0,
     fractions share one).
     """
-    name = resources.get("device") if isinstance(resources, Mapping) else resources
+    name = resources.device if isinstance(resources, Resources) else resources
     device = _resolve_device(name)
-    if isinstance(resources, Mapping):
+    if isinstance(resources, Resources):
         configure_device_(
             device,
-            deterministic=bool(resources.get("deterministic", False)),
-            channels_last=resources.get("channels_last"),
-            cuda_graphs=bool(resources.get("cuda_graphs", False)),
+            deterministic=resources.deterministic,
+            channels_last=resources.channels_last,
+            cuda_graphs=resources.cuda_graphs,
         )
     return device
 
@@ -408,12 +408,11 @@ def free_device_memory(device: torch.device | None = None) -> None:
         torch.cuda.empty_cache()
 
 
-def check_device(resources: dict[str, Any], source: str = "space") -> None:
+def check_device(name: str | None, gpus_per_trial: float, source: str = "space") -> None:
     """``resources.device`` names a device the workers can use; its presence is checked where they run.
 
     The driver (often a head node without a GPU) does not need the device.
     """
-    name = resources["device"]
     if name is None or name == "auto":
         return
     try:
@@ -427,7 +426,7 @@ def check_device(resources: dict[str, Any], source: str = "space") -> None:
             f"{source}: resources.device={name!r}: each Ray worker sees only the GPUs Ray gave it (as cuda:0); "
             "use cuda, and resources.gpus_per_trial to say how much of a GPU each trial gets"
         )
-    if device.type == "cuda" and not resources["gpus_per_trial"] > 0:
+    if device.type == "cuda" and not gpus_per_trial > 0:
         raise ConfigError(
             f"{source}: resources.device={name} needs resources.gpus_per_trial above 0 (e.g. 1, or 0.25 to pack "
             "four trials on a GPU); with 0 Ray gives the trials no GPU"
@@ -436,7 +435,7 @@ def check_device(resources: dict[str, Any], source: str = "space") -> None:
 
 def run_task(
     fn: Callable[..., Any],
-    resources: dict[str, Any],
+    resources: Resources,
     *args: Any,
     what: str,
     retries: int,
@@ -450,7 +449,7 @@ def run_task(
     """
     import ray
 
-    task = ray.remote(num_cpus=resources["cpus_per_trial"], num_gpus=resources["gpus_per_trial"], max_retries=0)(fn)
+    task = ray.remote(num_cpus=resources.cpus_per_trial, num_gpus=resources.gpus_per_trial, max_retries=0)(fn)
     try:
         return gather(lambda _k: task.remote(*args), [0], retries=retries, what=lambda _k: what, log=log, poll=poll)[0]
     except ClipQError as exc:
@@ -496,14 +495,14 @@ def check_space(space: Space) -> list[LayerSearchParam]:
     first, so bad input fails in seconds and before anything is written.
     """
     info = dataset_info(dataset_spec(space))
-    check_device(space.data["resources"], space.source)
-    if space.data["model_weights"] is not None:
-        if space.data["baseline"]["checkpoint"]:
+    check_device(space.resources.device, space.resources.gpus_per_trial, space.source)
+    if space.model_weights is not None:
+        if space.baseline.checkpoint:
             raise ConfigError(
                 f"{space.source}: model_weights and baseline.checkpoint both give the dense model's weights; "
                 "keep one of them"
             )
-        check_weights(space.data["model"], space.data["model_weights"])
+        check_weights(space.model, space.model_weights)
     return space.search_params(layer_names(space, info))
 
 
@@ -539,7 +538,7 @@ def _node_name() -> str:
 
 
 def run_trial(
-    space_data: dict[str, Any],
+    space: Space,
     plan: dict[str, Any],
     payload: dict[str, Any],
     *,
@@ -555,30 +554,28 @@ def run_trial(
     """
     t_start = time.perf_counter()
     configure_threads(threads)
-    res = space_data["resources"]
-    device = worker_device(res)
+    device = worker_device(space.resources)
     try:
-        return _run_trial(space_data, plan, payload, device, t_start)
+        return _run_trial(space, plan, payload, device, t_start)
     finally:
         if device.type == "cuda":
             free_device_memory(device)
 
 
 def _run_trial(
-    space_data: dict[str, Any], plan: dict[str, Any], payload: dict[str, Any], device: torch.device, t_start: float
+    space: Space, plan: dict[str, Any], payload: dict[str, Any], device: torch.device, t_start: float
 ) -> dict[str, Any]:
-    res = space_data["resources"]
-    model = model_for(space_data, payload["info"])
+    model = model_for(space, payload["info"])
     model.load_state_dict(state_from_bytes(payload["baseline"]), strict=True)
     resolved = attach_clipq(model, Plan.from_dict(plan))
-    workers = loader_workers(res["cpus_per_trial"])
+    workers = loader_workers(space.resources.cpus_per_trial)
     train_data = dataset_from_state(payload["train"], num_workers=workers)
     val_data = dataset_from_state(payload["val"], num_workers=workers)
-    cfg = train_config(space_data, "trial")
+    cfg = train_config(space, "trial")
     t_train = time.perf_counter()
     result = train(model, train_data, cfg, device=device, progress=False, desc="trial")
     train_seconds = time.perf_counter() - t_train
-    metrics = evaluate(model, val_data, device=device, batch_size=space_data["trial"]["eval_batch_size"], amp=cfg.amp)
+    metrics = evaluate(model, val_data, device=device, batch_size=space.trial.eval_batch_size, amp=cfg.amp)
     if not math.isfinite(metrics["top1"]) or not math.isfinite(metrics["loss"]):
         raise ClipQError(f"trial produced a non-finite validation result ({metrics})")
     size = estimate_size(model)  # on the model's device
@@ -608,7 +605,7 @@ def trial_payload(space: Space, baseline: Baseline, *, test: bool = False) -> di
     splits = load_dataset(dataset_spec(space))
     if splits.val is None:
         raise ClipQError("the search needs a validation split: set dataset.val_size > 0")
-    model = model_for(space.data, splits_info(splits))
+    model = model_for(space, splits_info(splits))
     load_baseline(model, baseline)
     payload = {
         "baseline": state_to_bytes(model),
@@ -622,12 +619,12 @@ def trial_payload(space: Space, baseline: Baseline, *, test: bool = False) -> di
 
 
 def layer_names(space: Space, info: dict[str, int]) -> list[str]:
-    return list(compressible_tensors(model_for(space.data, info)))
+    return list(compressible_tensors(model_for(space, info)))
 
 
 def describe_dense(space: Space, info: dict[str, int], compressed: list[str]) -> tuple[dict[str, Any], str]:
     """What the search leaves dense (``core.plan.dense_summary``) and a line saying so."""
-    d = dense_summary(model_for(space.data, info), compressed)
+    d = dense_summary(model_for(space, info), compressed)
     largest = ", ".join(f"{k} {b:,} B" for k, b in d["largest"])
     line = (f"stays dense: {d['tensors']} parameter tensors, {100 * d['share']:.1f}% of the model's fp32 bytes"
             + (f" (largest: {largest})" if largest else ""))

@@ -1,0 +1,161 @@
+"""The Ray Tune ``Searcher`` of a search: Optuna's study proposes the plans, Tune runs them.
+
+``suggest`` hands Tune a plan the :class:`~clipq_search.search.proposer.Proposer`
+asked of the study in its background thread; ``on_trial_complete`` tells the
+study the trial's result, or its failure with the error. Imported only where
+Ray Tune runs (it imports Ray).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import optuna
+from ray.tune.search import Searcher
+
+from clipq_search.search.proposer import Proposer
+from clipq_search.search.space import LayerSearchParam, Space
+from clipq_search.search.study import ERROR_ATTR, make_sampler
+from clipq_search.search.trial import Baseline
+from clipq_search.search.worker_kills import KillLedger
+
+__all__ = ["StudySearcher"]
+
+# What a finished trial's record gives the study, as trial attributes (trials.csv's columns).
+_RECORDED = (
+    "val_top1", "val_loss", "rate", "size_bytes", "train_seconds", "trial_seconds", "node", "kept", "train_loss"
+)
+
+
+class StudySearcher(Searcher):
+    """Ask the Optuna study for plans; tell it the outcomes.
+
+    ``to_run`` plans are proposed from ``dists`` (the units' distributions);
+    ``on_done`` sees each finished trial as the study stored it. ``baseline``
+    gives the accuracy that ``search.max_accuracy_drop`` counts from (needed
+    only with it). ``threads`` and ``inject_failure`` (trial numbers that fail
+    on purpose, a test hook) go into every trial's config.
+    """
+
+    def __init__(
+        self,
+        study: optuna.Study,
+        units: list[LayerSearchParam],
+        dists: dict[str, optuna.distributions.BaseDistribution],
+        space: Space,
+        *,
+        to_run: int,
+        on_done: Callable[[optuna.trial.FrozenTrial], None],
+        baseline: Baseline | None,
+        threads: int,
+        kills: KillLedger,
+        inject_failure: Sequence[int] = (),
+        log: Callable[[str], None] = print,
+    ) -> None:
+        super().__init__(metric="val_top1", mode="max")
+        self.study, self.units, self.dists, self.space = study, units, dists, space
+        self.to_run, self.on_done, self.baseline, self.threads = to_run, on_done, baseline, threads
+        self.kills, self.inject_failure, self.log = kills, list(inject_failure), log
+        self.by_tune_id: dict[str, optuna.trial.Trial] = {}
+        self.handed: dict[str, float] = {}
+        # Plans are asked in a background thread: Tune's loop only takes a ready one (never waits).
+        # Made at the first suggest: Tune pickles the searcher when the tuner is built.
+        self.proposer: Proposer | None = None
+
+    def prepare(self, trial: optuna.trial.Trial) -> dict[str, Any]:
+        """The config of a proposed trial (runs in the proposer's thread)."""
+        plan = Space.plan_from_params(dict(trial.params), self.units)
+        trial.set_user_attr("layers", {k: v.to_dict() for k, v in plan.layers.items()})
+        return {
+            "number": trial.number,
+            "plan": plan.to_dict(),
+            "space": self.space,
+            "threads": self.threads,
+            "inject_failure": self.inject_failure,
+        }
+
+    def tpe(self) -> optuna.samplers.BaseSampler:
+        """The sampler ``auto`` moves to when the GP no longer keeps pace (continuing the seed's stream)."""
+        s = self.space.search
+        n = len(self.study.get_trials(deepcopy=False))
+        return make_sampler("tpe", s.seed + n, s.trials, s.max_accuracy_drop is not None)
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        if self.proposer is None:
+            s = self.space.search
+            fallback = self.tpe if s.sampler == "auto" else None
+            self.proposer = Proposer(
+                self.study, self.dists, self.to_run, s.concurrency, self.prepare, fallback=fallback, log=self.log
+            )
+            self.proposer.start()
+        if self.kills.rerun:  # trials whose Tune run ended under them (a kill Tune could not handle)
+            trial = self.kills.rerun.pop(0)
+            self.by_tune_id[trial_id] = trial
+            self.handed[trial_id] = time.time()
+            return self.prepare(trial)
+        if self.proposer.exhausted():
+            return Searcher.FINISHED
+        ready = self.proposer.take()
+        if ready is None:
+            return None  # Tune asks again on its next step
+        trial, config = ready
+        self.by_tune_id[trial_id] = trial
+        self.handed[trial_id] = time.time()
+        return config
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        self.kills.started(trial_id, result)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Each Tuner pickles its searcher (for Tune's own restore, which the search never uses); after a
+        # kill ends Tuner.fit, the next Tuner gets this searcher with its proposer thread running: leave it out.
+        return {k: v for k, v in self.__dict__.items() if k != "proposer"}
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        trial = self.by_tune_id.pop(trial_id, None)
+        if trial is None:
+            return
+        if self.proposer is None:
+            self._complete(trial, trial_id, result, error)
+        else:  # the study's writes run in the proposer's thread, in order, off Tune's event loop
+            self.proposer.defer(self._complete, trial, trial_id, result, error)
+
+    def _complete(self, trial: optuna.trial.Trial, trial_id: str, result: dict[str, Any] | None, error: bool) -> None:
+        if self.proposer is not None:
+            self.proposer.done(time.time() - self.handed.pop(trial_id, time.time()))
+        if error:  # Ray ended its worker on the last attempt Tune allows
+            msg, text = self.kills.failed(trial_id, trial.number)
+            result = {"error": msg, "traceback": text}
+        else:
+            self.kills.ended(None)
+        if error or not result or not result.get("ok"):
+            msg = (result or {}).get("error") or "the trial's worker died (node lost, out of memory, or killed)"
+            trial.set_user_attr(ERROR_ATTR, msg)
+            if result and result.get("traceback"):
+                trial.set_user_attr("traceback", result["traceback"])
+            frozen = self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        else:
+            frozen = self._tell_success(trial, json.loads(result["record"]))
+        self.on_done(frozen)
+
+    def _tell_success(self, trial: optuna.trial.Trial, record: dict[str, Any]) -> optuna.trial.FrozenTrial:
+        for key in _RECORDED:
+            trial.set_user_attr(key, record[key])
+        # From the plan's proposal to its start on a worker (worker start-up, scheduling).
+        proposed = trial.datetime_start
+        if proposed is not None:
+            queued = max(0.0, record["started_unix"] - proposed.timestamp())
+            trial.set_user_attr("queue_seconds", round(queued, 3))
+        max_drop = self.space.search.max_accuracy_drop
+        if max_drop is not None and self.baseline is not None:  # run_search always gives the baseline
+            trial.set_user_attr("constraint", [self.baseline.val_top1 - record["val_top1"] - max_drop])
+        return self.study.tell(trial, [record["val_top1"], math.log10(record["rate"])])
+
+    def interrupted(self) -> list[optuna.trial.Trial]:
+        """The plans of this command left unfinished: in flight, or proposed and never started."""
+        never_started = self.proposer.stop() if self.proposer else []  # first: finishes the deferred writes
+        return list(self.by_tune_id.values()) + self.kills.rerun + never_started
