@@ -147,6 +147,8 @@ class ClipQWeight(nn.Module):
         # call; "stats": a ClipQStats, or that operator (its latest result, read on demand);
         # "source": numpy views of the weight and the buffer for the compiled operator.
         self._state = _fresh_state()
+        # Decided here, not while torch.compile traces forward (tracing the check would trace its caches).
+        self._compiled_cpu = compiled_for(1)
 
     def __getstate__(self) -> dict[str, Any]:
         # Copies (deepcopy) start afresh: the compiled operator's scratch and the lock belong to
@@ -237,7 +239,7 @@ class ClipQWeight(nn.Module):
     def forward(self, original: torch.Tensor) -> torch.Tensor:
         if not torch.compiler.is_compiling():
             q = self.quantize(original)
-        elif original.device.type != "cpu" or not compiled_for(original.numel()):
+        elif original.device.type != "cpu" or not self._compiled_cpu:
             # The tensor implementation reads nothing back from the device: it joins the model's graph.
             q = quantize_on_device(original, self.p, self.bits)[0]
         else:
@@ -254,7 +256,19 @@ class ClipQWeight(nn.Module):
         return f"p={self.p}, bits={self.bits}"
 
 
-_quantize_outside_graphs = torch.compiler.disable(ClipQWeight.quantize)
+_outside_graphs: dict[str, Any] = {}
+
+
+def _quantize_outside_graphs(layer: ClipQWeight, original: torch.Tensor) -> torch.Tensor:
+    """``layer.quantize(original)`` run by Python, not traced (``torch.compiler.disable``).
+
+    Made on first use: ``torch.compiler.disable`` imports the compiler (about
+    a second), which a process that never compiles should not pay for.
+    """
+    quantize = _outside_graphs.get("quantize")
+    if quantize is None:
+        quantize = _outside_graphs["quantize"] = torch.compiler.disable(ClipQWeight.quantize)
+    return quantize(layer, original)
 
 
 def _clipq_param(module: nn.Module, attr: str = "weight") -> ClipQWeight | None:
