@@ -440,6 +440,7 @@ def estimate_size(model: nn.Module, plan: Plan | Mapping[str, object] | None = N
     once); on the CPU, numpy's path of the writer is as fast. Both give the
     writer's byte counts.
     """
+    require_module(model)
     if any(p.device.type != "cpu" for p in model.parameters()):
         return _estimate(model, plan)
     return _plan_file(model, plan, write=False)[0]
