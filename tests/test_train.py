@@ -336,3 +336,59 @@ def test_validation_uses_the_eval_batch_size_under_inference_mode() -> None:
     assert math.isfinite(result.history[-1]["val_loss"])
     seen.clear()
     assert evaluate(model, val_ds, device="cpu", batch_size=50)["n"] == 100 and seen == [(50, True)] * 2
+
+
+# -- distillation -------------------------------------------------------------------------------------------------
+
+
+def test_distillation_loss_mixes_labels_and_the_teachers_softened_outputs() -> None:
+    from clipq_search.training.loop import distillation_loss
+
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(16, 10, generator=g), torch.randn(16, 10, generator=g)
+    labels = torch.randint(0, 10, (16,), generator=g)
+    ce = nn.functional.cross_entropy(student, labels)
+    assert torch.allclose(distillation_loss(student, teacher, labels, 0.0, 4.0), ce)
+    # weight 1 against itself: nothing to learn
+    assert float(distillation_loss(student, student, labels, 1.0, 3.0)) == pytest.approx(0.0, abs=1e-6)
+    # the written-out definition: T^2 * mean over the batch of sum_k q_k (log q_k - log p_k)
+    t = 2.5
+    q, logp = torch.softmax(teacher / t, 1), torch.log_softmax(student / t, 1)
+    kl = (q * (q.log() - logp)).sum(1).mean()
+    expected = 0.3 * ce + 0.7 * t * t * kl
+    assert torch.allclose(distillation_loss(student, teacher, labels, 0.7, t), expected, atol=1e-6)
+
+
+def test_training_with_a_teacher_learns_the_teachers_answers_and_leaves_the_teacher_alone() -> None:
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (512, 1, 4, 4), dtype=torch.uint8)
+    x = (images.float() / 255 - 0.5) / 0.25  # what the batches hold
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(16, 4))
+    with torch.no_grad():
+        answers = teacher(x).argmax(1)
+    noise = torch.randint(0, 4, (512,))  # labels that disagree with the teacher
+    data = ArrayDataset(images, noise, [0.5], [0.25])
+    before = [p.detach().clone() for p in teacher.parameters()]
+
+    def agreement(weight: float) -> float:
+        torch.manual_seed(1)
+        student = nn.Sequential(nn.Flatten(), nn.Linear(16, 4))
+        cfg = TrainConfig(epochs=20, batch_size=64, lr=0.1, distill_weight=weight, distill_temperature=2.0)
+        train(student, data, cfg, device="cpu", progress=False, teacher=teacher)
+        with torch.no_grad():
+            return float((student(x).argmax(1) == answers).float().mean())
+
+    assert agreement(1.0) > 0.9 > agreement(0.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters(), strict=True))
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_distillation_without_a_teacher_or_with_bad_settings_is_refused() -> None:
+    data = ArrayDataset(torch.zeros(64, 1, 4, 4, dtype=torch.uint8), torch.randint(0, 4, (64,)), [0.5], [0.25])
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 4))
+    with pytest.raises(ConfigError, match="distill_weight=0.5 needs a teacher network"):
+        train(model, data, TrainConfig(epochs=1, distill_weight=0.5), device="cpu", progress=False)
+    with pytest.raises(ConfigError, match="distill_weight"):
+        TrainConfig(epochs=1, distill_weight=1.5)
+    with pytest.raises(ConfigError, match="distill_temperature"):
+        TrainConfig(epochs=1, distill_temperature=0)

@@ -213,6 +213,10 @@ class TrainConfig:
     to 0, ``step`` multiplies by ``gamma`` every ``step_epochs`` epochs,
     ``constant`` keeps it. ``amp`` uses bfloat16 (or float16 with loss
     scaling) autocast on CUDA and is ignored elsewhere.
+
+    ``distill_weight`` > 0 trains on a mix of the labels and a teacher's
+    softened outputs (:func:`distillation_loss`, at ``distill_temperature``);
+    :func:`train` then needs the teacher.
     """
 
     epochs: float
@@ -227,6 +231,8 @@ class TrainConfig:
     seed: int = 0
     amp: bool = True
     max_steps: int | None = None
+    distill_weight: float = 0.0
+    distill_temperature: float = 4.0
 
     def __post_init__(self) -> None:
         def bad(name: str, accepted: str) -> ConfigError:
@@ -260,6 +266,10 @@ class TrainConfig:
             raise bad("amp", "true or false")
         if self.max_steps is not None and (not _is_int(self.max_steps) or self.max_steps < 1):
             raise bad("max_steps", "an integer >= 1, or None")
+        if not _is_number(self.distill_weight) or not 0 <= self.distill_weight <= 1:
+            raise bad("distill_weight", "a number in [0, 1] (0: no distillation)")
+        if not _is_number(self.distill_temperature) or self.distill_temperature <= 0:
+            raise bad("distill_temperature", "a number > 0")
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """Optimizer steps for this config when one epoch is ``steps_per_epoch`` batches."""
@@ -277,6 +287,25 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown TrainConfig field(s) {unknown}; valid fields: {', '.join(sorted(known))}")
         return cls(**data)
+
+
+def distillation_loss(
+    logits: Tensor, teacher_logits: Tensor, labels: Tensor, weight: float, temperature: float
+) -> Tensor:
+    """Knowledge distillation (Hinton et al. 2015): ``(1 - weight) * CE(labels) + weight * T**2 * KL``.
+
+    KL is from the teacher's softened distribution ``softmax(teacher / T)`` to
+    the student's, averaged over the batch; ``T**2`` keeps its gradients on the
+    scale of the cross-entropy's whatever the temperature.
+    """
+    hard = F.cross_entropy(logits, labels)
+    soft = F.kl_div(
+        F.log_softmax(logits.float() / temperature, dim=1),
+        F.log_softmax(teacher_logits.float() / temperature, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    )
+    return (1.0 - weight) * hard + weight * temperature**2 * soft
 
 
 def lr_at(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
@@ -482,6 +511,7 @@ class _Run:
     history: list[dict[str, float]] = field(default_factory=list)
     every_steps: int | None = None
     every_seconds: float | None = None
+    teacher: nn.Module | None = None  # distillation's teacher (``cfg.distill_weight`` > 0), in eval mode
     skip: int = 0  # batches of the current epoch done before a mid-epoch resume
     done_losses: Tensor | None = None  # their losses
     last_save: tuple[int, float] = (0, 0.0)  # step and monotonic time of the latest checkpoint (or start)
@@ -530,7 +560,13 @@ class _Run:
                 group["lr"] = lr
             xb = _layout(xb, self.channels_last)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                loss = F.cross_entropy(self.model(xb), yb)
+                logits = self.model(xb)
+                if self.teacher is None:
+                    loss = F.cross_entropy(logits, yb)
+                else:
+                    with torch.no_grad():
+                        taught = self.teacher(xb)
+                    loss = distillation_loss(logits, taught, yb, cfg.distill_weight, cfg.distill_temperature)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -607,6 +643,7 @@ def train(
     checkpoint_minutes: float | None = 10.0,
     checkpoint_steps: int | None = None,
     channels_last: bool | None = None,
+    teacher: nn.Module | None = None,
 ) -> TrainResult:
     """Train ``model`` in place with SGD + cross-entropy on ``train_data``; returns a :class:`TrainResult`.
 
@@ -624,8 +661,16 @@ def train(
     from one continues the epoch's data order at the next batch, so the
     result is the one of an uninterrupted run (the skipped batches are read
     again, not trained on). ``channels_last``: see :func:`use_channels_last`.
+
+    ``teacher``: the network whose outputs ``cfg.distill_weight`` mixes into
+    the loss (the dense baseline, for CLIP-Q); it is moved to ``device`` and
+    put in eval mode, and never trained. Required when ``distill_weight`` > 0.
     """
     device = torch.device(device)
+    if cfg.distill_weight > 0 and teacher is None:
+        raise ConfigError(
+            f"distill_weight={cfg.distill_weight:g} needs a teacher network; pass teacher=, or set distill_weight=0"
+        )
     started = time.perf_counter()
     train_data = _resident(train_data, device)
     val_data = _resident(val_data, device) if val_data is not None else None
@@ -635,6 +680,14 @@ def train(
     layout = use_channels_last(model, device, channels_last)
     if layout:
         model.to(memory_format=torch.channels_last)
+    if teacher is not None and cfg.distill_weight > 0:
+        teacher.to(device).eval()
+        for par in teacher.parameters():
+            par.requires_grad_(False)
+        if layout:
+            teacher.to(memory_format=torch.channels_last)
+    else:
+        teacher = None
 
     # Drop a ragged last batch (every step the same size; BatchNorm never sees a batch of 1).
     n_items = len(train_data) if isinstance(train_data, BatchSource) else None
@@ -658,7 +711,7 @@ def train(
     ckpt_path = Path(checkpoint_path) if checkpoint_path is not None else None
     run = _Run(model, train_data, cfg, device, optimizer, scaler, amp_dtype, generator, drop_last,
                steps_per_epoch, cfg.total_steps(steps_per_epoch), desc, channels_last=layout, ckpt_path=ckpt_path,
-               history=result.history, every_steps=checkpoint_steps,
+               history=result.history, every_steps=checkpoint_steps, teacher=teacher,
                every_seconds=None if checkpoint_minutes is None else 60.0 * checkpoint_minutes)
     if ckpt_path is not None and resume and ckpt_path.exists():
         run.step, run.skip, run.done_losses = _resume_from_(
