@@ -14,6 +14,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -259,6 +260,26 @@ def _relay(queue: Any, log: Callable[[str], None]) -> Callable[[], None]:
     return relay
 
 
+@dataclass(frozen=True)
+class _FinalJob:
+    """A checked ``final``: what is trained, from what, with which settings, and where it goes."""
+
+    run_dir: Path
+    space: Space
+    cfg: Any  # the TrainConfig of final.train
+    workers: int  # data-parallel workers of each run
+    plan: Plan
+    plan_doc: dict[str, Any]  # final/plan.json
+    chosen_line: str | None  # the log line of a trial chosen from the run (None: a given plan file)
+    source: dict[str, Any] | None  # where the plan came from (run, trial, rule), when known
+    baseline: Any  # the run's Baseline
+    payload: dict[str, Any]  # the trial payload with the test split (the dataset, read once)
+    final_dir: Path
+    setup: dict[str, Any]  # what the checkpoints belong to: the plan, final.train, the workers
+    ckpts: dict[str, Path]
+    tags: tuple[str, ...]  # "compressed", and "control" unless skipped
+
+
 @releasing_locks
 def run_final(
     run_dir: Path,
@@ -281,43 +302,56 @@ def run_final(
     ``force``. ``workers`` (default ``final.workers``) above 1 trains each run
     data-parallel on that many Ray Train workers (``final_ddp``).
     """
-    import ray
-
-    from clipq_search.core.encoding import read_compressed, save_compressed
-    from clipq_search.core.surgery import attach_clipq
-    from clipq_search.search.cluster import check_address, check_gpus, init_ray
-    from clipq_search.search.space import load_space
-    from clipq_search.search.trial import (
-        model_for,
-        run_task,
-        state_from_bytes,
-        state_to_bytes,
-        train_config,
-        trial_payload,
+    job = _check_final(
+        run_dir, config=config, overrides=overrides, address=address, out_dir=out_dir, control=control,
+        force=force, trial=trial, workers=workers,
     )
-    from clipq_search.training.loop import check_checkpoint, epochs_text
+    _open_final(job, address, log)
+    t0 = time.perf_counter()
+    results, ref_payload = _train_final(job, log)
+    written, scores = _write_and_evaluate(job, results, ref_payload, log)
+    return _finish_final(job, results, written, scores, time.perf_counter() - t0, log)
 
-    # Everything that can fail on bad input runs before anything is written.
+
+def _check_final(
+    run_dir: Path,
+    *,
+    config: str | None,
+    overrides: list[str] | tuple[str, ...],
+    address: str | None,
+    out_dir: Path | None,
+    control: bool,
+    force: bool,
+    trial: int | None,
+    workers: int | None,
+) -> _FinalJob:
+    """Everything that can fail on bad input, before anything is written; the dataset is read once, here."""
+    from clipq_search.search.cluster import check_address, check_gpus
+    from clipq_search.search.final_ddp import check_workers
+    from clipq_search.search.space import load_space
+    from clipq_search.search.trial import model_for, train_config, trial_payload
+    from clipq_search.training.loop import check_checkpoint
+
     check_run_dir(run_dir)
     if address:
         check_address(address)
     space = load_space(run_dir / rundir.SPACE_YAML, overrides)
     check_gpus(address, space.resources.gpus_per_trial)
     cfg = train_config(space, "final")
-    from clipq_search.search.final_ddp import check_workers
-
     n_workers = space.final.workers if workers is None else workers
     check_workers(n_workers, cfg.batch_size)
-    chosen: dict[str, Any] | None = None
+    chosen_line = None
     if config:
         plan = Plan.load(config)
         try:
             source = json.loads(read_regular(config, PLAN_FILE_LIMIT, "plan file")).get("source")
         except (OSError, ValueError, AttributeError, RecursionError, ClipQError):
             source = None
+        # a given plan file: final/plan.json says what is trained, whatever it said before
+        plan_doc = {**plan.to_dict(), "source": source if source is not None else {"config": str(config)}}
     else:
-        plan, chosen, chosen_line = choose_plan(run_dir, trial=trial)
-        source = chosen["source"]
+        plan, plan_doc, chosen_line = choose_plan(run_dir, trial=trial)
+        source = plan_doc["source"]
     baseline = run_baseline(run_dir)
     payload = trial_payload(space, baseline, test=True)
     plan.resolve(model_for(space, payload["info"]))  # unknown layers fail before any training
@@ -329,59 +363,74 @@ def run_final(
     _check_final_dir(final_dir, setup, force=force)
     for path in ckpts.values():
         check_checkpoint(path)
-    res = space.resources
+    tags = ("compressed", "control") if control else ("compressed",)
+    return _FinalJob(
+        run_dir, space, cfg, n_workers, plan, plan_doc, chosen_line, source, baseline, payload, final_dir, setup,
+        ckpts, tags,
+    )
+
+
+def _open_final(job: _FinalJob, address: str | None, log: Callable[[str], None]) -> None:
+    """The cluster answers, the final folder is this command's (a lock in the run's storage), plan.json written."""
+    from clipq_search.search.cluster import init_ray
+
+    res = job.space.resources
     if address:  # the cluster answers before anything is written
         init_ray(address, 2, res.cpus_per_trial, res.gpus_per_trial, log)
     # One `final` at a time into a folder; the lock lives in the run's storage (released when run_final ends).
-    storage = rundir.load_run_info(run_dir).get("storage") or rundir.default_storage(run_dir)
-    hold_run(storage, f"{run_dir.name}:{final_dir.name}", "final", log)
-    final_dir.mkdir(parents=True, exist_ok=True)
-    if chosen is None:  # a given plan file: final/plan.json says what is trained, whatever it said before
-        chosen = {**plan.to_dict(), "source": source if source is not None else {"config": str(config)}}
-    else:
-        log(chosen_line)
-    write_json(final_dir / rundir.PLAN_JSON, chosen)
+    storage = rundir.load_run_info(job.run_dir).get("storage") or rundir.default_storage(job.run_dir)
+    hold_run(storage, f"{job.run_dir.name}:{job.final_dir.name}", "final", log)
+    job.final_dir.mkdir(parents=True, exist_ok=True)
+    if job.chosen_line is not None:
+        log(job.chosen_line)
+    write_json(job.final_dir / rundir.PLAN_JSON, job.plan_doc)
     init_ray(address, 2, res.cpus_per_trial, res.gpus_per_trial, log)
-    from ray.util.queue import Queue
 
-    queue = Queue()
-    threads = max(1, int(res.cpus_per_trial))
-    # Retries are gather's: a run whose worker Ray kills starts again from its last checkpoint.
-    task = ray.remote(num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial, max_retries=0)(_final_task)
-    ref_payload = ray.put(payload)
-    if n_workers > 1:
+
+def _train_final(job: _FinalJob, log: Callable[[str], None]) -> tuple[dict[str, dict[str, Any]], Any]:
+    """The compressed (and control) fine-tunes on Ray: each run's result by tag, and the payload's object ref."""
+    import ray
+
+    from clipq_search.training.loop import epochs_text
+
+    res = job.space.resources
+    ref_payload = ray.put(job.payload)
+    control = "control" in job.tags
+    plans = {"compressed": job.plan.to_dict(), "control": None}
+    if job.workers > 1:
+        from clipq_search.search.final_ddp import run_ddp
+
         log(
-            f"final run: {epochs_text(cfg.epochs)} of CLIP-Q fine-tuning"
+            f"final run: {epochs_text(job.cfg.epochs)} of CLIP-Q fine-tuning"
             + (" then of the dense control" if control else "")
-            + f", each on {n_workers} data-parallel workers (Ray Train)"
+            + f", each on {job.workers} data-parallel workers (Ray Train)"
+        )
+        results = run_ddp(
+            job.space, {t: plans[t] for t in job.tags}, ref_payload, _ddp_storage(job), _digest(job.setup),
+            job.workers, retries=job.space.search.retries, log=log,
         )
     else:
+        from ray.util.queue import Queue
+
         log(
-            f"final run: {epochs_text(cfg.epochs)} of CLIP-Q fine-tuning"
+            f"final run: {epochs_text(job.cfg.epochs)} of CLIP-Q fine-tuning"
             + (" and of the dense control, in parallel" if control else "")
             + " on Ray"
         )
-    t0 = time.perf_counter()
-    plans = {"compressed": plan.to_dict(), "control": None}
+        queue = Queue()
+        threads = max(1, int(res.cpus_per_trial))
+        # Retries are gather's: a run whose worker Ray kills starts again from its last checkpoint.
+        task = ray.remote(num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial, max_retries=0)(_final_task)
 
-    def submit(tag: Any) -> Any:
-        return task.remote(space, plans[tag], ref_payload, str(ckpts[tag].resolve()), threads, queue, tag)
+        def submit(tag: Any) -> Any:
+            ckpt = str(job.ckpts[tag].resolve())
+            return task.remote(job.space, plans[tag], ref_payload, ckpt, threads, queue, tag)
 
-    tags = ["compressed", "control"] if control else ["compressed"]
-    ddp_storage = (final_dir / "ray-train").resolve()
-    if n_workers > 1:
-        from clipq_search.search.final_ddp import run_ddp
-
-        results = run_ddp(
-            space, {t: plans[t] for t in tags}, ref_payload, ddp_storage, _digest(setup), n_workers,
-            retries=space.search.retries, log=log,
-        )
-    else:
         relay = _relay(queue, log)
         results = gather(
             submit,
-            tags,
-            retries=space.search.retries,
+            list(job.tags),
+            retries=job.space.search.retries,
             what=lambda tag: f"final {tag} run",
             log=log,
             poll=relay,
@@ -391,55 +440,82 @@ def run_final(
     for tag, r in results.items():
         if r["resumed_from_step"]:
             log(f"  {tag}: resumed from its checkpoint at step {r['resumed_from_step']}")
+    return results, ref_payload
 
-    info = payload["info"]
-    model = model_for(space, info)
-    attach_clipq(model, plan)
+
+def _ddp_storage(job: _FinalJob) -> Path:
+    return (job.final_dir / "ray-train").resolve()
+
+
+def _write_and_evaluate(
+    job: _FinalJob, results: dict[str, dict[str, Any]], ref_payload: Any, log: Callable[[str], None]
+) -> tuple[Any, dict[str, Any]]:
+    """Write ``model.clipq``, then score the model decoded from it (and the control) on the test split."""
+    from clipq_search.core.encoding import read_compressed, save_compressed
+    from clipq_search.core.surgery import attach_clipq
+    from clipq_search.search.trial import model_for, run_task, state_from_bytes, state_to_bytes
+
+    info = job.payload["info"]
+    model = model_for(job.space, info)
+    attach_clipq(model, job.plan)
     model.load_state_dict(state_from_bytes(results["compressed"]["state"]), strict=True)
-    written = save_compressed(model, final_dir / rundir.MODEL_FILE)
+    written = save_compressed(model, job.final_dir / rundir.MODEL_FILE)
     # What is evaluated is the file as written: decoded here, evaluated by a worker with the space's resources.
-    reloaded = model_for(space, info)
-    reloaded.load_state_dict(read_compressed(final_dir / rundir.MODEL_FILE)[0], strict=True)
+    reloaded = model_for(job.space, info)
+    reloaded.load_state_dict(read_compressed(job.final_dir / rundir.MODEL_FILE)[0], strict=True)
     states = {"compressed": state_to_bytes(reloaded)}
-    if control:
+    if "control" in results:
         states["control"] = results["control"]["state"]
     scores = run_task(
-        _evaluate_task, res, space, states, ref_payload,
-        what="the final evaluation", retries=space.search.retries, log=log,
+        _evaluate_task, job.space.resources, job.space, states, ref_payload,
+        what="the final evaluation", retries=job.space.search.retries, log=log,
     )
-    compressed = scores["compressed"]["test"]
-    control_top1 = scores["control"]["test"]["top1"] if control else None
+    return written, scores
+
+
+def _finish_final(
+    job: _FinalJob,
+    results: dict[str, dict[str, Any]],
+    written: Any,
+    scores: dict[str, Any],
+    seconds: float,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """``metrics.json`` written, the checkpoints removed, the result line logged; the metrics returned."""
+    model_file = job.final_dir / rundir.MODEL_FILE
+    compressed = scores["compressed"]
+    control_top1 = scores["control"]["test"]["top1"] if "control" in scores else None
     metrics = {
-        "baseline_test_top1": baseline.test_top1,
+        "baseline_test_top1": job.baseline.test_top1,
         "control_test_top1": control_top1,
-        "compressed_test_top1": compressed["top1"],
-        "compressed_val_top1": scores["compressed"]["val"]["top1"] if scores["compressed"]["val"] else None,
-        "rate": written.original_bytes / (final_dir / rundir.MODEL_FILE).stat().st_size,
-        "file_bytes": (final_dir / rundir.MODEL_FILE).stat().st_size,
+        "compressed_test_top1": compressed["test"]["top1"],
+        "compressed_val_top1": compressed["val"]["top1"] if compressed["val"] else None,
+        "rate": written.original_bytes / model_file.stat().st_size,
+        "file_bytes": model_file.stat().st_size,
         "original_bytes": written.original_bytes,
-        "plan": plan.to_dict(),
-        "epochs": cfg.epochs,
-        "seconds": time.perf_counter() - t0,
-        "trial": (source or {}).get("trial"),
-        "source": source,
+        "plan": job.plan.to_dict(),
+        "epochs": job.cfg.epochs,
+        "seconds": seconds,
+        "trial": (job.source or {}).get("trial"),
+        "source": job.source,
         "resumed_from_step": {k: r["resumed_from_step"] for k, r in results.items()},
-        "setup": _digest(setup),
-        "workers": n_workers,
+        "setup": _digest(job.setup),
+        "workers": job.workers,
     }
-    if n_workers > 1:  # one digest of the quantized weights per rank: they agree (checked by run_ddp)
+    if job.workers > 1:  # one digest of the quantized weights per rank: they agree (checked by run_ddp)
         metrics["rank_digests"] = {k: r["digests"] for k, r in results.items()}
-    write_json(final_dir / rundir.METRICS_JSON, metrics)
-    for path in ckpts.values():
+    write_json(job.final_dir / rundir.METRICS_JSON, metrics)
+    for path in job.ckpts.values():
         path.unlink(missing_ok=True)
-    if n_workers > 1:
+    if job.workers > 1:
         from clipq_search.search.final_ddp import forget
 
-        forget(ddp_storage, _digest(setup), tags)
+        forget(_ddp_storage(job), _digest(job.setup), list(job.tags))
     log(
         f"final: test accuracy baseline {metrics['baseline_test_top1']:.2f}%, "
         + (f"control {control_top1:.2f}%, " if control_top1 is not None else "")
         + f"compressed (reloaded from file) {metrics['compressed_test_top1']:.2f}%; "
         f"file {metrics['file_bytes']:,} bytes, "
-        f"rate {metrics['rate']:.1f}x -> {final_dir / 'model.clipq'}"
+        f"rate {metrics['rate']:.1f}x -> {job.final_dir / 'model.clipq'}"
     )
     return metrics

@@ -374,17 +374,23 @@ def check_storage(url: str) -> None:
 _RUN_SECTIONS = ("model", "dataset", "baseline", "layers", "trial")
 
 
-def _check_same_space(run_dir: Path, space: Space) -> None:
-    """Refuse to continue an existing run with a space whose trials would not be comparable."""
+def _saved_space(run_dir: Path) -> Space | None:
+    """The space an existing run was made with (its space.yaml), or ``None`` for a new run."""
     saved = run_dir / rundir.SPACE_YAML
     if not saved.is_file():
-        return
+        return None
     from clipq_search.search.space import load_space
 
     try:
-        before = load_space(saved)
+        return load_space(saved)
     except ClipQError as exc:
         raise ClipQError(f"{run_dir} holds a run whose space.yaml is unreadable ({exc}); give another --name") from None
+
+
+def _check_same_space(run_dir: Path, space: Space, before: Space | None) -> None:
+    """Refuse to continue an existing run (made with ``before``) with a space whose trials would not be comparable."""
+    if before is None:
+        return
     changed = [k for k in _RUN_SECTIONS if before.fingerprint(k) != space.fingerprint(k)]
     if changed:
         raise ClipQError(
@@ -416,23 +422,14 @@ def _has_complete(study: optuna.Study) -> bool:
     return bool(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
 
 
-def _restartable(run_dir: Path, space: Space, storage: str | None) -> bool:
-    """A run of another space that may start afresh: none of its trials completed, so nothing is lost.
+def _restartable(run_dir: Path, space: Space, before: Space | None, storage: str | None) -> bool:
+    """A run (made with ``before``) of another space that may start afresh: none of its trials completed.
 
     After "every trial failed", the fixed space is a different space; it
     replaces the run (``_restart``) instead of being refused.
     """
-    from clipq_search.search.space import load_space
-
-    fingerprint = {k: space.fingerprint(k) for k in _RUN_SECTIONS}
-    differs = False
-    saved = run_dir / rundir.SPACE_YAML
-    if saved.is_file():
-        try:
-            before = load_space(saved)
-        except ClipQError:
-            return False  # _check_same_space says what is wrong with it
-        differs = any(before.fingerprint(k) != fingerprint[k] for k in _RUN_SECTIONS)
+    fingerprint = _run_fingerprint(space)
+    differs = before is not None and any(before.fingerprint(k) != fingerprint[k] for k in _RUN_SECTIONS)
     study = _existing_study(run_dir, storage)
     if study is not None:
         if _has_complete(study):
@@ -615,9 +612,10 @@ def _check_inputs(space: Space, request: SearchRequest) -> _Checked:
     check_gpus(request.address, space.resources.gpus_per_trial)
     units = check_space(space)
     dists = distributions(units)
-    restart = _restartable(run_dir, space, storage)
+    before = _saved_space(run_dir)
+    restart = _restartable(run_dir, space, before, storage)
     if not restart:
-        _check_same_space(run_dir, space)
+        _check_same_space(run_dir, space, before)
         if storage:
             _check_stored_space(storage, run_dir.name, _run_fingerprint(space))
     return _Checked(space, run_dir, storage, restart, units, dists)
