@@ -53,7 +53,7 @@ from torch.nn.utils import parametrize
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from _common import fashion_setup  # noqa: E402
+from _common import SPACES, dense_baseline, fashion_setup  # noqa: E402
 from _machine import machine_line  # noqa: E402
 
 from clipq_search.core.encoding import estimate_size, load_compressed, save_compressed  # noqa: E402
@@ -61,18 +61,16 @@ from clipq_search.core.operator import clipq_quantize, clipq_quantize_with_stats
 from clipq_search.core.plan import LayerConfig, Plan  # noqa: E402
 from clipq_search.core.surgery import _StraightThrough, attach_clipq, strip_clipq  # noqa: E402
 from clipq_search.errors import ClipQError  # noqa: E402
-from clipq_search.training.data import DEFAULT_ROOTS, DatasetSpec  # noqa: E402
+from clipq_search.training.data import DEFAULT_ROOTS  # noqa: E402
 from clipq_search.training.loop import (  # noqa: E402
     DEFAULT_PRETRAIN,
     TrainConfig,
     evaluate,
-    load_state_dict_file,
     train,
 )
 from clipq_search.training.models import build_model  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "two_stage.json"
-SPACES = {"lenet300": "lenet300_fashion.yaml", "lenet5": "lenet5_fashion.yaml"}
 DEFAULT_EPOCHS = {"lenet300": 6.0, "lenet5": 4.0}
 DEFAULT_LEVELS = ("0.8:4", "0.93:3", "0.98:2")
 
@@ -210,32 +208,6 @@ def _detach(model: nn.Module, names: list[str], *, bake: bool) -> None:
 
 
 # --------------------------------------------------------------------------- baseline
-
-
-def cached_baseline(model_name: str, seed: int) -> Path | None:
-    """A results/baselines checkpoint of the shipped space when it is exactly DEFAULT_PRETRAIN, seed, default split."""
-    try:
-        from clipq_search.search.space import load_space
-        from clipq_search.search.trial import baseline_paths, dataset_spec, train_config
-
-        space = load_space(ROOT / "search_spaces" / SPACES[model_name])
-        ckpt, meta = baseline_paths(space, ROOT / "results")
-        if not (ckpt.is_file() and meta.is_file()):
-            return None
-        info = json.loads(meta.read_text())
-        wanted = dataclasses.replace(DEFAULT_PRETRAIN[model_name], seed=seed)
-        if (
-            space.baseline.checkpoint
-            or train_config(space, "baseline") != wanted
-            or dataset_spec(space) != DatasetSpec("fashion-mnist")
-            or info.get("fingerprint") != space.fingerprint("model", "dataset", "baseline")
-            or info.get("checkpoint_bytes") != ckpt.stat().st_size
-        ):
-            return None
-        return ckpt
-    except Exception as exc:  # noqa: BLE001 - any doubt: train instead
-        log(f"  (no usable cached baseline: {type(exc).__name__}: {exc})")
-        return None
 
 
 # --------------------------------------------------------------------------- one run
@@ -470,21 +442,9 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp_s)
         for name in args.models:
             t_model = time.perf_counter()
-            model = build_model(name, num_classes=splits.num_classes, in_channels=splits.in_channels,
-                                image_size=splits.image_size)
-            ckpt = None if args.no_cache else cached_baseline(name, args.baseline_seed)
+            model, source = dense_baseline(name, splits, device, seed=args.baseline_seed,
+                                           use_cache=not args.no_cache, log=log)
             pre = dataclasses.replace(DEFAULT_PRETRAIN[name], seed=args.baseline_seed)
-            if ckpt is not None:
-                load_state_dict_file(model, ckpt)
-                source = f"cached {ckpt.relative_to(ROOT)} (DEFAULT_PRETRAIN, seed {args.baseline_seed})"
-                log(f"{name}: baseline from {source}")
-            else:
-                log(f"{name}: training the dense baseline, {pre.epochs:g} epochs (DEFAULT_PRETRAIN, seed {pre.seed})")
-                torch.manual_seed(pre.seed)
-                train(model, splits.train, pre, device=device, val_data=splits.val, progress=False, desc="pretrain",
-                      on_epoch_end=lambda r: log(f"    pretrain epoch {r['epoch']:g}: val {r['val_top1']:.2f}%, "
-                                                 f"{r['seconds']:.1f} s"))
-                source = f"trained here (DEFAULT_PRETRAIN, seed {pre.seed})"
             model.cpu()
             base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             bval = evaluate(model, splits.val, device=device)["top1"]

@@ -106,3 +106,21 @@ def test_gpu_check_skips_cleanly_without_cuda(tmp_path: Path) -> None:
     r = _run("gpu_check.py", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert "no CUDA GPU here" in r.stdout and not out.exists()
+
+
+@needs_fashion
+def test_distillation_benchmark_compares_the_same_plan_with_and_without_a_teacher(tmp_path: Path) -> None:
+    out = tmp_path / "distill.json"
+    r = _run("bench_distill.py", "--models", "lenet300", "--seeds", "0", "--levels", "lenet300=0.9:3",
+             "--epochs", "0.05", "--baseline-epochs", "0.1", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["distill"] == {"weight": 0.5, "temperature": 4.0, "teacher": "the dense baseline"}
+    (level,) = data["models"]["lenet300"]["levels"]
+    (run,) = level["runs"]
+    plain, kd = run["plain"], run["distilled"]
+    # the same plan: the same kept counts and bits, files within a few bytes (the index gaps differ)
+    assert plain["rate"] > 1 and kd["rate"] == pytest.approx(plain["rate"], rel=0.05)
+    assert run["test_gain"] == pytest.approx(kd["test_top1"] - plain["test_top1"], abs=1e-3)
+    assert plain["test_top1"] != kd["test_top1"]  # the teacher changed the training
+    assert "median test gain" in r.stdout
