@@ -627,6 +627,64 @@ class _Run:
         self.last_save = (self.step, time.monotonic())
 
 
+def _place_(
+    model: nn.Module, teacher: nn.Module | None, cfg: TrainConfig, device: torch.device, channels_last: bool | None
+) -> tuple[bool, nn.Module | None]:
+    """Move the model to ``device`` (and its memory layout); the teacher too, frozen in eval mode, when distilling.
+
+    Returns whether the layout is channels-last, and the teacher (``None`` when ``cfg.distill_weight`` is 0).
+    """
+    model.to(device)
+    layout = use_channels_last(model, device, channels_last)
+    if layout:
+        model.to(memory_format=torch.channels_last)
+    if teacher is None or cfg.distill_weight <= 0:
+        return layout, None
+    teacher.to(device).eval()
+    for par in teacher.parameters():
+        par.requires_grad_(False)
+    if layout:
+        teacher.to(memory_format=torch.channels_last)
+    return layout, teacher
+
+
+def _check_checkpoint_every(checkpoint_steps: int | None, checkpoint_minutes: float | None) -> None:
+    if checkpoint_steps is not None and (not _is_int(checkpoint_steps) or checkpoint_steps < 1):
+        raise ConfigError(f"checkpoint_steps={checkpoint_steps!r} is invalid; use an integer >= 1, or None")
+    if checkpoint_minutes is not None and (not _is_number(checkpoint_minutes) or checkpoint_minutes <= 0):
+        raise ConfigError(f"checkpoint_minutes={checkpoint_minutes!r} is invalid; use a number > 0, or None")
+
+
+def _end_epoch(
+    run: _Run,
+    train_loss: float,
+    lr: float,
+    seconds: float,
+    val_data: BatchSource | Iterable[Any] | None,
+    eval_batch_size: int,
+    on_epoch_end: Callable[[dict[str, float]], None] | None,
+) -> None:
+    """An epoch's record (validated when ``val_data`` is given) into the history, a checkpoint, ``on_epoch_end``."""
+    record: dict[str, float] = {
+        "epoch": round(run.step / run.steps_per_epoch, 6),
+        "step": run.step,
+        "train_loss": train_loss,
+        "lr": lr,
+        "seconds": seconds,
+    }
+    if val_data is not None:
+        metrics = evaluate(run.model, val_data, device=run.device, batch_size=eval_batch_size, amp=run.cfg.amp,
+                           channels_last=run.channels_last)
+        record["val_top1"] = metrics["top1"]
+        record["val_loss"] = metrics["loss"]
+        run.model.train()
+    run.history.append(record)
+    if run.ckpt_path is not None:
+        run.checkpoint()
+    if on_epoch_end is not None:
+        on_epoch_end(dict(record))
+
+
 def train(
     model: nn.Module,
     train_data: BatchSource | Iterable[Any],
@@ -676,18 +734,7 @@ def train(
     val_data = _resident(val_data, device) if val_data is not None else None
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
-    model.to(device)
-    layout = use_channels_last(model, device, channels_last)
-    if layout:
-        model.to(memory_format=torch.channels_last)
-    if teacher is not None and cfg.distill_weight > 0:
-        teacher.to(device).eval()
-        for par in teacher.parameters():
-            par.requires_grad_(False)
-        if layout:
-            teacher.to(memory_format=torch.channels_last)
-    else:
-        teacher = None
+    layout, teacher = _place_(model, teacher, cfg, device, channels_last)
 
     # Drop a ragged last batch (every step the same size; BatchNorm never sees a batch of 1).
     n_items = len(train_data) if isinstance(train_data, BatchSource) else None
@@ -703,10 +750,7 @@ def train(
         params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
     )
     amp_dtype, scaler = _amp_setup(cfg, device)
-    if checkpoint_steps is not None and (not _is_int(checkpoint_steps) or checkpoint_steps < 1):
-        raise ConfigError(f"checkpoint_steps={checkpoint_steps!r} is invalid; use an integer >= 1, or None")
-    if checkpoint_minutes is not None and (not _is_number(checkpoint_minutes) or checkpoint_minutes <= 0):
-        raise ConfigError(f"checkpoint_minutes={checkpoint_minutes!r} is invalid; use a number > 0, or None")
+    _check_checkpoint_every(checkpoint_steps, checkpoint_minutes)
     result = TrainResult()
     ckpt_path = Path(checkpoint_path) if checkpoint_path is not None else None
     run = _Run(model, train_data, cfg, device, optimizer, scaler, amp_dtype, generator, drop_last,
@@ -729,24 +773,7 @@ def train(
         while run.step < run.total:
             epoch_start = time.perf_counter()
             train_loss, lr = run.epoch()
-            record: dict[str, float] = {
-                "epoch": round(run.step / steps_per_epoch, 6),
-                "step": run.step,
-                "train_loss": train_loss,
-                "lr": lr,
-                "seconds": time.perf_counter() - epoch_start,
-            }
-            if val_data is not None:
-                metrics = evaluate(model, val_data, device=device, batch_size=eval_batch_size, amp=cfg.amp,
-                                   channels_last=layout)
-                record["val_top1"] = metrics["top1"]
-                record["val_loss"] = metrics["loss"]
-                model.train()
-            result.history.append(record)
-            if ckpt_path is not None:
-                run.checkpoint()
-            if on_epoch_end is not None:
-                on_epoch_end(dict(record))
+            _end_epoch(run, train_loss, lr, time.perf_counter() - epoch_start, val_data, eval_batch_size, on_epoch_end)
     finally:
         if run.bar is not None:
             run.bar.close()
