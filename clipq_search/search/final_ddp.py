@@ -127,10 +127,10 @@ def _worker(config: dict[str, Any]) -> None:
 
     from clipq_search.core.plan import Plan
     from clipq_search.core.surgery import attach_clipq
-    from clipq_search.search.trial import model_for, say, state_from_bytes, train_config
+    from clipq_search.search.trial import configure_for_, model_for, say, state_from_bytes, train_config
     from clipq_search.search.worker_kills import kill_point
     from clipq_search.training.data import dataset_from_state, loader_workers
-    from clipq_search.training.loop import configure_device_, configure_threads, evaluate, train
+    from clipq_search.training.loop import configure_threads, evaluate, train
 
     space, tag, queue = config["space"], config["tag"], config["queue"]
     payload = ray.get(config["payload"])
@@ -139,8 +139,7 @@ def _worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     configure_threads(max(1, int(res.cpus_per_trial)))
     device = _device(res)
-    configure_device_(device, deterministic=res.deterministic, channels_last=res.channels_last,
-                      cuda_graphs=res.cuda_graphs)
+    configure_for_(device, res)
     model = model_for(space, payload["info"])
     model.load_state_dict(state_from_bytes(payload["baseline"]), strict=True)
     if config["plan"] is not None:

@@ -55,6 +55,7 @@ __all__ = [
     "baseline_paths",
     "check_device",
     "check_space",
+    "configure_for_",
     "dataset_spec",
     "device_failure",
     "free_device_memory",
@@ -337,13 +338,18 @@ def worker_device(resources: str | None | Resources) -> torch.device:
     name = resources.device if isinstance(resources, Resources) else resources
     device = _resolve_device(name)
     if isinstance(resources, Resources):
-        configure_device_(
-            device,
-            deterministic=resources.deterministic,
-            channels_last=resources.channels_last,
-            cuda_graphs=resources.cuda_graphs,
-        )
+        configure_for_(device, resources)
     return device
+
+
+def configure_for_(device: torch.device, resources: Resources) -> None:
+    """Set this process's flags for ``device`` as the space's ``resources`` say (``loop.configure_device_``)."""
+    configure_device_(
+        device,
+        deterministic=resources.deterministic,
+        channels_last=resources.channels_last,
+        cuda_graphs=resources.cuda_graphs,
+    )
 
 
 def _resolve_device(name: str | None) -> torch.device:
