@@ -14,7 +14,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -172,7 +172,14 @@ def _final_task(
 ) -> dict[str, Any]:
     """Ray task: full-length fine-tune (CLIP-Q when ``plan`` is given, else the dense control)."""
     from clipq_search.core.surgery import attach_clipq
-    from clipq_search.search.trial import model_for, state_from_bytes, state_to_bytes, train_config, worker_device
+    from clipq_search.search.trial import (
+        model_for,
+        state_from_bytes,
+        state_to_bytes,
+        teacher_for,
+        train_config,
+        worker_device,
+    )
     from clipq_search.training.data import loader_workers
     from clipq_search.training.loop import configure_threads, train
 
@@ -186,6 +193,9 @@ def _final_task(
     from clipq_search.training.data import dataset_from_state
 
     cfg = train_config(space, "final")
+    if plan is None:  # the dense control: the baseline fine-tuned alone, from labels
+        cfg = replace(cfg, distill_weight=0.0)
+    teacher = teacher_for(space, payload, cfg)
 
     def on_epoch(rec: dict[str, float]) -> None:
         if queue is not None:
@@ -209,6 +219,7 @@ def _final_task(
             checkpoint_path=ckpt,
             resume=True,
             checkpoint_minutes=space.final.checkpoint_minutes,
+            teacher=teacher,
         )
     model.cpu()
     return {

@@ -127,7 +127,14 @@ def _worker(config: dict[str, Any]) -> None:
 
     from clipq_search.core.plan import Plan
     from clipq_search.core.surgery import attach_clipq
-    from clipq_search.search.trial import configure_for_, model_for, say, state_from_bytes, train_config
+    from clipq_search.search.trial import (
+        configure_for_,
+        model_for,
+        say,
+        state_from_bytes,
+        teacher_for,
+        train_config,
+    )
     from clipq_search.search.worker_kills import kill_point
     from clipq_search.training.data import dataset_from_state, loader_workers
     from clipq_search.training.loop import configure_threads, evaluate, train
@@ -147,7 +154,10 @@ def _worker(config: dict[str, Any]) -> None:
     inner = model
     model = ray.train.torch.prepare_model(model)  # DDP over the workers, on this worker's device
     whole = train_config(space, "final")
+    if config["plan"] is None:  # the dense control learns from labels alone
+        whole = replace(whole, distill_weight=0.0)
     cfg = replace(whole, batch_size=whole.batch_size // world)
+    teacher = teacher_for(space, payload, cfg)
     workers = loader_workers(res.cpus_per_trial)
     data = _Shard(dataset_from_state(payload["train"], num_workers=workers), rank, world)
     val = dataset_from_state(payload["val"], num_workers=workers) if rank == 0 else None
@@ -185,7 +195,7 @@ def _worker(config: dict[str, Any]) -> None:
     with kill_point(f"{tag}-rank{rank}"):  # test hook (CLIPQ_TEST_KILL); nothing without it
         result = train(
             model, data, cfg, device=device, progress=False, desc=tag, on_epoch_end=on_epoch,
-            checkpoint_path=state_file, resume=True, eval_batch_size=eval_bs,
+            checkpoint_path=state_file, resume=True, eval_batch_size=eval_bs, teacher=teacher,
             checkpoint_minutes=None,  # Ray Train keeps the epoch ends' checkpoints (on_epoch reports them)
         )
     digests: list[Any] = [None] * world

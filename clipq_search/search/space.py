@@ -203,6 +203,11 @@ def _train_schema(epochs: float | None, lr: float | None, schedule: str | None) 
         "seed": _d(_int(0, SEED_MAX, optional=True), None),
         "amp": _d(Field(None, "true, false or null", lambda v: v is None or isinstance(v, bool)), None),
         "max_steps": _d(_int(1, optional=True), None),
+        # the dense baseline as teacher of the CLIP-Q fine-tunes: (1 - weight) * CE + weight * T^2 * KL
+        "distill": {
+            "weight": _d(_num(0, 1), 0.0),
+            "temperature": _d(_num(0, None, open_lo=True), 4.0),
+        },
     }
 
 
@@ -378,10 +383,22 @@ class TrainSettings:
     seed: int | None
     amp: bool | None
     max_steps: int | None
+    distill: DistillSettings
 
     def given(self) -> dict[str, Any]:
-        """The settings the space sets (the nulls left out: they fall back to the defaults)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        """The settings the space sets, as ``TrainConfig`` fields (nulls left out: they fall back to the defaults)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "distill"}
+        if self.distill.weight > 0:
+            out.update(distill_weight=self.distill.weight, distill_temperature=self.distill.temperature)
+        return {k: v for k, v in out.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    """``<section>.train.distill``: the weight of the dense teacher's softened outputs in the loss (0: off)."""
+
+    weight: float
+    temperature: float
 
 
 @dataclass(frozen=True)
@@ -458,7 +475,7 @@ class LayerSettings:
 
 
 def _train_settings(node: Mapping[str, Any]) -> TrainSettings:
-    return TrainSettings(**node)
+    return TrainSettings(**{**node, "distill": DistillSettings(**node["distill"])})
 
 
 def _search_settings(node: Mapping[str, Any]) -> SearchSettings:
@@ -509,6 +526,12 @@ class Space:
             resources=Resources(**data["resources"]),
         )
         # search.concurrency above search.trials is allowed: it is capped by the number of trials to run.
+        if self.baseline.train.distill.weight > 0:
+            raise ConfigError(
+                f"{source}: baseline.train.distill.weight={shown(self.baseline.train.distill.weight)} is invalid: "
+                "the dense baseline is the teacher, it learns from labels alone; set trial.train.distill or "
+                "final.train.distill instead"
+            )
 
     def _set(self, **values: Any) -> None:
         for key, value in values.items():
@@ -564,6 +587,9 @@ class Space:
             return [value, self._data["model_weights"]]
         if section == "dataset" and value.get("image_size") is None:
             return {k: v for k, v in value.items() if k != "image_size"}
+        train = value.get("train") if isinstance(value, Mapping) else None
+        if isinstance(train, Mapping) and not train.get("distill", {}).get("weight"):
+            return {**value, "train": {k: v for k, v in train.items() if k != "distill"}}
         return value
 
     # -- layers -----------------------------------------------------------------------

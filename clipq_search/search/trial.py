@@ -95,6 +95,15 @@ def splits_info(splits: DataSplits) -> dict[str, int]:
     return {"num_classes": splits.num_classes, "in_channels": splits.in_channels, "image_size": splits.image_size}
 
 
+def teacher_for(space: Space, payload: dict[str, Any], cfg: TrainConfig) -> nn.Module | None:
+    """The dense baseline as distillation teacher when ``cfg`` distils (``train.distill.weight`` > 0), else None."""
+    if cfg.distill_weight <= 0:
+        return None
+    teacher = model_for(space, payload["info"])
+    teacher.load_state_dict(state_from_bytes(payload["baseline"]), strict=True)
+    return teacher
+
+
 def train_config(space: Space, section: str) -> TrainConfig:
     """The TrainConfig of ``baseline``, ``trial`` or ``final`` (nulls fall back to defaults)."""
     given = getattr(space, section).train.given()
@@ -579,7 +588,8 @@ def _run_trial(
     val_data = dataset_from_state(payload["val"], num_workers=workers)
     cfg = train_config(space, "trial")
     t_train = time.perf_counter()
-    result = train(model, train_data, cfg, device=device, progress=False, desc="trial")
+    teacher = teacher_for(space, payload, cfg)
+    result = train(model, train_data, cfg, device=device, progress=False, desc="trial", teacher=teacher)
     train_seconds = time.perf_counter() - t_train
     metrics = evaluate(model, val_data, device=device, batch_size=space.trial.eval_batch_size, amp=cfg.amp)
     if not math.isfinite(metrics["top1"]) or not math.isfinite(metrics["loss"]):

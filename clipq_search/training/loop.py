@@ -278,7 +278,12 @@ class TrainConfig:
         return max(1, math.ceil(self.epochs * steps_per_epoch - 1e-9))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as plain data; without distillation its two fields are left out, so that checkpoints
+        and final-run set-ups recorded before they existed still match."""
+        out = asdict(self)
+        if not self.distill_weight:
+            del out["distill_weight"], out["distill_temperature"]
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
