@@ -24,7 +24,7 @@ from clipq_search.training.data import DatasetSpec, load_dataset
 from clipq_search.training.loop import DEFAULT_PRETRAIN, configure_threads, load_state_dict_file, select_device, train
 from clipq_search.training.models import build_model
 
-__all__ = ["SPACES", "cached_baseline", "dense_baseline", "fashion_setup"]
+__all__ = ["SPACES", "cached_baseline", "dense_baseline", "fashion_setup", "start"]
 
 ROOT = Path(__file__).resolve().parent.parent
 SPACES = {"lenet300": "lenet300_fashion.yaml", "lenet5": "lenet5_fashion.yaml"}
@@ -40,6 +40,18 @@ def fashion_setup(threads: int, root: str, device: str = "cpu") -> tuple[int, An
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     return used, dev, splits
+
+
+def start(benchmark: str, args: Any, argv: list[str] | None) -> tuple[Any, Any, dict[str, Any]]:
+    """Threads, device and data from ``args`` (``--threads``, ``--root``, ``--device``); the machine line printed;
+    returns the device, the splits and the head of the results: benchmark, machine, command."""
+    from _machine import machine_line
+
+    threads, device, splits = fashion_setup(args.threads, args.root, args.device)
+    machine = machine_line(threads)
+    print(machine, flush=True)
+    command = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+    return device, splits, {"benchmark": benchmark, "machine": machine, "command": command}
 
 
 def cached_baseline(model_name: str, seed: int, log: Callable[[str], None] = print) -> Path | None:

@@ -29,8 +29,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from _common import SPACES, dense_baseline, fashion_setup  # noqa: E402
-from _machine import machine_line  # noqa: E402
+from _common import SPACES, dense_baseline, start  # noqa: E402
 from bench_two_stage import DEFAULT_EPOCHS, finetune_config, finish, parse_epochs  # noqa: E402
 
 from clipq_search.core.plan import LayerConfig, Plan  # noqa: E402
@@ -96,13 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     epochs = parse_epochs(args.epochs, args.models)
 
     started = time.perf_counter()
-    threads, device, splits = fashion_setup(args.threads, args.root, args.device)
-    machine = machine_line(threads)
-    log(machine)
+    device, splits, head = start("distill", args, argv)
     results: dict[str, Any] = {
-        "benchmark": "distill",
-        "machine": machine,
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        **head,
         "distill": {"weight": args.weight, "temperature": args.temperature, "teacher": "the dense baseline"},
         "finetune": {k: v for k, v in finetune_config(1.0, 0).to_dict().items() if k not in ("epochs", "seed")},
         "seeds": args.seeds,

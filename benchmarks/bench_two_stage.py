@@ -53,8 +53,7 @@ from torch.nn.utils import parametrize
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from _common import SPACES, dense_baseline, fashion_setup  # noqa: E402
-from _machine import machine_line  # noqa: E402
+from _common import SPACES, dense_baseline, start  # noqa: E402
 
 from clipq_search.core.encoding import estimate_size, load_compressed, save_compressed  # noqa: E402
 from clipq_search.core.operator import clipq_quantize, clipq_quantize_with_stats  # noqa: E402
@@ -423,13 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     epochs = parse_epochs(args.epochs, args.models)
 
     started = time.perf_counter()
-    threads, device, splits = fashion_setup(args.threads, args.root, args.device)
-    machine = machine_line(threads)
-    log(machine)
+    device, splits, head = start("two_stage", args, argv)
     results: dict[str, Any] = {
-        "benchmark": "two_stage",
-        "machine": machine,
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        **head,
         "dataset": {"name": "fashion-mnist", "train": len(splits.train), "val": len(splits.val),
                     "test": len(splits.test), "split_seed": 0},
         "seed": args.seed,
