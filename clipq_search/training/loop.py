@@ -323,18 +323,15 @@ def lr_at(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch: int) -
     return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * step / total_steps))
 
 
-#: Shipped pretraining recipes per model, chosen on Fashion-MNIST (5,000-image
-#: validation split held out) on a 2-core CPU: the shortest cosine runs whose
-#: test top-1 sits clearly past the targets (LeNet-300-100 >= 89.5%, LeNet-5
-#: >= 90.5%). Measured: lenet300 10/15/20 epochs -> 89.4/89.8/90.0%;
-#: lenet5 6/8/10/15 epochs -> 91.7/91.9/91.8/91.9% (longer only overfits).
-#: ``benchmarks/bench_baseline.py`` writes the figures to
-#: ``benchmarks/results/baseline.json``.
 def epochs_text(epochs: float) -> str:
     """``1 epoch``, ``2 epochs``, ``0.5 epochs``: for messages."""
     return f"{epochs:g} epoch" + ("" if epochs == 1 else "s")
 
 
+#: Shipped pretraining recipes per model: the shortest cosine runs whose test
+#: top-1 on Fashion-MNIST sits clearly past the targets (LeNet-300-100 89.5%,
+#: LeNet-5 90.5%); the figures and their command are in docs/benchmarks.md,
+#: "Dense baselines".
 DEFAULT_PRETRAIN: dict[str, TrainConfig] = {
     "lenet300": TrainConfig(epochs=20, batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine"),
     "lenet5": TrainConfig(epochs=8, batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine"),
