@@ -309,7 +309,7 @@ def test_cluster_then_a_search_with_the_token_run_on_a_worker_without_the_packag
     assert [line.split(":")[0].split(" ")[-1] for line in nodes] == ["head", "worker"]  # node 127.1.2.2 (h/id) head
     assert "0 CPUs, 0 GPUs" in nodes[0] and "2 CPUs, 0 GPUs" in nodes[1]
     for line in nodes:
-        assert f"torch {torch.__version__}, CUDA none (0 usable GPU(s))" in line
+        assert f"torch {torch.__version__}, CUDA {torch.version.cuda or 'none'} (0 usable GPU(s))" in line
         assert f"clipq-search {clipq_search.__version__} (shipped)" in line
         assert re.search(r"dataset\.root \S+ readable \(\d+ entries\)", line)
     assert "nodes need no copy" in lines[-2] and lines[-1].startswith("ok: checked 2 node(s)")

@@ -244,3 +244,31 @@ def test_paper_strategy_killed_stops_with_one_line(results_root: Path) -> None:
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and "the paper strategy's search of layer" in err[0]
     assert f"({wk.PROCESS}, 2 time(s); search.retries=1); rerun the same command to resume" in err[0]
+
+
+def test_ray_and_tunes_words_on_failed_trials_are_dropped_unless_debugging(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The search reports each failed trial in one line; Ray's and Tune's tracebacks of it stay out of the way."""
+    import logging
+
+    from clipq_search.search.worker_kills import quiet_tune
+
+    monkeypatch.delenv("TUNE_PRINT_ALL_TRIAL_ERRORS", raising=False)
+    quiet_tune()
+    records = [
+        ("ray._private.worker", "Unhandled error (suppress with 'RAY_IGNORE_UNHANDLED_ERRORS=1'): ray::ImplicitFunc"),
+        ("ray.tune.execution.tune_controller", "Trial _trainable_1: Error stopping trial."),
+        ("ray.tune.tune", "Trials did not complete: [_trainable_1]"),
+    ]
+    with caplog.at_level(logging.ERROR):
+        for name, message in records:
+            logging.getLogger(name).error(message)
+        logging.getLogger("ray._private.worker").error("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]
+    caplog.clear()
+    monkeypatch.setenv("TUNE_PRINT_ALL_TRIAL_ERRORS", "1")  # what --debug sets
+    with caplog.at_level(logging.ERROR):
+        for name, message in records:
+            logging.getLogger(name).error(message)
+    assert len(caplog.records) == len(records)

@@ -288,7 +288,7 @@ def quiet_tune() -> None:
     import logging
 
     os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
-    for name in ("ray.tune.tune", "ray.tune.execution.tune_controller"):
+    for name in ("ray.tune.tune", "ray.tune.execution.tune_controller", "ray._private.worker"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _NoTrialList) for f in logger.filters):
             logger.addFilter(_NoTrialList())
@@ -299,14 +299,18 @@ class _NoTrialList:
 
     "Trials did not complete: [...]"; "Trial ... : Error stopping trial." with
     a traceback, which Tune logs when the actor of a trial that raised (a
-    GPU failure ends it on purpose) is gone before Tune stops it.
+    GPU failure ends it on purpose) is gone before Tune stops it; and Ray's
+    "Unhandled error ..." with the trial's traceback, printed when Tune drops
+    a pending call on that actor without reading its error.
     """
 
     def filter(self, record: Any) -> bool:
         if os.environ.get("TUNE_PRINT_ALL_TRIAL_ERRORS") == "1":
             return True
         message = str(record.getMessage())
-        return not (message.startswith("Trials did not complete") or message.endswith("Error stopping trial."))
+        return not message.startswith(("Trials did not complete", "Unhandled error")) and not message.endswith(
+            "Error stopping trial."
+        )
 
 
 # -- Ray tasks that run again after a kill ----------------------------------------------------
