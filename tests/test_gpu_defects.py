@@ -250,6 +250,7 @@ def test_a_sticky_cuda_error_ends_the_worker_and_the_trial_runs_again(results_ro
     """Trial 0 meets a sticky CUDA error on its first attempt: a new worker runs it again and it completes."""
     env = {**os.environ, wk.KILL_ENV: "trial0@cuda", wk.ONCE_ENV: str(tmp_path / "once")}
     env.pop("RAY_memory_usage_threshold", None)
+    env.pop("TUNE_PRINT_ALL_TRIAL_ERRORS", None)  # --debug's switch, left set by an in-process --debug run
     proc = subprocess.run(
         [sys.executable, "run_search.py", "search", "smoke", "--results", str(results_root), "--name", "cudaerror",
          "--trials", "2", "--concurrency", "1"],
