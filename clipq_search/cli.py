@@ -44,14 +44,9 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 def _add_space_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("space", help="search-space YAML file, or a preset name (clipq-search spaces)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY.PATH=VALUE",
-        help="override a space value, e.g. --set trial.train.epochs=2 (repeatable)",
-    )
+    from clipq_search.commands import add_overrides
+
+    add_overrides(p, "override a space value, e.g. --set trial.train.epochs=2 (repeatable)")
     p.add_argument("--results", default="results", help="results root (default: results/)")
 
 

@@ -13,6 +13,11 @@ if TYPE_CHECKING:
     from clipq_search.search.space import Space
 
 
+
+def add_overrides(p: argparse.ArgumentParser, help_text: str) -> None:
+    """The repeatable ``--set KEY.PATH=VALUE`` option (into ``args.overrides``)."""
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help=help_text)
+
 def _log(msg: str) -> None:
     print(msg, flush=True)
 
@@ -296,12 +301,5 @@ def register(sub: argparse._SubParsersAction, add_space_args: Callable, positive
     p = sub.add_parser("cluster", help="list the Ray cluster's nodes: resources, torch, CUDA, package, dataset")
     p.add_argument("--address", help="Ray cluster address HOST:PORT (default: a private local Ray instance)")
     p.add_argument("--space", help="also check that every node reads this space's dataset.root")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY.PATH=VALUE",
-        help="override a value of --space, e.g. --set dataset.root=/data/imagenet (repeatable)",
-    )
+    add_overrides(p, "override a value of --space, e.g. --set dataset.root=/data/imagenet (repeatable)")
     p.set_defaults(func=cmd_cluster)
