@@ -481,17 +481,19 @@ def test_a_non_contiguous_weight_takes_the_general_path_without_setting_up_a_com
         assert par._state["op"] is None
 
 
+def _attached_mlp() -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A seeded 3-layer MLP with CLIP-Q on every layer, and its SGD (the compile tests train two alike)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 20), nn.ReLU(), nn.Linear(20, 3))
+    attach_clipq(m, {"default": {"p": 0.8, "bits": 3}})
+    return m, torch.optim.SGD(m.parameters(), lr=0.1)
+
+
 def test_a_compiled_attached_model_trains_as_the_eager_one_without_recompiling() -> None:
     """torch.compile: one graph per layer shape, no recompile from step to step, the eager model's losses."""
     import torch._dynamo
 
-    def make() -> tuple[nn.Module, torch.optim.Optimizer]:
-        torch.manual_seed(0)
-        m = nn.Sequential(nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 20), nn.ReLU(), nn.Linear(20, 3))
-        attach_clipq(m, {"default": {"p": 0.8, "bits": 3}})
-        return m, torch.optim.SGD(m.parameters(), lr=0.1)
-
-    (eager, opt_e), (model, opt_c) = make(), make()
+    (eager, opt_e), (model, opt_c) = _attached_mlp(), _attached_mlp()
     compiled = torch.compile(model, backend="eager")
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(16, 40, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(6)]
@@ -517,13 +519,7 @@ def test_the_tensor_implementation_joins_the_compiled_graph(monkeypatch: pytest.
 
     monkeypatch.setenv("CLIPQ_SEARCH_KERNEL", "torch")
 
-    def make() -> tuple[nn.Module, torch.optim.Optimizer]:
-        torch.manual_seed(0)
-        m = nn.Sequential(nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 20), nn.ReLU(), nn.Linear(20, 3))
-        attach_clipq(m, {"default": {"p": 0.8, "bits": 3}})
-        return m, torch.optim.SGD(m.parameters(), lr=0.1)
-
-    (eager, opt_e), (model, opt_c) = make(), make()
+    (eager, opt_e), (model, opt_c) = _attached_mlp(), _attached_mlp()
     x0 = torch.randn(16, 40)
     explained = torch._dynamo.explain(model)(x0)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0)
