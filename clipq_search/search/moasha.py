@@ -4,7 +4,7 @@ Schmucker et al. 2021, "Multi-objective Asynchronous Successive Halving";
 the rule of Syne Tune's ``MOASHA``, on Ray Tune's ``TrialScheduler``
 interface. A trial reports after each unit of budget (``time_attr``, e.g.
 epochs). The rungs are ``grace_period * reduction_factor**k`` up to
-``max_t``. When a trial reaches a rung, its objectives are recorded there,
+``max_t`` (or the ``levels`` given). When a trial reaches a rung, its objectives are recorded there,
 and it goes on only if it is among the best ``1 / reduction_factor`` of
 everything recorded at that rung so far (at least the first): no trial ever
 waits for a rung to fill.
@@ -20,6 +20,7 @@ All objectives are maximised; pass ``signs`` to minimise some (-1).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -121,7 +122,7 @@ class MOASHA(FIFOScheduler):
     ``objectives`` are result keys, each maximised (``signs`` -1 minimises
     one). A result lacking ``time_attr`` or an objective is let through; a
     non-finite objective stops the trial. A trial reaching ``max_t`` is
-    stopped (it is done). ``record`` loads results known from elsewhere (a
+    stopped (it is done). ``load`` puts results known from elsewhere (a
     resumed study) into the rungs. ``decisions`` lists every (trial, rung,
     promoted) taken, for reports.
     """
@@ -135,6 +136,7 @@ class MOASHA(FIFOScheduler):
         grace_period: float = 1,
         reduction_factor: float = 3,
         signs: Sequence[float] | None = None,
+        levels: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         if len(objectives) < 1:
@@ -144,13 +146,24 @@ class MOASHA(FIFOScheduler):
         if self.signs.shape != (len(self.objectives),):
             raise ValueError("signs needs one entry per objective")
         self.time_attr = time_attr
-        self.max_t = float(max_t)
+        if reduction_factor <= 1:
+            raise ValueError(f"reduction_factor must be > 1; got {reduction_factor}")
         self.reduction_factor = float(reduction_factor)
-        self.levels = rung_levels(grace_period, max_t, reduction_factor)
+        if levels is not None:
+            self.levels = [float(v) for v in levels]
+            if not self.levels or self.levels[0] <= 0 or any(a >= b for a, b in itertools.pairwise(self.levels)):
+                raise ValueError(f"levels must be positive and increasing; got {list(levels)}")
+        else:
+            self.levels = rung_levels(grace_period, max_t, reduction_factor)
+        self.max_t = self.levels[-1]
         self.rungs: dict[float, dict[str, np.ndarray]] = {level: {} for level in self.levels}
         self.decisions: list[tuple[str, float, bool]] = []
 
     # -- the rule -----------------------------------------------------------------------------------------
+
+    def load(self, trial_id: str, level: float, values: Sequence[float]) -> None:
+        """Record a result known from elsewhere (a resumed run's trials) at rung ``level``; decide nothing."""
+        self.rungs[level][trial_id] = self.signs * np.asarray(values, dtype=float)
 
     def record(self, trial_id: str, level: float, values: Sequence[float]) -> bool:
         """Record ``values`` (the objectives, in order) of ``trial_id`` at rung ``level``; whether it goes on."""

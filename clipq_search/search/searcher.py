@@ -8,6 +8,7 @@ Ray Tune runs (it imports Ray).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -18,6 +19,7 @@ import optuna
 from ray.tune.search import Searcher
 
 from clipq_search.search.proposer import Proposer
+from clipq_search.search.rungs import forget_checkpoint
 from clipq_search.search.space import LayerSearchParam, Space
 from clipq_search.search.study import ERROR_ATTR, make_sampler
 from clipq_search.search.trial import Baseline
@@ -27,7 +29,8 @@ __all__ = ["StudySearcher"]
 
 # What a finished trial's record gives the study, as trial attributes (trials.csv's columns).
 _RECORDED = (
-    "val_top1", "val_loss", "rate", "size_bytes", "train_seconds", "trial_seconds", "node", "kept", "train_loss"
+    "val_top1", "val_loss", "rate", "size_bytes", "train_seconds", "trial_seconds", "node", "kept", "train_loss",
+    "budget", "rung", "rungs",
 )
 
 
@@ -62,6 +65,7 @@ class StudySearcher(Searcher):
         self.kills, self.inject_failure, self.log = kills, list(inject_failure), log
         self.by_tune_id: dict[str, optuna.trial.Trial] = {}
         self.handed: dict[str, float] = {}
+        self.checkpoints: dict[str, list[str]] = {}  # multi-fidelity: each running trial's rung checkpoints
         # Plans are asked in a background thread: Tune's loop only takes a ready one (never waits).
         # Made at the first suggest: Tune pickles the searcher when the tuner is built.
         self.proposer: Proposer | None = None
@@ -76,6 +80,8 @@ class StudySearcher(Searcher):
             "space": self.space,
             "threads": self.threads,
             "inject_failure": self.inject_failure,
+            # an interrupted multi-fidelity trial's last rung checkpoint: the trial goes on from there
+            "resume": trial.user_attrs.get("resume_from"),
         }
 
     def tpe(self) -> optuna.samplers.BaseSampler:
@@ -109,6 +115,29 @@ class StudySearcher(Searcher):
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         self.kills.started(trial_id, result)
+        trial = self.by_tune_id.get(trial_id)
+        if trial is not None and result.get("ok") and "rung" in result and self.proposer is not None:
+            self.proposer.defer(self._rung_reached, trial, json.loads(result["record"]))
+
+    def _rung_reached(self, trial: optuna.trial.Trial, record: dict[str, Any]) -> None:
+        """A multi-fidelity trial scored a rung and goes on: its results so far join the study (and a log line)."""
+        for key in ("rungs", "rung", "budget"):
+            trial.set_user_attr(key, record[key])
+        resumed = record.get("resumed_from_rung")
+        how = f" (resumed from its checkpoint at rung {resumed})" if resumed is not None else ""
+        self.log(
+            f"  trial {trial.number}: rung {record['rung']} ({record['budget']:g} epochs) "
+            f"val {record['val_top1']:.2f}% rate {record['rate']:.1f}x: promoted{how}"
+        )
+
+    def checkpoint_saved(self, trial_id: str, path: str) -> None:
+        """Tune persisted a rung checkpoint of a trial: the study keeps its path (a resumed run goes on from it)."""
+        trial = self.by_tune_id.get(trial_id)
+        if trial is None:
+            return
+        self.checkpoints.setdefault(trial_id, []).append(path)
+        if self.proposer is not None:
+            self.proposer.defer(trial.set_user_attr, "checkpoint", path)
 
     def __getstate__(self) -> dict[str, Any]:
         # Each Tuner pickles its searcher (for Tune's own restore, which the search never uses); after a
@@ -119,12 +148,26 @@ class StudySearcher(Searcher):
         trial = self.by_tune_id.pop(trial_id, None)
         if trial is None:
             return
+        # its rung checkpoints, and the one it resumed from, are no longer needed once the study has its result
+        trial_checkpoints = [*self.checkpoints.pop(trial_id, []), trial.user_attrs.get("resume_from")]
+        finish = functools.partial(self._complete, trial, trial_id, result, error, trial_checkpoints)
         if self.proposer is None:
-            self._complete(trial, trial_id, result, error)
+            finish()
         else:  # the study's writes run in the proposer's thread, in order, off Tune's event loop
-            self.proposer.defer(self._complete, trial, trial_id, result, error)
+            self.proposer.defer(finish)
 
-    def _complete(self, trial: optuna.trial.Trial, trial_id: str, result: dict[str, Any] | None, error: bool) -> None:
+    def _complete(
+        self,
+        trial: optuna.trial.Trial,
+        trial_id: str,
+        result: dict[str, Any] | None,
+        error: bool,
+        trial_checkpoints: list[str | None],
+    ) -> None:
+        self._settle(trial, trial_id, result, error)
+        forget_checkpoint([p for p in trial_checkpoints if p])
+
+    def _settle(self, trial: optuna.trial.Trial, trial_id: str, result: dict[str, Any] | None, error: bool) -> None:
         if self.proposer is not None:
             self.proposer.done(time.time() - self.handed.pop(trial_id, time.time()))
         if error:  # Ray ended its worker on the last attempt Tune allows

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import difflib
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -172,6 +173,18 @@ def _list_of_str() -> Field:
     return Field(None, "a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v))
 
 
+def _rungs() -> Field:
+    def check(v: Any) -> bool:
+        if v is None:
+            return True
+        numbers = isinstance(v, list) and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v
+        )
+        return numbers and len(v) > 0 and v[0] > 0 and all(a < b for a, b in itertools.pairwise(v))
+
+    return Field(None, "null or an increasing list of positive numbers, e.g. [1, 3, 9]", check)
+
+
 def _list_of_num() -> Field:
     return Field(
         None,
@@ -245,6 +258,9 @@ SCHEMA: dict[str, Any] = {
     "trial": {
         "train": _train_schema(1.0, 0.01, "cosine"),
         "eval_batch_size": _d(_int(1), 1000),
+        # Multi-fidelity (MO-ASHA): budgets as multiples of trial.train.epochs; null: every trial runs one budget.
+        "rungs": _d(_rungs(), None),
+        "reduction_factor": _d(_num(1, None, open_lo=True), 3),
     },
     "final": {
         "train": _train_schema(20.0, 0.01, "cosine"),
@@ -276,6 +292,9 @@ SCHEMA: dict[str, Any] = {
         "seed": _d(_int(0, SEED_MAX), 0),
         "max_accuracy_drop": _d(_num(0, 100, optional=True), None),
         "retries": _d(_int(0, 10), 1),
+        # Where Ray Tune keeps the trials' rung checkpoints (null: RUN_DIR/ray); on several machines a folder
+        # every node mounts (NFS) or a cloud URI (s3://...), as Ray Tune requires for checkpoints across nodes.
+        "checkpoint_storage": _d(_str(optional=True), None),
         "paper": {
             "lambdas": _d(_list_of_num(), [1.0, 3.0, 10.0, 30.0]),
             "evals_per_layer": _d(_int(2), 30),
@@ -420,6 +439,8 @@ class BaselineSettings:
 class TrialSettings:
     train: TrainSettings
     eval_batch_size: int
+    rungs: tuple[float, ...] | None  # multiples of train.epochs at which MO-ASHA decides; None: one budget
+    reduction_factor: float  # MO-ASHA: a trial goes on from a rung when among the best 1/reduction_factor there
 
 
 @dataclass(frozen=True)
@@ -446,6 +467,7 @@ class SearchSettings:
     seed: int
     max_accuracy_drop: float | None
     retries: int
+    checkpoint_storage: str | None
     paper: PaperSettings
 
 
@@ -517,7 +539,12 @@ class Space:
             model_weights=data["model_weights"],
             dataset=DatasetSettings(**data["dataset"]),
             baseline=BaselineSettings(data["baseline"]["checkpoint"], _train_settings(data["baseline"]["train"])),
-            trial=TrialSettings(_train_settings(data["trial"]["train"]), data["trial"]["eval_batch_size"]),
+            trial=TrialSettings(
+                _train_settings(data["trial"]["train"]),
+                data["trial"]["eval_batch_size"],
+                tuple(float(r) for r in data["trial"]["rungs"]) if data["trial"]["rungs"] is not None else None,
+                float(data["trial"]["reduction_factor"]),
+            ),
             final=FinalSettings(
                 _train_settings(data["final"]["train"]), data["final"]["workers"], data["final"]["checkpoint_minutes"]
             ),
@@ -587,6 +614,8 @@ class Space:
             return [value, self._data["model_weights"]]
         if section == "dataset" and value.get("image_size") is None:
             return {k: v for k, v in value.items() if k != "image_size"}
+        if section == "trial" and value.get("rungs") is None:
+            value = {k: v for k, v in value.items() if k not in ("rungs", "reduction_factor")}
         train = value.get("train") if isinstance(value, Mapping) else None
         if isinstance(train, Mapping) and not train.get("distill", {}).get("weight"):
             return {**value, "train": {k: v for k, v in train.items() if k != "distill"}}

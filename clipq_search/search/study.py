@@ -9,7 +9,6 @@ the result (or the failure, with its error).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -202,6 +201,9 @@ def recover_interrupted(study: optuna.Study, log: Callable[[str], None]) -> int:
         study.tell(t.number, state=optuna.trial.TrialState.FAIL)
         # Keep where the plan came from (a paper-procedure plan stays labelled as one).
         kept = {k: t.user_attrs[k] for k in ("source", "lambda") if k in t.user_attrs}
+        # A multi-fidelity trial goes on from its last rung checkpoint (rungs.CHECKPOINT_ATTR).
+        if t.user_attrs.get("checkpoint"):
+            kept["resume_from"] = t.user_attrs["checkpoint"]
         study.enqueue_trial(t.params, user_attrs={**kept, "retry_of": t.number}, skip_if_exists=False)
     if stale:
         log(
@@ -234,6 +236,8 @@ def trials_frame(study: optuna.Study) -> Any:
             "trial_seconds": a.get("trial_seconds"),
             "queue_seconds": a.get("queue_seconds"),
             "node": a.get("node"),
+            "budget": a.get("budget"),
+            "rung": a.get("rung"),
             "source": a.get("source", "sampler"),
             "error": INTERRUPTED_ERROR if stopped else a.get(ERROR_ATTR),
             "datetime_start": t.datetime_start,
@@ -260,8 +264,14 @@ def write_trials_csv(study: optuna.Study, run_dir: Path) -> Any:
 
 
 def _trainable(config: dict[str, Any], payload: dict[str, Any]) -> None:
-    """Ray Tune function trainable: run the trial, report success or the error (never raise)."""
+    """Ray Tune function trainable: run the trial, report success or the error (never raise).
+
+    A multi-fidelity trial reports each rung it scores (see ``rungs``); one
+    resumed from a rung's checkpoint first reports that rung again.
+    """
     from ray import tune
+
+    from clipq_search.search.rungs import load_rung_state, report_rung, rung_metrics
 
     threads = max(1, int(config["threads"]))
     started = time.time()  # wall clock: compared with the study's start time of the trial
@@ -271,10 +281,15 @@ def _trainable(config: dict[str, Any], payload: dict[str, Any]) -> None:
             tune.report({"ok": 0, "started": 1, "val_top1": float("nan"), "worker_pid": os.getpid()})
             if config.get("inject_failure") and config["number"] in config["inject_failure"]:
                 raise RuntimeError("injected failure (test hook)")
-            out = _run_trial_on_device(config, payload, threads)
+            def report(record: dict[str, Any], model: Any) -> None:
+                report_rung({**record, "started_unix": started}, model)
+
+            resume = load_rung_state(config.get("resume")) if config["space"].trial.rungs else None
+            if resume is not None:
+                report({**resume.record, "resumed_from_rung": resume.rung}, None)
+            out = _run_trial_on_device(config, payload, threads, report, resume)
         out["started_unix"] = started
-        # Ray flattens nested result dicts; ship the whole record as one JSON string.
-        result = {"ok": 1, "val_top1": out["val_top1"], "record": json.dumps(out)}
+        result = rung_metrics(out)
     except BaseException as exc:  # noqa: BLE001 - every failure is recorded, the search goes on
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
@@ -289,15 +304,21 @@ def _trainable(config: dict[str, Any], payload: dict[str, Any]) -> None:
     tune.report(result)
 
 
-def _run_trial_on_device(config: dict[str, Any], payload: dict[str, Any], threads: int) -> dict[str, Any]:
+def _run_trial_on_device(
+    config: dict[str, Any], payload: dict[str, Any], threads: int, report: Callable[..., None], resume: Any
+) -> dict[str, Any]:
     """``run_trial``; after the GPU ran out of memory, once more with the worker's cached memory freed."""
+
+    def attempt() -> dict[str, Any]:
+        return run_trial(config["space"], config["plan"], payload, threads=threads, report=report, resume=resume)
+
     try:
-        return run_trial(config["space"], config["plan"], payload, threads=threads)
+        return attempt()
     except Exception as exc:  # noqa: BLE001 - only a GPU out of memory is tried again
         if device_failure(exc) != "memory":
             raise
     free_device_memory()  # outside the handler: the error's frames no longer hold the trial's tensors
-    return run_trial(config["space"], config["plan"], payload, threads=threads)
+    return attempt()
 
 
 def normalise_storage(url: str) -> str:
@@ -761,6 +782,14 @@ def _memory_advice(space: Space) -> str:
 def _progress(run: _Run, log: Callable[[str], None]) -> Callable[[optuna.trial.FrozenTrial], None]:
     """What the search does after each finished trial: a progress line, trials.csv rewritten."""
     study, baseline, run_dir, total = run.study, run.baseline, run.run_dir, run.space.search.trials
+    last = len(run.space.trial.rungs or ()) - 1
+
+    def rung_text(a: dict[str, Any]) -> str:
+        """Multi-fidelity: the budget of the result, and whether MO-ASHA stopped the plan before the last rung."""
+        if last < 1 or a.get("rung") is None:
+            return ""
+        verdict = "full budget" if a["rung"] >= last else f"stopped at rung {a['rung']}"
+        return f"  {a['budget']:g} epochs ({verdict})"
 
     def on_done(t: optuna.trial.FrozenTrial) -> None:
         n_done = len(_finished(study))
@@ -768,7 +797,7 @@ def _progress(run: _Run, log: Callable[[str], None]) -> Callable[[optuna.trial.F
             a = t.user_attrs
             line = (
                 f"[{n_done}/{total}] trial {t.number}: val {a['val_top1']:.2f}%  rate {a['rate']:.1f}x  "
-                f"{a['trial_seconds']:.1f}s on {a['node']}  | {_best_line(study, baseline)}"
+                f"{a['trial_seconds']:.1f}s on {a['node']}{rung_text(a)}  | {_best_line(study, baseline)}"
             )
         else:
             line = f"[{n_done}/{total}] trial {t.number}: FAILED ({t.user_attrs.get(ERROR_ATTR, 'unknown error')})"
@@ -778,26 +807,50 @@ def _progress(run: _Run, log: Callable[[str], None]) -> Callable[[optuna.trial.F
     return on_done
 
 
-def _tuner(run: _Run, trainable: Any, searcher: Any, kills: KillLedger, num_samples: int) -> Any:
-    """A Ray Tune run of the search's trials, configured as ``search`` runs them."""
+def _tune_storage(run: _Run) -> str:
+    """Ray Tune's folder of the run: ``search.checkpoint_storage`` (a shared folder or URI) or ``RUN_DIR/ray``."""
+    shared = run.space.search.checkpoint_storage
+    if not shared:
+        return str((run.run_dir / "ray").resolve())
+    if "://" in shared:
+        return f"{shared.rstrip('/')}/{run.run_dir.name}"
+    return str((Path(shared).expanduser() / run.run_dir.name).resolve())
+
+
+def _budgets_text(space: Space) -> str:
+    from clipq_search.search.trial import trial_budgets
+
+    return ", ".join(f"{b:g}" for b in trial_budgets(space)) + " epochs"
+
+
+def _tuner(run: _Run, trainable: Any, searcher: Any, kills: KillLedger, num_samples: int, scheduler: Any) -> Any:
+    """A Ray Tune run of the search's trials, configured as ``search`` runs them (``scheduler``: MO-ASHA or None)."""
     from ray import tune
 
+    from clipq_search.search.rungs import checkpoint_callback
+
     s = run.space.search
+    callbacks = [kills.callback()]
+    if scheduler is not None:
+        callbacks.append(checkpoint_callback(searcher.checkpoint_saved))
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=searcher,
+            scheduler=scheduler,
             num_samples=num_samples,
             max_concurrent_trials=s.concurrency,
             reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=f"tune-{time.time_ns() // 1_000_000}",  # a new folder for each Tune run, even a restart
-            storage_path=str((run.run_dir / "ray").resolve()),
+            storage_path=_tune_storage(run),
             # A trial whose worker Ray kills runs again, up to search.retries times; its reason is logged.
             failure_config=tune.FailureConfig(max_failures=s.retries),
+            # a multi-fidelity trial's last two rung checkpoints (the last may be half-registered when killed)
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             stop=kills.stopper(),
-            callbacks=[kills.callback()],
+            callbacks=callbacks,
             verbose=0,
             log_to_file=True,
         ),
@@ -811,6 +864,7 @@ def _run_with_tune(
     import ray
     from ray import tune
 
+    from clipq_search.search.rungs import make_scheduler
     from clipq_search.search.searcher import StudySearcher
 
     s, res = run.space.search, run.space.resources
@@ -823,13 +877,23 @@ def _run_with_tune(
     )
     resources = {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial}
     trainable = tune.with_resources(tune.with_parameters(_trainable, payload=run.payload), resources)
+    scheduler = make_scheduler(run.space, _finished(study))
+    if scheduler is not None:
+        factor = run.space.trial.reduction_factor
+        log(f"multi-fidelity: MO-ASHA rungs at {_budgets_text(run.space)}, reduction factor {factor:g}")
+        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+        if nodes > 1 and not s.checkpoint_storage:
+            log(
+                f"warning: {nodes} nodes keep rung checkpoints in {run.run_dir / 'ray'} on the head; unless every "
+                "node mounts that folder, set search.checkpoint_storage to a shared folder (NFS) or a cloud URI"
+            )
     quiet_tune()
 
     try:
         num_samples = to_run
         while True:
             try:
-                _tuner(run, trainable, searcher, kills, num_samples).fit()
+                _tuner(run, trainable, searcher, kills, num_samples, scheduler).fit()
                 break
             except (ray.exceptions.RaySystemError, ConnectionError) as exc:
                 # the cluster went away under the search (its head stopped, the network): finished trials are saved

@@ -15,7 +15,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +63,11 @@ __all__ = [
     "load_baseline",
     "model_for",
     "run_task",
+    "RungState",
     "run_trial",
+    "segment_config",
     "train_config",
+    "trial_budgets",
     "worker_device",
 ]
 
@@ -552,12 +555,44 @@ def _node_name() -> str:
     return socket.gethostname()
 
 
+@dataclass(frozen=True)
+class RungState:
+    """Where a multi-fidelity trial stands: the model after ``rung`` and the result it reported there."""
+
+    rung: int  # index into the trial's budgets
+    state: dict[str, torch.Tensor]  # the CLIP-Q model's state dict (full-precision weights)
+    record: dict[str, Any]  # the result reported at that rung (with its ``rungs`` history)
+
+
+def trial_budgets(space: Space) -> list[float]:
+    """The epochs of CLIP-Q fine-tuning at which a trial reports: one budget, or one per rung."""
+    epochs = train_config(space, "trial").epochs
+    return [epochs * r for r in space.trial.rungs] if space.trial.rungs else [epochs]
+
+
+def segment_config(cfg: TrainConfig, rungs: tuple[float, ...] | None, k: int) -> TrainConfig:
+    """The fine-tune from rung ``k - 1`` to rung ``k``: its share of the epochs, its own schedule and data order.
+
+    Each segment runs its schedule to the end (a cosine decays to 0 at every
+    rung: the model is scored where the schedule leaves it, as a single-budget
+    trial is), and draws its own batch order (seed + k). Without rungs this is
+    ``cfg`` itself.
+    """
+    if not rungs:
+        return cfg
+    share = rungs[k] - (rungs[k - 1] if k else 0.0)
+    max_steps = max(1, round(cfg.max_steps * share)) if cfg.max_steps is not None else None
+    return replace(cfg, epochs=cfg.epochs * share, max_steps=max_steps, seed=cfg.seed + k)
+
+
 def run_trial(
     space: Space,
     plan: dict[str, Any],
     payload: dict[str, Any],
     *,
     threads: int | None = None,
+    report: Callable[[dict[str, Any], nn.Module], None] | None = None,
+    resume: RungState | None = None,
 ) -> dict[str, Any]:
     """One search trial: baseline + plan -> short CLIP-Q fine-tune -> validation accuracy and size.
 
@@ -566,19 +601,30 @@ def run_trial(
     Returns plain numbers; raises on failure (the caller records it). On
     CUDA the size is computed on the device, and the memory the trial cached
     is handed back at its end (a reused worker runs the next trial).
+
+    With ``trial.rungs`` the fine-tune goes rung by rung: after each rung but
+    the last, ``report(record, model)`` is called (a scheduler may end the
+    trial there); the last rung's record is returned. ``resume`` continues
+    after the rung it holds.
     """
     t_start = time.perf_counter()
     configure_threads(threads)
     device = worker_device(space.resources)
     try:
-        return _run_trial(space, plan, payload, device, t_start)
+        return _run_trial(space, plan, payload, device, t_start, report, resume)
     finally:
         if device.type == "cuda":
             free_device_memory(device)
 
 
 def _run_trial(
-    space: Space, plan: dict[str, Any], payload: dict[str, Any], device: torch.device, t_start: float
+    space: Space,
+    plan: dict[str, Any],
+    payload: dict[str, Any],
+    device: torch.device,
+    t_start: float,
+    report: Callable[[dict[str, Any], nn.Module], None] | None,
+    resume: RungState | None,
 ) -> dict[str, Any]:
     model = model_for(space, payload["info"])
     model.load_state_dict(state_from_bytes(payload["baseline"]), strict=True)
@@ -587,10 +633,41 @@ def _run_trial(
     train_data = dataset_from_state(payload["train"], num_workers=workers)
     val_data = dataset_from_state(payload["val"], num_workers=workers)
     cfg = train_config(space, "trial")
-    t_train = time.perf_counter()
     teacher = teacher_for(space, payload, cfg)
-    result = train(model, train_data, cfg, device=device, progress=False, desc="trial", teacher=teacher)
-    train_seconds = time.perf_counter() - t_train
+    budgets, rungs = trial_budgets(space), space.trial.rungs
+    first, history, train_seconds = 0, [], 0.0
+    if resume is not None:
+        model.load_state_dict(resume.state, strict=True)
+        first, history = resume.rung + 1, list(resume.record.get("rungs", []))
+        train_seconds = float(resume.record.get("train_seconds", 0.0))
+    record: dict[str, Any] = dict(resume.record) if resume is not None else {}
+    for k in range(first, len(budgets)):
+        t_train = time.perf_counter()
+        result = train(
+            model, train_data, segment_config(cfg, rungs, k), device=device, progress=False, desc="trial",
+            teacher=teacher,
+        )
+        train_seconds += time.perf_counter() - t_train
+        record = _score(space, model, val_data, device, cfg, resolved)
+        history.append({"rung": k, "budget": budgets[k], "val_top1": record["val_top1"], "rate": record["rate"]})
+        record.update(
+            train_loss=float(result.final_train_loss), train_seconds=train_seconds, rung=k, budget=budgets[k],
+            rungs=list(history), trial_seconds=time.perf_counter() - t_start,
+        )
+        if report is not None and k < len(budgets) - 1:
+            report(record, model)
+    return record
+
+
+def _score(
+    space: Space,
+    model: nn.Module,
+    val_data: Any,
+    device: torch.device,
+    cfg: TrainConfig,
+    resolved: dict[str, Any],
+) -> dict[str, Any]:
+    """The trial's numbers where it stands: validation accuracy and loss, size and rate, where it ran."""
     metrics = evaluate(model, val_data, device=device, batch_size=space.trial.eval_batch_size, amp=cfg.amp)
     if not math.isfinite(metrics["top1"]) or not math.isfinite(metrics["loss"]):
         raise ClipQError(f"trial produced a non-finite validation result ({metrics})")
@@ -602,11 +679,8 @@ def _run_trial(
         "val_loss": float(metrics["loss"]),
         "rate": float(size.rate),
         "size_bytes": int(size.total_bytes),
-        "train_loss": float(result.final_train_loss),
         "kept": kept,
         "layers": {k: v.to_dict() for k, v in resolved.items()},
-        "train_seconds": train_seconds,
-        "trial_seconds": time.perf_counter() - t_start,
         "node": _node_name(),
         "pid": os.getpid(),
         "device": str(device),
