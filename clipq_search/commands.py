@@ -121,6 +121,9 @@ def cmd_final(args: argparse.Namespace) -> None:
         address=args.address,
         force=args.force,
         workers=args.workers,
+        top=args.top,
+        max_drop=args.max_drop,
+        min_rate=args.min_rate,
         log=_log,
     )
 
@@ -283,8 +286,18 @@ def register(sub: argparse._SubParsersAction, add_space_args: Callable, positive
     p = sub.add_parser("final", help="full-length CLIP-Q fine-tune of a plan -> final/model.clipq")
     p.add_argument("run_dir")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--config", help="plan JSON (default: what `export` picks with its defaults)")
+    g.add_argument("--config", help="plan JSON (default: what `export` picks, by --max-drop or --min-rate)")
     g.add_argument("--trial", type=int, help="the plan of this trial number (as `export --trial N` would pick)")
+    # The rules choose among the run's trials: they go with --top, not with --config or --trial (run_final says so).
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--max-drop", type=nonneg_float, help="as export: highest rate within X points of the baseline "
+                   "(default 1.0)")
+    g.add_argument("--min-rate", type=nonneg_float, help="as export: best accuracy with rate at least R")
+    p.add_argument(
+        "--top", type=positive_int, metavar="K",
+        help="fine-tune the K trials nearest the rule's boundary in parallel and keep the one the rule picks on "
+        "full-length val accuracy (default 1: the rule's pick on the short trials)",
+    )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     p.add_argument("--address", help="Ray cluster address (default: local)")
     p.add_argument("--force", action="store_true", help="replace a finished final run of another plan or setup")

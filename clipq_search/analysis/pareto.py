@@ -27,9 +27,11 @@ from clipq_search.errors import ClipQError, ConfigError
 __all__ = [
     "COMPLETE",
     "HV_REF_DROP",
+    "Candidates",
     "ParetoInfo",
     "RunData",
     "Selection",
+    "boundary_candidates",
     "complete_trials",
     "hypervolume",
     "hypervolume_history",
@@ -41,6 +43,7 @@ __all__ = [
     "pareto_ranks",
     "pareto_table",
     "plan_of",
+    "rule_mask",
     "select_max_drop",
     "select_min_rate",
     "select_trial",
@@ -436,6 +439,95 @@ def select_trial(df: pd.DataFrame, number: int) -> Selection:
             f"{_number_list(done['number'])}"
         )
     return Selection(int(number), f"trial {number}", None, _describe(row))
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """The trials :func:`boundary_candidates` picks, most promising first, and how each sits against the rule."""
+
+    numbers: tuple[int, ...]
+    meets: tuple[bool, ...]  # whether each trial meets the rule (on its own, short-trial metrics)
+    ranks: tuple[int, ...]  # each one's non-domination rank (0: on the Pareto front)
+    rule: str  # "max-drop 1", "min-rate 20"
+    n_front: int  # complete trials on the front
+    n_complete: int
+
+
+def rule_mask(
+    acc: Any, rate: Any, baseline_val_top1: float, *, max_drop: float | None = None, min_rate: float | None = None
+) -> tuple[np.ndarray, str]:
+    """Which points meet an export rule (``min_rate``, else ``max_drop``, default 1 point), and the rule's name.
+
+    The same tests as :func:`select_min_rate` and :func:`select_max_drop`: rate >= ``min_rate``, or val
+    accuracy at most ``max_drop`` points below ``baseline_val_top1``.
+    """
+    if max_drop is not None and min_rate is not None:
+        raise ConfigError("give one rule: max_drop or min_rate, not both")
+    a, r = _as_points(acc, rate)
+    if min_rate is not None:
+        limit = _check_limit("min_rate", min_rate, "--min-rate")
+        return r >= limit * (1 - _EPS), f"min-rate {limit:g}"
+    limit = _check_limit("max_drop", 1.0 if max_drop is None else max_drop, "--max-drop")
+    return float(baseline_val_top1) - a <= limit + _EPS, f"max-drop {limit:g}"
+
+
+def _alternate(first: list[Any], second: list[Any]) -> list[Any]:
+    """``first[0], second[0], first[1], second[1], ...``, then the rest of the longer list."""
+    out = [x for pair in zip(first, second, strict=False) for x in pair]
+    n = min(len(first), len(second))
+    return out + first[n:] + second[n:]
+
+
+def boundary_candidates(
+    df: pd.DataFrame,
+    baseline_val_top1: float,
+    k: int,
+    *,
+    max_drop: float | None = None,
+    min_rate: float | None = None,
+) -> Candidates:
+    """The ``k`` COMPLETE trials nearest the boundary of an export rule: ``min_rate``, else ``max_drop`` (default 1).
+
+    Short trials are a noisy proxy for a full-length run, so the plans worth a full-length run are those
+    near the rule's line, on both sides of it. Trials are taken front by front (the Pareto front first,
+    then the next non-domination ranks while ``k`` is not reached), and inside a front alternately from
+    each side of the boundary, nearest first, starting with the side that meets the rule. Nearness is the
+    val drop against the allowed drop (max-drop) or the rate against the limit (min-rate). The first
+    candidate is therefore what :func:`select_max_drop` / :func:`select_min_rate` pick when a front trial
+    qualifies, the second the front trial just over the line. Fewer than ``k`` complete trials: all of them.
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ConfigError(f"k={k!r} is invalid; give the number of candidates as an integer >= 1")
+    done = complete_trials(df)
+    acc, rate = done["val_top1"].to_numpy(dtype=float), done["rate"].to_numpy(dtype=float)
+    meets, rule = rule_mask(acc, rate, baseline_val_top1, max_drop=max_drop, min_rate=min_rate)
+    frame = pd.DataFrame(
+        {
+            "number": done["number"].to_numpy(dtype=np.int64),
+            "acc": acc,
+            "rate": rate,
+            "rank": pareto_ranks(acc, rate),
+            "meets": meets,
+        }
+    )
+    # min-rate: nearest the limit are the lowest rate at or above it and the highest below it;
+    # max-drop: the least accurate trial within the allowed drop and the most accurate one beyond it
+    by = ["rate", "acc", "number"] if min_rate is not None else ["acc", "rate", "number"]
+    order: list[int] = []
+    for _, front in frame.groupby("rank", sort=True):
+        # ties on the first key: the higher second key (rate, or accuracy), then the lower trial number
+        ins = front.loc[front["meets"]].sort_values(by, ascending=[True, False, True], kind="stable")
+        outs = front.loc[~front["meets"]].sort_values(by, ascending=[False, False, True], kind="stable")
+        order += _alternate(ins.index.tolist(), outs.index.tolist())
+    picked = frame.loc[order[:k]]
+    return Candidates(
+        numbers=tuple(int(n) for n in picked["number"]),
+        meets=tuple(bool(m) for m in picked["meets"]),
+        ranks=tuple(int(r) for r in picked["rank"]),
+        rule=rule,
+        n_front=int((frame["rank"] == 0).sum()),
+        n_complete=len(frame),
+    )
 
 
 # -- everything a report needs ------------------------------------------------------------------------

@@ -505,10 +505,43 @@ def _final_section(final: Mapping[str, Any]) -> str:
         else "<p>(no plan recorded)</p>"
     )
     origin = "a hand-written plan" if trial is None else f"trial {trial}"
+    candidates = _candidates_html(final)
+    if candidates:
+        origin += f", kept among {len(final['candidates'])} candidates by {final.get('rule', '-')} on full-length val"
     return (
         f"<p>Full-length fine-tune of {_e(origin)}: {_e(final.get('epochs', '-'))} epochs in "
         f"{_num(final.get('seconds'), '.0f', ' s')}. Test accuracy (the search ranks trials by val accuracy).</p>"
-        f'<div class="cards">{"".join(cards)}</div>\n{plan_html}'
+        f'<div class="cards">{"".join(cards)}</div>\n{plan_html}{candidates}'
+    )
+
+
+def _candidates_html(final: Mapping[str, Any]) -> str:
+    """``final --top K``'s candidates (metrics.json's ``candidates``) as a table; empty without them."""
+    rows = final.get("candidates")
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        return ""
+    table = pd.DataFrame(
+        [
+            {
+                "trial": str(r.get("trial", "-")),
+                "short val top-1": _num(r.get("short_val_top1"), ".2f", "%"),
+                "short rate": _num(r.get("short_rate"), ".2f", "x"),
+                "full val top-1": _num(r.get("val_top1"), ".2f", "%"),
+                "test top-1": _num(r.get("test_top1"), ".2f", "%"),
+                "file rate": _num(r.get("rate"), ".2f", "x"),
+                "file bytes": _bytes(r.get("file_bytes")),
+                "meets rule": "yes" if r.get("meets_rule") is True else "no",
+                "kept": "kept" if r.get("chosen") is True else "",
+            }
+            for r in rows
+        ]
+    )
+    missed = " No candidate met it at full length: the closest was kept." if final.get("rule_met") is False else ""
+    return (
+        f"<h3>Candidates of final --top: {len(rows)} plans</h3>"
+        f'<p class="note">Each trial fine-tuned at full length; the rule {_e(final.get("rule", "-"))} picks on '
+        "the full-length val accuracy and file rate. Each test accuracy is that of the model decoded from the "
+        f"candidate's file (final/candidates/).{missed}</p>\n" + _table(table, {})
     )
 
 

@@ -6,10 +6,17 @@ same dense baseline fine-tuned for the same epochs without compression).
 Both checkpoint every epoch and resume after an interruption. The compressed
 model is written as ``final/model.clipq`` and its test accuracy is measured on
 the model **as reloaded from that file**.
+
+``final --top K`` fine-tunes the K trials nearest the export rule's boundary
+instead (short trials are a noisy proxy for a full-length run), all in
+parallel with one shared control, writes each as
+``final/candidates/trial-N.clipq``, and keeps as ``model.clipq`` the one the
+same rule picks on full-length validation accuracy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -18,7 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from clipq_search._io import read_regular, write_json
+from clipq_search._io import read_regular, write_bytes, write_json
 from clipq_search.analysis import rundir
 from clipq_search.analysis.rundir import check_run_dir
 from clipq_search.core.plan import PLAN_FILE_LIMIT, Plan
@@ -29,9 +36,10 @@ from clipq_search.search.worker_kills import gather, kill_point
 if TYPE_CHECKING:
     from clipq_search.search.space import Space
 
-__all__ = ["choose_plan", "export_plan", "run_final"]
+__all__ = ["choose_candidates", "choose_plan", "export_plan", "run_final"]
 
 DEFAULT_MAX_DROP = 1.0
+CANDIDATES_DIR = "candidates"  # final/candidates/trial-N.clipq: each `final --top` candidate's model file
 
 
 def run_baseline(run_dir: Path) -> Any:
@@ -57,6 +65,30 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def _by_rule(df: Any, baseline_val_top1: float, max_drop: float | None, min_rate: float | None) -> Any:
+    """The export rule's ``Selection``: ``min_rate`` when given, else ``max_drop`` (default 1 point)."""
+    from clipq_search.analysis.pareto import select_max_drop, select_min_rate
+
+    if min_rate is not None:
+        return select_min_rate(df, min_rate)
+    return select_max_drop(df, baseline_val_top1, DEFAULT_MAX_DROP if max_drop is None else max_drop)
+
+
+def _trial_plan(run_dir: Path, df: Any, number: int, rule: str, base: float) -> tuple[Plan, dict[str, Any]]:
+    """Trial ``number``'s plan and its plan JSON document (plan, its short-trial metrics, source)."""
+    from clipq_search.analysis.pareto import plan_of
+
+    row = df[df["number"] == number].iloc[0]
+    plan = Plan.from_dict(plan_of(df, number))
+    metrics = {k: (None if row.get(k) != row.get(k) else float(row[k])) for k in ("val_top1", "rate", "size_bytes")}
+    doc = {
+        **plan.to_dict(),
+        "metrics": {**metrics, "baseline_val_top1": base},
+        "source": {"run": str(run_dir), "trial": int(number), "rule": rule},
+    }
+    return plan, doc
+
+
 def choose_plan(
     run_dir: Path,
     *,
@@ -68,30 +100,64 @@ def choose_plan(
 
     Reads only; :func:`export_plan` writes the document.
     """
-    from clipq_search.analysis.pareto import plan_of, select_max_drop, select_min_rate, select_trial
+    from clipq_search.analysis.pareto import select_trial
     from clipq_search.analysis.rundir import load_trials
 
     check_run_dir(run_dir)
-    baseline = run_baseline(run_dir).to_dict()
+    base = run_baseline(run_dir).val_top1
     df = load_trials(run_dir)
-    if trial is not None:
-        sel = select_trial(df, trial)
-    elif min_rate is not None:
-        sel = select_min_rate(df, min_rate)
-    else:
-        sel = select_max_drop(df, baseline["val_top1"], DEFAULT_MAX_DROP if max_drop is None else max_drop)
+    sel = select_trial(df, trial) if trial is not None else _by_rule(df, base, max_drop, min_rate)
     if sel.trial is None:
         raise ClipQError(sel.message)
-    row = df[df["number"] == sel.trial].iloc[0]
-    plan = Plan.from_dict(plan_of(df, sel.trial))
-    metrics = {k: (None if row.get(k) != row.get(k) else float(row[k])) for k in ("val_top1", "rate", "size_bytes")}
-    doc = {
-        **plan.to_dict(),
-        "metrics": {**metrics, "baseline_val_top1": baseline["val_top1"]},
-        "source": {"run": str(run_dir), "trial": int(sel.trial), "rule": sel.rule},
-    }
+    plan, doc = _trial_plan(run_dir, df, sel.trial, sel.rule, base)
+    metrics = doc["metrics"]
     line = f"selected trial {sel.trial} ({sel.rule}): val {metrics['val_top1']:.2f}%, rate {metrics['rate']:.1f}x"
     return plan, doc, line
+
+
+def choose_candidates(
+    run_dir: Path, top: int, *, max_drop: float | None = None, min_rate: float | None = None
+) -> tuple[list[tuple[Plan, dict[str, Any]]], str, list[str]]:
+    """The ``top`` trials nearest the export rule's boundary (``boundary_candidates``): plan and plan document
+    each, the rule's name, and the log lines saying which trials and why. Reads only."""
+    from clipq_search.analysis.pareto import boundary_candidates
+    from clipq_search.analysis.rundir import load_trials
+
+    check_run_dir(run_dir)
+    base = run_baseline(run_dir).val_top1
+    df = load_trials(run_dir)
+    near = boundary_candidates(df, base, top, max_drop=max_drop, min_rate=min_rate)
+    if not near.numbers:
+        raise ClipQError(
+            "no complete trial yet; run `run_search.py search` (or wait for the running search to finish one)"
+        )
+    picks = [_trial_plan(run_dir, df, n, near.rule, base) for n in near.numbers]
+    return picks, near.rule, _candidate_lines(near, [doc for _, doc in picks], top, base)
+
+
+def _candidate_lines(near: Any, docs: list[dict[str, Any]], top: int, base: float) -> list[str]:
+    """Which trials ``--top`` fine-tunes, and why those."""
+    lines = []
+    if near.n_complete < top:
+        lines.append(f"--top {top}: the run has {near.n_complete} complete trial(s); fine-tuning all of them")
+    elif near.n_front < top:
+        lines.append(
+            f"--top {top}: the Pareto front holds {near.n_front} trial(s); "
+            f"{top - near.n_front} more from the next fronts"
+        )
+    parts = []
+    for doc, meets, rank in zip(docs, near.meets, near.ranks, strict=True):
+        m = doc["metrics"]
+        where = "" if rank == 0 else f", front {rank + 1}"
+        parts.append(
+            f"trial {doc['source']['trial']} (val {m['val_top1']:.2f}%, drop {base - m['val_top1']:.2f}, "
+            f"rate {m['rate']:.1f}x, {'meets' if meets else 'misses'}{where})"
+        )
+    lines.append(
+        f"{len(docs)} candidate(s) nearest the {near.rule} boundary on their short trials (baseline val "
+        f"{base:.2f}%), to pick from by {near.rule} on full-length val: " + ", ".join(parts)
+    )
+    return lines
 
 
 def export_plan(
@@ -142,15 +208,19 @@ def _checkpoints(final_dir: Path, setup: dict[str, Any]) -> dict[str, Path]:
     }
 
 
-def _check_final_dir(final_dir: Path, setup: dict[str, Any], *, force: bool) -> None:
-    """Refuse to replace a finished final of another plan or training setup, unless ``force``."""
+def _check_final_dir(final_dir: Path, digest: str, plan: dict[str, Any] | None, *, force: bool) -> None:
+    """Refuse to replace a finished final of another plan or training setup, unless ``force``.
+
+    ``digest`` names what this final trains (metrics.json's ``setup``); ``plan``, for a final of one plan,
+    also recognises a metrics.json written before the setup was recorded.
+    """
     if force:
         return
     path = final_dir / rundir.METRICS_JSON
     if not path.is_file():
         return
     done = rundir.read_json(path, f"delete {path} or pass --force to replace it")
-    same = done.get("setup") == _digest(setup) if "setup" in done else done.get("plan") == setup["plan"]
+    same = done.get("setup") == digest if "setup" in done else plan is not None and done.get("plan") == plan
     if same:
         return
     trial = (done.get("source") or {}).get("trial") if isinstance(done.get("source"), dict) else None
@@ -272,6 +342,22 @@ def _relay(queue: Any, log: Callable[[str], None]) -> Callable[[], None]:
 
 
 @dataclass(frozen=True)
+class _Candidate:
+    """One plan that ``final`` fine-tunes at full length."""
+
+    tag: str  # "compressed": the one plan of a plain final; "trial-N": a --top candidate
+    plan: Plan
+    doc: dict[str, Any]  # its plan.json document
+    source: dict[str, Any] | None  # where the plan came from (run, trial, rule), when known
+    setup: dict[str, Any]  # what its checkpoint belongs to: the plan, final.train, the workers
+    ckpt: Path
+
+    @property
+    def trial(self) -> int | None:
+        return self.source.get("trial") if isinstance(self.source, dict) else None
+
+
+@dataclass(frozen=True)
 class _FinalJob:
     """A checked ``final``: what is trained, from what, with which settings, and where it goes."""
 
@@ -279,16 +365,37 @@ class _FinalJob:
     space: Space
     cfg: Any  # the TrainConfig of final.train
     workers: int  # data-parallel workers of each run
-    plan: Plan
-    plan_doc: dict[str, Any]  # final/plan.json
-    chosen_line: str | None  # the log line of a trial chosen from the run (None: a given plan file)
-    source: dict[str, Any] | None  # where the plan came from (run, trial, rule), when known
+    candidates: tuple[_Candidate, ...]  # the one plan, or --top's candidates (most promising first)
+    lines: tuple[str, ...]  # logged once the folder is ours: which plan(s) were chosen from the run, and why
+    top: int | None  # --top K (K >= 2): keep the candidate the rule picks on full-length val; None: one plan
+    rule: tuple[float | None, float | None]  # (max_drop, min_rate) of that pick
+    rule_name: str | None  # "max-drop 1", "min-rate 20": --top's rule, as metrics.json names it
     baseline: Any  # the run's Baseline
     payload: dict[str, Any]  # the trial payload with the test split (the dataset, read once)
     final_dir: Path
-    setup: dict[str, Any]  # what the checkpoints belong to: the plan, final.train, the workers
-    ckpts: dict[str, Path]
-    tags: tuple[str, ...]  # "compressed", and "control" unless skipped
+    digest: str  # metrics.json's "setup": what this final trains (its rerun replaces it without --force)
+    control_ckpt: Path | None  # the dense control's checkpoint; None: no control run
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        return tuple(c.tag for c in self.candidates) + (("control",) if self.control_ckpt else ())
+
+    @property
+    def ckpts(self) -> dict[str, Path]:
+        out = {c.tag: c.ckpt for c in self.candidates}
+        if self.control_ckpt is not None:
+            out["control"] = self.control_ckpt
+        return out
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """The evaluation's result: the plan kept as ``model.clipq``, that file's sizes and every run's scores."""
+
+    chosen: _Candidate
+    written: Any  # the SizeEstimate of model.clipq
+    scores: dict[str, Any]  # _evaluate_task's test and val metrics, by tag
+    top: dict[str, Any]  # --top's keys of metrics.json (rule, rule_met, candidates); empty for one plan
 
 
 @releasing_locks
@@ -304,24 +411,52 @@ def run_final(
     force: bool = False,
     trial: int | None = None,
     workers: int | None = None,
+    top: int | None = None,
+    max_drop: float | None = None,
+    min_rate: float | None = None,
 ) -> dict[str, Any]:
     """Full-length CLIP-Q run of a plan -> ``final/model.clipq`` and ``final/metrics.json``.
 
-    ``out_dir`` (default ``RUN_DIR/final``) and ``control=False`` (skip the dense
-    control run) serve benchmarks that finalise several plans of one run. A
-    finished final of another plan or training setup is replaced only with
-    ``force``. ``workers`` (default ``final.workers``) above 1 trains each run
-    data-parallel on that many Ray Train workers (``final_ddp``).
+    The plan is ``config``, trial ``trial``'s, or the one ``export``'s rule picks (``max_drop``, default
+    1 point, or ``min_rate``). ``top`` K >= 2 instead fine-tunes the K trials nearest that rule's
+    boundary in parallel and keeps the one the same rule picks on their full-length val accuracy
+    (``metrics.json``'s ``candidates`` lists all K). ``out_dir`` (default ``RUN_DIR/final``) and
+    ``control=False`` (skip the dense control run) serve benchmarks that finalise several plans of one
+    run. A finished final of another plan or training setup is replaced only with ``force``.
+    ``workers`` (default ``final.workers``) above 1 trains each run data-parallel on that many Ray
+    Train workers (``final_ddp``).
     """
     job = _check_final(
         run_dir, config=config, overrides=overrides, address=address, out_dir=out_dir, control=control,
-        force=force, trial=trial, workers=workers,
+        force=force, trial=trial, workers=workers, top=top, max_drop=max_drop, min_rate=min_rate,
     )
     _open_final(job, address, log)
     t0 = time.perf_counter()
     results, ref_payload = _train_final(job, log)
-    written, scores = _write_and_evaluate(job, results, ref_payload, log)
-    return _finish_final(job, results, written, scores, time.perf_counter() - t0, log)
+    if job.top is None:
+        outcome = _write_and_evaluate(job, results, ref_payload, log)
+    else:
+        outcome = _evaluate_and_pick(job, results, ref_payload, log)
+    return _finish_final(job, results, outcome, time.perf_counter() - t0, log)
+
+
+def _check_choice(
+    config: str | None, trial: int | None, top: int | None, max_drop: float | None, min_rate: float | None
+) -> None:
+    """The ways of naming the plan that go together; one line for those that do not."""
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 1):
+        raise ClipQError(f"--top {top!r} is invalid; give the number of candidates as an integer >= 1")
+    named = [flag for flag, given in (("--config", bool(config)), ("--trial", trial is not None)) if given]
+    chooses = [flag for flag, value in (("--top", top), ("--max-drop", max_drop), ("--min-rate", min_rate))
+               if value is not None]
+    if len(named) > 1:
+        raise ClipQError("--config and --trial each name the plan; give one of them")
+    if named and chooses:
+        raise ClipQError(
+            f"{chooses[0]} chooses among the run's trials and {named[0]} names the plan; give one of them, not both"
+        )
+    if max_drop is not None and min_rate is not None:
+        raise ClipQError("--max-drop and --min-rate are two rules; give one of them")
 
 
 def _check_final(
@@ -335,6 +470,9 @@ def _check_final(
     force: bool,
     trial: int | None,
     workers: int | None,
+    top: int | None,
+    max_drop: float | None,
+    min_rate: float | None,
 ) -> _FinalJob:
     """Everything that can fail on bad input, before anything is written; the dataset is read once, here."""
     from clipq_search.search.cluster import check_address, check_gpus
@@ -343,6 +481,7 @@ def _check_final(
     from clipq_search.search.trial import model_for, train_config, trial_payload
     from clipq_search.training.loop import check_checkpoint
 
+    _check_choice(config, trial, top, max_drop, min_rate)
     check_run_dir(run_dir)
     if address:
         check_address(address)
@@ -351,7 +490,39 @@ def _check_final(
     cfg = train_config(space, "final")
     n_workers = space.final.workers if workers is None else workers
     check_workers(n_workers, cfg.batch_size)
-    chosen_line = None
+    top = top if top is not None and top > 1 else None  # --top 1 is the plain final of the rule's pick
+    picks, lines, rule_name = _pick_plans(run_dir, config, trial, top, max_drop, min_rate)
+    baseline = run_baseline(run_dir)
+    payload = trial_payload(space, baseline, test=True)
+    model = model_for(space, payload["info"])
+    for plan, _, _ in picks:
+        plan.resolve(model)  # unknown layers fail before any training
+    final_dir = out_dir or run_dir / rundir.FINAL_DIR
+    candidates = _candidates(picks, cfg, n_workers, final_dir, top)
+    if top is None:
+        digest = _digest(candidates[0].setup)
+    else:
+        digest = _digest({"top": [c.setup for c in candidates], "rule": rule_name})
+    _check_final_dir(final_dir, digest, candidates[0].setup["plan"] if top is None else None, force=force)
+    control_ckpt = _checkpoints(final_dir, candidates[0].setup)["control"] if control else None
+    job = _FinalJob(
+        run_dir, space, cfg, n_workers, candidates, tuple(lines), top, (max_drop, min_rate), rule_name, baseline,
+        payload, final_dir, digest, control_ckpt,
+    )
+    for path in job.ckpts.values():
+        check_checkpoint(path)
+    return job
+
+
+def _pick_plans(
+    run_dir: Path,
+    config: str | None,
+    trial: int | None,
+    top: int | None,
+    max_drop: float | None,
+    min_rate: float | None,
+) -> tuple[list[tuple[Plan, dict[str, Any], dict[str, Any] | None]], list[str], str | None]:
+    """The plan(s) to train (plan, plan.json document, source), the lines saying why, and --top's rule name."""
     if config:
         plan = Plan.load(config)
         try:
@@ -359,30 +530,40 @@ def _check_final(
         except (OSError, ValueError, AttributeError, RecursionError, ClipQError):
             source = None
         # a given plan file: final/plan.json says what is trained, whatever it said before
-        plan_doc = {**plan.to_dict(), "source": source if source is not None else {"config": str(config)}}
-    else:
-        plan, plan_doc, chosen_line = choose_plan(run_dir, trial=trial)
-        source = plan_doc["source"]
-    baseline = run_baseline(run_dir)
-    payload = trial_payload(space, baseline, test=True)
-    plan.resolve(model_for(space, payload["info"]))  # unknown layers fail before any training
-    final_dir = out_dir or run_dir / rundir.FINAL_DIR
-    setup = {"plan": plan.to_dict(), "train": cfg.to_dict()}
-    if n_workers > 1:  # another setup: its own checkpoints (a 1-worker setup keeps the digest it always had)
-        setup["workers"] = n_workers
-    ckpts = _checkpoints(final_dir, setup)
-    _check_final_dir(final_dir, setup, force=force)
-    for path in ckpts.values():
-        check_checkpoint(path)
-    tags = ("compressed", "control") if control else ("compressed",)
-    return _FinalJob(
-        run_dir, space, cfg, n_workers, plan, plan_doc, chosen_line, source, baseline, payload, final_dir, setup,
-        ckpts, tags,
-    )
+        doc = {**plan.to_dict(), "source": source if source is not None else {"config": str(config)}}
+        return [(plan, doc, source)], [], None
+    if top is None:
+        plan, doc, line = choose_plan(run_dir, trial=trial, max_drop=max_drop, min_rate=min_rate)
+        return [(plan, doc, doc["source"])], [line], None
+    picks, rule_name, lines = choose_candidates(run_dir, top, max_drop=max_drop, min_rate=min_rate)
+    for _, doc in picks:
+        doc["source"]["top"] = top
+    return [(plan, doc, doc["source"]) for plan, doc in picks], lines, rule_name
+
+
+def _candidates(
+    picks: list[tuple[Plan, dict[str, Any], dict[str, Any] | None]],
+    cfg: Any,
+    workers: int,
+    final_dir: Path,
+    top: int | None,
+) -> tuple[_Candidate, ...]:
+    """Each plan's run: its tag, and its checkpoint named after its own setup (a rerun resumes each one)."""
+    out = []
+    for plan, doc, source in picks:
+        setup = {"plan": plan.to_dict(), "train": cfg.to_dict()}
+        if workers > 1:  # another setup: its own checkpoints (a 1-worker setup keeps the digest it always had)
+            setup["workers"] = workers
+        tag = "compressed" if top is None else f"trial-{doc['source']['trial']}"
+        out.append(_Candidate(tag, plan, doc, source, setup, _checkpoints(final_dir, setup)["compressed"]))
+    return tuple(out)
 
 
 def _open_final(job: _FinalJob, address: str | None, log: Callable[[str], None]) -> None:
-    """The cluster answers, the final folder is this command's (a lock in the run's storage), plan.json written."""
+    """The cluster answers, the final folder is this command's (a lock in the run's storage), plan.json written.
+
+    With --top, plan.json is written once the candidate to keep is known (``_evaluate_and_pick``).
+    """
     from clipq_search.search.cluster import init_ray
 
     res = job.space.resources
@@ -392,49 +573,64 @@ def _open_final(job: _FinalJob, address: str | None, log: Callable[[str], None])
     storage = rundir.load_run_info(job.run_dir).get("storage") or rundir.default_storage(job.run_dir)
     hold_run(storage, f"{job.run_dir.name}:{job.final_dir.name}", "final", log)
     job.final_dir.mkdir(parents=True, exist_ok=True)
-    if job.chosen_line is not None:
-        log(job.chosen_line)
-    write_json(job.final_dir / rundir.PLAN_JSON, job.plan_doc)
+    for line in job.lines:
+        log(line)
+    if job.top is None:
+        write_json(job.final_dir / rundir.PLAN_JSON, job.candidates[0].doc)
     init_ray(address, 2, res.cpus_per_trial, res.gpus_per_trial, log)
 
 
-def _train_final(job: _FinalJob, log: Callable[[str], None]) -> tuple[dict[str, dict[str, Any]], Any]:
-    """The compressed (and control) fine-tunes on Ray: each run's result by tag, and the payload's object ref."""
-    import ray
-
+def _runs_line(job: _FinalJob) -> str:
+    """The log line saying which runs train, how long, and how (in parallel, or each data-parallel)."""
     from clipq_search.training.loop import epochs_text
 
-    res = job.space.resources
-    ref_payload = ray.put(job.payload)
-    control = "control" in job.tags
-    plans = {"compressed": job.plan.to_dict(), "control": None}
+    control = job.control_ckpt is not None
+    what = f"final run: {epochs_text(job.cfg.epochs)} of CLIP-Q fine-tuning"
+    if job.top is not None:
+        what += f" of {len(job.candidates)} candidates"
     if job.workers > 1:
-        from clipq_search.search.final_ddp import run_ddp
-
-        log(
-            f"final run: {epochs_text(job.cfg.epochs)} of CLIP-Q fine-tuning"
+        return (
+            what
+            + (" in turn" if job.top is not None else "")
             + (" then of the dense control" if control else "")
             + f", each on {job.workers} data-parallel workers (Ray Train)"
         )
+    return (
+        what
+        + (" and of the dense control" if control else "")
+        + (", in parallel" if control or job.top is not None else "")
+        + " on Ray"
+    )
+
+
+def _train_final(job: _FinalJob, log: Callable[[str], None]) -> tuple[dict[str, dict[str, Any]], Any]:
+    """Every candidate's fine-tune (and the control's) on Ray: each run's result by tag, and the payload's ref."""
+    import ray
+
+    res = job.space.resources
+    ref_payload = ray.put(job.payload)
+    plans: dict[str, dict[str, Any] | None] = {c.tag: c.plan.to_dict() for c in job.candidates}
+    if job.control_ckpt is not None:
+        plans["control"] = None
+    log(_runs_line(job))
+    if job.workers > 1:
+        from clipq_search.search.final_ddp import run_ddp
+
         results = run_ddp(
-            job.space, {t: plans[t] for t in job.tags}, ref_payload, _ddp_storage(job), _digest(job.setup),
-            job.workers, retries=job.space.search.retries, log=log,
+            job.space, plans, ref_payload, _ddp_storage(job), job.digest, job.workers,
+            retries=job.space.search.retries, log=log,
         )
     else:
         from ray.util.queue import Queue
 
-        log(
-            f"final run: {epochs_text(job.cfg.epochs)} of CLIP-Q fine-tuning"
-            + (" and of the dense control, in parallel" if control else "")
-            + " on Ray"
-        )
         queue = Queue()
         threads = max(1, int(res.cpus_per_trial))
         # Retries are gather's: a run whose worker Ray kills starts again from its last checkpoint.
         task = ray.remote(num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial, max_retries=0)(_final_task)
+        ckpts = job.ckpts
 
         def submit(tag: Any) -> Any:
-            ckpt = str(job.ckpts[tag].resolve())
+            ckpt = str(ckpts[tag].resolve())
             return task.remote(job.space, plans[tag], ref_payload, ckpt, threads, queue, tag)
 
         relay = _relay(queue, log)
@@ -458,70 +654,207 @@ def _ddp_storage(job: _FinalJob) -> Path:
     return (job.final_dir / "ray-train").resolve()
 
 
-def _write_and_evaluate(
-    job: _FinalJob, results: dict[str, dict[str, Any]], ref_payload: Any, log: Callable[[str], None]
-) -> tuple[Any, dict[str, Any]]:
-    """Write ``model.clipq``, then score the model decoded from it (and the control) on the test split."""
-    from clipq_search.core.encoding import read_compressed, save_compressed
+def _trained_model(job: _FinalJob, cand: _Candidate, results: dict[str, dict[str, Any]]) -> Any:
+    """Candidate ``cand``'s fine-tuned model, CLIP-Q attached (ready to be written as a .clipq file)."""
     from clipq_search.core.surgery import attach_clipq
-    from clipq_search.search.trial import model_for, run_task, state_from_bytes, state_to_bytes
+    from clipq_search.search.trial import model_for, state_from_bytes
 
-    info = job.payload["info"]
-    model = model_for(job.space, info)
-    attach_clipq(model, job.plan)
-    model.load_state_dict(state_from_bytes(results["compressed"]["state"]), strict=True)
-    written = save_compressed(model, job.final_dir / rundir.MODEL_FILE)
-    # What is evaluated is the file as written: decoded here, evaluated by a worker with the space's resources.
-    reloaded = model_for(job.space, info)
-    reloaded.load_state_dict(read_compressed(job.final_dir / rundir.MODEL_FILE)[0], strict=True)
-    states = {"compressed": state_to_bytes(reloaded)}
-    if "control" in results:
-        states["control"] = results["control"]["state"]
-    scores = run_task(
+    model = model_for(job.space, job.payload["info"])
+    attach_clipq(model, cand.plan)
+    model.load_state_dict(state_from_bytes(results[cand.tag]["state"]), strict=True)
+    return model
+
+
+def _decoded_state(job: _FinalJob, path: Path) -> bytes:
+    """The state dict of the model decoded from the .clipq file ``path``: what is evaluated is the file."""
+    from clipq_search.core.encoding import read_compressed
+    from clipq_search.search.trial import model_for, state_to_bytes
+
+    model = model_for(job.space, job.payload["info"])
+    model.load_state_dict(read_compressed(path)[0], strict=True)
+    return state_to_bytes(model)
+
+
+def _evaluate(job: _FinalJob, states: dict[str, bytes], ref_payload: Any, log: Callable[[str], None]) -> Any:
+    """Test and val metrics of each state, by a worker with the space's resources."""
+    from clipq_search.search.trial import run_task
+
+    return run_task(
         _evaluate_task, job.space.resources, job.space, states, ref_payload,
         what="the final evaluation", retries=job.space.search.retries, log=log,
     )
-    return written, scores
+
+
+def _clear_candidates(final_dir: Path) -> None:
+    """Remove an earlier --top run's candidate files (``candidates/trial-*.clipq``), and the folder once empty."""
+    folder = final_dir / CANDIDATES_DIR
+    if not folder.is_dir():
+        return
+    for path in folder.glob("trial-*.clipq"):
+        path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # something else in there: left as it is
+        folder.rmdir()
+
+
+def _write_and_evaluate(
+    job: _FinalJob, results: dict[str, dict[str, Any]], ref_payload: Any, log: Callable[[str], None]
+) -> _Outcome:
+    """Write ``model.clipq``, then score the model decoded from it (and the control) on the test split."""
+    from clipq_search.core.encoding import save_compressed
+
+    (cand,) = job.candidates
+    _clear_candidates(job.final_dir)  # an earlier --top's files would not match this final
+    model_file = job.final_dir / rundir.MODEL_FILE
+    written = save_compressed(_trained_model(job, cand, results), model_file)
+    states = {cand.tag: _decoded_state(job, model_file)}
+    if "control" in results:
+        states["control"] = results["control"]["state"]
+    return _Outcome(cand, written, _evaluate(job, states, ref_payload, log), {})
+
+
+def _evaluate_and_pick(
+    job: _FinalJob, results: dict[str, dict[str, Any]], ref_payload: Any, log: Callable[[str], None]
+) -> _Outcome:
+    """--top: each candidate written as its own file and scored as decoded from it; the one the rule picks on
+    full-length val is copied to ``model.clipq`` (the same bytes, so its test accuracy is that file's)."""
+    from clipq_search.core.encoding import CLIPQ_FILE_LIMIT, save_compressed
+
+    _clear_candidates(job.final_dir)
+    folder = job.final_dir / CANDIDATES_DIR
+    folder.mkdir(exist_ok=True)
+    files, written = {}, {}
+    for cand in job.candidates:
+        files[cand.tag] = folder / f"{cand.tag}.clipq"
+        written[cand.tag] = save_compressed(_trained_model(job, cand, results), files[cand.tag])
+    states = {tag: _decoded_state(job, path) for tag, path in files.items()}
+    if "control" in results:
+        states["control"] = results["control"]["state"]
+    scores = _evaluate(job, states, ref_payload, log)
+    records = _candidate_records(job, results, files, written, scores)
+    chosen, met = _pick(job, records, log)
+    data = read_regular(files[chosen.tag], CLIPQ_FILE_LIMIT, ".clipq file")
+    write_bytes(job.final_dir / rundir.MODEL_FILE, data)
+    write_json(job.final_dir / rundir.PLAN_JSON, chosen.doc)
+    for rec in records:
+        rec["chosen"] = rec["trial"] == chosen.trial
+    top = {"rule": job.rule_name, "rule_met": met, "candidates": records}
+    return _Outcome(chosen, written[chosen.tag], scores, top)
+
+
+def _candidate_records(
+    job: _FinalJob,
+    results: dict[str, dict[str, Any]],
+    files: dict[str, Path],
+    written: dict[str, Any],
+    scores: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """metrics.json's ``candidates``: each one's short-trial and full-length metrics, and whether it meets the rule.
+
+    Test accuracies are those of the models decoded from the files (``test_top1_of``).
+    """
+    from clipq_search.analysis.pareto import rule_mask
+
+    records = []
+    for cand in job.candidates:
+        path, score = files[cand.tag], scores[cand.tag]
+        short = cand.doc.get("metrics") or {}
+        size = path.stat().st_size
+        records.append({
+            "trial": cand.trial,
+            "short_val_top1": short.get("val_top1"),
+            "short_rate": short.get("rate"),
+            "val_top1": score["val"]["top1"],
+            "test_top1": score["test"]["top1"],
+            "test_top1_of": "decoded file",
+            "file": str(path.relative_to(job.final_dir)),
+            "file_bytes": size,
+            "rate": written[cand.tag].original_bytes / size,
+            "resumed_from_step": results[cand.tag]["resumed_from_step"],
+        })
+    meets, _ = rule_mask(
+        [r["val_top1"] for r in records], [r["rate"] for r in records], job.baseline.val_top1,
+        max_drop=job.rule[0], min_rate=job.rule[1],
+    )
+    for rec, ok in zip(records, meets, strict=True):
+        rec["meets_rule"] = bool(ok)
+    return records
+
+
+def _pick(job: _FinalJob, records: list[dict[str, Any]], log: Callable[[str], None]) -> tuple[_Candidate, bool]:
+    """The candidate the rule picks on full-length val accuracy and file rate (``export``'s own selection),
+    else the closest to meeting it; and whether it meets the rule. Each candidate's result is logged."""
+    import pandas as pd
+
+    from clipq_search.analysis.pareto import COMPLETE
+
+    base, rule = job.baseline.val_top1, job.rule_name
+    for rec in records:
+        log(
+            f"  trial {rec['trial']}: full-length val {rec['val_top1']:.2f}% (drop {base - rec['val_top1']:.2f}), "
+            f"file rate {rec['rate']:.1f}x: {'meets' if rec['meets_rule'] else 'misses'} {rule}"
+        )
+    frame = pd.DataFrame({
+        "number": [rec["trial"] for rec in records],
+        "state": COMPLETE,
+        "val_top1": [rec["val_top1"] for rec in records],
+        "rate": [rec["rate"] for rec in records],
+    })
+    sel = _by_rule(frame, base, *job.rule)
+    number = sel.trial if sel.trial is not None else sel.closest
+    if number is None:
+        raise ClipQError(sel.message)
+    chosen = next(c for c in job.candidates if c.trial == number)
+    if sel.trial is not None:
+        log(f"picked among {len(records)} candidates by {rule} at full length: {sel.message}")
+    else:
+        rec = next(r for r in records if r["trial"] == number)
+        log(
+            f"no candidate meets {rule} at full length; keeping the closest, trial {number} "
+            f"(val {rec['val_top1']:.2f}%, drop {base - rec['val_top1']:.2f}, rate {rec['rate']:.1f}x)"
+        )
+    return chosen, sel.trial is not None
 
 
 def _finish_final(
     job: _FinalJob,
     results: dict[str, dict[str, Any]],
-    written: Any,
-    scores: dict[str, Any],
+    out: _Outcome,
     seconds: float,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     """``metrics.json`` written, the checkpoints removed, the result line logged; the metrics returned."""
     model_file = job.final_dir / rundir.MODEL_FILE
-    compressed = scores["compressed"]
-    control_top1 = scores["control"]["test"]["top1"] if "control" in scores else None
+    compressed = out.scores[out.chosen.tag]
+    control_top1 = out.scores["control"]["test"]["top1"] if "control" in out.scores else None
+    # the kept plan's run is "compressed", as in a final of one plan
+    runs = {"compressed": results[out.chosen.tag], **({"control": results["control"]} if "control" in results else {})}
     metrics = {
         "baseline_test_top1": job.baseline.test_top1,
         "control_test_top1": control_top1,
         "compressed_test_top1": compressed["test"]["top1"],
         "compressed_val_top1": compressed["val"]["top1"] if compressed["val"] else None,
-        "rate": written.original_bytes / model_file.stat().st_size,
+        "rate": out.written.original_bytes / model_file.stat().st_size,
         "file_bytes": model_file.stat().st_size,
-        "original_bytes": written.original_bytes,
-        "plan": job.plan.to_dict(),
+        "original_bytes": out.written.original_bytes,
+        "plan": out.chosen.plan.to_dict(),
         "epochs": job.cfg.epochs,
         "seconds": seconds,
-        "trial": (job.source or {}).get("trial"),
-        "source": job.source,
-        "resumed_from_step": {k: r["resumed_from_step"] for k, r in results.items()},
-        "setup": _digest(job.setup),
+        "trial": out.chosen.trial,
+        "source": out.chosen.source,
+        "resumed_from_step": {k: r["resumed_from_step"] for k, r in runs.items()},
+        "setup": job.digest,
         "workers": job.workers,
     }
     if job.workers > 1:  # one digest of the quantized weights per rank: they agree (checked by run_ddp)
-        metrics["rank_digests"] = {k: r["digests"] for k, r in results.items()}
+        metrics["rank_digests"] = {k: r["digests"] for k, r in runs.items()}
+    metrics.update(out.top)
     write_json(job.final_dir / rundir.METRICS_JSON, metrics)
     for path in job.ckpts.values():
         path.unlink(missing_ok=True)
     if job.workers > 1:
         from clipq_search.search.final_ddp import forget
 
-        forget(_ddp_storage(job), _digest(job.setup), list(job.tags))
+        forget(_ddp_storage(job), job.digest, list(job.tags))
     log(
         f"final: test accuracy baseline {metrics['baseline_test_top1']:.2f}%, "
         + (f"control {control_top1:.2f}%, " if control_top1 is not None else "")
