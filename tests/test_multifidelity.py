@@ -144,6 +144,7 @@ def test_a_multi_fidelity_search_promotes_a_third_and_reports_each_plan_at_its_h
     run_dir = results_root / name
     df = pd.read_csv(run_dir / "trials.csv")
     assert (df["state"] == "COMPLETE").all()
+    assert (df["cpu_seconds"] > 0).all()  # each trial's compute, for equal-compute comparisons
     budgets = sorted(df["budget"].unique())
     assert budgets[0] == pytest.approx(0.1) and budgets[-1] == pytest.approx(0.9)  # some stopped, some went on
     stopped = df[df["rung"] == 0]

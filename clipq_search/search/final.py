@@ -275,6 +275,7 @@ def _final_task(
             except Exception:  # noqa: BLE001 - progress lines are a courtesy; a lost queue never stops training
                 pass
 
+    cpu0 = time.process_time()  # this worker's CPU time (all its threads): the run's compute
     with kill_point(tag):
         res = train(
             model,
@@ -297,6 +298,7 @@ def _final_task(
         "seconds": res.seconds,
         "resumed_from_step": res.resumed_from_step,
         "final_train_loss": res.final_train_loss,
+        "cpu_seconds": time.process_time() - cpu0,  # of this attempt (a resumed run: since its checkpoint)
     }
 
 
@@ -844,6 +846,8 @@ def _finish_final(
         "resumed_from_step": {k: r["resumed_from_step"] for k, r in runs.items()},
         "setup": job.digest,
         "workers": job.workers,
+        # each run's training CPU time on its worker (every candidate and the control), for compute accounting
+        "cpu_seconds": {k: r["cpu_seconds"] for k, r in results.items() if "cpu_seconds" in r},
     }
     if job.workers > 1:  # one digest of the quantized weights per rank: they agree (checked by run_ddp)
         metrics["rank_digests"] = {k: r["digests"] for k, r in runs.items()}

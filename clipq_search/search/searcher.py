@@ -30,7 +30,7 @@ __all__ = ["StudySearcher"]
 # What a finished trial's record gives the study, as trial attributes (trials.csv's columns).
 _RECORDED = (
     "val_top1", "val_loss", "rate", "size_bytes", "train_seconds", "trial_seconds", "node", "kept", "train_loss",
-    "budget", "rung", "rungs",
+    "budget", "rung", "rungs", "cpu_seconds",
 )
 
 

@@ -234,6 +234,7 @@ def trials_frame(study: optuna.Study) -> Any:
             "val_loss": a.get("val_loss"),
             "train_seconds": a.get("train_seconds"),
             "trial_seconds": a.get("trial_seconds"),
+            "cpu_seconds": a.get("cpu_seconds"),
             "queue_seconds": a.get("queue_seconds"),
             "node": a.get("node"),
             "budget": a.get("budget"),

@@ -635,11 +635,13 @@ def _run_trial(
     cfg = train_config(space, "trial")
     teacher = teacher_for(space, payload, cfg)
     budgets, rungs = trial_budgets(space), space.trial.rungs
-    first, history, train_seconds = 0, [], 0.0
+    first, history, train_seconds, cpu_before = 0, [], 0.0, 0.0
+    cpu0 = time.process_time()  # this worker's CPU time (all its threads): the trial's compute
     if resume is not None:
         model.load_state_dict(resume.state, strict=True)
         first, history = resume.rung + 1, list(resume.record.get("rungs", []))
         train_seconds = float(resume.record.get("train_seconds", 0.0))
+        cpu_before = float(resume.record.get("cpu_seconds", 0.0))
     record: dict[str, Any] = dict(resume.record) if resume is not None else {}
     for k in range(first, len(budgets)):
         t_train = time.perf_counter()
@@ -653,6 +655,7 @@ def _run_trial(
         record.update(
             train_loss=float(result.final_train_loss), train_seconds=train_seconds, rung=k, budget=budgets[k],
             rungs=list(history), trial_seconds=time.perf_counter() - t_start,
+            cpu_seconds=cpu_before + time.process_time() - cpu0,
         )
         if report is not None and k < len(budgets) - 1:
             report(record, model)
