@@ -167,7 +167,8 @@ def test_a_multi_fidelity_search_promotes_a_third_and_reports_each_plan_at_its_h
     )
     assert report.returncode == 0, report.stderr[-2000:]
     html = (run_dir / "report.html").read_text()
-    assert "Rungs" in html and "promoted" in html
+    assert "Rungs</h2>" in html and "promoted" in html and "Plans promoted past the first rung" in html
+    assert "budget" in pd.read_csv(run_dir / "pareto.csv").columns
 
 
 @needs_fashion

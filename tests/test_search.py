@@ -50,6 +50,9 @@ def test_search_concurrency_2_writes_run_files_and_resumes(results_root: Path, r
     overlaps = sum(1 for i in range(4) for j in range(i + 1, 4) if start[i] < end[j] and start[j] < end[i])
     assert overlaps >= 1
     assert sum("trial" in line and "val" in line and "rate" in line for line in logs) == 4
+    # one budget per trial: no rung lines, every result at the trial's epochs
+    assert not [line for line in logs if "promoted" in line or "MO-ASHA" in line]
+    assert (df["budget"] == 0.1).all() and (df["rung"] == 0).all() and df["rung_results"].isna().all()
 
     # resume to a larger total: nothing lost, nothing run twice
     _search(results_root, "conc2", logs, trials=6, concurrency=2)

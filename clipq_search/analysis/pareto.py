@@ -35,6 +35,7 @@ __all__ = [
     "complete_trials",
     "hypervolume",
     "hypervolume_history",
+    "is_multi_fidelity",
     "knee_point",
     "layer_names",
     "load_run",
@@ -281,8 +282,14 @@ def hypervolume_history(
     )
 
 
+def is_multi_fidelity(df: pd.DataFrame) -> bool:
+    """Whether the run's trials ran rung by rung (``trial.rungs``): some reached a rung past the first."""
+    return "rung" in df.columns and bool((pd.to_numeric(df["rung"], errors="coerce") > 0).any())
+
+
 def pareto_table(df: pd.DataFrame, info: ParetoInfo, *, order: Sequence[str] | None = None) -> pd.DataFrame:
-    """The Pareto trials (rate ascending): number, rank, knee, val_top1, drop, rate, size_bytes, p:/bits: per layer.
+    """The Pareto trials (rate ascending): number, rank, knee, val_top1, drop, rate, size_bytes, p:/bits: per layer
+    (and, after ``size_bytes``, the ``budget`` of each result in a multi-fidelity run).
 
     This is what ``pareto.csv`` holds; ``drop`` is baseline val accuracy minus the trial's.
     """
@@ -300,6 +307,8 @@ def pareto_table(df: pd.DataFrame, info: ParetoInfo, *, order: Sequence[str] | N
             "size_bytes": pd.array(rows["size_bytes"].to_numpy(dtype=float), dtype="Int64"),
         }
     )
+    if is_multi_fidelity(df):  # each plan's result is at the highest budget it reached: say which
+        table["budget"] = rows["budget"].to_numpy(dtype=float)
     for layer in layers:
         table[f"p:{layer}"] = rows[f"p:{layer}"].to_numpy(dtype=float)
         bits = rows[f"bits:{layer}"] if f"bits:{layer}" in rows.columns else pd.Series(np.nan, index=rows.index)

@@ -7,6 +7,7 @@ self-contained HTML page (plotly.js embedded once, no network needed to open it)
 from __future__ import annotations
 
 import html
+import json
 import math
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -20,7 +21,7 @@ from plotly.subplots import make_subplots
 
 from clipq_search._io import write_text
 from clipq_search.analysis import rundir
-from clipq_search.analysis.pareto import COMPLETE, RunData, complete_trials, load_run
+from clipq_search.analysis.pareto import COMPLETE, RunData, complete_trials, is_multi_fidelity, load_run
 from clipq_search.errors import ClipQError
 
 __all__ = ["front_figure", "history_figure", "layers_figure", "render_html", "write_report"]
@@ -359,6 +360,70 @@ def history_figure(data: RunData) -> go.Figure | None:
     return fig
 
 
+def rungs_figure(data: RunData) -> go.Figure | None:
+    """Multi-fidelity: each plan's validation accuracy at each budget it reached (its learning curve)."""
+    df = data.trials
+    if "rung_results" not in df.columns:
+        return None
+    curves = [(int(n), json.loads(r)) for n, r in zip(df["number"], df["rung_results"], strict=True) if _is_text(r)]
+    if not curves:
+        return None
+    fig = go.Figure()
+    for number, points in curves:
+        fig.add_trace(
+            go.Scatter(
+                x=[pt[0] for pt in points],
+                y=[pt[1] for pt in points],
+                customdata=[pt[2] for pt in points],
+                mode="lines+markers",
+                name=f"#{number}",
+                hovertemplate=f"trial #{number}<br>%{{x:g}} epochs: val %{{y:.2f}}%, rate %{{customdata:.1f}}x"
+                "<extra></extra>",
+            )
+        )
+    fig.update_xaxes(title_text="budget (epochs of CLIP-Q fine-tuning)", type="log")
+    fig.update_yaxes(title_text="validation top-1 (%)")
+    fig.update_layout(title="Plans promoted past the first rung", height=440, template="plotly_white")
+    return fig
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith("[")
+
+
+def _rungs_section(data: RunData) -> str:
+    """Multi-fidelity: per rung, the plans recorded there, promoted from it and stopped at it."""
+    df = data.trials
+    done = df[df["state"] == COMPLETE]
+    rung = pd.to_numeric(done["rung"], errors="coerce")
+    budget = pd.to_numeric(done["budget"], errors="coerce")
+    last = int(rung.max())
+    rows = []
+    for k in range(last + 1):
+        reached = done[rung >= k]
+        stopped = done[rung == k]["number"].tolist()
+        level = budget[rung == k]
+        rows.append({
+            "rung": k,
+            "budget": float(level.iloc[0]) if len(level) else float("nan"),
+            "recorded": len(reached),
+            "promoted": int((rung > k).sum()) if k < last else 0,
+            "stopped here" if k < last else "full budget": _number_text(stopped),
+        })
+    table = pd.DataFrame(rows).fillna("")
+    return (
+        '<p class="note">MO-ASHA (trial.rungs): a plan goes on from a rung when it is among the best '
+        "1 / reduction_factor recorded there by non-dominated rank and hypervolume contribution. Every result "
+        "elsewhere in this report is a plan's result at the highest budget it reached.</p>\n"
+        + _table(table, {"budget": lambda v: f"{v:g}" if _finite(v) else ""}, text_cols=tuple(table.columns[4:]))
+    )
+
+
+def _number_text(numbers: list[int], limit: int = 40) -> str:
+    shown_numbers = ", ".join(f"#{n}" for n in numbers[:limit])
+    return shown_numbers + (f" and {len(numbers) - limit} more" if len(numbers) > limit else "")
+
+
 # -- HTML sections --------------------------------------------------------------------------------------
 
 
@@ -568,8 +633,14 @@ def render_html(data: RunData) -> str:
         "<h2>5. Failed, interrupted and running trials</h2>",
         _failed_section(data),
     ]
+    number = 6
+    if is_multi_fidelity(data.trials):
+        sections += [
+            f"<h2>{number}. Rungs</h2>", _rungs_section(data), figure(rungs_figure(data), "no plan went past rung 0")
+        ]
+        number += 1
     if data.final is not None:
-        sections += ["<h2>6. Final fine-tune</h2>", _final_section(data.final)]
+        sections += [f"<h2>{number}. Final fine-tune</h2>", _final_section(data.final)]
     title = f"CLIP-Q report: {data.run.get('name', data.run_dir.name)}"
     body = "\n".join(sections)
     return (

@@ -116,7 +116,9 @@ class StudySearcher(Searcher):
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         self.kills.started(trial_id, result)
         trial = self.by_tune_id.get(trial_id)
-        if trial is not None and result.get("ok") and "rung" in result and self.proposer is not None:
+        last = len(self.space.trial.rungs or ()) - 1
+        # a multi-fidelity trial's rung short of the last: the scheduler let it go on
+        if trial is not None and result.get("ok") and 0 <= result.get("rung", -1) < last and self.proposer is not None:
             self.proposer.defer(self._rung_reached, trial, json.loads(result["record"]))
 
     def _rung_reached(self, trial: optuna.trial.Trial, record: dict[str, Any]) -> None:

@@ -9,6 +9,7 @@ the result (or the failure, with its error).
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -216,6 +217,12 @@ def recover_interrupted(study: optuna.Study, log: Callable[[str], None]) -> int:
 # -- trials.csv ---------------------------------------------------------------------------------
 
 
+def _rung_results(rungs: list[dict[str, Any]] | None) -> str | None:
+    if not rungs or len(rungs) < 2 and rungs[0].get("rung", 0) == 0:
+        return None
+    return json.dumps([[r["budget"], r["val_top1"], r["rate"]] for r in rungs])
+
+
 def trials_frame(study: optuna.Study) -> Any:
     """One row per trial: state, every layer's p and bits, metrics and timings (a DataFrame)."""
     import pandas as pd
@@ -239,6 +246,8 @@ def trials_frame(study: optuna.Study) -> Any:
             "node": a.get("node"),
             "budget": a.get("budget"),
             "rung": a.get("rung"),
+            # multi-fidelity: [[budget, val_top1, rate], ...] at each rung the plan reached (the report's curves)
+            "rung_results": _rung_results(a.get("rungs")),
             "source": a.get("source", "sampler"),
             "error": INTERRUPTED_ERROR if stopped else a.get(ERROR_ATTR),
             "datetime_start": t.datetime_start,
