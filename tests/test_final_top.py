@@ -33,20 +33,20 @@ TRIALS = pd.DataFrame(
 )
 
 
-def test_candidates_are_the_trials_nearest_the_boundary_from_both_sides() -> None:
+def test_candidates_are_the_rules_pick_then_the_trials_just_over_the_line() -> None:
     # max-drop 1 below 90%: trials 0-2 meet it (2 nearest the line), 3 and 4 miss it (3 nearest)
     near = boundary_candidates(TRIALS, 90.0, 4, max_drop=1.0)
-    assert near.numbers == (2, 3, 1, 4) and near.meets == (True, False, True, False) and near.rule == "max-drop 1"
+    assert near.numbers == (2, 3, 4, 1) and near.meets == (True, False, False, True) and near.rule == "max-drop 1"
     assert near.numbers[0] == select_max_drop(TRIALS, 90.0, 1.0).trial  # the first is what export picks
     assert boundary_candidates(TRIALS, 90.0, 1).numbers == (2,)  # max-drop 1 by default
     # nothing meets the rule: the nearest beyond it first (export's closest)
     assert boundary_candidates(TRIALS, 95.0, 2, max_drop=0.5).numbers == (0, 1)
-    # min-rate 10: 2 is the lowest rate at or above it, 1 the highest below it
-    near = boundary_candidates(TRIALS, 90.0, 3, min_rate=10)
-    assert near.numbers == (2, 1, 3) and near.numbers[0] == select_min_rate(TRIALS, 10).trial
+    # min-rate 10: the trials at or above it, lowest rate (most accurate) first; then the highest below it
+    near = boundary_candidates(TRIALS, 90.0, 4, min_rate=10)
+    assert near.numbers == (2, 3, 4, 1) and near.numbers[0] == select_min_rate(TRIALS, 10).trial
     # the front (5 trials) first, then the next front; never a failed trial
     near = boundary_candidates(TRIALS, 90.0, 10)
-    assert near.numbers == (2, 3, 1, 4, 0, 5) and near.ranks[-1] == 1
+    assert near.numbers == (2, 3, 4, 1, 0, 5) and near.ranks[-1] == 1
     assert (near.n_front, near.n_complete) == (5, 6)
     assert boundary_candidates(TRIALS.iloc[:0], 90.0, 3).numbers == ()
     with pytest.raises(ConfigError, match="not both"):

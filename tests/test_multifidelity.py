@@ -169,6 +169,17 @@ def test_a_multi_fidelity_search_promotes_a_third_and_reports_each_plan_at_its_h
     html = (run_dir / "report.html").read_text()
     assert "Rungs</h2>" in html and "promoted" in html and "Plans promoted past the first rung" in html
     assert "budget" in pd.read_csv(run_dir / "pareto.csv").columns
+    # export names the budget of the chosen result
+    out = results_root / "mf-plan.json"
+    export = subprocess.run(
+        [sys.executable, "run_search.py", "export", str(run_dir), "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert export.returncode == 0, export.stderr[-2000:]
+    chosen = json.loads(out.read_text())
+    row = df[df["number"] == chosen["source"]["trial"]].iloc[0]
+    assert chosen["metrics"]["budget"] == pytest.approx(row["budget"])
+    assert f"(after {row['budget']:g} epochs)" in export.stdout
 
 
 @needs_fashion

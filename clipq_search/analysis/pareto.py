@@ -480,13 +480,6 @@ def rule_mask(
     return float(baseline_val_top1) - a <= limit + _EPS, f"max-drop {limit:g}"
 
 
-def _alternate(first: list[Any], second: list[Any]) -> list[Any]:
-    """``first[0], second[0], first[1], second[1], ...``, then the rest of the longer list."""
-    out = [x for pair in zip(first, second, strict=False) for x in pair]
-    n = min(len(first), len(second))
-    return out + first[n:] + second[n:]
-
-
 def boundary_candidates(
     df: pd.DataFrame,
     baseline_val_top1: float,
@@ -498,12 +491,14 @@ def boundary_candidates(
     """The ``k`` COMPLETE trials nearest the boundary of an export rule: ``min_rate``, else ``max_drop`` (default 1).
 
     Short trials are a noisy proxy for a full-length run, so the plans worth a full-length run are those
-    near the rule's line, on both sides of it. Trials are taken front by front (the Pareto front first,
-    then the next non-domination ranks while ``k`` is not reached), and inside a front alternately from
-    each side of the boundary, nearest first, starting with the side that meets the rule. Nearness is the
-    val drop against the allowed drop (max-drop) or the rate against the limit (min-rate). The first
+    near the rule's line. Trials are taken front by front (the Pareto front first, then the next
+    non-domination ranks while ``k`` is not reached). With max-drop: first the trial the rule picks
+    (the least accurate one within the allowed drop), then the trials just beyond the line, nearest first
+    (short trials underestimate what a full-length run recovers, so these are the higher rates that may
+    pass), then the others within it. With min-rate: the trials at or above the rate, lowest rate first
+    (a plan's rate hardly moves at full length, its accuracy does), then those below it. The first
     candidate is therefore what :func:`select_max_drop` / :func:`select_min_rate` pick when a front trial
-    qualifies, the second the front trial just over the line. Fewer than ``k`` complete trials: all of them.
+    qualifies. Fewer than ``k`` complete trials: all of them.
     """
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ConfigError(f"k={k!r} is invalid; give the number of candidates as an integer >= 1")
@@ -527,7 +522,14 @@ def boundary_candidates(
         # ties on the first key: the higher second key (rate, or accuracy), then the lower trial number
         ins = front.loc[front["meets"]].sort_values(by, ascending=[True, False, True], kind="stable")
         outs = front.loc[~front["meets"]].sort_values(by, ascending=[False, False, True], kind="stable")
-        order += _alternate(ins.index.tolist(), outs.index.tolist())
+        inside, outside = ins.index.tolist(), outs.index.tolist()
+        if min_rate is not None:
+            # a plan's file rate barely moves at full length, its accuracy does: the plans that meet the limit
+            order += inside + outside
+        else:
+            # the rule's own pick (the fallback), then the plans just over the line: short trials
+            # underestimate what a full-length run recovers, so those are the ones that can win a higher rate
+            order += inside[:1] + outside + inside[1:]
     picked = frame.loc[order[:k]]
     return Candidates(
         numbers=tuple(int(n) for n in picked["number"]),

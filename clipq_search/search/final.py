@@ -76,11 +76,13 @@ def _by_rule(df: Any, baseline_val_top1: float, max_drop: float | None, min_rate
 
 def _trial_plan(run_dir: Path, df: Any, number: int, rule: str, base: float) -> tuple[Plan, dict[str, Any]]:
     """Trial ``number``'s plan and its plan JSON document (plan, its short-trial metrics, source)."""
-    from clipq_search.analysis.pareto import plan_of
+    from clipq_search.analysis.pareto import is_multi_fidelity, plan_of
 
     row = df[df["number"] == number].iloc[0]
     plan = Plan.from_dict(plan_of(df, number))
     metrics = {k: (None if row.get(k) != row.get(k) else float(row[k])) for k in ("val_top1", "rate", "size_bytes")}
+    if is_multi_fidelity(df):  # the trial's result is at the highest budget it reached
+        metrics["budget"] = float(row["budget"])
     doc = {
         **plan.to_dict(),
         "metrics": {**metrics, "baseline_val_top1": base},
@@ -112,6 +114,8 @@ def choose_plan(
     plan, doc = _trial_plan(run_dir, df, sel.trial, sel.rule, base)
     metrics = doc["metrics"]
     line = f"selected trial {sel.trial} ({sel.rule}): val {metrics['val_top1']:.2f}%, rate {metrics['rate']:.1f}x"
+    if "budget" in metrics:
+        line += f" (after {metrics['budget']:g} epochs)"
     return plan, doc, line
 
 
