@@ -156,6 +156,8 @@ def test_a_multi_fidelity_search_promotes_a_third_and_reports_each_plan_at_its_h
         assert [r["rung"] for r in rungs] == list(range(t.user_attrs["rung"] + 1))
         assert rungs[-1]["val_top1"] == t.user_attrs["val_top1"] == t.values[0]
         assert t.values[1] == pytest.approx(math.log10(rungs[-1]["rate"]))
+        # and as intermediate values (step: the rung), which optuna-dashboard draws as learning curves
+        assert t.intermediate_values == {r["rung"]: r["val_top1"] for r in rungs}
     promoted_lines = [line for line in done.stdout.splitlines() if ": promoted" in line]
     assert len(promoted_lines) == sum(len(t.user_attrs["rungs"]) - 1 for t in study.trials)
     assert "(stopped at rung 0)" in done.stdout and "(full budget)" in done.stdout

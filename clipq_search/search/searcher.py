@@ -58,6 +58,7 @@ class StudySearcher(Searcher):
         kills: KillLedger,
         inject_failure: Sequence[int] = (),
         log: Callable[[str], None] = print,
+        storage_url: str | None = None,
     ) -> None:
         super().__init__(metric="val_top1", mode="max")
         self.study, self.units, self.dists, self.space = study, units, dists, space
@@ -66,6 +67,8 @@ class StudySearcher(Searcher):
         self.by_tune_id: dict[str, optuna.trial.Trial] = {}
         self.handed: dict[str, float] = {}
         self.checkpoints: dict[str, list[str]] = {}  # multi-fidelity: each running trial's rung checkpoints
+        self.storage_url = storage_url  # where rung results go as intermediate values (learning curves)
+        self._storage: optuna.storages.BaseStorage | None = None
         # Plans are asked in a background thread: Tune's loop only takes a ready one (never waits).
         # Made at the first suggest: Tune pickles the searcher when the tuner is built.
         self.proposer: Proposer | None = None
@@ -125,12 +128,29 @@ class StudySearcher(Searcher):
         """A multi-fidelity trial scored a rung and goes on: its results so far join the study (and a log line)."""
         for key in ("rungs", "rung", "budget"):
             trial.set_user_attr(key, record[key])
+        self._curve(trial.number, record)
         resumed = record.get("resumed_from_rung")
         how = f" (resumed from its checkpoint at rung {resumed})" if resumed is not None else ""
         self.log(
             f"  trial {trial.number}: rung {record['rung']} ({record['budget']:g} epochs) "
             f"val {record['val_top1']:.2f}% rate {record['rate']:.1f}x: promoted{how}"
         )
+
+    def _curve(self, number: int, record: dict[str, Any]) -> None:
+        """Each rung's validation accuracy as the trial's intermediate value at step = the rung's index.
+
+        ``Trial.report`` refuses multi-objective studies; the storage's own call (public API of Optuna's
+        storages) records the same values, so tools that draw intermediate values (optuna-dashboard)
+        show each plan's learning curve.
+        """
+        if not self.storage_url or not record.get("rungs"):
+            return
+        if self._storage is None:
+            self._storage = optuna.storages.RDBStorage(self.storage_url)
+        study_id = self._storage.get_study_id_from_name(self.study.study_name)
+        trial_id = self._storage.get_trial_id_from_study_id_trial_number(study_id, number)
+        for entry in record["rungs"]:
+            self._storage.set_trial_intermediate_value(trial_id, int(entry["rung"]), float(entry["val_top1"]))
 
     def checkpoint_saved(self, trial_id: str, path: str) -> None:
         """Tune persisted a rung checkpoint of a trial: the study keeps its path (a resumed run goes on from it)."""
@@ -144,7 +164,7 @@ class StudySearcher(Searcher):
     def __getstate__(self) -> dict[str, Any]:
         # Each Tuner pickles its searcher (for Tune's own restore, which the search never uses); after a
         # kill ends Tuner.fit, the next Tuner gets this searcher with its proposer thread running: leave it out.
-        return {k: v for k, v in self.__dict__.items() if k != "proposer"}
+        return {k: (None if k == "_storage" else v) for k, v in self.__dict__.items() if k != "proposer"}
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         trial = self.by_tune_id.pop(trial_id, None)
@@ -190,6 +210,8 @@ class StudySearcher(Searcher):
     def _tell_success(self, trial: optuna.trial.Trial, record: dict[str, Any]) -> optuna.trial.FrozenTrial:
         for key in _RECORDED:
             trial.set_user_attr(key, record[key])
+        if self.space.trial.rungs:
+            self._curve(trial.number, record)
         # From the plan's proposal to its start on a worker (worker start-up, scheduling).
         proposed = trial.datetime_start
         if proposed is not None:

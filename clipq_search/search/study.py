@@ -583,6 +583,7 @@ class _Run:
     dists: dict[str, optuna.distributions.BaseDistribution]
     payload: dict[str, Any]
     where_study: str  # where the study is, for the last line
+    storage_url: str  # the study's storage
 
 
 @releasing_locks
@@ -719,7 +720,7 @@ def _open_run(space: Space, request: SearchRequest, log: Callable[[str], None]) 
     n_existing = len(study.get_trials(deepcopy=False))
     stream = (s.seed + n_existing) % (SEED_MAX + 1)  # seeds stay 32-bit however long the run
     study.sampler = make_sampler(s.sampler, stream, s.trials, s.max_accuracy_drop is not None)
-    return _Run(space, run_dir, study, baseline, units, checked.dists, payload, where_study)
+    return _Run(space, run_dir, study, baseline, units, checked.dists, payload, where_study, url)
 
 
 def _enqueue_paper_plans(run: _Run, address: str | None, log: Callable[[str], None]) -> None:
@@ -884,6 +885,7 @@ def _run_with_tune(
     searcher = StudySearcher(
         study, run.units, run.dists, run.space, to_run=to_run, on_done=_progress(run, log), baseline=run.baseline,
         threads=max(1, int(res.cpus_per_trial)), kills=kills, inject_failure=inject_failure, log=log,
+        storage_url=run.storage_url,
     )
     resources = {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial}
     trainable = tune.with_resources(tune.with_parameters(_trainable, payload=run.payload), resources)
