@@ -226,3 +226,27 @@ def test_a_search_killed_after_a_rung_resumes_each_trial_from_its_checkpoint(res
     finished = [t for t in study.trials if t.state.is_finished() and t.number not in interrupted_numbers(study)]
     assert len(finished) == 4
     assert not Path(killed.user_attrs["checkpoint"]).exists()  # used, then removed
+
+
+@needs_fashion
+@pytest.mark.slow
+def test_a_worker_killed_in_a_later_rung_runs_again_from_its_last_rung(results_root: Path, tmp_path: Path) -> None:
+    """Trial 0 (always promoted: the first at its rung) dies 40 steps into its second rung; Tune runs it again
+    from its rung-0 checkpoint, and it finishes its rungs."""
+    from clipq_search.search import worker_kills as wk
+
+    name = "mf-worker-kill"
+    # smoke: 0.1 epoch = 43 steps a rung; the kill counts the trial's steps since its (re)start
+    env = {**os.environ, wk.KILL_ENV: "trial0@83", wk.ONCE_ENV: str(tmp_path / "once")}
+    env.pop("TUNE_PRINT_ALL_TRIAL_ERRORS", None)
+    done = subprocess.run(
+        _search(results_root, name, trials=3), cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert f"trial 0: {wk.PROCESS}; running it again (retry 1 of 1)" in done.stdout, done.stdout
+    assert "trial 0: rung 0 (0.1 epochs)" in done.stdout
+    assert "promoted (resumed from its checkpoint at rung 0)" in done.stdout, done.stdout
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{results_root / name / 'study.db'}")
+    trial0 = study.trials[0]
+    assert trial0.state == optuna.trial.TrialState.COMPLETE
+    assert [r["rung"] for r in trial0.user_attrs["rungs"]][:2] == [0, 1]
