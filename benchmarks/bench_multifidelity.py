@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Single- against multi-fidelity search, with and without distillation, at equal compute (benchmarks.md, Figure 6).
+"""Single- against multi-fidelity search, with and without distillation, at equal compute (benchmarks.md, Figure 7).
 
 One run per model and seed, several arms on the same dense baseline:
 

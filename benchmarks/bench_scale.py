@@ -81,9 +81,15 @@ def synthetic_trainable(config: dict[str, Any], sleep_s: float) -> None:
         "val_top1": acc, "val_loss": 0.3, "rate": rate, "size_bytes": int(1e6 / rate), "train_seconds": sleep_s,
         "trial_seconds": ended - started, "node": os.environ.get("RAY_NODE_ID", "sim")[:8],
         "kept": {k: 1 - c["p"] for k, c in layers.items()}, "train_loss": 0.3, "started_unix": started,
-        "ended_unix": ended, "pid": os.getpid(),
+        "ended_unix": ended, "pid": os.getpid(), **one_budget(acc, rate, sleep_s),
     }
     tune.report({"ok": 1, "val_top1": acc, "record": json.dumps(record)})
+
+
+def one_budget(acc: float, rate: float, cpu_seconds: float) -> dict[str, Any]:
+    """The record's multi-fidelity keys for a trial of one budget (a stand-in's epoch)."""
+    return {"budget": 1.0, "rung": 0, "rungs": [{"rung": 0, "budget": 1.0, "val_top1": acc, "rate": rate}],
+            "cpu_seconds": cpu_seconds}
 
 
 def search_on_done(study: optuna.Study, run_dir: Path, s: Any, log: list[str],
@@ -124,7 +130,7 @@ def run_phase(study: optuna.Study, space: Any, units: list[LayerSearchParam], ru
     workers: list[int] = []
 
     searcher = make_searcher(study, space, units, to_run, search_on_done(study, run_dir, s, log, bookkeeping), log)
-    complete = searcher._complete  # the study's writes for a finished trial (run in the proposer's thread)
+    complete = searcher._settle  # the study's writes for a finished trial (run in the proposer's thread)
 
     def timed_complete(trial: Any, trial_id: str, result: dict[str, Any] | None, error: bool) -> None:
         if result and result.get("record"):
@@ -138,7 +144,7 @@ def run_phase(study: optuna.Study, space: Any, units: list[LayerSearchParam], ru
         total = time.perf_counter() - t0
         writes.append((n, total - (bookkeeping[-1][1] if len(bookkeeping) > before else 0.0)))
 
-    searcher._complete = timed_complete
+    searcher._settle = timed_complete
     suggest = searcher.suggest
     asked: list[tuple[float, bool]] = []  # (seconds inside suggest, a plan was ready)
 
@@ -201,7 +207,7 @@ def drive_without_ray(study: optuna.Study, space: Any, units: list[LayerSearchPa
     writes: list[tuple[int, float]] = []
     bookkeeping: list[tuple[int, float]] = []
     searcher = make_searcher(study, space, units, to_run, search_on_done(study, run_dir, s, log, bookkeeping), log)
-    complete = searcher._complete
+    complete = searcher._settle
 
     def timed_complete(trial: Any, trial_id: str, result: dict[str, Any] | None, error: bool) -> None:
         n = trial.number
@@ -211,7 +217,7 @@ def drive_without_ray(study: optuna.Study, space: Any, units: list[LayerSearchPa
         total = time.perf_counter() - t0
         writes.append((n, total - (bookkeeping[-1][1] if len(bookkeeping) > before else 0.0)))
 
-    searcher._complete = timed_complete
+    searcher._settle = timed_complete
     in_flight: dict[str, dict[str, Any]] = {}
     issued = done = 0
     t0 = time.perf_counter()
@@ -231,7 +237,7 @@ def drive_without_ray(study: optuna.Study, space: Any, units: list[LayerSearchPa
         now = time.time()
         record = {"val_top1": acc, "val_loss": 0.3, "rate": rate, "size_bytes": int(1e6 / rate), "train_seconds": 0.0,
                   "trial_seconds": 0.0, "node": "none", "kept": {k: 1 - c["p"] for k, c in layers.items()},
-                  "train_loss": 0.3, "started_unix": now}
+                  "train_loss": 0.3, "started_unix": now, **one_budget(acc, rate, 0.0)}
         searcher.on_trial_complete(trial_id, {"ok": 1, "val_top1": acc, "record": json.dumps(record)})
         done += 1
     searcher.interrupted()  # finishes the deferred writes, stops the proposer

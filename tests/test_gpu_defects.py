@@ -235,13 +235,13 @@ def test_out_of_gpu_memory_frees_the_cache_and_tries_once_more(monkeypatch: pyte
     monkeypatch.setattr(study, "run_trial", fake_trial)
     monkeypatch.setattr(study, "free_device_memory", lambda *a: freed.append(True))
     config = {"space": {}, "plan": {}}
-    assert study._run_trial_on_device(config, {}, 1) == {"val_top1": 50.0} and freed == [True]
+    assert study._run_trial_on_device(config, {}, 1, None, None) == {"val_top1": 50.0} and freed == [True]
     outcomes[:] = [torch.OutOfMemoryError("CUDA out of memory")] * 2
     with pytest.raises(torch.OutOfMemoryError):  # twice: the trainable ends the worker (DeviceFailed)
-        study._run_trial_on_device(config, {}, 1)
+        study._run_trial_on_device(config, {}, 1, None, None)
     outcomes[:] = [ValueError("not a GPU matter")]
     with pytest.raises(ValueError):
-        study._run_trial_on_device(config, {}, 1)
+        study._run_trial_on_device(config, {}, 1, None, None)
 
 
 @pytest.mark.slow

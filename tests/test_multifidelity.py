@@ -65,8 +65,16 @@ def test_rungs_are_checked_and_count_in_the_runs_fingerprint_only_when_set() -> 
     assert plain.fingerprint("trial") != load_space("smoke", ["trial.rungs=[1, 3]"]).fingerprint("trial")
 
 
+@pytest.fixture
+def keep_threads():
+    """run_trial sets torch's thread count for its process: give later tests the count they had."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 @needs_fashion
-def test_a_trial_reports_each_rung_and_resumes_after_one_exactly() -> None:
+def test_a_trial_reports_each_rung_and_resumes_after_one_exactly(keep_threads) -> None:
     """Rung by rung: a report (with the model) after each rung but the last; resumed from a rung, the same end."""
     space = load_space("smoke", ["trial.rungs=[1, 2, 3]", "trial.train.max_steps=6"])
     splits = load_dataset(dataset_spec(space))
