@@ -189,7 +189,7 @@ def test_a_multi_fidelity_search_promotes_a_third_and_reports_each_plan_at_its_h
     chosen = json.loads(out.read_text())
     row = df[df["number"] == chosen["source"]["trial"]].iloc[0]
     assert chosen["metrics"]["budget"] == pytest.approx(row["budget"])
-    assert f"(after {row['budget']:g} epochs)" in export.stdout
+    assert f"(after {row['budget']:.3g} epochs)" in export.stdout
 
 
 @needs_fashion

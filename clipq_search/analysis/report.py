@@ -377,7 +377,7 @@ def rungs_figure(data: RunData) -> go.Figure | None:
                 customdata=[pt[2] for pt in points],
                 mode="lines+markers",
                 name=f"#{number}",
-                hovertemplate=f"trial #{number}<br>%{{x:g}} epochs: val %{{y:.2f}}%, rate %{{customdata:.1f}}x"
+                hovertemplate=f"trial #{number}<br>%{{x:.3g}} epochs: val %{{y:.2f}}%, rate %{{customdata:.1f}}x"
                 "<extra></extra>",
             )
         )
@@ -415,7 +415,7 @@ def _rungs_section(data: RunData) -> str:
         '<p class="note">MO-ASHA (trial.rungs): a plan goes on from a rung when it is among the best '
         "1 / reduction_factor recorded there by non-dominated rank and hypervolume contribution. Every result "
         "elsewhere in this report is a plan's result at the highest budget it reached.</p>\n"
-        + _table(table, {"budget": lambda v: f"{v:g}" if _finite(v) else ""}, text_cols=tuple(table.columns[4:]))
+        + _table(table, {"budget": lambda v: f"{v:.3g}" if _finite(v) else ""}, text_cols=tuple(table.columns[4:]))
     )
 
 

@@ -115,7 +115,7 @@ def choose_plan(
     metrics = doc["metrics"]
     line = f"selected trial {sel.trial} ({sel.rule}): val {metrics['val_top1']:.2f}%, rate {metrics['rate']:.1f}x"
     if "budget" in metrics:
-        line += f" (after {metrics['budget']:g} epochs)"
+        line += f" (after {metrics['budget']:.3g} epochs)"
     return plan, doc, line
 
 

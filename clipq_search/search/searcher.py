@@ -132,7 +132,7 @@ class StudySearcher(Searcher):
         resumed = record.get("resumed_from_rung")
         how = f" (resumed from its checkpoint at rung {resumed})" if resumed is not None else ""
         self.log(
-            f"  trial {trial.number}: rung {record['rung']} ({record['budget']:g} epochs) "
+            f"  trial {trial.number}: rung {record['rung']} ({record['budget']:.3g} epochs) "
             f"val {record['val_top1']:.2f}% rate {record['rate']:.1f}x: promoted{how}"
         )
 

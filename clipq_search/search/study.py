@@ -800,7 +800,7 @@ def _progress(run: _Run, log: Callable[[str], None]) -> Callable[[optuna.trial.F
         if last < 1 or a.get("rung") is None:
             return ""
         verdict = "full budget" if a["rung"] >= last else f"stopped at rung {a['rung']}"
-        return f"  {a['budget']:g} epochs ({verdict})"
+        return f"  {a['budget']:.3g} epochs ({verdict})"
 
     def on_done(t: optuna.trial.FrozenTrial) -> None:
         n_done = len(_finished(study))
@@ -831,7 +831,7 @@ def _tune_storage(run: _Run) -> str:
 def _budgets_text(space: Space) -> str:
     from clipq_search.search.trial import trial_budgets
 
-    return ", ".join(f"{b:g}" for b in trial_budgets(space)) + " epochs"
+    return ", ".join(f"{b:.3g}" for b in trial_budgets(space)) + " epochs"
 
 
 def _tuner(run: _Run, trainable: Any, searcher: Any, kills: KillLedger, num_samples: int, scheduler: Any) -> Any:
