@@ -124,3 +124,25 @@ def test_distillation_benchmark_compares_the_same_plan_with_and_without_a_teache
     assert run["test_gain"] == pytest.approx(kd["test_top1"] - plain["test_top1"], abs=1e-3)
     assert plain["test_top1"] != kd["test_top1"]  # the teacher changed the training
     assert "median test gain" in r.stdout
+
+
+def test_multifidelity_benchmark_gives_each_arm_equal_trial_epochs_and_chooses_on_validation() -> None:
+    """The arms' budgets (pure: no training) and the choice among finals on validation, never test."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_multifidelity as bench
+    finally:
+        sys.path.remove(str(BENCH))
+    assert bench.mean_plan_cost((1, 3, 9), 3) == pytest.approx(1 + 2 / 3 + 6 / 9)
+    single, n_single = bench.arm_space("lenet300", "single", 0)
+    multi, n_multi = bench.arm_space("lenet300", "moasha-distill", 0)
+    assert single.trial.rungs is None and multi.trial.rungs == (1.0, 3.0, 9.0)
+    epochs = n_multi * multi.trial.train.epochs * bench.mean_plan_cost()
+    assert epochs == pytest.approx(n_single * single.trial.train.epochs, rel=0.02)
+    assert multi.trial.train.distill.weight == multi.final.train.distill.weight == 0.5
+    finals = [
+        {"trial": 1, "rate": 60.0, "val_top1": 89.2, "test_top1": 89.9},  # best on test, not within 0.5 on val
+        {"trial": 2, "rate": 40.0, "val_top1": 89.6, "test_top1": 89.5},
+    ]
+    best = bench.best_within(finals, 90.0)
+    assert best["0.25"] is None and best["0.5"]["trial"] == 2 and best["1.0"]["trial"] == 1
