@@ -68,7 +68,7 @@ class StudySearcher(Searcher):
         self.handed: dict[str, float] = {}
         self.checkpoints: dict[str, list[str]] = {}  # multi-fidelity: each running trial's rung checkpoints
         self.storage_url = storage_url  # where rung results go as intermediate values (learning curves)
-        self._storage: optuna.storages.BaseStorage | None = None
+        self._curves: optuna.storages.BaseStorage | None = None
         # Plans are asked in a background thread: Tune's loop only takes a ready one (never waits).
         # Made at the first suggest: Tune pickles the searcher when the tuner is built.
         self.proposer: Proposer | None = None
@@ -145,12 +145,12 @@ class StudySearcher(Searcher):
         """
         if not self.storage_url or not record.get("rungs"):
             return
-        if self._storage is None:
-            self._storage = optuna.storages.RDBStorage(self.storage_url)
-        study_id = self._storage.get_study_id_from_name(self.study.study_name)
-        trial_id = self._storage.get_trial_id_from_study_id_trial_number(study_id, number)
+        if self._curves is None:
+            self._curves = optuna.storages.RDBStorage(self.storage_url)
+        study_id = self._curves.get_study_id_from_name(self.study.study_name)
+        trial_id = self._curves.get_trial_id_from_study_id_trial_number(study_id, number)
         for entry in record["rungs"]:
-            self._storage.set_trial_intermediate_value(trial_id, int(entry["rung"]), float(entry["val_top1"]))
+            self._curves.set_trial_intermediate_value(trial_id, int(entry["rung"]), float(entry["val_top1"]))
 
     def checkpoint_saved(self, trial_id: str, path: str) -> None:
         """Tune persisted a rung checkpoint of a trial: the study keeps its path (a resumed run goes on from it)."""
@@ -164,7 +164,7 @@ class StudySearcher(Searcher):
     def __getstate__(self) -> dict[str, Any]:
         # Each Tuner pickles its searcher (for Tune's own restore, which the search never uses); after a
         # kill ends Tuner.fit, the next Tuner gets this searcher with its proposer thread running: leave it out.
-        return {k: (None if k == "_storage" else v) for k, v in self.__dict__.items() if k != "proposer"}
+        return {k: (None if k == "_curves" else v) for k, v in self.__dict__.items() if k != "proposer"}
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         trial = self.by_tune_id.pop(trial_id, None)
