@@ -83,8 +83,9 @@ class StudySearcher(Searcher):
             "space": self.space,
             "threads": self.threads,
             "inject_failure": self.inject_failure,
-            # an interrupted multi-fidelity trial's last rung checkpoint: the trial goes on from there
-            "resume": trial.user_attrs.get("resume_from"),
+            # a multi-fidelity trial's last rung checkpoint (of its interrupted run, or of this trial when Tune's
+            # run of it ended under it): the trial goes on from there
+            "resume": trial.user_attrs.get("resume_from") or trial.user_attrs.get("checkpoint"),
         }
 
     def tpe(self) -> optuna.samplers.BaseSampler:
@@ -103,17 +104,19 @@ class StudySearcher(Searcher):
             self.proposer.start()
         if self.kills.rerun:  # trials whose Tune run ended under them (a kill Tune could not handle)
             trial = self.kills.rerun.pop(0)
-            self.by_tune_id[trial_id] = trial
-            self.handed[trial_id] = time.time()
-            return self.prepare(trial)
+            return self._hand(trial_id, trial, self.prepare(trial))
         if self.proposer.exhausted():
             return Searcher.FINISHED
         ready = self.proposer.take()
         if ready is None:
             return None  # Tune asks again on its next step
-        trial, config = ready
+        return self._hand(trial_id, *ready)
+
+    def _hand(self, trial_id: str, trial: optuna.trial.Trial, config: dict[str, Any]) -> dict[str, Any]:
+        """Tune's trial ``trial_id`` runs ``trial``; the checkpoint it resumes from is removed once it is done."""
         self.by_tune_id[trial_id] = trial
         self.handed[trial_id] = time.time()
+        self.checkpoints[trial_id] = [config["resume"]] if config.get("resume") else []
         return config
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
@@ -171,7 +174,7 @@ class StudySearcher(Searcher):
         if trial is None:
             return
         # its rung checkpoints, and the one it resumed from, are no longer needed once the study has its result
-        trial_checkpoints = [*self.checkpoints.pop(trial_id, []), trial.user_attrs.get("resume_from")]
+        trial_checkpoints = self.checkpoints.pop(trial_id, [])
         finish = functools.partial(self._complete, trial, trial_id, result, error, trial_checkpoints)
         if self.proposer is None:
             finish()
@@ -184,10 +187,10 @@ class StudySearcher(Searcher):
         trial_id: str,
         result: dict[str, Any] | None,
         error: bool,
-        trial_checkpoints: list[str | None],
+        trial_checkpoints: list[str],
     ) -> None:
         self._settle(trial, trial_id, result, error)
-        forget_checkpoint([p for p in trial_checkpoints if p])
+        forget_checkpoint(trial_checkpoints)
 
     def _settle(self, trial: optuna.trial.Trial, trial_id: str, result: dict[str, Any] | None, error: bool) -> None:
         if self.proposer is not None:

@@ -926,6 +926,7 @@ def _run_with_tune(
                 for tune_id in in_flight:
                     searcher.by_tune_id.pop(tune_id, None)
                     searcher.handed.pop(tune_id, None)
+                    searcher.checkpoints.pop(tune_id, None)  # a rerun goes on from the trial's last checkpoint
                 if kills.stop_line is not None:
                     break
                 num_samples = -1  # the searcher says when it is done: the trials run again, then the rest
