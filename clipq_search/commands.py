@@ -13,10 +13,10 @@ if TYPE_CHECKING:
     from clipq_search.search.space import Space
 
 
-
 def add_overrides(p: argparse.ArgumentParser, help_text: str) -> None:
     """The repeatable ``--set KEY.PATH=VALUE`` option (into ``args.overrides``)."""
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help=help_text)
+
 
 def _log(msg: str) -> None:
     print(msg, flush=True)
@@ -298,7 +298,7 @@ def register(sub: argparse._SubParsersAction, add_space_args: Callable, positive
         help="fine-tune the K trials nearest the rule's boundary in parallel and keep the one the rule picks on "
         "full-length val accuracy (default 1: the rule's pick on the short trials)",
     )
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    add_overrides(p, "override a value of the run's space, e.g. --set final.train.epochs=10 (repeatable)")
     p.add_argument("--address", help="Ray cluster address (default: local)")
     p.add_argument("--force", action="store_true", help="replace a finished final run of another plan or setup")
     p.add_argument(

@@ -396,7 +396,7 @@ def select_max_drop(df: pd.DataFrame, baseline_val_top1: float, max_drop: float 
     done = complete_trials(df)
     if done.empty:
         return Selection(None, rule, None, _NONE_YET)
-    ok = done.loc[base - done["val_top1"] <= max_drop + _EPS]
+    ok = done.loc[rule_mask(done["val_top1"], done["rate"], base, max_drop=max_drop)[0]]
     if ok.empty:
         near = done.sort_values(["val_top1", "rate", "number"], ascending=[False, False, True]).iloc[0]
         return Selection(
@@ -422,7 +422,7 @@ def select_min_rate(df: pd.DataFrame, min_rate: float) -> Selection:
     done = complete_trials(df)
     if done.empty:
         return Selection(None, rule, None, _NONE_YET)
-    ok = done.loc[done["rate"] >= min_rate * (1 - _EPS)]
+    ok = done.loc[rule_mask(done["val_top1"], done["rate"], 0.0, min_rate=min_rate)[0]]
     if ok.empty:
         near = done.sort_values(["rate", "val_top1", "number"], ascending=[False, False, True]).iloc[0]
         return Selection(
@@ -467,7 +467,7 @@ def rule_mask(
 ) -> tuple[np.ndarray, str]:
     """Which points meet an export rule (``min_rate``, else ``max_drop``, default 1 point), and the rule's name.
 
-    The same tests as :func:`select_min_rate` and :func:`select_max_drop`: rate >= ``min_rate``, or val
+    The test :func:`select_min_rate` and :func:`select_max_drop` apply: rate >= ``min_rate``, or val
     accuracy at most ``max_drop`` points below ``baseline_val_top1``.
     """
     if max_drop is not None and min_rate is not None:

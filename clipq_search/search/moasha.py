@@ -167,8 +167,8 @@ class MOASHA(FIFOScheduler):
 
     def record(self, trial_id: str, level: float, values: Sequence[float]) -> bool:
         """Record ``values`` (the objectives, in order) of ``trial_id`` at rung ``level``; whether it goes on."""
+        self.load(trial_id, level, values)
         recorded = self.rungs[level]
-        recorded[trial_id] = self.signs * np.asarray(values, dtype=float)
         ids = list(recorded)
         order = promotion_order(np.stack([recorded[i] for i in ids]))
         position = order.index(ids.index(trial_id))

@@ -33,6 +33,8 @@ from clipq_search.search.space import Space
 from clipq_search.search.trial import RungState, trial_budgets
 
 __all__ = [
+    "CHECKPOINT_ATTR",
+    "RESUME_ATTR",
     "RUNG_ATTRS",
     "checkpoint_callback",
     "forget_checkpoint",
@@ -43,9 +45,10 @@ __all__ = [
 ]
 
 MODEL_FILE, RUNG_FILE = "model.pt", "rung.json"
-# Optuna user attributes of a multi-fidelity trial: its results by rung, and its last checkpoint.
+# Optuna user attributes of a multi-fidelity trial: its results by rung, its last checkpoint, and (on a
+# trial queued again after a kill) the checkpoint of the interrupted trial it goes on from.
 RUNG_ATTRS = ("rungs", "rung", "budget")
-CHECKPOINT_ATTR = "checkpoint"
+CHECKPOINT_ATTR, RESUME_ATTR = "checkpoint", "resume_from"
 # The objectives MO-ASHA ranks on (both maximised), as reported to Tune.
 OBJECTIVES = ("val_top1", "log10_rate")
 

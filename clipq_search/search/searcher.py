@@ -19,7 +19,7 @@ import optuna
 from ray.tune.search import Searcher
 
 from clipq_search.search.proposer import Proposer
-from clipq_search.search.rungs import forget_checkpoint
+from clipq_search.search.rungs import CHECKPOINT_ATTR, RESUME_ATTR, RUNG_ATTRS, forget_checkpoint
 from clipq_search.search.space import LayerSearchParam, Space
 from clipq_search.search.study import ERROR_ATTR, make_sampler
 from clipq_search.search.trial import Baseline
@@ -68,7 +68,7 @@ class StudySearcher(Searcher):
         self.handed: dict[str, float] = {}
         self.checkpoints: dict[str, list[str]] = {}  # multi-fidelity: each running trial's rung checkpoints
         self.storage_url = storage_url  # where rung results go as intermediate values (learning curves)
-        self._curves: optuna.storages.BaseStorage | None = None
+        self._curves: tuple[optuna.storages.BaseStorage, int] | None = None  # storage and study id, once opened
         # Plans are asked in a background thread: Tune's loop only takes a ready one (never waits).
         # Made at the first suggest: Tune pickles the searcher when the tuner is built.
         self.proposer: Proposer | None = None
@@ -85,7 +85,7 @@ class StudySearcher(Searcher):
             "inject_failure": self.inject_failure,
             # a multi-fidelity trial's last rung checkpoint (of its interrupted run, or of this trial when Tune's
             # run of it ended under it): the trial goes on from there
-            "resume": trial.user_attrs.get("resume_from") or trial.user_attrs.get("checkpoint"),
+            "resume": trial.user_attrs.get(RESUME_ATTR) or trial.user_attrs.get(CHECKPOINT_ATTR),
         }
 
     def tpe(self) -> optuna.samplers.BaseSampler:
@@ -129,7 +129,7 @@ class StudySearcher(Searcher):
 
     def _rung_reached(self, trial: optuna.trial.Trial, record: dict[str, Any]) -> None:
         """A multi-fidelity trial scored a rung and goes on: its results so far join the study (and a log line)."""
-        for key in ("rungs", "rung", "budget"):
+        for key in RUNG_ATTRS:
             trial.set_user_attr(key, record[key])
         self._curve(trial.number, record)
         resumed = record.get("resumed_from_rung")
@@ -149,11 +149,12 @@ class StudySearcher(Searcher):
         if not self.storage_url or not record.get("rungs"):
             return
         if self._curves is None:
-            self._curves = optuna.storages.RDBStorage(self.storage_url)
-        study_id = self._curves.get_study_id_from_name(self.study.study_name)
-        trial_id = self._curves.get_trial_id_from_study_id_trial_number(study_id, number)
+            storage = optuna.storages.RDBStorage(self.storage_url)
+            self._curves = (storage, storage.get_study_id_from_name(self.study.study_name))
+        storage, study_id = self._curves
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
         for entry in record["rungs"]:
-            self._curves.set_trial_intermediate_value(trial_id, int(entry["rung"]), float(entry["val_top1"]))
+            storage.set_trial_intermediate_value(trial_id, int(entry["rung"]), float(entry["val_top1"]))
 
     def checkpoint_saved(self, trial_id: str, path: str) -> None:
         """Tune persisted a rung checkpoint of a trial: the study keeps its path (a resumed run goes on from it)."""
@@ -162,7 +163,7 @@ class StudySearcher(Searcher):
             return
         self.checkpoints.setdefault(trial_id, []).append(path)
         if self.proposer is not None:
-            self.proposer.defer(trial.set_user_attr, "checkpoint", path)
+            self.proposer.defer(trial.set_user_attr, CHECKPOINT_ATTR, path)
 
     def __getstate__(self) -> dict[str, Any]:
         # Each Tuner pickles its searcher (for Tune's own restore, which the search never uses); after a

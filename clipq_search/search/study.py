@@ -24,6 +24,7 @@ import optuna
 from clipq_search.analysis import rundir
 from clipq_search.errors import ClipQError, ConfigError
 from clipq_search.search.cluster import check_address, check_gpus, first_line, init_ray, local_concurrency
+from clipq_search.search.rungs import CHECKPOINT_ATTR, RESUME_ATTR
 from clipq_search.search.runlock import hold_run, releasing_locks
 from clipq_search.search.space import SAMPLERS, SEED_MAX, LayerSearchParam, Space
 from clipq_search.search.trial import (
@@ -202,9 +203,9 @@ def recover_interrupted(study: optuna.Study, log: Callable[[str], None]) -> int:
         study.tell(t.number, state=optuna.trial.TrialState.FAIL)
         # Keep where the plan came from (a paper-procedure plan stays labelled as one).
         kept = {k: t.user_attrs[k] for k in ("source", "lambda") if k in t.user_attrs}
-        # A multi-fidelity trial goes on from its last rung checkpoint (rungs.CHECKPOINT_ATTR).
-        if t.user_attrs.get("checkpoint"):
-            kept["resume_from"] = t.user_attrs["checkpoint"]
+        # A multi-fidelity trial goes on from its last rung checkpoint.
+        if t.user_attrs.get(CHECKPOINT_ATTR):
+            kept[RESUME_ATTR] = t.user_attrs[CHECKPOINT_ATTR]
         study.enqueue_trial(t.params, user_attrs={**kept, "retry_of": t.number}, skip_if_exists=False)
     if stale:
         log(
@@ -218,7 +219,8 @@ def recover_interrupted(study: optuna.Study, log: Callable[[str], None]) -> int:
 
 
 def _rung_results(rungs: list[dict[str, Any]] | None) -> str | None:
-    if not rungs or len(rungs) < 2 and rungs[0].get("rung", 0) == 0:
+    """A multi-fidelity trial's ``[[budget, val_top1, rate], ...]`` (JSON); None for a result of one budget."""
+    if not rungs or (len(rungs) == 1 and rungs[0].get("rung", 0) == 0):
         return None
     return json.dumps([[r["budget"], r["val_top1"], r["rate"]] for r in rungs])
 
