@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-# Keep every Ray process of the tests on loopback (see search._stay_on_loopback).
+# Keep every Ray process of the tests on loopback (see clipq_search.search.cluster.LOOPBACK_SWITCH).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 FASHION = Path(os.environ.get("CLIPQ_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))

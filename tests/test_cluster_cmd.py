@@ -340,6 +340,7 @@ def test_cluster_without_address_checks_the_local_instance(tmp_path: Path) -> No
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("started a local Ray instance")
     (node,) = [line for line in lines if line.startswith("node ")]
+    assert node.startswith("node 127.0.0.1 ")  # kept on loopback, without the switch in this shell
     package = Path(clipq_search.__file__).resolve().parent
     assert " head: " in node and f"clipq-search {clipq_search.__version__} ({package})" in node  # installed here
     assert "dataset.root" not in node  # checked only with --space

@@ -47,18 +47,25 @@ _H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x
 _H2_SETTINGS = 0x04
 
 
-def _stay_on_loopback() -> None:
-    """Keep a local instance, or a cluster of nodes on this machine, on 127.0.0.1.
+# Ray's own switch for instances confined to one machine (what it does on macOS and Windows): every Ray
+# process stays on 127.0.0.1. Ray reads it when it is first imported.
+LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _stay_on_loopback() -> bool:
+    """Keep a local instance, or a cluster of nodes on this machine, on 127.0.0.1; whether that is arranged.
 
     Ray replaces a loopback address by the machine's outward IP (the address a
     remote node would use); for a private instance or several nodes on one
     machine that sends traffic off loopback, and it cannot reach a cluster
-    started with ``--node-ip-address 127.0.0.1``. Ray reads this switch at call
-    time (it is how Ray itself behaves on macOS and Windows).
+    started with ``--node-ip-address 127.0.0.1``. The switch is set before this
+    process imports Ray (the command line always is), and the instance's
+    processes inherit it. A program that imported Ray earlier keeps Ray's own
+    choice unless it set ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` itself.
     """
-    from ray._private import ray_constants
-
-    ray_constants.ENABLE_RAY_CLUSTER = False
+    if "ray" not in sys.modules:
+        os.environ.setdefault(LOOPBACK_SWITCH, "0")
+    return os.environ.get(LOOPBACK_SWITCH) == "0"
 
 
 def _connect_problem(address: str, exc: BaseException) -> str:
@@ -110,16 +117,16 @@ def init_ray(
     to the workers (``shipped_code``), and with ``check_versions`` every node
     that can run a trial must agree with this machine (``check_nodes``).
     """
-    import ray
-
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "0")
+    if not address or address.rpartition(":")[0] in ("127.0.0.1", "localhost"):
+        _stay_on_loopback()  # before Ray is imported
+    import ray
+
     if ray.is_initialized():
         return
-    if not address or address.rpartition(":")[0] in ("127.0.0.1", "localhost"):
-        _stay_on_loopback()
     if address:
         check_auth(address)
         try:
