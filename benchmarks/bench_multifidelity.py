@@ -124,6 +124,7 @@ def run_arm(
             "test_top1": c["test_top1"],
             "short_val_top1": c.get("short_val_top1"),
             "short_rate": c.get("short_rate"),
+            "cpu_seconds": m.get("cpu_seconds", {}).get(f"trial-{c['trial']}"),
         }
         for c in m["candidates"]
     ]
@@ -133,6 +134,7 @@ def run_arm(
         "model": model,
         "seed": seed,
         "arm": arm,
+        "top": top,
         "trials": int(len(df)),
         "budgets": sorted({float(b) for b in complete["budget"].dropna()}),
         "baseline_val_top1": baseline["val_top1"],
@@ -156,16 +158,17 @@ def cell(best: dict[str, Any] | None) -> str:
 def summary(rows: list[dict[str, Any]]) -> list[str]:
     lines = []
     for model in sorted({r["model"] for r in rows}):
-        for arm in ARMS:
-            mine = [r for r in rows if r["model"] == model and r["arm"] == arm]
-            if not mine:
-                continue
+        for arm, top in sorted({(r["arm"], r.get("top", 3)) for r in rows if r["model"] == model},
+                              key=lambda a: (ARMS.index(a[0]), a[1])):
+            mine = [r for r in rows if r["model"] == model and r["arm"] == arm and r.get("top", 3) == top]
             cells = []
             for tol in TOLERANCES:
                 rates = [(r["best_within"][str(tol)] or {}).get("rate", 0.0) for r in mine]
                 cells.append(f"{statistics.median(rates):6.1f}x")
             cpu = statistics.median(r["total_cpu_seconds"] for r in mine)
-            lines.append(f"{model:<9} {arm:<15} seeds {len(mine)}  median " + " ".join(cells) + f"  cpu {cpu:7.0f}s")
+            lines.append(
+                f"{model:<9} {arm:<15} top {top}  seeds {len(mine)}  median " + " ".join(cells) + f"  cpu {cpu:7.0f}s"
+            )
     return lines
 
 
@@ -185,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
         for seed in args.seeds:
             for i, arm in enumerate(args.arms):
                 row = run_arm(model, arm, seed, results, args.top, control=(i == 0), log=lambda m: print(m, flush=True))
-                rows = [r for r in rows if (r["model"], r["seed"], r["arm"]) != (model, seed, arm)] + [row]
+                key = (model, seed, arm, args.top)  # rows of other --top values are kept beside
+                rows = [r for r in rows if (r["model"], r["seed"], r["arm"], r.get("top", 3)) != key] + [row]
                 out.parent.mkdir(parents=True, exist_ok=True)
                 doc = {"benchmark": "multifidelity", "machine": machine_line(), "command": " ".join(sys.argv)}
                 out.write_text(json.dumps({**doc, "rows": rows}, indent=2) + "\n")
