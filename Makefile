@@ -8,6 +8,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SPACE ?= search_spaces/lenet300_fashion.yaml
 NAME ?= demo
+# Test processes (pytest-xdist): the end-to-end tests wait on process starts and Ray as much as they compute,
+# so three share two cores well.
+TEST_WORKERS ?= 3
 
 .PHONY: setup demo test bench lint clean-venv
 
@@ -40,7 +43,7 @@ demo: setup
 	$(PY) run_search.py demo $(SPACE) --name $(NAME)
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 bench: setup
 	$(PY) benchmarks/bench_overhead.py

@@ -47,3 +47,15 @@ def postgres():
         yield server.start()
     finally:
         server.stop()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Modules with slow tests first, each module's tests kept together (its module fixtures are made once).
+
+    With several workers (``make test`` runs pytest-xdist) the long end-to-end
+    modules start at once and the many quick tests fill the gaps after them,
+    instead of one long module starting last.
+    """
+    slow = {item.module.__name__ for item in items if item.get_closest_marker("slow") and item.module is not None}
+    order = {id(item): n for n, item in enumerate(items)}
+    items.sort(key=lambda item: (item.module is None or item.module.__name__ not in slow, order[id(item)]))
