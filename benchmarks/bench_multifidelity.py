@@ -151,6 +151,11 @@ def run_arm(
     }
 
 
+def top_of(row: dict[str, Any]) -> int:
+    """The row's ``final --top K`` (rows written before the benchmark kept it ran 3)."""
+    return row.get("top", 3)
+
+
 def cell(best: dict[str, Any] | None) -> str:
     return f"{best['rate']:.1f}x @ {best['test_top1']:.2f}%" if best else "-"
 
@@ -158,9 +163,9 @@ def cell(best: dict[str, Any] | None) -> str:
 def summary(rows: list[dict[str, Any]]) -> list[str]:
     lines = []
     for model in sorted({r["model"] for r in rows}):
-        for arm, top in sorted({(r["arm"], r.get("top", 3)) for r in rows if r["model"] == model},
+        for arm, top in sorted({(r["arm"], top_of(r)) for r in rows if r["model"] == model},
                               key=lambda a: (ARMS.index(a[0]), a[1])):
-            mine = [r for r in rows if r["model"] == model and r["arm"] == arm and r.get("top", 3) == top]
+            mine = [r for r in rows if r["model"] == model and r["arm"] == arm and top_of(r) == top]
             cells = []
             for tol in TOLERANCES:
                 rates = [(r["best_within"][str(tol)] or {}).get("rate", 0.0) for r in mine]
@@ -189,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
             for i, arm in enumerate(args.arms):
                 row = run_arm(model, arm, seed, results, args.top, control=(i == 0), log=lambda m: print(m, flush=True))
                 key = (model, seed, arm, args.top)  # rows of other --top values are kept beside
-                rows = [r for r in rows if (r["model"], r["seed"], r["arm"], r.get("top", 3)) != key] + [row]
+                rows = [r for r in rows if (r["model"], r["seed"], r["arm"], top_of(r)) != key] + [row]
                 out.parent.mkdir(parents=True, exist_ok=True)
                 doc = {"benchmark": "multifidelity", "machine": machine_line(), "command": " ".join(sys.argv)}
                 out.write_text(json.dumps({**doc, "rows": rows}, indent=2) + "\n")

@@ -5,8 +5,10 @@ from pathlib import Path
 
 import pytest
 
-# Keep every Ray process of the tests on loopback (see clipq_search.search.cluster.LOOPBACK_SWITCH).
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+from clipq_search.search.cluster import LOOPBACK_SWITCH
+
+# Keep every Ray process of the tests on loopback, also those of tests that import Ray before a command does.
+os.environ.setdefault(LOOPBACK_SWITCH, "0")
 
 FASHION = Path(os.environ.get("CLIPQ_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 REPO = Path(__file__).resolve().parent.parent

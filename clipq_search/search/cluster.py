@@ -52,8 +52,8 @@ _H2_SETTINGS = 0x04
 LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
-def _stay_on_loopback() -> bool:
-    """Keep a local instance, or a cluster of nodes on this machine, on 127.0.0.1; whether that is arranged.
+def _stay_on_loopback() -> None:
+    """Keep a local instance, or a cluster of nodes on this machine, on 127.0.0.1.
 
     Ray replaces a loopback address by the machine's outward IP (the address a
     remote node would use); for a private instance or several nodes on one
@@ -65,7 +65,6 @@ def _stay_on_loopback() -> bool:
     """
     if "ray" not in sys.modules:
         os.environ.setdefault(LOOPBACK_SWITCH, "0")
-    return os.environ.get(LOOPBACK_SWITCH) == "0"
 
 
 def _connect_problem(address: str, exc: BaseException) -> str:
