@@ -120,6 +120,7 @@ def cmd_final(args: argparse.Namespace) -> None:
         overrides=args.overrides,
         address=args.address,
         force=args.force,
+        control=args.control,
         workers=args.workers,
         top=args.top,
         max_drop=args.max_drop,
@@ -301,6 +302,10 @@ def register(sub: argparse._SubParsersAction, add_space_args: Callable, positive
     add_overrides(p, "override a value of the run's space, e.g. --set final.train.epochs=10 (repeatable)")
     p.add_argument("--address", help="Ray cluster address (default: local)")
     p.add_argument("--force", action="store_true", help="replace a finished final run of another plan or setup")
+    p.add_argument(
+        "--no-control", dest="control", action="store_false",
+        help="skip the dense control run (the baseline fine-tuned as long, a reference only): less compute",
+    )
     p.add_argument(
         "--workers", type=positive_int, help="data-parallel workers of each run (Ray Train DDP; default final.workers)"
     )

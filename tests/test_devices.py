@@ -26,7 +26,10 @@ def fake_gpu_ray():
     """A local Ray instance that believes it has 2 GPUs."""
     import ray
 
-    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    # address "local": a new instance even where another test process left a cluster as the latest one
+    ray.init(
+        address="local", num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False
+    )
     yield ray
     ray.shutdown()
 

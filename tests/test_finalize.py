@@ -101,7 +101,9 @@ def test_final_writes_a_file_whose_reloaded_model_gives_the_reported_accuracy(ru
 
 def test_final_resumes_from_its_checkpoint_after_a_kill(run_dir: Path, tmp_path: Path) -> None:
     # --force: final/ holds the finished final of the previous test (another training length)
-    args = [sys.executable, "run_search.py", "final", str(run_dir), "--set", "final.train.epochs=3", "--force"]
+    # no dense control (--no-control): the compressed run's checkpoint is what this is about
+    args = [sys.executable, "run_search.py", "final", str(run_dir), "--set", "final.train.epochs=3", "--force",
+            "--no-control"]
     log = tmp_path / "final.log"
     with open(log, "w") as fh:
         proc = subprocess.Popen(args, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
@@ -114,7 +116,7 @@ def test_final_resumes_from_its_checkpoint_after_a_kill(run_dir: Path, tmp_path:
     # another plan never resumes from that checkpoint, and final/plan.json says which plan it trains
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"default": {"p": 0.5, "bits": 6}}))
-    r = _cli("final", str(run_dir), "--config", str(other), "--set", "final.train.epochs=1", "--force")
+    r = _cli("final", str(run_dir), "--config", str(other), "--set", "final.train.epochs=1", "--force", "--no-control")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "compressed: resumed" not in r.stdout
     metrics = json.loads((run_dir / "final" / "metrics.json").read_text())
@@ -124,9 +126,10 @@ def test_final_resumes_from_its_checkpoint_after_a_kill(run_dir: Path, tmp_path:
     assert left.exists()  # the interrupted plan's checkpoint is still there
     refused = _cli("final", str(run_dir), "--set", "final.train.epochs=3")  # it would replace the other plan's
     assert refused.returncode == 2 and "--force" in refused.stderr, refused.stderr[-2000:]
-    r = _cli("final", str(run_dir), "--set", "final.train.epochs=3", "--force")
+    r = _cli("final", str(run_dir), "--set", "final.train.epochs=3", "--force", "--no-control")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "compressed: resumed from its checkpoint" in r.stdout
+    assert "compressed: resumed from its checkpoint" in r.stdout and "control" not in r.stdout
     metrics = json.loads((run_dir / "final" / "metrics.json").read_text())
+    assert metrics["control_test_top1"] is None and set(metrics["resumed_from_step"]) == {"compressed"}
     assert metrics["resumed_from_step"]["compressed"] > 0 and metrics["epochs"] == 3
     assert not left.exists() and not list((run_dir / "final").glob("ckpt-*.pt"))

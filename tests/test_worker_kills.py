@@ -163,7 +163,7 @@ def test_final_run_killed_once_resumes_from_its_checkpoint(killed_run, tmp_path:
     run_dir, _ = killed_run
     # 1.2 epochs: a checkpoint after the first (453 steps); the worker dies some steps later, once
     proc = _run(
-        ["final", str(run_dir), "--set", "final.train.epochs=1.2"],
+        ["final", str(run_dir), "--set", "final.train.epochs=1.2", "--no-control"],
         env={wk.KILL_ENV: "compressed@470", wk.ONCE_ENV: str(tmp_path / "once")},
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
@@ -177,7 +177,8 @@ def test_final_run_killed_once_resumes_from_its_checkpoint(killed_run, tmp_path:
 @needs_fashion
 def test_final_run_killed_every_time_stops_with_one_line(killed_run) -> None:
     run_dir, _ = killed_run
-    proc = _run(["final", str(run_dir), "--set", "final.train.epochs=1.2"], env={wk.KILL_ENV: "compressed@start"})
+    args = ["final", str(run_dir), "--set", "final.train.epochs=1.2", "--no-control"]
+    proc = _run(args, env={wk.KILL_ENV: "compressed@start"})
     assert proc.returncode == 2
     _no_traceback(proc)
     err = proc.stderr.strip().splitlines()
