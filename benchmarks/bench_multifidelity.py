@@ -22,7 +22,8 @@ the dense baseline, chosen on **validation** among the arm's finals, with the
 compute, in CPU-seconds of the trials and the final runs (each measured as its
 worker's process CPU time).
 
-    python benchmarks/bench_multifidelity.py --models lenet300 --seeds 0 1 2 [--arms single moasha ...] [--top 3]
+    python benchmarks/bench_multifidelity.py --models lenet300 --seeds 0 1 2 [--arms single moasha ...] [--top 3] \
+        [--plans N] [--no-control]
 """
 
 from __future__ import annotations
@@ -69,8 +70,11 @@ def mean_plan_cost(rungs: tuple[float, ...] = RUNGS, eta: float = REDUCTION) -> 
 SINGLE = {"lenet300": (1.0, 48), "lenet5": (0.5, 64)}
 
 
-def arm_space(model: str, arm: str, seed: int) -> tuple[Any, int]:
-    """The arm's space (the shipped one, with the arm's trial settings) and its number of trials (plans)."""
+def arm_space(model: str, arm: str, seed: int, plans: int | None = None) -> tuple[Any, int]:
+    """The arm's space (the shipped one, with the arm's trial settings) and its number of trials (plans).
+
+    ``plans`` sets a multi-fidelity arm's number of plans (default: as many as fit the single arm's trial epochs).
+    """
     seeds = [f"trial.train.seed={seed}", f"final.train.seed={seed}"]
     epochs, trials = SINGLE[model]
     if arm in ("single", "paper"):
@@ -82,7 +86,8 @@ def arm_space(model: str, arm: str, seed: int) -> tuple[Any, int]:
     ]
     if arm == "moasha-distill":
         overrides += DISTILL
-    plans = round(trials * epochs / (first * mean_plan_cost()))
+    if plans is None:
+        plans = round(trials * epochs / (first * mean_plan_cost()))
     return load_space(ROOT / "search_spaces" / SPACES[model], overrides), plans
 
 
@@ -97,10 +102,11 @@ def best_within(finals: list[dict[str, Any]], baseline_val: float) -> dict[str, 
 
 
 def run_arm(
-    model: str, arm: str, seed: int, results: Path, top: int, control: bool, log: Callable[[str], None]
+    model: str, arm: str, seed: int, results: Path, top: int, control: bool, log: Callable[[str], None],
+    plans: int | None = None,
 ) -> dict[str, Any]:
-    space, trials = arm_space(model, arm, seed)
-    name = f"mf-{model}-s{seed}-{arm}"
+    space, trials = arm_space(model, arm, seed, plans)
+    name = f"mf-{model}-s{seed}-{arm}" + (f"-p{plans}" if plans is not None else "")
     sampler = "paper" if arm == "paper" else None
     t0 = time.perf_counter()
     run_search(space, results_root=results, name=name, seed=seed, trials=trials, sampler=sampler, log=log)
@@ -135,6 +141,8 @@ def run_arm(
         "seed": seed,
         "arm": arm,
         "top": top,
+        "plans": plans,  # None: the number that gives the single arm's trial epochs
+        "control": control,
         "trials": int(len(df)),
         "budgets": sorted({float(b) for b in complete["budget"].dropna()}),
         "baseline_val_top1": baseline["val_top1"],
@@ -156,6 +164,11 @@ def top_of(row: dict[str, Any]) -> int:
     return row.get("top", 3)
 
 
+def variant(row: dict[str, Any]) -> tuple[str, int, int | None]:
+    """What sets a row apart from another of its model and seed: arm, ``--top`` and ``--plans``."""
+    return row["arm"], top_of(row), row.get("plans")
+
+
 def cell(best: dict[str, Any] | None) -> str:
     return f"{best['rate']:.1f}x @ {best['test_top1']:.2f}%" if best else "-"
 
@@ -163,17 +176,16 @@ def cell(best: dict[str, Any] | None) -> str:
 def summary(rows: list[dict[str, Any]]) -> list[str]:
     lines = []
     for model in sorted({r["model"] for r in rows}):
-        for arm, top in sorted({(r["arm"], top_of(r)) for r in rows if r["model"] == model},
-                              key=lambda a: (ARMS.index(a[0]), a[1])):
-            mine = [r for r in rows if r["model"] == model and r["arm"] == arm and top_of(r) == top]
+        for arm, top, plans in sorted({variant(r) for r in rows if r["model"] == model},
+                                      key=lambda a: (ARMS.index(a[0]), a[1], a[2] or 0)):
+            mine = [r for r in rows if r["model"] == model and variant(r) == (arm, top, plans)]
             cells = []
             for tol in TOLERANCES:
                 rates = [(r["best_within"][str(tol)] or {}).get("rate", 0.0) for r in mine]
                 cells.append(f"{statistics.median(rates):6.1f}x")
             cpu = statistics.median(r["total_cpu_seconds"] for r in mine)
-            lines.append(
-                f"{model:<9} {arm:<15} top {top}  seeds {len(mine)}  median " + " ".join(cells) + f"  cpu {cpu:7.0f}s"
-            )
+            head = f"{model:<9} {arm:<15} top {top}  plans {plans or 'equal':<5}  seeds {len(mine)}  median "
+            lines.append(head + " ".join(cells) + f"  cpu {cpu:7.0f}s")
     return lines
 
 
@@ -183,6 +195,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     ap.add_argument("--top", type=int, default=3, help="finals per arm (final --top K)")
+    ap.add_argument("--plans", type=int, help="plans of the multi-fidelity arms (default: the single arm's epochs)")
+    ap.add_argument("--no-control", dest="control", action="store_false",
+                    help="no dense control run (by default the first arm of each seed runs one, for reference)")
     ap.add_argument("--results", default=str(ROOT / "results" / "bench"))
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     args = ap.parse_args(argv)
@@ -192,9 +207,11 @@ def main(argv: list[str] | None = None) -> None:
     for model in args.models:
         for seed in args.seeds:
             for i, arm in enumerate(args.arms):
-                row = run_arm(model, arm, seed, results, args.top, control=(i == 0), log=lambda m: print(m, flush=True))
-                key = (model, seed, arm, args.top)  # rows of other --top values are kept beside
-                rows = [r for r in rows if (r["model"], r["seed"], r["arm"], top_of(r)) != key] + [row]
+                plans = args.plans if arm.startswith("moasha") else None
+                row = run_arm(model, arm, seed, results, args.top, control=args.control and i == 0,
+                              log=lambda m: print(m, flush=True), plans=plans)
+                # rows of other --top or --plans values are kept beside
+                rows = [r for r in rows if (r["model"], r["seed"], *variant(r)) != (model, seed, *variant(row))] + [row]
                 out.parent.mkdir(parents=True, exist_ok=True)
                 doc = {"benchmark": "multifidelity", "machine": machine_line(), "command": " ".join(sys.argv)}
                 out.write_text(json.dumps({**doc, "rows": rows}, indent=2) + "\n")

@@ -140,6 +140,9 @@ def test_multifidelity_benchmark_gives_each_arm_equal_trial_epochs_and_chooses_o
     epochs = n_multi * multi.trial.train.epochs * bench.mean_plan_cost()
     assert epochs == pytest.approx(n_single * single.trial.train.epochs, rel=0.02)
     assert multi.trial.train.distill.weight == multi.final.train.distill.weight == 0.5
+    assert bench.arm_space("lenet300", "moasha", 0, plans=40)[1] == 40  # --plans
+    rows = [{"arm": "moasha"}, {"arm": "moasha", "top": 5}, {"arm": "moasha", "top": 5, "plans": 40}]
+    assert len({bench.variant(r) for r in rows}) == 3  # each kept beside the others
     finals = [
         {"trial": 1, "rate": 60.0, "val_top1": 89.2, "test_top1": 89.9},  # best on test, not within 0.5 on val
         {"trial": 2, "rate": 40.0, "val_top1": 89.6, "test_top1": 89.5},
