@@ -130,7 +130,10 @@ def _finished(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
 
 @needs_fashion
 @pytest.mark.slow
-def test_two_runs_on_one_storage_search_and_resume_separately(storage: str, results_root: Path, ray_local) -> None:
+def test_two_runs_on_one_storage_search_and_resume_separately(results_root: Path, tmp_path: Path, ray_local) -> None:
+    """Through whole searches on one SQLite file; PostgreSQL's runs are searched at once below (and both
+    storages keep runs apart at the study level above)."""
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
     fast = ["trial.train.epochs=0.05"]
 
     def search(name: str, trials: int, extra: list[str], root: Path = results_root) -> None:
