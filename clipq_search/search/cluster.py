@@ -38,6 +38,7 @@ __all__ = [
     "local_concurrency",
     "node_reports",
     "shipped_code",
+    "use_ray_settings",
 ]
 
 # A Ray address is a gRPC server (HTTP/2): it answers a client's connection preface with a SETTINGS frame
@@ -50,6 +51,23 @@ _H2_SETTINGS = 0x04
 # Ray's own switch for instances confined to one machine (what it does on macOS and Windows): every Ray
 # process stays on 127.0.0.1. Ray reads it when it is first imported.
 LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+# What this package runs Ray with, unless the environment says otherwise: Tune's classic console output
+# and no automatic logger callbacks (the commands print their own lines), every worker's log lines as they
+# come, and Ray Train's v1 API (``final --workers``). Ray reads some of them when its modules are imported.
+RAY_SETTINGS = {
+    "RAY_AIR_NEW_OUTPUT": "0",
+    "RAY_DEDUP_LOGS": "0",
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+    "RAY_TRAIN_V2_ENABLED": "0",
+}
+
+
+def use_ray_settings() -> None:
+    """Put ``RAY_SETTINGS`` in this process' environment (a value already set stays)."""
+    for key, value in RAY_SETTINGS.items():
+        os.environ.setdefault(key, value)
 
 
 def _stay_on_loopback() -> None:
@@ -116,10 +134,7 @@ def init_ray(
     to the workers (``shipped_code``), and with ``check_versions`` every node
     that can run a trial must agree with this machine (``check_nodes``).
     """
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "0")
+    use_ray_settings()
     if not address or address.rpartition(":")[0] in ("127.0.0.1", "localhost"):
         _stay_on_loopback()  # before Ray is imported
     import ray

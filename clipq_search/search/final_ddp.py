@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from clipq_search.errors import ClipQError, ConfigError
 from clipq_search.search.space import Resources, Space
 
-__all__ = ["check_workers", "forget", "quantized_digest", "run_ddp"]
+__all__ = ["check_train_api", "check_workers", "forget", "quantized_digest", "run_ddp"]
 
 TRAIN_FILE, MODEL_FILE, DONE_FILE = "train.pt", "model.pt", "done.json"
 
@@ -163,57 +163,73 @@ def _worker(config: dict[str, Any]) -> None:
     val = dataset_from_state(payload["val"], num_workers=workers) if rank == 0 else None
     eval_bs = space.trial.eval_batch_size
     local = Path(tempfile.mkdtemp(prefix="clipq-ddp-"))
-    state_file = local / TRAIN_FILE
-    start = ray.train.get_checkpoint()
-    if start is not None:
-        with start.as_directory() as d:
-            shutil.copyfile(Path(d) / TRAIN_FILE, state_file)
+    try:
+        state_file = local / TRAIN_FILE
+        start = ray.train.get_checkpoint()
+        if start is not None:
+            with start.as_directory() as d:
+                shutil.copyfile(Path(d) / TRAIN_FILE, state_file)
 
-    def report(metrics: dict[str, Any], files: dict[str, Path | bytes]) -> None:
-        """Every rank reports (Ray Train waits for all); rank 0 attaches the checkpoint."""
-        if rank != 0:
-            ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as d:
-            for name, content in files.items():
-                target = Path(d) / name
-                if isinstance(content, bytes):
-                    target.write_bytes(content)
-                else:
-                    shutil.copyfile(content, target)
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+        def report(metrics: dict[str, Any], files: dict[str, Path | bytes]) -> None:
+            """Every rank reports (Ray Train waits for all); rank 0 attaches the checkpoint."""
+            if rank != 0:
+                ray.train.report(metrics)
+                return
+            with tempfile.TemporaryDirectory() as d:
+                for name, content in files.items():
+                    target = Path(d) / name
+                    if isinstance(content, bytes):
+                        target.write_bytes(content)
+                    else:
+                        shutil.copyfile(content, target)
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
 
-    def on_epoch(rec: dict[str, float]) -> None:
-        line = f"  {tag}: epoch {rec['epoch']:g}/{whole.epochs:g} loss {rec['train_loss']:.4f}"
-        if val is not None:
-            line += f", val {evaluate(inner, val, device=device, batch_size=eval_bs, amp=cfg.amp)['top1']:.2f}%"
-            inner.train()
-        if rank == 0:
-            say(queue, line + f" ({world} workers)")
-        report({"step": int(rec["step"]), "done": 0}, {TRAIN_FILE: state_file})
+        def on_epoch(rec: dict[str, float]) -> None:
+            line = f"  {tag}: epoch {rec['epoch']:g}/{whole.epochs:g} loss {rec['train_loss']:.4f}"
+            if val is not None:
+                line += f", val {evaluate(inner, val, device=device, batch_size=eval_bs, amp=cfg.amp)['top1']:.2f}%"
+                inner.train()
+            if rank == 0:
+                say(queue, line + f" ({world} workers)")
+            report({"step": int(rec["step"]), "done": 0}, {TRAIN_FILE: state_file})
 
-    with kill_point(f"{tag}-rank{rank}"):  # test hook (CLIPQ_TEST_KILL); nothing without it
-        result = train(
-            model, data, cfg, device=device, progress=False, desc=tag, on_epoch_end=on_epoch,
-            checkpoint_path=state_file, resume=True, eval_batch_size=eval_bs, teacher=teacher,
-            checkpoint_minutes=None,  # Ray Train keeps the epoch ends' checkpoints (on_epoch reports them)
+        with kill_point(f"{tag}-rank{rank}"):  # test hook (CLIPQ_TEST_KILL); nothing without it
+            result = train(
+                model, data, cfg, device=device, progress=False, desc=tag, on_epoch_end=on_epoch,
+                checkpoint_path=state_file, resume=True, eval_batch_size=eval_bs, teacher=teacher,
+                checkpoint_minutes=None,  # Ray Train keeps the epoch ends' checkpoints (on_epoch reports them)
+            )
+        digests: list[Any] = [None] * world
+        torch.distributed.all_gather_object(digests, quantized_digest(inner))
+        inner.cpu()
+        buf = io.BytesIO()
+        torch.save(inner.state_dict(), buf)
+        done = {
+            "digests": digests,
+            "seconds": result.seconds,
+            "resumed_from_step": result.resumed_from_step,
+            "final_train_loss": result.final_train_loss,
+            "steps": result.steps,
+            "workers": world,
+        }
+        report({"step": result.steps, "done": 1}, {TRAIN_FILE: state_file, MODEL_FILE: buf.getvalue(),
+                                                    DONE_FILE: json.dumps(done).encode()})
+    finally:  # this worker's copy of the training state; the run's checkpoints are Ray Train's
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def check_train_api() -> None:
+    """Ray Train is in its v1 API here (``RAY_TRAIN_V2_ENABLED=0``, which the commands set before importing
+    Ray); a program that imported ``ray.train`` or ``ray.tune`` earlier without it has the v2 API, another one."""
+    from ray.train.base_trainer import BaseTrainer
+    from ray.train.torch import TorchTrainer
+
+    if not issubclass(TorchTrainer, BaseTrainer):  # v2's trainers are another class tree
+        raise ClipQError(
+            "final --workers needs Ray Train's v1 API, but this program imported ray.train (or ray.tune) in its v2 "
+            "mode; set RAY_TRAIN_V2_ENABLED=0 in the environment, or call clipq_search.search.cluster."
+            "use_ray_settings(), before importing Ray"
         )
-    digests: list[Any] = [None] * world
-    torch.distributed.all_gather_object(digests, quantized_digest(inner))
-    inner.cpu()
-    buf = io.BytesIO()
-    torch.save(inner.state_dict(), buf)
-    done = {
-        "digests": digests,
-        "seconds": result.seconds,
-        "resumed_from_step": result.resumed_from_step,
-        "final_train_loss": result.final_train_loss,
-        "steps": result.steps,
-        "workers": world,
-    }
-    report({"step": result.steps, "done": 1}, {TRAIN_FILE: state_file, MODEL_FILE: buf.getvalue(),
-                                                DONE_FILE: json.dumps(done).encode()})
-    shutil.rmtree(local, ignore_errors=True)
 
 
 def _cause(exc: BaseException) -> str:
@@ -260,6 +276,7 @@ def run_ddp(
     (one per rank). Raises ``ClipQError`` when the ranks' quantized weights
     differ or a run fails beyond its retries.
     """
+    check_train_api()
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
