@@ -1,14 +1,20 @@
 from __future__ import annotations
 
+import io
 import os
+import subprocess
+import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
 
-from clipq_search.search.cluster import LOOPBACK_SWITCH
+from clipq_search.search.cluster import LOOPBACK_SWITCH, use_ray_settings
 
-# Keep every Ray process of the tests on loopback, also those of tests that import Ray before a command does.
+# As a command does before it imports Ray, for tests that import Ray before a command runs in their process:
+# every Ray process on loopback, and Ray's settings of the package (Ray Train's v1 API among them).
 os.environ.setdefault(LOOPBACK_SWITCH, "0")
+use_ray_settings()
 
 FASHION = Path(os.environ.get("CLIPQ_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 REPO = Path(__file__).resolve().parent.parent
@@ -26,14 +32,47 @@ def results_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("results")
 
 
-@pytest.fixture
-def ray_local():
-    """A private local Ray instance for in-process searches; shut down afterwards."""
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """A command of ``run_search.py`` run in this test process: the script's own ``main``, its exit status,
+    its standard output and error as text.
+
+    A command needs Ray; the first one of a test process starts a local instance and it stays up for the
+    next (commands use Ray when it is up), so a command costs no interpreter start, imports or Ray start.
+    ``env`` is for settings the command itself reads (the driver's); Ray's workers keep the environment
+    their instance started with, so a setting the workers read needs a command in its own interpreter
+    (``subprocess``), as do tests that kill the command or check what a user's terminal shows.
+    """
+    from clipq_search.cli import main
+
+    # put back afterwards: what ``env`` sets, and the switch --debug sets (what Ray sets for itself stays, as
+    # in a process that ran the command)
+    saved = {key: os.environ.get(key) for key in [*(env or {}), "TUNE_PRINT_ALL_TRIAL_ERRORS"]}
+    os.environ.update(env or {})
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exc:  # argparse: bad arguments, --help
+                code = exc.code if isinstance(exc.code, int) else 2
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return subprocess.CompletedProcess([sys.executable, "run_search.py", *args], code, out.getvalue(), err.getvalue())
+
+
+def private_ray(**kwargs: object):
+    """A Ray instance of a test's own making (``ray.init(address="local", ...)``): the process' shared one, if
+    any, is shut down first (the next command starts a fresh one)."""
     import ray
 
-    yield
     if ray.is_initialized():
         ray.shutdown()
+    ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False, **kwargs)
+    return ray
 
 
 @pytest.fixture(scope="session")

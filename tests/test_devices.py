@@ -18,18 +18,14 @@ from clipq_search.errors import ClipQError, ConfigError
 from clipq_search.search.space import load_space
 from clipq_search.search.trial import check_device, check_space, worker_device
 
-from .conftest import SMOKE, needs_fashion
+from .conftest import SMOKE, needs_fashion, private_ray
 
 
 @pytest.fixture
 def fake_gpu_ray():
     """A local Ray instance that believes it has 2 GPUs."""
-    import ray
-
     # address "local": a new instance even where another test process left a cluster as the latest one
-    ray.init(
-        address="local", num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False
-    )
+    ray = private_ray(num_cpus=2, num_gpus=2)
     yield ray
     ray.shutdown()
 

@@ -19,8 +19,7 @@ from clipq_search.training.data import load_dataset
 from clipq_search.training.loop import evaluate
 from clipq_search.training.models import build_model
 
-from .conftest import SMOKE, needs_fashion
-from .test_finalize import _cli
+from .conftest import SMOKE, cli, needs_fashion
 
 # A front falling from 90% at 5x to 88% at 20x, one dominated trial (5) and one failed trial (6).
 TRIALS = pd.DataFrame(
@@ -57,7 +56,8 @@ def test_candidates_are_the_rules_pick_then_the_trials_just_over_the_line() -> N
 
 @pytest.fixture(scope="module")
 def run_dir(results_root: Path) -> Path:
-    r = _cli("search", str(SMOKE), "--results", str(results_root), "--name", "final-top", "--trials", "4")
+    r = cli("search", str(SMOKE), "--results", str(results_root), "--name", "final-top", "--trials", "4",
+            "--concurrency", "1")  # one trial at a time: one Ray worker to start
     assert r.returncode == 0, r.stderr[-2000:]
     return results_root / "final-top"
 
@@ -77,7 +77,7 @@ def test_top_goes_with_a_rule_not_with_a_named_plan(run_dir: Path, tmp_path: Pat
         (["--top", "2", "--config", str(plan)], ("--top", "--config")),
         (["--max-drop", "2", "--trial", "0"], ("--max-drop", "--trial")),
     ):
-        r = _cli("final", str(run_dir), *extra)
+        r = cli("final", str(run_dir), *extra)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert all(n in r.stderr for n in needles) and "give one of them" in r.stderr
     assert _tree(run_dir) == before  # nothing written
@@ -102,7 +102,7 @@ def test_top_3_keeps_the_candidate_the_rule_picks_at_full_length(run_dir: Path) 
     # the boundary between the two least-dropped trials, so that candidates lie on both sides of it
     drops = sorted(base - trials.loc[trials["state"] == "COMPLETE", "val_top1"])
     max_drop = round(max(0.0, (drops[0] + drops[1]) / 2), 3)
-    r = _cli("final", str(run_dir), "--top", "3", "--max-drop", str(max_drop), "--set", "final.train.epochs=0.05")
+    r = cli("final", str(run_dir), "--top", "3", "--max-drop", str(max_drop), "--set", "final.train.epochs=0.05")
     assert r.returncode == 0, r.stderr[-3000:]
     final = run_dir / "final"
     metrics = json.loads((final / "metrics.json").read_text())
@@ -142,7 +142,7 @@ def test_top_3_keeps_the_candidate_the_rule_picks_at_full_length(run_dir: Path) 
     assert not list(final.glob("ckpt-*.pt"))
 
     # the report lists the candidates
-    assert _cli("report", str(run_dir)).returncode == 0
+    assert cli("report", str(run_dir)).returncode == 0
     html = (run_dir / "report.html").read_text()
     assert "Candidates of final --top: 3 plans" in html and "full val top-1" in html
     assert f"kept among 3 candidates by max-drop {max_drop:g}" in html

@@ -19,27 +19,22 @@ from clipq_search.training.data import load_dataset
 from clipq_search.training.loop import evaluate
 from clipq_search.training.models import build_model
 
-from .conftest import REPO, SMOKE, needs_fashion
+from .conftest import REPO, SMOKE, cli, needs_fashion
 
 pytestmark = [needs_fashion, pytest.mark.slow]
 
 
-def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "run_search.py", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
-    )
-
-
 @pytest.fixture(scope="module")
 def run_dir(results_root: Path) -> Path:
-    r = _cli("search", str(SMOKE), "--results", str(results_root), "--name", "final-smoke", "--trials", "4")
+    r = cli("search", str(SMOKE), "--results", str(results_root), "--name", "final-smoke", "--trials", "4",
+            "--concurrency", "1")  # one trial at a time: one Ray worker to start
     assert r.returncode == 0, r.stderr[-2000:]
     return results_root / "final-smoke"
 
 
 def test_export_round_trips_and_attaches(run_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "plan.json"
-    r = _cli("export", str(run_dir), "--max-drop", "100", "--out", str(out))
+    r = cli("export", str(run_dir), "--max-drop", "100", "--out", str(out))
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
     assert set(data["layers"]) == {"fc1", "fc2", "fc3"}
@@ -48,20 +43,20 @@ def test_export_round_trips_and_attaches(run_dir: Path, tmp_path: Path) -> None:
     assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
     assert set(attach_clipq(build_model("lenet300"), plan)) == {"fc1", "fc2", "fc3"}
     # the same trial by number gives the same plan
-    r = _cli("export", str(run_dir), "--trial", str(data["source"]["trial"]), "--out", str(tmp_path / "again.json"))
+    r = cli("export", str(run_dir), "--trial", str(data["source"]["trial"]), "--out", str(tmp_path / "again.json"))
     assert r.returncode == 0 and Plan.load(tmp_path / "again.json") == plan
     # no trial qualifies: one clear line naming the closest trial, no file
-    r = _cli("export", str(run_dir), "--min-rate", "100000", "--out", str(tmp_path / "none.json"))
+    r = cli("export", str(run_dir), "--min-rate", "100000", "--out", str(tmp_path / "none.json"))
     assert r.returncode == 2 and "closest" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "none.json").exists()
     # an earlier export is replaced; anything else is never written over: a user's file, the run's own data
-    r = _cli("export", str(run_dir), "--trial", str(data["source"]["trial"]), "--out", str(out))
+    r = cli("export", str(run_dir), "--trial", str(data["source"]["trial"]), "--out", str(out))
     assert r.returncode == 0, r.stderr
     mine = tmp_path / "mine.json"
     mine.write_text('{"keep": true}')
     trials = (run_dir / "trials.csv").read_bytes()
     for target in (mine, run_dir / "trials.csv", tmp_path):
-        r = _cli("export", str(run_dir), "--max-drop", "100", "--out", str(target))
+        r = cli("export", str(run_dir), "--max-drop", "100", "--out", str(target))
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert "--out" in r.stderr or "move that file away" in r.stderr
     assert mine.read_text() == '{"keep": true}' and (run_dir / "trials.csv").read_bytes() == trials
@@ -72,7 +67,7 @@ def test_final_writes_a_file_whose_reloaded_model_gives_the_reported_accuracy(ru
 
     trials = pd.read_csv(run_dir / "trials.csv")
     number = int(trials.loc[trials["state"] == "COMPLETE", "number"].iloc[-1])
-    r = _cli("final", str(run_dir), "--trial", str(number))  # a trial's plan directly, without export
+    r = cli("final", str(run_dir), "--trial", str(number))  # a trial's plan directly, without export
     assert r.returncode == 0, r.stderr[-2000:]
     metrics = json.loads((run_dir / "final" / "metrics.json").read_text())
     assert metrics["trial"] == number
@@ -91,7 +86,7 @@ def test_final_writes_a_file_whose_reloaded_model_gives_the_reported_accuracy(ru
     for name, cfg in plan.layers.items():
         w = getattr(model, name).weight
         assert torch.unique(w[w != 0]).numel() <= 2**cfg.bits - 1
-    report = _cli("report", str(run_dir))
+    report = cli("report", str(run_dir))
     assert report.returncode == 0
     assert (
         "compressed_test_top1" in (run_dir / "report.html").read_text()
@@ -116,7 +111,7 @@ def test_final_resumes_from_its_checkpoint_after_a_kill(run_dir: Path, tmp_path:
     # another plan never resumes from that checkpoint, and final/plan.json says which plan it trains
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"default": {"p": 0.5, "bits": 6}}))
-    r = _cli("final", str(run_dir), "--config", str(other), "--set", "final.train.epochs=1", "--force", "--no-control")
+    r = cli("final", str(run_dir), "--config", str(other), "--set", "final.train.epochs=1", "--force", "--no-control")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "compressed: resumed" not in r.stdout
     metrics = json.loads((run_dir / "final" / "metrics.json").read_text())
@@ -124,9 +119,9 @@ def test_final_resumes_from_its_checkpoint_after_a_kill(run_dir: Path, tmp_path:
     chosen = json.loads((run_dir / "final" / "plan.json").read_text())
     assert Plan.from_dict(chosen) == Plan.from_dict(metrics["plan"]) and chosen["source"] == {"config": str(other)}
     assert left.exists()  # the interrupted plan's checkpoint is still there
-    refused = _cli("final", str(run_dir), "--set", "final.train.epochs=3")  # it would replace the other plan's
+    refused = cli("final", str(run_dir), "--set", "final.train.epochs=3")  # it would replace the other plan's
     assert refused.returncode == 2 and "--force" in refused.stderr, refused.stderr[-2000:]
-    r = _cli("final", str(run_dir), "--set", "final.train.epochs=3", "--force", "--no-control")
+    r = cli("final", str(run_dir), "--set", "final.train.epochs=3", "--force", "--no-control")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "compressed: resumed from its checkpoint" in r.stdout and "control" not in r.stdout
     metrics = json.loads((run_dir / "final" / "metrics.json").read_text())

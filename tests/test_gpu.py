@@ -17,6 +17,8 @@ from clipq_search.training.data import ArrayDataset
 from clipq_search.training.loop import TrainConfig, evaluate, train
 from clipq_search.training.models import build_model
 
+from .conftest import private_ray
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -86,7 +88,7 @@ def test_four_trials_share_one_gpu_and_each_computes_on_it() -> None:
 
     from clipq_search.search.trial import worker_device
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    private_ray(num_cpus=4)
     try:
         @ray.remote(num_cpus=1, num_gpus=0.25)
         def packed() -> str:

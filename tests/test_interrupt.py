@@ -14,7 +14,7 @@ import pytest
 
 from clipq_search.search.study import interrupted_numbers
 
-from .conftest import REPO, needs_fashion
+from .conftest import REPO, SMOKE, cli, needs_fashion
 
 pytestmark = [needs_fashion, pytest.mark.slow]
 
@@ -24,7 +24,7 @@ def _cmd(results: Path, name: str) -> list[str]:
         sys.executable,
         "run_search.py",
         "search",
-        "search_spaces/smoke.yaml",
+        str(SMOKE),
         "--results",
         str(results),
         "--name",
@@ -38,17 +38,18 @@ def _cmd(results: Path, name: str) -> list[str]:
     ]
 
 
-def _interrupt_mid_run(results: Path, name: str, sig: signal.Signals) -> int:
-    log = results / f"{name}.log"
+def _interrupt_mid_run(results: Path, name: str, sig: signal.Signals) -> tuple[int, str]:
+    """The search in an interpreter of its own, sent ``sig`` once this command has finished a trial."""
+    log = results / f"{name}-{sig.name}.log"
     with open(log, "w") as fh:
         proc = subprocess.Popen(_cmd(results, name), cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
         deadline = time.time() + 300
-        while time.time() < deadline and "[1/6]" not in log.read_text():
+        while time.time() < deadline and "/6] trial" not in log.read_text():
             time.sleep(0.1)
         time.sleep(0.3)  # the next trials are now in flight
         proc.send_signal(sig)
         rc = proc.wait(timeout=120)
-    return rc
+    return rc, log.read_text()
 
 
 def _check_exact(results: Path, name: str) -> None:
@@ -67,18 +68,17 @@ def _check_exact(results: Path, name: str) -> None:
     assert (df["state"] == "COMPLETE").sum() == sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "sigkill"])
-def test_interrupted_search_resumes_to_the_exact_count(results_root: Path, sig: signal.Signals) -> None:
-    name = f"interrupt-{sig.name.lower()}"
-    rc = _interrupt_mid_run(results_root, name, sig)
-    assert rc != 0
-    if sig == signal.SIGINT:
-        assert "run the same command again" in (results_root / f"{name}.log").read_text()
-    done = subprocess.run(_cmd(results_root, name), cwd=REPO, capture_output=True, text=True, timeout=600)
+def test_a_search_stopped_by_ctrl_c_then_by_sigkill_resumes_to_the_exact_count(results_root: Path) -> None:
+    name = "interrupt"
+    rc, out = _interrupt_mid_run(results_root, name, signal.SIGINT)
+    assert rc != 0 and "run the same command again" in out, out[-2000:]
+    rc, out = _interrupt_mid_run(results_root, name, signal.SIGKILL)  # the same command, killed in its turn
+    assert rc == -signal.SIGKILL and "trials finished;" in out, out[-2000:]
+    done = cli(*_cmd(results_root, name)[2:])  # the same command again
     assert done.returncode == 0, done.stderr[-2000:]
     assert "[6/6]" in done.stdout
     _check_exact(results_root, name)
     # and once more: nothing left to run, nothing added
-    again = subprocess.run(_cmd(results_root, name), cwd=REPO, capture_output=True, text=True, timeout=600)
+    again = cli(*_cmd(results_root, name)[2:])
     assert "0 to run" in again.stdout
     _check_exact(results_root, name)

@@ -32,7 +32,7 @@ from clipq_search.search.trial import (
 )
 from clipq_search.training.data import load_dataset
 
-from .conftest import REPO, needs_fashion
+from .conftest import REPO, cli, needs_fashion
 
 RUNGS = ["--set", "trial.rungs=[1, 3, 9]"]
 
@@ -146,7 +146,7 @@ def test_a_multi_fidelity_search_promotes_a_third_and_reports_each_plan_at_its_h
     results_root: Path,
 ) -> None:
     name = "mf-search"
-    done = subprocess.run(_search(results_root, name), cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = cli(*_search(results_root, name)[2:])
     assert done.returncode == 0, done.stderr[-3000:]
     assert "multi-fidelity: MO-ASHA rungs at 0.1, 0.3, 0.9 epochs, reduction factor 3" in done.stdout
     run_dir = results_root / name
@@ -172,19 +172,14 @@ def test_a_multi_fidelity_search_promotes_a_third_and_reports_each_plan_at_its_h
     # the finished trials' rung checkpoints are gone
     assert not list((run_dir / "ray").rglob("rung.json"))
     # the report shows the rungs and each plan's budget
-    report = subprocess.run(
-        [sys.executable, "run_search.py", "report", str(run_dir)], cwd=REPO, capture_output=True, text=True, timeout=300
-    )
+    report = cli("report", str(run_dir))
     assert report.returncode == 0, report.stderr[-2000:]
     html = (run_dir / "report.html").read_text()
     assert "Rungs</h2>" in html and "promoted" in html and "Plans promoted past the first rung" in html
     assert "budget" in pd.read_csv(run_dir / "pareto.csv").columns
     # export names the budget of the chosen result
     out = results_root / "mf-plan.json"
-    export = subprocess.run(
-        [sys.executable, "run_search.py", "export", str(run_dir), "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
+    export = cli("export", str(run_dir), "--out", str(out))
     assert export.returncode == 0, export.stderr[-2000:]
     chosen = json.loads(out.read_text())
     row = df[df["number"] == chosen["source"]["trial"]].iloc[0]
@@ -220,7 +215,7 @@ def test_a_search_killed_after_a_rung_resumes_each_trial_from_its_checkpoint(res
     killed = running[0]
     rung = json.loads(Path(killed.user_attrs["checkpoint"], "rung.json").read_text())["rung"]
 
-    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    again = cli(*cmd[2:])  # the same command again
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed from its checkpoint at rung {rung}" in again.stdout
     study = optuna.load_study(study_name=name, storage=storage)

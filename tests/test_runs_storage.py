@@ -18,7 +18,7 @@ from clipq_search.search.runlock import RunLock, RunLocked
 from clipq_search.search.space import load_space
 from clipq_search.search.study import LEGACY_STUDY_NAME, interrupted_numbers, normalise_storage, open_study, run_search
 
-from .conftest import REPO, SMOKE, needs_fashion
+from .conftest import REPO, SMOKE, cli, needs_fashion
 
 DIST = {"x": optuna.distributions.FloatDistribution(0.0, 1.0)}
 
@@ -117,10 +117,6 @@ def _cmd(results: Path, name: str, storage: str | None, trials: int, *extra: str
     return [*cmd, "--storage", storage] if storage else cmd
 
 
-def _run(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
-
-
 def _finished(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
     study = optuna.load_study(study_name=name, storage=storage)
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
@@ -130,11 +126,11 @@ def _finished(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
 
 @needs_fashion
 @pytest.mark.slow
-def test_two_runs_on_one_storage_search_and_resume_separately(results_root: Path, tmp_path: Path, ray_local) -> None:
+def test_two_runs_on_one_storage_search_and_resume_separately(results_root: Path, tmp_path: Path) -> None:
     """Through whole searches on one SQLite file; PostgreSQL's runs are searched at once below (and both
     storages keep runs apart at the study level above)."""
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
-    fast = ["trial.train.epochs=0.05"]
+    fast = ["trial.train.epochs=0.05", "search.concurrency=1"]  # one trial at a time: one Ray worker to start
 
     def search(name: str, trials: int, extra: list[str], root: Path = results_root) -> None:
         run_search(load_space(SMOKE, fast + extra), results_root=root, name=name, trials=trials, storage=storage,
@@ -169,13 +165,13 @@ def test_postgres_search_refuses_a_second_command_survives_sigkill_and_resumes_e
         while time.time() < deadline and "[1/6]" not in log.read_text():
             time.sleep(0.1)
         assert "[1/6]" in log.read_text(), log.read_text()[-2000:]
-        second = _run(cmd)  # the same run, at the same time
+        second = cli(*cmd[2:])  # the same run, at the same time
         assert second.returncode == 2
         lines = second.stderr.splitlines()
         assert len(lines) == 1 and f"run 'pgkill' is in use: `search` by pid {proc.pid} on " in lines[0], second.stderr
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(timeout=60) == -signal.SIGKILL
-    done = _run(cmd)  # the killed holder ran here: its lock is taken over at once
+    done = cli(*cmd[2:])  # the killed holder ran here: its lock is taken over at once
     assert done.returncode == 0, done.stderr[-2000:]
     assert "took over run 'pgkill'" in done.stdout and "[6/6]" in done.stdout
     finished = _finished(url, "pgkill")
@@ -184,7 +180,7 @@ def test_postgres_search_refuses_a_second_command_survives_sigkill_and_resumes_e
     for t in study.trials:  # every interrupted plan ran again
         if t.number in interrupted_numbers(study):
             assert any(u.user_attrs.get("retry_of") == t.number and u.state.is_finished() for u in study.trials)
-    assert "0 to run" in _run(cmd).stdout
+    assert "0 to run" in cli(*cmd[2:]).stdout
 
 
 @needs_fashion
@@ -214,7 +210,7 @@ def test_a_lock_left_by_a_killed_holder_elsewhere_expires(results_root: Path, tm
     env = {"CLIPQ_LOCK_EXPIRY_S": str(expiry)}
     cmd = _cmd(results_root, "stale", url, 1, "--set", "trial.train.epochs=0.05")
     # the baseline first, so the search reaches the lock within the expiry
-    pre = _run([sys.executable, "run_search.py", "pretrain", str(SMOKE), "--results", str(results_root)])
+    pre = cli("pretrain", str(SMOKE), "--results", str(results_root))
     assert pre.returncode == 0, pre.stderr[-2000:]
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time\nfrom clipq_search.search.runlock import RunLock\n"
@@ -225,20 +221,19 @@ def test_a_lock_left_by_a_killed_holder_elsewhere_expires(results_root: Path, tm
     holder.send_signal(signal.SIGKILL)
     holder.wait(timeout=30)
     killed = time.time()
-    refused = _run(cmd, env)
+    refused = cli(*cmd[2:], env=env)
     assert time.time() - killed < expiry, "too slow to see the lock before it expired"
     assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 1, refused.stderr
     assert "run 'stale' is in use: `search` by pid" in refused.stderr and "on node-gone" in refused.stderr
     assert f"expires {expiry} s after its last heartbeat" in refused.stderr
     time.sleep(max(0.0, killed + expiry + 1 - time.time()))
-    done = _run(cmd, env)
+    done = cli(*cmd[2:], env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "took over run 'stale'" in done.stdout and "node-gone" in done.stdout and "[1/1]" in done.stdout
     # `final` on the run is guarded the same way: a second one is refused before any training
     held = RunLock(url, "stale:final", command="final", host="node-f").acquire()
     try:
-        final = subprocess.run([sys.executable, "run_search.py", "final", str(results_root / "stale"), "--trial", "0"],
-                               cwd=REPO, capture_output=True, text=True, timeout=300)
+        final = cli("final", str(results_root / "stale"), "--trial", "0")
     finally:
         held.release()
     assert final.returncode == 2 and len(final.stderr.splitlines()) == 1, final.stderr

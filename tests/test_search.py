@@ -27,7 +27,7 @@ def _study(run_dir: Path) -> optuna.Study:
     return optuna.load_study(study_name=run_dir.name, storage=f"sqlite:///{run_dir / 'study.db'}")
 
 
-def test_search_concurrency_2_writes_run_files_and_resumes(results_root: Path, ray_local) -> None:
+def test_search_concurrency_2_writes_run_files_and_resumes(results_root: Path) -> None:
     logs: list[str] = []
     summary = _search(results_root, "conc2", logs, trials=4, concurrency=2)
     run_dir = results_root / "conc2"
@@ -76,7 +76,7 @@ def test_search_concurrency_2_writes_run_files_and_resumes(results_root: Path, r
     assert len(_study(run_dir).trials) == 6
 
 
-def test_failing_trial_is_recorded_and_search_goes_on(results_root: Path, ray_local) -> None:
+def test_failing_trial_is_recorded_and_search_goes_on(results_root: Path) -> None:
     logs: list[str] = []
     summary = _search(results_root, "failing", logs, trials=3, concurrency=1, inject_failure=[1])
     assert summary.finished == 3 and summary.failed == 1 and summary.complete == 2
@@ -86,7 +86,7 @@ def test_failing_trial_is_recorded_and_search_goes_on(results_root: Path, ray_lo
     assert any("FAILED" in line for line in logs)
 
 
-def test_paper_strategy_produces_valid_plans(results_root: Path, ray_local) -> None:
+def test_paper_strategy_produces_valid_plans(results_root: Path) -> None:
     logs: list[str] = []
     summary = _search(results_root, "paper", logs, trials=3, concurrency=2, sampler="paper")
     assert summary.finished == 3

@@ -290,14 +290,11 @@ def test_bad_checkpoint_files(tmp_path: Path) -> None:
 def test_pretrain_is_reproducible_and_says_when_it_reuses_the_cache(tmp_path: Path) -> None:
     """The same space pretrains to the same weights anywhere (the init is seeded too); a rerun reuses them."""
     import subprocess
-    import sys
 
-    from .conftest import REPO, SMOKE
+    from .conftest import SMOKE, cli
 
     def pretrain(root: Path) -> subprocess.CompletedProcess[str]:
-        r = subprocess.run([sys.executable, "run_search.py", "pretrain", str(SMOKE), "--results", str(root),
-                            "--set", "baseline.train.epochs=0.2"], cwd=REPO, capture_output=True, text=True,
-                           timeout=300)
+        r = cli("pretrain", str(SMOKE), "--results", str(root), "--set", "baseline.train.epochs=0.2")
         assert r.returncode == 0, r.stderr
         return r
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ from clipq_search import (
 )
 from clipq_search.errors import ConfigError
 
-from .conftest import REPO, needs_fashion
+from .conftest import cli, needs_fashion
 from .tiny_vit import tiny_vit
 
 ATTENTION = ["encoder.layers.0.self_attn.in_proj_weight", "encoder.layers.1.self_attn.in_proj_weight"]
@@ -71,13 +69,9 @@ def test_search_export_and_final_compress_a_transformer_through_the_command_line
         "baseline: {train: {epochs: 1, max_steps: 40, lr: 0.05}}\n"
         "trial: {train: {epochs: 1, max_steps: 10, lr: 0.01}, eval_batch_size: 500}\n"
         "final: {train: {epochs: 1, max_steps: 20, lr: 0.01}}\nlayers: {default: {p: [0.5, 0.9], bits: [3, 5]}}\n"
-        "search: {sampler: random, trials: 2, concurrency: 2}\nresources: {cpus_per_trial: 1}\n"
+        "search: {sampler: random, trials: 2, concurrency: 1}\nresources: {cpus_per_trial: 1}\n"
     )
     results = tmp_path / "results"
-
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "run_search.py", *args], cwd=REPO, capture_output=True, text=True,
-                              timeout=600)
 
     r = cli("search", str(space), "--results", str(results))
     assert r.returncode == 0, r.stderr[-3000:]

@@ -2,7 +2,7 @@
 
 The folder is written by the tests (a few classes of tiny JPEG and PNG
 images); budgets are a few steps, so the whole chain of each network runs in
-well under a minute on a CPU.
+well under a minute on a CPU. The commands run in the test process (``cli``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -26,7 +25,7 @@ from clipq_search.search.trial import layer_names
 from clipq_search.training.models import build_model, check_weights, pretrained_model
 
 from ._imagefolder import make_image_folder
-from .conftest import REPO
+from .conftest import REPO, cli
 
 torchvision = pytest.importorskip("torchvision", reason="vision models need torchvision (the vision extra)")
 
@@ -42,17 +41,8 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("folder"), classes=3, train_per_class=12, val_per_class=4)
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    """One local Ray head for every command of this module (each command connects instead of starting Ray)."""
-    from ray.cluster_utils import Cluster
-
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0, "node_ip_address": "127.0.0.1"})
-    yield c.address
-    c.shutdown()
-
-
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """In an interpreter of its own: ``env`` (TORCH_HOME) reaches the Ray workers this command starts."""
     return subprocess.run(
         [sys.executable, "run_search.py", *args], cwd=REPO, capture_output=True, text=True, timeout=600,
         env={**os.environ, **(env or {})},
@@ -82,23 +72,23 @@ def _sets(items: list[str]) -> list[str]:
     return [a for item in items for a in ("--set", item)]
 
 
-def _chain(model: str, space: Path, results: Path, address: str, *, pretrain: bool) -> dict[str, object]:
+def _chain(model: str, space: Path, results: Path, *, pretrain: bool) -> dict[str, object]:
     """pretrain (unless the space gives baseline.checkpoint), search, report, export, final, all through the CLI."""
     where = ["--results", str(results), *_sets(TINY)]
     if pretrain:
-        out = _ok(_cli("pretrain", str(space), *where, "--address", address))
+        out = _ok(cli("pretrain", str(space), *where))
         assert "baseline " + model in out
-    _ok(_cli("search", str(space), *where, "--trials", "2", "--address", address))
+    _ok(cli("search", str(space), *where, "--trials", "2"))
     run = results / space.stem
-    _ok(_cli("report", str(run)))
-    _ok(_cli("export", str(run), "--max-drop", "100"))
+    _ok(cli("report", str(run)))
+    _ok(cli("export", str(run), "--max-drop", "100"))
     # the export's rule: on 12 images a class, accuracy moves by 11 points a mistake
-    _ok(_cli("final", str(run), "--max-drop", "100", *_sets(TINY[3:]), "--address", address))
+    _ok(cli("final", str(run), "--max-drop", "100", *_sets(TINY[3:])))
     return json.loads((run / "final" / "metrics.json").read_text())
 
 
 @pytest.mark.slow
-def test_resnet18_and_mobilenet_v3_through_the_command_line(images: Path, cluster: str, tmp_path: Path) -> None:
+def test_resnet18_and_mobilenet_v3_through_the_command_line(images: Path, tmp_path: Path) -> None:
     """Pretrain, a 2-trial search, report, export and final of two real networks on a real image folder.
 
     MobileNetV3 brings depthwise and grouped convolutions and squeeze-excitation blocks; its
@@ -114,11 +104,7 @@ def test_resnet18_and_mobilenet_v3_through_the_command_line(images: Path, cluste
         ),
     }
     results = tmp_path / "results"
-    with ThreadPoolExecutor(2) as pool:  # the two chains at once: most of each command's time is start-up
-        futures = {
-            m: pool.submit(_chain, m, s, results, cluster, pretrain=m.endswith("resnet18")) for m, s in spaces.items()
-        }
-        metrics = {m: f.result() for m, f in futures.items()}
+    metrics = {m: _chain(m, s, results, pretrain=m.endswith("resnet18")) for m, s in spaces.items()}
     for model, m in metrics.items():
         run = results / spaces[model].stem
         trials = pd.read_csv(run / "trials.csv")
@@ -153,9 +139,7 @@ def test_imagenet_presets_name_real_layers() -> None:
 
 
 @pytest.mark.slow
-def test_imagenet_presets_run_on_a_small_folder_from_a_driver_without_gpu(
-    images: Path, cluster: str, tmp_path: Path
-) -> None:
+def test_imagenet_presets_run_on_a_small_folder_from_a_driver_without_gpu(images: Path, tmp_path: Path) -> None:
     """Both presets, paper sampler included, searched on a generated folder; budgets shrunk with --set."""
     common = [
         f"dataset.root={images}", "dataset.val_size=9", "resources.device=auto", "resources.gpus_per_trial=0",
@@ -166,13 +150,9 @@ def test_imagenet_presets_run_on_a_small_folder_from_a_driver_without_gpu(
     ]
     sizes = {"imagenet_resnet50": 32, "imagenet_alexnet": 64}  # AlexNet's pooling needs at least 63 pixels
 
-    def search(preset: str) -> str:
-        sets = _sets([*common, f"dataset.image_size={sizes[preset]}"])
-        return _ok(_cli("search", preset, "--results", str(tmp_path), "--trials", "1", "--address", cluster, *sets))
-
-    with ThreadPoolExecutor(2) as pool:
-        outs = dict(zip(sizes, pool.map(search, sizes), strict=True))
-    for preset, out in outs.items():
+    for preset, size in sizes.items():
+        sets = _sets([*common, f"dataset.image_size={size}"])
+        out = _ok(cli("search", preset, "--results", str(tmp_path), "--trials", "1", *sets))
         assert "paper strategy: per-layer GP search" in out and "lambda 10:" in out
         trials = pd.read_csv(tmp_path / preset / "trials.csv")
         assert list(trials["state"]) == ["COMPLETE"] and list(trials["source"]) == ["paper"]

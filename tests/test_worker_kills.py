@@ -22,6 +22,7 @@ import pytest
 from clipq_search.search import worker_kills as wk
 
 from .conftest import REPO, needs_fashion
+from .conftest import cli as run_cli
 
 # -- what a kill was, and the search's record of kills (no Ray cluster) ---------------------------------------------
 
@@ -151,7 +152,7 @@ def test_killed_workers_become_failed_trials_and_the_search_goes_on(killed_run) 
     assert len(df) == 4 and dict(df["state"]) == {0: "COMPLETE", 1: "FAIL", 2: "FAIL", 3: "COMPLETE"}
     for n in (1, 2):
         assert df.loc[n, "error"] == f"{wk.PROCESS}, on each of 2 attempt(s)"
-    report = _run(["report", str(run_dir)])
+    report = run_cli("report", str(run_dir))
     assert report.returncode == 0, report.stderr
     html = (run_dir / "report.html").read_text()
     assert html.count(escape(wk.PROCESS)) >= 2  # the report's failed trials, with their reason
