@@ -85,6 +85,35 @@ def test_ledger_settles_trials_cut_off_by_a_kill_and_stops_on_kills_in_a_row() -
     assert "\n" not in ledger.stop_line
 
 
+class _TuneTrial:
+    """What the ledger reads of a Ray Tune trial: its id, its config and its latest error."""
+
+    def __init__(self, trial_id: str, number: int, error: str) -> None:
+        self.trial_id, self.config, self.error_file, self._error = trial_id, {"number": number}, None, error
+
+    def get_error(self) -> str:
+        return self._error
+
+
+def test_a_trial_handed_out_again_after_a_crash_keeps_one_retry_budget_with_tunes_own_retries() -> None:
+    """A kill that ended Tune's run took trial 5's one retry; Tune, which counts afresh in its new run, retries the
+    next kill itself: that attempt is stopped at its first report and the trial ends failed after 2 attempts."""
+    import ray.exceptions as rex
+
+    logs: list[str] = []
+    ledger = wk.KillLedger(retries=1, concurrency=1, advice="do less", log=logs.append)
+    ledger.started("a", {"worker_pid": 11})
+    oom = rex.OutOfMemoryError("1 worker(s) were killed due to the node running low on memory ... pid=11")
+    assert ledger.crashed(oom, wk.MEMORY, {"a": _Trial(5)}) == []  # handed out again: retry 1 of 1
+    error = "ray.exceptions.OutOfMemoryError: Task was killed due to the node running low on memory."
+    ledger.callback().on_trial_recover(0, [], _TuneTrial("b", 5, error))  # Tune's own retry in its new run
+    assert logs == [f"trial 5: {wk.MEMORY}; running it again (retry 1 of 1)"]  # never "retry 2 of 1"
+    stop = ledger.stopper()
+    assert stop("b", {"started": 1}) and not stop("c", {"started": 1})
+    assert ledger.failed("b", 5)[0] == f"{wk.MEMORY}, on each of 2 attempt(s)"
+    assert not stop("b", {"started": 1})  # settled
+
+
 def test_command_line_turns_a_ray_error_into_one_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     import ray.exceptions as rex
 

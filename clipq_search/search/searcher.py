@@ -196,7 +196,9 @@ class StudySearcher(Searcher):
     def _settle(self, trial: optuna.trial.Trial, trial_id: str, result: dict[str, Any] | None, error: bool) -> None:
         if self.proposer is not None:
             self.proposer.done(time.time() - self.handed.pop(trial_id, time.time()))
-        if error:  # Ray ended its worker on the last attempt Tune allows
+        # Ray ended its worker on the last attempt Tune allows, or on the last the search allows (then Tune's
+        # own retry of it was stopped at its first report)
+        if error or trial_id in self.kills.spent:
             msg, text = self.kills.failed(trial_id, trial.number)
             result = {"error": msg, "traceback": text}
         else:

@@ -156,7 +156,9 @@ class KillLedger:
     after another, stop the search (:attr:`stop_line`). Tune itself cannot
     handle every kill (an actor task killed for memory ends ``Tuner.fit``
     with the memory error): :meth:`crashed` decides what then becomes of the
-    trials in flight, and :attr:`rerun` holds those to hand out again.
+    trials in flight, and :attr:`rerun` holds those to hand out again. A study
+    trial has one budget of ``retries`` over both ways: Tune's own retry of a
+    trial whose budget went on an earlier Tune run is stopped (:attr:`spent`).
     """
 
     def __init__(self, retries: int, concurrency: int, advice: str, log: Callable[[str], None]) -> None:
@@ -167,11 +169,14 @@ class KillLedger:
         self.known: dict[str, tuple[str, str]] = {}  # Tune trial id -> (reason, Ray's text), set by crashed()
         self.streak: list[str] = []  # reasons of the kills that ended the latest trials, one after another
         self.rerun: list[Any] = []  # study trials to hand out again (their Tune run ended under them)
+        # Tune ids that Tune runs again although their study trial has no retry left (a trial handed out again
+        # after a kill that ended a Tune run starts with Tune's whole budget): stopped at their first report
+        self.spent: set[str] = set()
         self.stop_line: str | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks and stopper with each Tuner; its live trials and the study's stay out.
-        return {**self.__dict__, "trials": [], "rerun": [], "known": {}, "log": print}
+        return {**self.__dict__, "trials": [], "rerun": [], "known": {}, "spent": set(), "log": print}
 
     # -- the searcher's side
 
@@ -182,6 +187,7 @@ class KillLedger:
     def failed(self, tune_id: str, number: int) -> tuple[str, str]:
         """A trial Tune gave up on (its worker died on the last attempt allowed): (its error line, Ray's text)."""
         self.pids.pop(tune_id, None)
+        self.spent.discard(tune_id)
         reason, text = self.known.pop(tune_id, (None, None))  # type: ignore[arg-type]
         if reason is None:
             trial = next((t for t in self.trials if t.trial_id == tune_id), None)
@@ -231,6 +237,10 @@ class KillLedger:
                 ledger.pids.pop(trial.trial_id, None)
                 kills = ledger.kills.setdefault(number, [])
                 kills.append(reason)
+                if len(kills) > ledger.retries:  # its retries went on earlier Tune runs: it ends failed
+                    ledger.spent.add(trial.trial_id)
+                    ledger.known[trial.trial_id] = (reason, tune_trial_error(trial)[:4000])
+                    return
                 ledger.log(f"trial {number}: {reason}; running it again (retry {len(kills)} of {ledger.retries})")
 
         return KillWatch()
@@ -242,7 +252,7 @@ class KillLedger:
 
         class StopOnKills(tune.Stopper):
             def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
-                return False
+                return trial_id in ledger.spent
 
             def stop_all(self) -> bool:
                 return ledger.stop_line is not None
