@@ -162,9 +162,9 @@ def _worker(config: dict[str, Any]) -> None:
     data = _Shard(dataset_from_state(payload["train"], num_workers=workers), rank, world)
     val = dataset_from_state(payload["val"], num_workers=workers) if rank == 0 else None
     eval_bs = space.trial.eval_batch_size
-    local = Path(tempfile.mkdtemp(prefix="clipq-ddp-"))
-    try:
-        state_file = local / TRAIN_FILE
+    # this worker's copy of the training state, gone with the worker's run; the run's checkpoints are Ray Train's
+    with tempfile.TemporaryDirectory(prefix="clipq-ddp-", ignore_cleanup_errors=True) as local:
+        state_file = Path(local) / TRAIN_FILE
         start = ray.train.get_checkpoint()
         if start is not None:
             with start.as_directory() as d:
@@ -214,8 +214,6 @@ def _worker(config: dict[str, Any]) -> None:
         }
         report({"step": result.steps, "done": 1}, {TRAIN_FILE: state_file, MODEL_FILE: buf.getvalue(),
                                                     DONE_FILE: json.dumps(done).encode()})
-    finally:  # this worker's copy of the training state; the run's checkpoints are Ray Train's
-        shutil.rmtree(local, ignore_errors=True)
 
 
 def check_train_api() -> None:
