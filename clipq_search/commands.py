@@ -39,18 +39,19 @@ def _check_results_root(root: str) -> None:
 def _prepare(args: argparse.Namespace, *, search: bool, address: str | None = None) -> Space:
     """Load the space and check every input of the command, before any training, Ray start or write.
 
-    Cheap checks first: ``address`` answers (when given), ``--results``, the
+    Cheap checks first: ``address`` answers and takes this shell's token (when given), ``--results``, the
     space file and its ``--set`` values; then what the space names (dataset,
     model, layers). A ``search`` checks those itself (``run_search``, once,
     with the run's name, cluster and storage): here only the space is read.
     """
-    from clipq_search.search.space import load_space
-
     if address:
-        from clipq_search.search.cluster import check_address
+        from clipq_search.search.cluster import check_address, check_auth
 
         check_address(address)
+        check_auth(address)
     _check_results_root(args.results)
+    from clipq_search.search.space import load_space  # imports torch: after the checks that need none
+
     space = load_space(args.space, args.overrides)
     if not search:
         from clipq_search.search.trial import check_space
@@ -60,9 +61,9 @@ def _prepare(args: argparse.Namespace, *, search: bool, address: str | None = No
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
+    space = _prepare(args, search=False, address=args.address)
     from clipq_search.search.trial import ensure_baseline
 
-    space = _prepare(args, search=False, address=args.address)
     b = ensure_baseline(space, args.results, log=_log, address=args.address)
     took = " (cached)" if b.cached else f" in {b.seconds:.0f}s"
     top5 = f", top-5 {b.test_top5:.2f}%" if b.test_top5 is not None else ""
@@ -73,9 +74,9 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> None:
+    space = _prepare(args, search=True, address=args.address)
     from clipq_search.search.study import run_search
 
-    space = _prepare(args, search=True)
     run_search(
         space,
         results_root=args.results,
@@ -131,11 +132,11 @@ def cmd_final(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """pretrain -> search -> report -> export -> final on one space."""
+    space = _prepare(args, search=True)
     from clipq_search.analysis.report import write_report
     from clipq_search.search.final import export_plan, run_final
     from clipq_search.search.study import run_search
 
-    space = _prepare(args, search=True)
     summary = run_search(space, results_root=args.results, name=args.name, log=_log)
     html, _ = write_report(summary.run_dir)
     _log(f"report: {html}")

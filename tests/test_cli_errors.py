@@ -64,6 +64,7 @@ class Outcome:
     err: str
     seconds: float
     grew: int  # bytes the process's peak memory grew by
+    torch: bool | None = None  # whether the command imported torch (its own interpreter only)
 
 
 def run_in_process(argv: list[str], capfd: pytest.CaptureFixture[str]) -> Outcome:
@@ -100,7 +101,7 @@ except SystemExit as exc:
     code = exc.code
 finally:
     with open(os.environ["CLIPQ_TEST_SECONDS"], "w") as fh:
-        fh.write(str(time.perf_counter() - t0))
+        fh.write(f"{time.perf_counter() - t0} {int('torch' in sys.modules)}")
 sys.exit(code)
 """
 
@@ -117,9 +118,12 @@ def run_subprocess(argv: list[str], cwd: Path, timeout: float = 60) -> Outcome:
         )
     except subprocess.TimeoutExpired as exc:
         return Outcome("hang", str(exc.stdout or ""), str(exc.stderr or ""), time.perf_counter() - t0, 0)
-    seconds = float(clock.read_text()) if clock.exists() else time.perf_counter() - t0
+    seconds, torch = time.perf_counter() - t0, None
+    if clock.exists():
+        took, imported = clock.read_text().split()
+        seconds, torch = float(took), imported == "1"
     clock.unlink(missing_ok=True)
-    return Outcome(res.returncode, res.stdout, res.stderr, seconds, 0)
+    return Outcome(res.returncode, res.stdout, res.stderr, seconds, 0, torch)
 
 
 def _tree(*roots: Path) -> dict[str, tuple[int, int] | None]:
@@ -925,6 +929,8 @@ def test_bad_input_is_one_clear_line(ctx: Ctx, case: Case, capfd: pytest.Capture
 # -- a few as real subprocesses: a traceback or a hang of the interpreter itself shows there --------------
 
 SUBPROCESS = ("inspect-dev-zero", "search-fifo", "address-web-server", "space-alias-bomb", "model-exit-set")
+# Answered before anything imports torch (seconds sooner): a bad --address, and a space file that cannot be read.
+BEFORE_TORCH = ("search-fifo", "address-web-server", "space-alias-bomb")
 
 
 @pytest.mark.slow
@@ -937,6 +943,7 @@ def test_bad_input_in_its_own_interpreter(ctx: Ctx, case: Case) -> None:
     res = run_subprocess(argv, ctx.tmp, timeout=60)  # the interpreter's start-up is not the case's
     check_rejected(res, case.needles)
     assert _tree(ctx.tmp, ctx.a.root) == before
+    assert res.torch is (case.id not in BEFORE_TORCH), "torch imported" if res.torch else "torch not imported"
 
 
 def test_debug_shows_the_traceback(ctx: Ctx, capfd: pytest.CaptureFixture[str]) -> None:

@@ -37,7 +37,7 @@ import torch
 
 from clipq_search.core import _numba_kernels as _fused
 from clipq_search.core._rules import F32_TINY
-from clipq_search.errors import ConfigError, shown
+from clipq_search.core.plan import BITS_RANGE, validate_p_bits
 
 __all__ = [
     "BITS_RANGE",
@@ -47,21 +47,9 @@ __all__ = [
     "validate_p_bits",
 ]
 
-BITS_RANGE = (2, 8)
 
 # Largest tensor (elements) whose CPU prefix-sum buffer is kept between calls (8 bytes each).
 _SCRATCH_MAX = 1 << 21
-
-
-def validate_p_bits(p: float, bits: int, *, where: str = "") -> None:
-    """Raise ``ConfigError`` (a ``ValueError``) for p outside [0, 1) or bits outside [2, 8]."""
-    at = f" for {where}" if where else ""
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not 0.0 <= p < 1.0:
-        raise ConfigError(f"p={shown(p)}{at} is invalid: p is the clipped fraction per sign, a number in [0, 1)")
-    if isinstance(bits, bool) or not isinstance(bits, int) or not BITS_RANGE[0] <= bits <= BITS_RANGE[1]:
-        raise ConfigError(
-            f"bits={shown(bits)}{at} is invalid: bits must be an integer in [{BITS_RANGE[0]}, {BITS_RANGE[1]}]"
-        )
 
 
 @dataclass(frozen=True)

@@ -14,30 +14,45 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from torch import Tensor, nn
+from typing import TYPE_CHECKING, Any
 
 from clipq_search._io import MiB, read_regular
-from clipq_search.core.operator import validate_p_bits
 from clipq_search.errors import ConfigError, shown
 
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+# torch is imported where a model is handled, not here: reading and checking a space or a plan file needs none.
+
 __all__ = [
-    "COMPRESSIBLE_TYPES",
+    "BITS_RANGE",
     "CompressibleTensor",
     "LayerConfig",
     "Plan",
     "compressible_layers",
     "compressible_tensors",
     "dense_summary",
+    "validate_p_bits",
 ]
 
-COMPRESSIBLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+BITS_RANGE = (2, 8)
 PLAN_FILE_LIMIT = 4 * MiB  # the largest plan file read (a plan of a thousand layers is about 100 kB)
+
+
+def validate_p_bits(p: float, bits: int, *, where: str = "") -> None:
+    """Raise ``ConfigError`` (a ``ValueError``) for p outside [0, 1) or bits outside [2, 8]."""
+    at = f" for {where}" if where else ""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not 0.0 <= p < 1.0:
+        raise ConfigError(f"p={shown(p)}{at} is invalid: p is the clipped fraction per sign, a number in [0, 1)")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not BITS_RANGE[0] <= bits <= BITS_RANGE[1]:
+        raise ConfigError(
+            f"bits={shown(bits)}{at} is invalid: bits must be an integer in [{BITS_RANGE[0]}, {BITS_RANGE[1]}]"
+        )
 
 
 @dataclass(frozen=True)
@@ -71,6 +86,8 @@ class LayerConfig:
 
 def require_module(model: object) -> None:
     """A ``TypeError`` naming what was given instead of a model (not an AttributeError from deep inside)."""
+    from torch import nn
+
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module (the model), got {type(model).__name__}")
 
@@ -103,8 +120,10 @@ class CompressibleTensor:
 
 
 def _is_layer(mod: nn.Module) -> bool:
+    from torch import Tensor, nn
+
     # Hugging Face's GPT-2 ``Conv1D`` is a linear layer with a transposed weight of its own class.
-    return isinstance(mod, COMPRESSIBLE_TYPES) or (
+    return isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or (
         type(mod).__name__ == "Conv1D" and isinstance(getattr(mod, "weight", None), Tensor)
     )
 
@@ -117,6 +136,8 @@ def compressible_tensors(model: nn.Module) -> dict[str, CompressibleTensor]:
     ``nn.MultiheadAttention`` (``in_proj_weight``, or ``q/k/v_proj_weight``),
     which are bare parameters, not layers.
     """
+    from torch import Tensor, nn
+
     require_module(model)
     out: dict[str, CompressibleTensor] = {}
     for name, mod in model.named_modules():

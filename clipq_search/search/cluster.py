@@ -137,12 +137,14 @@ def init_ray(
     use_ray_settings()
     if not address or address.rpartition(":")[0] in ("127.0.0.1", "localhost"):
         _stay_on_loopback()  # before Ray is imported
+    running = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    if address and not running:
+        check_auth(address)  # before importing Ray: a refused token is answered in seconds
     import ray
 
     if ray.is_initialized():
         return
     if address:
-        check_auth(address)
         try:
             # A cluster on loopback (several nodes on one machine): the driver joins it at the head's address.
             loopback = _loopback_ip(address.rpartition(":")[0])
@@ -325,6 +327,8 @@ else:
 print(json.dumps({"verdict": verdict, "detail": detail}))
 """
 _GET_TOKEN = "`ray get-auth-token` on the head prints it"
+# (address, RAY_AUTH_MODE, RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH) the head accepted in this process.
+_AUTH_PASSED: set[tuple[str | None, ...]] = set()
 
 
 def _token_file() -> Path:
@@ -369,6 +373,9 @@ def check_auth(address: str) -> None:
     """
     if address in ("auto", "local") or address.startswith("ray://"):
         return
+    asked = (address, *(os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")))
+    if asked in _AUTH_PASSED:
+        return  # the command's early check (``commands``) already asked the head with these settings
     try:
         proc = subprocess.run(
             [sys.executable, "-c", _AUTH_PROBE, address],
@@ -383,6 +390,7 @@ def check_auth(address: str) -> None:
     problem = _auth_problem(address, str(found.get("verdict")), str(found.get("detail", "")))
     if problem:
         raise ClipQError(problem)
+    _AUTH_PASSED.add(asked)
 
 
 @dataclass(frozen=True)

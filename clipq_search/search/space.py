@@ -27,11 +27,9 @@ from typing import Any
 import yaml
 
 from clipq_search._io import MiB, read_regular
-from clipq_search.core.operator import BITS_RANGE
-from clipq_search.core.plan import LayerConfig, Plan, check_pattern, matches
+from clipq_search.core.plan import BITS_RANGE, LayerConfig, Plan, check_pattern, matches
 from clipq_search.errors import ConfigError, clip, shown
-from clipq_search.training.data import DATASET_NAMES
-from clipq_search.training.models import list_models
+from clipq_search.training import DATASET_NAMES
 
 __all__ = [
     "SAMPLERS",
@@ -117,12 +115,19 @@ def yaml_load(text: str) -> Any:
 
 @dataclass(frozen=True)
 class Field:
-    """One leaf of the schema: its default, a type description and a checker."""
+    """One leaf of the schema: its default, a type description and a checker.
+
+    ``kind`` may be a function giving the description, for one that needs an
+    import the space's reading does without (the model registry needs torch).
+    """
 
     default: Any
-    kind: str
+    kind: str | Callable[[], str]
     check: Callable[[Any], bool]
     help: str = ""
+
+    def described(self) -> str:
+        return self.kind if isinstance(self.kind, str) else self.kind()
 
 
 def _num(
@@ -231,14 +236,24 @@ _LAYER_RANGE = {
     "bits": _d(Field(None, _RANGE_KIND, lambda v: True), [2, 6]),
 }
 
+def _registered_models() -> list[str]:
+    from clipq_search.training.models import list_models  # imports torch: only when a model name is checked
+
+    return list_models()
+
+
+def _model_kind() -> str:
+    return f"a registered model ({', '.join(_registered_models())}), 'torchvision:<name>' or 'package.module:factory'"
+
+
 SCHEMA: dict[str, Any] = {
     "name": _d(_str(optional=True), None),
     "description": _d(_str(optional=True), None),
     "model": _d(
         Field(
             None,
-            "a registered model (" + ", ".join(list_models()) + "), 'torchvision:<name>' or 'package.module:factory'",
-            lambda v: isinstance(v, str) and (v in list_models() or ":" in v),
+            _model_kind,
+            lambda v: isinstance(v, str) and (":" in v or v in _registered_models()),
         ),
         "lenet300",
     ),
@@ -337,7 +352,7 @@ def _merge(base: dict[str, Any], user: Mapping[str, Any], schema: Mapping[str, A
             _merge(base[key], value, sub, where + ".", source)
         else:
             if not sub.check(value):
-                raise ConfigError(f"{source}: {where}={shown(value)} is invalid; expected {sub.kind}")
+                raise ConfigError(f"{source}: {where}={shown(value)} is invalid; expected {sub.described()}")
             base[key] = copy.deepcopy(value)
 
 
@@ -578,7 +593,7 @@ class Space:
             if key not in schema or not isinstance(schema[key], Field):
                 raise TypeError(f"with_search: {key!r} is not a search setting")
             if not schema[key].check(value):
-                raise ConfigError(f"{key}={value!r} is invalid; give {schema[key].kind}")
+                raise ConfigError(f"{key}={value!r} is invalid; give {schema[key].described()}")
             data["search"][key] = copy.deepcopy(value)
         new = copy.copy(self)
         new._set(_data=data, search=_search_settings(data["search"]))
@@ -740,10 +755,10 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     if isinstance(schema, Mapping):
         raise ConfigError(f"--set {key}: {key!r} is a section; set one of its keys: {', '.join(schema)}")
     if not schema.check(value):
-        raise ConfigError(f"--set {key}={clip(raw)}: invalid value; expected {schema.kind}")
+        raise ConfigError(f"--set {key}={clip(raw)}: invalid value; expected {schema.described()}")
     node[parts[-1]] = value
     if free is not None and not free[1].check(free[2]):
-        raise ConfigError(f"--set {key}={clip(raw)}: invalid value; {free[0]} must be {free[1].kind}")
+        raise ConfigError(f"--set {key}={clip(raw)}: invalid value; {free[0]} must be {free[1].described()}")
 
 
 def list_presets() -> list[tuple[str, str]]:

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from clipq_search._io import read_regular
 from clipq_search.errors import ClipQError, ConfigError, FormatError
+from clipq_search.training import DATASET_NAMES
 
 __all__ = [
     "DATASET_NAMES",
@@ -55,7 +56,6 @@ __all__ = [
     "scan_image_folder",
 ]
 
-DATASET_NAMES: tuple[str, ...] = ("fashion-mnist", "mnist", "cifar10", "imagefolder")
 
 DEFAULT_ROOTS: dict[str, str] = {"fashion-mnist": "/usr/share/datasets/fashion-mnist"}
 
