@@ -68,6 +68,28 @@ def test_a_rejected_token_names_where_it_came_from(monkeypatch: pytest.MonkeyPat
     assert cluster._auth_problem("h:1", "ok", "") is None and cluster._auth_problem("h:1", "other", "boom") is None
 
 
+def test_the_head_is_asked_once_for_the_same_token_and_again_for_another(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commands check the token before reading the space; joining later asks the head only if a setting changed."""
+    verdicts = iter(['{"verdict": "ok", "detail": ""}', '{"verdict": "rejected", "detail": "x"}'])
+    probes: list[list[str]] = []
+
+    def fake_run(cmd: list[str], **_: object) -> subprocess.CompletedProcess:
+        probes.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, next(verdicts) + "\n", "")
+
+    monkeypatch.setattr(cluster.subprocess, "run", fake_run)
+    monkeypatch.setattr(cluster, "_AUTH_PASSED", set())
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "a" * 64)
+    cluster.check_auth("10.9.8.7:6379")
+    cluster.check_auth("10.9.8.7:6379")
+    assert len(probes) == 1 and probes[0][-1] == "10.9.8.7:6379"
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "b" * 64)  # another token: the head is asked again, and refuses it
+    with pytest.raises(ClipQError, match="rejected the token in RAY_AUTH_TOKEN"):
+        cluster.check_auth("10.9.8.7:6379")
+    assert len(probes) == 2
+
+
 def test_a_cluster_on_other_versions_is_named_in_one_line() -> None:
     ray_says = RuntimeError(
         "Version mismatch: The cluster was started with:\n    Ray: 2.60.0\n    Python: 3.11.7\n"
