@@ -236,6 +236,7 @@ _LAYER_RANGE = {
     "bits": _d(Field(None, _RANGE_KIND, lambda v: True), [2, 6]),
 }
 
+
 def _registered_models() -> list[str]:
     from clipq_search.training.models import list_models  # imports torch: only when a model name is checked
 
