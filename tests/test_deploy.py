@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,27 @@ def test_the_stripped_file_equals_the_attached_one(tmp_path: Path) -> None:
     plan = strip_clipq(model)
     save_compressed(model, tmp_path / "stripped.clipq", plan)
     assert (tmp_path / "attached.clipq").read_bytes() == (tmp_path / "stripped.clipq").read_bytes()
+
+
+def test_the_package_lists_each_public_name_once_and_loads_it_on_first_use() -> None:
+    """``__all__``, the names loaded on first use and the type checkers' imports stay one list."""
+    import ast
+
+    import clipq_search
+
+    tree = ast.parse(Path(clipq_search.__file__).read_text())
+    checked = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING"
+        for sub in node.body
+        if isinstance(sub, ast.ImportFrom)
+        for alias in sub.names
+    }
+    errors = {"ClipQError", "ConfigError", "FormatError"}
+    assert sorted(clipq_search.__all__) == sorted(errors | set(clipq_search._LAZY)) == sorted(errors | checked)
+    for name in clipq_search.__all__:
+        value = getattr(clipq_search, name)
+        assert value is getattr(importlib.import_module(clipq_search._LAZY.get(name, "clipq_search.errors")), name)
+    with pytest.raises(AttributeError):
+        clipq_search.no_such_name  # noqa: B018

@@ -119,15 +119,6 @@ class CompressibleTensor:
         return getattr(self.module, self.attr)
 
 
-def _is_layer(mod: nn.Module) -> bool:
-    from torch import Tensor, nn
-
-    # Hugging Face's GPT-2 ``Conv1D`` is a linear layer with a transposed weight of its own class.
-    return isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or (
-        type(mod).__name__ == "Conv1D" and isinstance(getattr(mod, "weight", None), Tensor)
-    )
-
-
 def compressible_tensors(model: nn.Module) -> dict[str, CompressibleTensor]:
     """Every compressible weight of ``model`` by plan name, in model order.
 
@@ -139,11 +130,14 @@ def compressible_tensors(model: nn.Module) -> dict[str, CompressibleTensor]:
     from torch import Tensor, nn
 
     require_module(model)
+    layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
     out: dict[str, CompressibleTensor] = {}
     for name, mod in model.named_modules():
         if not name:
             continue
-        if _is_layer(mod):
+        # Hugging Face's GPT-2 ``Conv1D`` is a linear layer with a transposed weight of its own class.
+        hf_conv1d = type(mod).__name__ == "Conv1D" and isinstance(getattr(mod, "weight", None), Tensor)
+        if isinstance(mod, layers) or hf_conv1d:
             out[name] = CompressibleTensor(name, mod, "weight")
         elif isinstance(mod, nn.MultiheadAttention):
             for attr in _ATTENTION_WEIGHTS:
