@@ -7,9 +7,14 @@ import sys
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
-import pytest
+# The suite runs more busy processes than there are cores (pytest-xdist workers and their Ray workers): an OpenMP
+# thread that spins while it waits for work takes a core another process needs. Set before torch loads libgomp;
+# the commands and Ray workers the tests start inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from clipq_search.search.cluster import LOOPBACK_SWITCH, use_ray_settings
+import pytest  # noqa: E402
+
+from clipq_search.search.cluster import LOOPBACK_SWITCH, use_ray_settings  # noqa: E402
 
 # As a command does before it imports Ray, for tests that import Ray before a command runs in their process:
 # every Ray process on loopback, and Ray's settings of the package (Ray Train's v1 API among them).

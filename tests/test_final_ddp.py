@@ -24,13 +24,6 @@ SHORT = ["--set", "final.train.batch_size=1024", "--set", "final.train.lr=0.05"]
 EPOCH = 56
 
 
-def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "run_search.py", *args], cwd=REPO, capture_output=True, text=True, timeout=900,
-        env={**os.environ, **(env or {})},
-    )
-
-
 def _metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "final" / "metrics.json").read_text())
 
@@ -89,10 +82,10 @@ def test_two_workers_replace_a_killed_worker_agree_bit_for_bit_and_follow_one_wo
     run_dir: Path, tmp_path: Path
 ) -> None:
     # A worker of the compressed run's group dies in the second epoch: Ray Train restarts the group from rank 0's
-    # checkpoint (the kill hook is read by the workers, so this command has an interpreter of its own).
+    # checkpoint.
     env = {"CLIPQ_TEST_KILL": "compressed-rank1@70", "CLIPQ_TEST_KILL_ONCE": str(tmp_path / "once")}
     sets = [*SHORT, "--set", "final.train.epochs=2"]
-    r = _cli("final", str(run_dir), "--trial", "0", "--workers", "2", *sets, env=env)
+    r = cli("final", str(run_dir), "--trial", "0", "--workers", "2", *sets, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "each on 2 data-parallel workers" in r.stdout and "(2 workers)" in r.stdout
     assert (tmp_path / "once" / "compressed-rank1").exists()  # it really died

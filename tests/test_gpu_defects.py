@@ -9,8 +9,6 @@ inside a real Ray Tune search, and CPU autocast stands in for CUDA's bfloat16.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +26,7 @@ from clipq_search.training.data import ArrayDataset
 from clipq_search.training.loop import TrainConfig, configure_device_, device_settings, train, use_channels_last
 from clipq_search.training.models import build_model
 
-from .conftest import REPO, SMOKE, needs_fashion
+from .conftest import SMOKE, cli, needs_fashion
 
 
 @pytest.fixture
@@ -248,13 +246,9 @@ def test_out_of_gpu_memory_frees_the_cache_and_tries_once_more(monkeypatch: pyte
 @needs_fashion
 def test_a_sticky_cuda_error_ends_the_worker_and_the_trial_runs_again(results_root: Path, tmp_path: Path) -> None:
     """Trial 0 meets a sticky CUDA error on its first attempt: a new worker runs it again and it completes."""
-    env = {**os.environ, wk.KILL_ENV: "trial0@cuda", wk.ONCE_ENV: str(tmp_path / "once")}
-    env.pop("RAY_memory_usage_threshold", None)
-    env.pop("TUNE_PRINT_ALL_TRIAL_ERRORS", None)  # --debug's switch, left set by an in-process --debug run
-    proc = subprocess.run(
-        [sys.executable, "run_search.py", "search", "smoke", "--results", str(results_root), "--name", "cudaerror",
-         "--trials", "2", "--concurrency", "1"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    proc = cli(
+        "search", "smoke", "--results", str(results_root), "--name", "cudaerror", "--trials", "2", "--concurrency", "1",
+        env={wk.KILL_ENV: "trial0@cuda", wk.ONCE_ENV: str(tmp_path / "once")},
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert "Traceback" not in proc.stdout + proc.stderr

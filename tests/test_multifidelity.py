@@ -240,11 +240,8 @@ def test_a_worker_killed_in_a_later_rung_runs_again_from_its_last_rung(results_r
 
     name = "mf-worker-kill"
     # smoke: 0.1 epoch = 43 steps a rung; the kill counts the trial's steps since its (re)start
-    env = {**os.environ, wk.KILL_ENV: "trial0@83", wk.ONCE_ENV: str(tmp_path / "once")}
-    env.pop("TUNE_PRINT_ALL_TRIAL_ERRORS", None)
-    done = subprocess.run(
-        _search(results_root, name, trials=3), cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-    )
+    hook = {wk.KILL_ENV: "trial0@83", wk.ONCE_ENV: str(tmp_path / "once")}
+    done = cli(*_search(results_root, name, trials=3)[2:], env=hook)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     assert f"trial 0: {wk.PROCESS}; running it again (retry 1 of 1)" in done.stdout, done.stdout
     assert "trial 0: rung 0 (0.1 epochs)" in done.stdout

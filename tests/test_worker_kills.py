@@ -1,11 +1,12 @@
 """Workers that Ray kills: failed trials with their reason, the search going on, one line instead of a traceback.
 
-The slow tests run the real command line on real Fashion-MNIST with a private
-Ray instance, and Ray's workers die for real: the test hook ``CLIPQ_TEST_KILL``
-makes a worker SIGKILL itself at a trial's start or after some training steps,
-or take memory until Ray's memory monitor kills it; a very low
-``RAY_memory_usage_threshold`` makes the memory monitor kill every worker as
-it starts.
+The slow tests run the real command line on real Fashion-MNIST, and Ray's
+workers die for real: the test hook ``CLIPQ_TEST_KILL`` makes a worker SIGKILL
+itself at a trial's start or after some training steps, or take memory until
+Ray's memory monitor kills it; a very low ``RAY_memory_usage_threshold`` makes
+the memory monitor kill every worker as it starts. The hook travels from the
+command to its workers, so those commands run in the test process; a command
+that sets Ray's memory monitor starts a Ray instance of its own.
 """
 
 from __future__ import annotations
@@ -143,6 +144,10 @@ def test_command_line_turns_a_ray_error_into_one_line(monkeypatch: pytest.Monkey
 
 
 def _run(args: list[str], env: dict[str, str] | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """The command with ``env``: in this process, unless ``env`` sets Ray's own settings (an interpreter, hence a
+    Ray instance, of its own)."""
+    if not any(key.startswith("RAY_") for key in env or {}):
+        return run_cli(*args, env=env)
     full = {**os.environ, **(env or {})}
     for key in (wk.KILL_ENV, wk.ONCE_ENV, "RAY_memory_usage_threshold", "TUNE_PRINT_ALL_TRIAL_ERRORS"):
         if key not in (env or {}):

@@ -280,7 +280,7 @@ def _final_task(
                 pass
 
     cpu0 = time.process_time()  # this worker's CPU time (all its threads): the run's compute
-    with kill_point(tag):
+    with kill_point(tag, payload["kill_hook"]):
         res = train(
             model,
             dataset_from_state(payload["train"], num_workers=workers),

@@ -193,7 +193,7 @@ def _worker(config: dict[str, Any]) -> None:
                 say(queue, line + f" ({world} workers)")
             report({"step": int(rec["step"]), "done": 0}, {TRAIN_FILE: state_file})
 
-        with kill_point(f"{tag}-rank{rank}"):  # test hook (CLIPQ_TEST_KILL); nothing without it
+        with kill_point(f"{tag}-rank{rank}", payload["kill_hook"]):  # test hook (CLIPQ_TEST_KILL); nothing without it
             result = train(
                 model, data, cfg, device=device, progress=False, desc=tag, on_epoch_end=on_epoch,
                 checkpoint_path=state_file, resume=True, eval_batch_size=eval_bs, teacher=teacher,

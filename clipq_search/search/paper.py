@@ -72,7 +72,7 @@ def paper_layer_search(
         return cache[key]
 
     out: dict[float, tuple[float, int, float, float]] = {}
-    with kill_point("paper"):  # test hook (CLIPQ_TEST_KILL); nothing without it
+    with kill_point("paper", payload["kill_hook"]):  # test hook (CLIPQ_TEST_KILL); nothing without it
         for lam in cfg.lambdas:
             sampler = optuna.samplers.GPSampler(seed=space.search.seed, n_startup_trials=min(8, cfg.evals_per_layer))
             study = optuna.create_study(direction="minimize", sampler=sampler)

@@ -288,7 +288,7 @@ def _trainable(config: dict[str, Any], payload: dict[str, Any]) -> None:
     threads = max(1, int(config["threads"]))
     started = time.time()  # wall clock: compared with the study's start time of the trial
     try:
-        with kill_point(f"trial{config['number']}"):
+        with kill_point(f"trial{config['number']}", payload["kill_hook"]):
             # Which worker runs this trial: a kill that ends Tune's own loop names only the process.
             tune.report({"ok": 0, "started": 1, "val_top1": float("nan"), "worker_pid": os.getpid()})
             if config.get("inject_failure") and config["number"] in config["inject_failure"]:

@@ -28,7 +28,7 @@ from clipq_search.core.plan import Plan, compressible_tensors, dense_summary
 from clipq_search.core.surgery import attach_clipq
 from clipq_search.errors import ClipQError, ConfigError
 from clipq_search.search.space import LayerSearchParam, Resources, Space
-from clipq_search.search.worker_kills import gather, kill_point
+from clipq_search.search.worker_kills import gather, kill_hook, kill_point
 from clipq_search.training.data import (
     DEFAULT_ROOTS,
     DatasetSpec,
@@ -210,6 +210,7 @@ def ensure_baseline(
         "val": splits.val.to_state() if splits.val is not None else None,
         "test": splits.test.to_state(),
         "info": info,
+        "kill_hook": kill_hook(),
     }
     res = space.resources
     from clipq_search.search.cluster import check_gpus, init_ray
@@ -290,7 +291,7 @@ def _baseline_task(
             say(queue, f"  pretrain: epoch {rec['epoch']:g}/{cfg.epochs:g} loss {rec['train_loss']:.4f}{val}")
 
         t0 = time.perf_counter()
-        with kill_point("baseline"):
+        with kill_point("baseline", payload["kill_hook"]):
             train(
                 model,
                 dataset_from_state(payload["train"], num_workers=workers),
@@ -705,6 +706,7 @@ def trial_payload(space: Space, baseline: Baseline, *, test: bool = False) -> di
         "train": splits.train.to_state(),
         "val": splits.val.to_state(),
         "info": splits_info(splits),
+        "kill_hook": kill_hook(),
     }
     if test:
         payload["test"] = splits.test.to_state()

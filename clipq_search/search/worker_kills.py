@@ -9,7 +9,9 @@ after one (the training resumes from its checkpoint), and :func:`is_ray_error`
 lets the command line turn any other error of Ray into one line.
 
 ``CLIPQ_TEST_KILL`` is a test hook, not a setting: it makes chosen workers
-kill themselves with SIGKILL (see :func:`kill_point`).
+kill themselves with SIGKILL (see :func:`kill_point`). The command reads it
+(:func:`kill_hook`) and sends it to its workers with their data, so it reaches
+workers on every node and those of a Ray instance already running.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ __all__ = [
     "KillLedger",
     "gather",
     "is_ray_error",
+    "kill_hook",
     "kill_point",
     "kill_reason",
     "quiet_tune",
@@ -389,19 +392,24 @@ def _task_error_line(exc: BaseException) -> str:
 # -- the test hook ----------------------------------------------------------------------------
 
 
-def _plan() -> dict[str, str]:
+def kill_hook() -> dict[str, str] | None:
+    """This command's ``CLIPQ_TEST_KILL`` and ``CLIPQ_TEST_KILL_ONCE``, for its workers; None when unset."""
+    hook = {key: os.environ[key] for key in (KILL_ENV, ONCE_ENV) if os.environ.get(key)}
+    return hook if KILL_ENV in hook else None
+
+
+def _plan(hook: dict[str, str]) -> dict[str, str]:
     """``CLIPQ_TEST_KILL`` as {target: when}: ``trial3@start,trial5@20,compressed@300,paper@start``."""
-    spec = os.environ.get(KILL_ENV, "")
     out: dict[str, str] = {}
-    for item in filter(None, (x.strip() for x in spec.split(","))):
+    for item in filter(None, (x.strip() for x in hook[KILL_ENV].split(","))):
         target, _, when = item.partition("@")
         out[target] = when or "start"
     return out
 
 
-def _first_time(target: str) -> bool:
+def _first_time(target: str, hook: dict[str, str]) -> bool:
     """False when ``CLIPQ_TEST_KILL_ONCE`` says ``target`` was hit already (else it marks it now)."""
-    once = os.environ.get(ONCE_ENV)
+    once = hook.get(ONCE_ENV)
     if once:
         marker = Path(once) / target
         try:
@@ -412,8 +420,8 @@ def _first_time(target: str) -> bool:
     return True
 
 
-def _die(target: str) -> None:
-    if _first_time(target):
+def _die(target: str, hook: dict[str, str]) -> None:
+    if _first_time(target, hook):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -427,8 +435,10 @@ def _hog(target: str) -> None:
 
 
 @contextlib.contextmanager
-def kill_point(target: str) -> Iterator[None]:
+def kill_point(target: str, hook: dict[str, str] | None) -> Iterator[None]:
     """Test hook: while inside, the worker kills itself if ``CLIPQ_TEST_KILL`` names ``target``.
+
+    ``hook`` is the command's :func:`kill_hook`, sent with the worker's data.
 
     ``target@start`` dies at once; ``target@N`` after N training steps (counted
     as top-level forward calls, through torch's global module hooks, removed on
@@ -439,16 +449,16 @@ def kill_point(target: str) -> Iterator[None]:
     file in DIR); a rerun of it then lives. Without the variable this does
     nothing.
     """
-    when = _plan().get(target)
+    when = _plan(hook).get(target) if hook else None
     if when is None:
         yield
         return
     if when == "start":
-        _die(target)
+        _die(target, hook)
         yield
         return
     if when == "cuda":
-        if _first_time(target):
+        if _first_time(target, hook):
             raise RuntimeError("CUDA error: an illegal memory access was encountered (test hook)")
         yield
         return
@@ -462,7 +472,7 @@ def kill_point(target: str) -> Iterator[None]:
         if depth[0] == 0:
             count[0] += 1
             if count[0] == steps + 1:
-                _hog(target) if hog else _die(target)
+                _hog(target) if hog else _die(target, hook)
         depth[0] += 1
 
     def after(module: Any, args: Any, output: Any) -> None:
