@@ -25,16 +25,31 @@ FASHION = Path(os.environ.get("CLIPQ_FASHION_MNIST", "/usr/share/datasets/fashio
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "search_spaces" / "smoke.yaml"
 
+FASHION_PRESENT = (FASHION / "train-images-idx3-ubyte.gz").exists() or (FASHION / "train-images-idx3-ubyte").exists()
 needs_fashion = pytest.mark.skipif(
-    not (FASHION / "train-images-idx3-ubyte.gz").exists() and not (FASHION / "train-images-idx3-ubyte").exists(),
+    not FASHION_PRESENT,
     reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)",
 )
 
 
 @pytest.fixture(scope="session")
-def results_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One results root per session, so the smoke baseline is trained once and reused."""
-    return tmp_path_factory.mktemp("results")
+def results_root(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """One results root per test process, whose baselines are those of the whole run: the smoke baseline is
+    trained once, by the first process to get here, and reused by every test of every process (pytest-xdist)."""
+    import fcntl
+
+    root = tmp_path_factory.mktemp("results")
+    # pytest-xdist's processes share the parent of their temporary folders (that of this run alone)
+    shared = tmp_path_factory.getbasetemp().parent / "baselines" if worker_id != "master" else root / "baselines"
+    shared.mkdir(exist_ok=True)
+    if shared != root / "baselines":
+        (root / "baselines").symlink_to(shared, target_is_directory=True)
+    with open(shared / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the others wait for the first, then find its baseline
+        if FASHION_PRESENT:
+            r = cli("pretrain", str(SMOKE), "--results", str(root))
+            assert r.returncode == 0, r.stderr[-2000:]
+    return root
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
