@@ -195,28 +195,38 @@ def front_figure(data: RunData) -> go.Figure | None:
             )
         )
     if has_final:
-        # On the trials' scale: the final run's validation accuracy; its test accuracy is in the hover.
-        on_val = _finite(final.get("compressed_val_top1"))
-        fig.add_trace(
-            go.Scatter(
-                x=[float(final["rate"])],
-                y=[float(final["compressed_val_top1"] if on_val else final["compressed_test_top1"])],
-                mode="markers+text",
-                name="final fine-tune (val top-1)" if on_val
-                else "final fine-tune (TEST top-1, not the trials' validation scale)",
-                textposition="bottom center",
-                text=[f"final{'' if final.get('trial') is None else ' #' + str(final['trial'])}"],
-                marker={"color": _FINAL, "size": 14, "symbol": "diamond", "line": {"color": "#333", "width": 1}},
-                hovertext=[
-                    f"<b>final fine-tune</b> of trial {_e(final.get('trial', '-'))}"
-                    f"<br>val top-1 {_num(final.get('compressed_val_top1'), '.2f', '%')}"
-                    f"<br>test top-1 {float(final['compressed_test_top1']):.2f}% (dense test "
-                    f"{_num(final.get('baseline_test_top1'), '.2f', '%')})<br>rate {float(final['rate']):.2f}x, "
-                    f"{_bytes(final.get('file_bytes'))} bytes"
-                ],
-                hoverinfo="text",
-            )
-        )
+        fig.add_trace(_final_trace(final))
+    rates = [*done["rate"], *([final["rate"]] if has_final else [])]
+    _front_layout(fig, base, rates)
+    return fig
+
+
+def _final_trace(final: dict[str, Any]) -> go.Scatter:
+    """The final run's point: on the trials' scale, its validation accuracy; its test accuracy is in the hover."""
+    on_val = _finite(final.get("compressed_val_top1"))
+    return go.Scatter(
+        x=[float(final["rate"])],
+        y=[float(final["compressed_val_top1"] if on_val else final["compressed_test_top1"])],
+        mode="markers+text",
+        name="final fine-tune (val top-1)"
+        if on_val
+        else "final fine-tune (TEST top-1, not the trials' validation scale)",
+        textposition="bottom center",
+        text=[f"final{'' if final.get('trial') is None else ' #' + str(final['trial'])}"],
+        marker={"color": _FINAL, "size": 14, "symbol": "diamond", "line": {"color": "#333", "width": 1}},
+        hovertext=[
+            f"<b>final fine-tune</b> of trial {_e(final.get('trial', '-'))}"
+            f"<br>val top-1 {_num(final.get('compressed_val_top1'), '.2f', '%')}"
+            f"<br>test top-1 {float(final['compressed_test_top1']):.2f}% (dense test "
+            f"{_num(final.get('baseline_test_top1'), '.2f', '%')})<br>rate {float(final['rate']):.2f}x, "
+            f"{_bytes(final.get('file_bytes'))} bytes"
+        ],
+        hoverinfo="text",
+    )
+
+
+def _front_layout(fig: go.Figure, base: float, rates: list[float]) -> None:
+    """The dense baseline's lines, the 1-2-5 log axis of the rates, the titles."""
     fig.add_hline(
         y=base,
         line={"dash": "dash", "color": _BASE, "width": 1},
@@ -229,7 +239,7 @@ def front_figure(data: RunData) -> go.Figure | None:
         annotation_text="baseline - 1 point",
         annotation_position="bottom left",
     )
-    ticks = rate_ticks([*done["rate"], *([final["rate"]] if has_final else [])])
+    ticks = rate_ticks(rates)
     fig.update_layout(
         title="Pareto front: validation accuracy vs compression rate",
         xaxis={
@@ -246,7 +256,6 @@ def front_figure(data: RunData) -> go.Figure | None:
         legend={"orientation": "h", "y": -0.15},
         margin={"t": 60, "r": 20},
     )
-    return fig
 
 
 def layers_figure(data: RunData) -> go.Figure | None:
