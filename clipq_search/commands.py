@@ -221,29 +221,33 @@ def cmd_init(args: argparse.Namespace) -> None:
     print(f"wrote {out}; edit it, then: clipq-search search {out}")
 
 
+def _nonneg_float(text: str) -> float:
+    """argparse type: a number >= 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not a number") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"{shown(text)} must be >= 0")
+    return v
+
+
+def _seed_int(text: str) -> int:
+    """argparse type: a sampler seed."""
+    from clipq_search.search.space import SEED_MAX
+
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not an integer") from None
+    if not 0 <= v <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"{shown(text)} is out of range; a seed is an integer in [0, {SEED_MAX}]")
+    return v
+
+
 def register(sub: argparse._SubParsersAction, add_space_args: Callable, positive_int: Callable) -> None:
     """Add the pretrain / search / report / export / final / demo / cluster sub-commands."""
     from clipq_search.search.space import SAMPLERS
-
-    def nonneg_float(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{shown(text)} is not a number") from None
-        if not v >= 0:
-            raise argparse.ArgumentTypeError(f"{shown(text)} must be >= 0")
-        return v
-
-    def seed_int(text: str) -> int:
-        from clipq_search.search.space import SEED_MAX
-
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{shown(text)} is not an integer") from None
-        if not 0 <= v <= SEED_MAX:
-            raise argparse.ArgumentTypeError(f"{shown(text)} is out of range; a seed is an integer in [0, {SEED_MAX}]")
-        return v
 
     p = sub.add_parser("spaces", help="list the shipped search spaces (presets)")
     p.set_defaults(func=cmd_spaces)
@@ -265,7 +269,7 @@ def register(sub: argparse._SubParsersAction, add_space_args: Callable, positive
     p.add_argument("--trials", type=positive_int, help="total finished trials wanted (default: search.trials)")
     p.add_argument("--concurrency", type=positive_int, help="trials at once (default: search.concurrency)")
     p.add_argument("--sampler", choices=SAMPLERS, help="default: search.sampler")
-    p.add_argument("--seed", type=seed_int, help="sampler seed (default: search.seed)")
+    p.add_argument("--seed", type=_seed_int, help="sampler seed (default: search.seed)")
     p.add_argument("--name", help="run name: results/<name>/ (default: the space's name)")
     p.add_argument("--address", help="Ray cluster address HOST:PORT (default: a private local Ray instance)")
     p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///<run dir>/study.db)")
@@ -279,12 +283,28 @@ def register(sub: argparse._SubParsersAction, add_space_args: Callable, positive
     p = sub.add_parser("export", help="write the chosen plan as JSON")
     p.add_argument("run_dir")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--max-drop", type=nonneg_float, help="highest rate within X points of the baseline (default 1.0)")
-    g.add_argument("--min-rate", type=nonneg_float, help="best accuracy with rate at least R")
+    g.add_argument("--max-drop", type=_nonneg_float, help="highest rate within X points of the baseline (default 1.0)")
+    g.add_argument("--min-rate", type=_nonneg_float, help="best accuracy with rate at least R")
     g.add_argument("--trial", type=int, help="a given trial number")
     p.add_argument("--out", help="output file (default: <run dir>/plan.json)")
     p.set_defaults(func=cmd_export)
 
+    _add_final(sub, positive_int)
+
+    p = sub.add_parser("demo", help="pretrain, search, report, export and final in one go")
+    add_space_args(p)
+    p.add_argument("--name", help="run name (default: the space's name)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("cluster", help="list the Ray cluster's nodes: resources, torch, CUDA, package, dataset")
+    p.add_argument("--address", help="Ray cluster address HOST:PORT (default: a private local Ray instance)")
+    p.add_argument("--space", help="also check that every node reads this space's dataset.root")
+    add_overrides(p, "override a value of --space, e.g. --set dataset.root=/data/imagenet (repeatable)")
+    p.set_defaults(func=cmd_cluster)
+
+
+def _add_final(sub: argparse._SubParsersAction, positive_int: Callable) -> None:
+    """The ``final`` sub-command: which plan (a file, a trial, a rule, the rule's top K), how, where."""
     p = sub.add_parser("final", help="full-length CLIP-Q fine-tune of a plan -> final/model.clipq")
     p.add_argument("run_dir")
     g = p.add_mutually_exclusive_group()
@@ -292,9 +312,9 @@ def register(sub: argparse._SubParsersAction, add_space_args: Callable, positive
     g.add_argument("--trial", type=int, help="the plan of this trial number (as `export --trial N` would pick)")
     # The rules choose among the run's trials: they go with --top, not with --config or --trial (run_final says so).
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--max-drop", type=nonneg_float, help="as export: highest rate within X points of the baseline "
+    g.add_argument("--max-drop", type=_nonneg_float, help="as export: highest rate within X points of the baseline "
                    "(default 1.0)")
-    g.add_argument("--min-rate", type=nonneg_float, help="as export: best accuracy with rate at least R")
+    g.add_argument("--min-rate", type=_nonneg_float, help="as export: best accuracy with rate at least R")
     p.add_argument(
         "--top", type=positive_int, metavar="K",
         help="fine-tune the K trials nearest the rule's boundary in parallel and keep the one the rule picks on "
@@ -311,14 +331,3 @@ def register(sub: argparse._SubParsersAction, add_space_args: Callable, positive
         "--workers", type=positive_int, help="data-parallel workers of each run (Ray Train DDP; default final.workers)"
     )
     p.set_defaults(func=cmd_final)
-
-    p = sub.add_parser("demo", help="pretrain, search, report, export and final in one go")
-    add_space_args(p)
-    p.add_argument("--name", help="run name (default: the space's name)")
-    p.set_defaults(func=cmd_demo)
-
-    p = sub.add_parser("cluster", help="list the Ray cluster's nodes: resources, torch, CUDA, package, dataset")
-    p.add_argument("--address", help="Ray cluster address HOST:PORT (default: a private local Ray instance)")
-    p.add_argument("--space", help="also check that every node reads this space's dataset.root")
-    add_overrides(p, "override a value of --space, e.g. --set dataset.root=/data/imagenet (repeatable)")
-    p.set_defaults(func=cmd_cluster)
