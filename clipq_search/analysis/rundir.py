@@ -24,7 +24,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from clipq_search._io import MiB, read_regular, write_json, write_text
@@ -149,9 +148,9 @@ def load_trials(run_dir: str | Path) -> pd.DataFrame:
     for col in ("number", "state"):
         if col not in df.columns:
             raise ClipQError(f"{path} has no {col!r} column; it is not a trials.csv written by `run_search.py search`")
-    for col in _BASE_COLUMNS:
-        if col not in df.columns:
-            df[col] = np.nan
+    # added at once and the frame consolidated (its columns are replaced one by one below): a frame of many
+    # layers' columns would otherwise be fragmented, which pandas warns of on every later insert
+    df = df.reindex(columns=[*df.columns, *(c for c in _BASE_COLUMNS if c not in df.columns)]).copy()
     numbers = pd.to_numeric(df["number"], errors="coerce")
     if numbers.isna().any():
         raise ClipQError(f"{path} has a non-integer trial number; rerun `run_search.py search` to rewrite it")
@@ -163,7 +162,7 @@ def load_trials(run_dir: str | Path) -> pd.DataFrame:
     df["state"] = df["state"].fillna("UNKNOWN").astype(str)
     for col in ("datetime_start", "datetime_complete"):
         df[col] = pd.to_datetime(df[col], errors="coerce", format="ISO8601")
-    return df.sort_values("number", kind="stable").reset_index(drop=True)
+    return df.sort_values("number", kind="stable").reset_index(drop=True).copy()
 
 
 JSON_LIMIT = 16 * MiB  # the largest run JSON file read (they are a few kB)
