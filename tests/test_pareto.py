@@ -264,23 +264,6 @@ def test_load_trials_types(run: Path) -> None:
     assert (df["state"] == "FAIL").sum() == 4
 
 
-def test_a_run_of_many_layers_is_read_without_pandas_warnings(tmp_path: Path) -> None:
-    """A network of many layers has hundreds of p:/bits:/kept: columns: the frame read is not fragmented (pandas
-    would warn on each later insert, as in the report's Pareto table)."""
-    import warnings
-
-    from clipq_search.analysis.pareto import complete_trials
-
-    df = trials_frame(6, seed=1)
-    kinds = ("p", "bits", "kept")
-    layers = {f"{kind}:block{i}.conv": np.linspace(0.1, 0.9, len(df)) for i in range(80) for kind in kinds}
-    run = make_run(tmp_path / "run", pd.concat([df, pd.DataFrame(layers, index=df.index)], axis=1))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", pd.errors.PerformanceWarning)
-        done = complete_trials(load_trials(run))
-        done.set_index("number").loc[done["number"].head(2).tolist()].reset_index().insert(0, "x", 1.0)
-
-
 def test_load_trials_not_a_run_dir(tmp_path: Path) -> None:
     with pytest.raises(ClipQError, match=r"is not a run directory \(no trials.csv\); run `run_search.py search`"):
         load_trials(tmp_path)

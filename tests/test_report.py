@@ -196,3 +196,20 @@ def test_a_grouped_run_shows_its_groups_in_model_order(tmp_path: Path) -> None:
     fig = layers_figure(load_run(run))
     assert list(fig.data[0].y) == ["stem.conv", "block1 (2 layers)", "head.fc"]
 
+
+def test_a_run_of_many_layers_is_read_and_reported_without_pandas_warnings(tmp_path: Path) -> None:
+    """A network of many layers has hundreds of columns (p:/bits:/kept: floats, the sampler's integer bits): the
+    frame read is not fragmented and the front figure does not fragment it (pandas warns on each later insert)."""
+    import warnings
+
+    df = trials_frame(6, seed=1)
+    n = len(df)
+    layers: dict[str, object] = {}
+    for i in range(80):
+        layers.update({f"p:block{i}.conv": np.linspace(0.1, 0.9, n), f"bits:block{i}.conv": np.full(n, 4.0),
+                       f"kept:block{i}.conv": np.full(n, 0.5), f"param:bits:block{i}.conv": np.arange(n) % 6 + 2})
+    run = make_run(tmp_path / "run", pd.concat([df, pd.DataFrame(layers, index=df.index)], axis=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pd.errors.PerformanceWarning)
+        data = load_run(run)
+        assert front_figure(data) is not None

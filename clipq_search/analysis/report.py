@@ -165,7 +165,10 @@ def front_figure(data: RunData) -> go.Figure | None:
                 hoverinfo="text",
             )
         )
-    front = done.set_index("number").loc[list(data.info.front)].reset_index()
+    # the front's rows by position, in its order (rate ascending); moving "number" into the index and back
+    # would split the frame's integer columns into a block each, which pandas warns of
+    row = {n: i for i, n in enumerate(done["number"])}
+    front = done.iloc[[row[n] for n in data.info.front]]
     if not front.empty:
         fig.add_trace(
             go.Scatter(

@@ -148,9 +148,9 @@ def load_trials(run_dir: str | Path) -> pd.DataFrame:
     for col in ("number", "state"):
         if col not in df.columns:
             raise ClipQError(f"{path} has no {col!r} column; it is not a trials.csv written by `run_search.py search`")
-    # added at once and the frame consolidated (its columns are replaced one by one below): a frame of many
-    # layers' columns would otherwise be fragmented, which pandas warns of on every later insert
-    df = df.reindex(columns=[*df.columns, *(c for c in _BASE_COLUMNS if c not in df.columns)]).copy()
+    # added at once, and the frame returned consolidated (its columns are replaced one by one below): a frame of
+    # many layers' columns would otherwise be fragmented, which pandas warns of on every later insert
+    df = df.reindex(columns=[*df.columns, *(c for c in _BASE_COLUMNS if c not in df.columns)])
     numbers = pd.to_numeric(df["number"], errors="coerce")
     if numbers.isna().any():
         raise ClipQError(f"{path} has a non-integer trial number; rerun `run_search.py search` to rewrite it")
