@@ -11,6 +11,10 @@ and 2, and on a local two-node Ray cluster, and reports:
   which start the Ray workers, and the median of the later ones.
 
     python benchmarks/bench_orchestration.py [--trials 16] [--epochs 1] [--out benchmarks/results/orchestration.json]
+
+The runs go to a temporary folder, deleted afterwards; the first run trains
+the dense baseline there (its command time includes that), unless
+``--baselines results/baselines`` names a baseline cache to reuse (or fill).
 """
 
 from __future__ import annotations
@@ -85,8 +89,13 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=1.0, help="trial fine-tune length (epochs)")
     ap.add_argument("--no-cluster", action="store_true", help="skip the two-node cluster run")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "orchestration.json"))
+    ap.add_argument("--baselines", help="a baseline cache to reuse and fill (a results folder's baselines/)")
     args = ap.parse_args()
     results = Path(tempfile.mkdtemp(prefix="clipq-orch-"))
+    if args.baselines:  # the runs stay in the temporary folder; only the cache is shared
+        cache = Path(args.baselines).resolve()
+        cache.mkdir(parents=True, exist_ok=True)
+        (results / "baselines").symlink_to(cache, target_is_directory=True)
     rows = []
     try:
         for c in (1, 2):

@@ -64,9 +64,11 @@ def test_storage_benchmark_finds_estimate_equal_to_file_bytes(tmp_path: Path) ->
 
 @pytest.mark.slow
 @needs_fashion
-def test_orchestration_benchmark_reports_overhead_and_queue_times(tmp_path: Path) -> None:
+def test_orchestration_benchmark_reports_overhead_and_queue_times(results_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "orchestration.json"
-    r = _run("bench_orchestration.py", "--trials", "2", "--epochs", "0.05", "--no-cluster", "--out", str(out))
+    cached = sorted((results_root / "baselines").glob("*.pt"))
+    r = _run("bench_orchestration.py", "--trials", "2", "--epochs", "0.05", "--no-cluster", "--out", str(out),
+             "--baselines", str(results_root / "baselines"))  # the test run's smoke baseline, not another one
     assert r.returncode == 0, r.stderr
     rows = {row["name"]: row for row in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"c1", "c2"}
@@ -74,6 +76,8 @@ def test_orchestration_benchmark_reports_overhead_and_queue_times(tmp_path: Path
         assert row["complete"] == 2 and row["concurrency"] == int(c[1])
         assert row["overhead_trial_phase"] >= 1.0 - 1e-6 and row["trials_per_hour"] > 0
         assert len(row["queue_seconds_first_trials"]) == row["concurrency"]
+    if cached:  # the smoke baseline was there: reused, not trained again
+        assert sorted((results_root / "baselines").glob("*.pt")) == cached
 
 
 def test_ask_benchmark_times_each_sampler(tmp_path: Path) -> None:

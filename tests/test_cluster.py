@@ -36,7 +36,7 @@ def cluster():
 def test_trials_are_placed_on_several_nodes_and_a_lost_node_is_survived(results_root: Path, cluster) -> None:
     import ray
 
-    space = load_space(SMOKE, ["trial.train.epochs=1.0"])  # trials of 1.5-2 s: the node goes mid-run
+    space = load_space(SMOKE, ["trial.train.epochs=0.5"])  # trials of about a second: the node goes mid-run
     logs: list[str] = []
     victim = list(cluster.worker_nodes)[-1]
     killed = threading.Event()

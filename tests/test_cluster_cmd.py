@@ -337,7 +337,7 @@ def test_cluster_then_a_search_with_the_token_run_on_a_worker_without_the_packag
     assert "nodes need no copy" in lines[-2] and lines[-1].startswith("ok: checked 2 node(s)")
     node = re.search(r"\((\S+)\) worker:", nodes[1]).group(1)  # HOST/ID, as trials.csv names it
 
-    budget = ["--set", "baseline.train.max_steps=20", "--set", "trial.train.max_steps=5"]
+    budget = ["--set", "baseline.train.max_steps=20", "--set", "trial.train.max_steps=5", "--concurrency", "1"]
     args = ["search", "smoke", "--address", c.address, "--results", str(tmp_path), "--trials", "2", *budget]
     proc, _ = _cli(c, *args, timeout=600, **auth)
     out = proc.stdout + proc.stderr

@@ -21,9 +21,9 @@ from clipq_search.search.trial import check_device, check_space, worker_device
 from .conftest import SMOKE, needs_fashion, private_ray
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def fake_gpu_ray():
-    """A local Ray instance that believes it has 2 GPUs."""
+    """A local Ray instance that believes it has 2 GPUs, for the module's tests."""
     # address "local": a new instance even where another test process left a cluster as the latest one
     ray = private_ray(num_cpus=2, num_gpus=2)
     yield ray

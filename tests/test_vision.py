@@ -61,7 +61,7 @@ def _space(path: Path, model: str, root: Path, **extra: object) -> Path:
         "dataset": {"name": "imagefolder", "root": str(root), "val_size": 9, "image_size": 32},
         "baseline": {"train": {"max_steps": 2, "batch_size": 8}},
         "layers": {"default": {"p": [0.3, 0.9], "bits": [3, 6]}},
-        "search": {"trials": 2, "concurrency": 2},
+        "search": {"trials": 2, "concurrency": 1},  # one trial at a time: one Ray worker to start
         **extra,
     }
     path.write_text(yaml.safe_dump(data))
