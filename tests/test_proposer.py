@@ -35,6 +35,14 @@ def _take(p: Proposer, timeout: float = 10.0):  # noqa: ANN202
     raise AssertionError("no plan became ready")
 
 
+def _asked(p: Proposer, count: int, timeout: float = 10.0) -> None:
+    """Wait until the proposer has asked the sampler for ``count`` plans (it asks in its own thread)."""
+    deadline = time.time() + timeout
+    while p.asked < count and time.time() < deadline:
+        time.sleep(0.005)
+    assert p.asked == count
+
+
 def _study(tmp_path: Path, sampler: optuna.samplers.BaseSampler | None = None) -> optuna.Study:
     return optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", directions=["maximize"] * 2, sampler=sampler)
 
@@ -45,8 +53,9 @@ def test_plans_are_ready_for_every_free_slot_and_never_more_than_asked(tmp_path:
     assert p.take() is None  # not started: nothing asked yet
     p.start()
     got = [_take(p) for _ in range(3)]  # every free slot, without waiting for a completion
+    _asked(p, 4)  # plus one spare
     time.sleep(0.3)
-    assert p.asked == 4  # plus one spare, no more while the slots are full
+    assert p.asked == 4  # no more while the slots are full
     order: list[int] = []
     for trial, config in got:
         assert config == {"number": trial.number}
@@ -66,7 +75,7 @@ def test_plans_never_handed_out_are_returned_on_stop(tmp_path: Path) -> None:
     study = _study(tmp_path)
     p = Proposer(study, DIST, total=10, concurrency=2, prepare=lambda t: {}, log=lambda m: None).start()
     _take(p)
-    time.sleep(0.3)
+    _asked(p, 3)
     left = p.stop()
     assert len(left) == 2 and all(t.number > 0 for t in left)  # one free slot and the spare
 
