@@ -98,7 +98,7 @@ def test_every_stage_asks_ray_for_the_trials_gpus(
     overrides = [
         "resources.gpus_per_trial=0.5", "resources.cpus_per_trial=1", "baseline.train.epochs=0.05",
         "trial.train.max_steps=3", "final.train.max_steps=3", "search.paper.lambdas=[10]",
-        "search.paper.evals_per_layer=2", "search.paper.subset=50",
+        "search.paper.evals_per_layer=2", "search.paper.subset=50", "search.concurrency=1",
     ]
     space = load_space(SMOKE, overrides)
     logs: list[str] = []
