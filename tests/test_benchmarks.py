@@ -67,6 +67,7 @@ def test_storage_benchmark_finds_estimate_equal_to_file_bytes(tmp_path: Path) ->
 def test_orchestration_benchmark_reports_overhead_and_queue_times(results_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "orchestration.json"
     cached = sorted((results_root / "baselines").glob("*.pt"))
+    assert cached  # the test run's smoke baseline (conftest's results_root)
     r = _run("bench_orchestration.py", "--trials", "2", "--epochs", "0.05", "--no-cluster", "--out", str(out),
              "--baselines", str(results_root / "baselines"))  # the test run's smoke baseline, not another one
     assert r.returncode == 0, r.stderr
@@ -76,8 +77,7 @@ def test_orchestration_benchmark_reports_overhead_and_queue_times(results_root: 
         assert row["complete"] == 2 and row["concurrency"] == int(c[1])
         assert row["overhead_trial_phase"] >= 1.0 - 1e-6 and row["trials_per_hour"] > 0
         assert len(row["queue_seconds_first_trials"]) == row["concurrency"]
-    if cached:  # the smoke baseline was there: reused, not trained again
-        assert sorted((results_root / "baselines").glob("*.pt")) == cached
+    assert sorted((results_root / "baselines").glob("*.pt")) == cached  # reused, not trained again
 
 
 def test_ask_benchmark_times_each_sampler(tmp_path: Path) -> None:

@@ -142,6 +142,8 @@ def test_two_runs_on_one_storage_search_and_resume_separately(results_root: Path
     search("wide", 3, [])  # resumes its own study only
     assert len(_finished(storage, "wide")) == 3 and len(_finished(storage, "narrow")) == 2
     assert all(0.5 <= v <= 0.6 for t in _finished(storage, "narrow") for k, v in t.params.items() if k[:2] == "p:")
+    search("narrow", 3, narrow)
+    assert len(_finished(storage, "wide")) == 3 and len(_finished(storage, "narrow")) == 3
     # a new run folder whose --name is taken in the storage by another space: refused, nothing created
     with pytest.raises(ClipQError, match=r"study 'wide' in .* holds a search of a different space \(layers differ\)"):
         search("wide", 4, narrow, root=results_root / "elsewhere")
@@ -187,15 +189,16 @@ def test_two_searches_at_once_on_two_runs_in_one_postgres_database(postgres, res
     """One command in an interpreter of its own, the other in the test process once the first is searching."""
     url = postgres.create_database("cli_two")
     fast = ("--set", "trial.train.epochs=0.05", "--concurrency", "1")
-    one = subprocess.Popen(_cmd(results_root, "pg-one", url, 3, *fast), cwd=REPO, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
-    said = ["-"]
-    while said[-1] and not said[-1].startswith("run "):  # up to its opening line: its study is open
-        said.append(one.stdout.readline())
-    two = cli(*_cmd(results_root, "pg-two", url, 3, *fast, "--set", "layers.default.bits=[3,4]")[2:])
-    out, err = one.communicate(timeout=600)
-    assert one.returncode == 0 and two.returncode == 0, (err[-2000:], two.stderr[-2000:])
-    assert "[3/3]" in "".join(said) + out and "[3/3]" in two.stdout
+    log = results_root / "pg-one.log"
+    with open(log, "w") as fh:
+        one = subprocess.Popen(_cmd(results_root, "pg-one", url, 3, *fast), cwd=REPO, stdout=fh,
+                               stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while time.time() < deadline and one.poll() is None and "\nrun " not in "\n" + log.read_text():
+            time.sleep(0.1)  # up to its opening line: its study is open
+        two = cli(*_cmd(results_root, "pg-two", url, 3, *fast, "--set", "layers.default.bits=[3,4]")[2:])
+        assert one.wait(timeout=600) == 0 and two.returncode == 0, (log.read_text()[-2000:], two.stderr[-2000:])
+    assert "[3/3]" in log.read_text() and "[3/3]" in two.stdout
     assert sorted(optuna.get_all_study_names(url)) == ["pg-one", "pg-two"]
     assert len(_finished(url, "pg-one")) == 3 and len(_finished(url, "pg-two")) == 3
     assert all(3 <= v <= 4 for t in _finished(url, "pg-two") for k, v in t.params.items() if k[:5] == "bits:")
