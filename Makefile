@@ -14,7 +14,7 @@ TEST_WORKERS ?= 3
 
 .PHONY: setup demo test bench lint clean-venv
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed $(VENV)/.compiled
 
 # Rebuilt when the project's dependencies change. Debian packages first: the
 # Fashion-MNIST IDX files, venv support for the system Python, and PostgreSQL
@@ -37,6 +37,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade "pip>=24" "setuptools>=77"
 	$(PY) -m pip install -q "torch===2.13.0" "torchvision==0.28.0"
 	$(PY) -m pip install -q -e ".[test,vision,timm]"
+	@touch $@
+
+# The package's byte code, and the operator's numba kernels (compiled on a process' first call, some 20 s of CPU,
+# and cached beside their source): made once here, so that the many processes of a test run or a search (Ray's
+# trial workers among them) load them instead of each compiling them, also where PYTHONDONTWRITEBYTECODE is set.
+$(VENV)/.compiled: $(VENV)/.installed $(wildcard clipq_search/*.py clipq_search/*/*.py)
+	$(PY) -m compileall -q clipq_search
+	$(PY) -c "from clipq_search.core.operator import compile_cpu_kernels; compile_cpu_kernels()"
 	@touch $@
 
 demo: setup

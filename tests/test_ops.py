@@ -449,6 +449,20 @@ def test_the_kernels_name_the_rules_they_compile_in(monkeypatch: pytest.MonkeyPa
         assert not fused.rules_cached()
 
 
+def test_the_kernels_can_be_compiled_ahead_of_a_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``make setup`` compiles them once, so that a run's processes load them from numba's cache."""
+    import clipq_search.core._numba_kernels as fused
+    from clipq_search.core.operator import compile_cpu_kernels
+
+    monkeypatch.setenv("CLIPQ_SEARCH_KERNEL", "torch")
+    assert not compile_cpu_kernels()  # switched off: nothing to compile
+    monkeypatch.delenv("CLIPQ_SEARCH_KERNEL")
+    if not fused.enabled():
+        pytest.skip("compiled kernels unavailable")
+    assert compile_cpu_kernels()
+    assert fused.kernels().clipq_cpu.signatures  # the operator's kernel is compiled in this process
+
+
 def test_order_keys_sort_as_the_floats_do() -> None:
     """The compiled scan compares int32 order keys: they must order every float32 as the values do."""
     import clipq_search.core._numba_kernels as fused

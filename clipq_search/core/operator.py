@@ -44,6 +44,7 @@ __all__ = [
     "ClipQStats",
     "clipq_quantize",
     "clipq_quantize_with_stats",
+    "compile_cpu_kernels",
     "validate_p_bits",
 ]
 
@@ -461,3 +462,16 @@ def clipq_quantize(weight: torch.Tensor, p: float, bits: int) -> torch.Tensor:
     Raises ``ValueError`` for p outside [0, 1) or bits outside [2, 8].
     """
     return clipq_quantize_with_stats(weight, p, bits)[0]
+
+
+def compile_cpu_kernels() -> bool:
+    """Compile the CPU kernels now, or load them from numba's on-disk cache; False when they are not in use.
+
+    numba compiles them on a process' first call (some 20 s of CPU) and caches them beside their source.
+    Processes that start together with a cold cache each compile them; done once beforehand (``make setup``
+    does), the trial workers of a search load them instead.
+    """
+    if not _fused.enabled():
+        return False
+    clipq_quantize(torch.linspace(-1.0, 1.0, 4096), 0.5, 3)
+    return True

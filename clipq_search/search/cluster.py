@@ -56,11 +56,15 @@ LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # What this package runs Ray with, unless the environment says otherwise: Tune's classic console output
 # and no automatic logger callbacks (the commands print their own lines), every worker's log lines as they
 # come, and Ray Train's v1 API (``final --workers``). Ray reads some of them when its modules are imported.
+# A local instance starts no idle workers ahead of the first task (one per CPU, by Ray's default): Tune's trial
+# actors run with a runtime environment of Tune's, so they never take such a worker, which only costs a
+# process start and some CPU a minute while it waits.
 RAY_SETTINGS = {
     "RAY_AIR_NEW_OUTPUT": "0",
     "RAY_DEDUP_LOGS": "0",
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
     "RAY_TRAIN_V2_ENABLED": "0",
+    "RAY_prestart_worker_first_driver": "0",
 }
 
 
