@@ -44,7 +44,7 @@ $(VENV)/.installed: pyproject.toml
 # trial workers among them) load them instead of each compiling them, also where PYTHONDONTWRITEBYTECODE is set.
 $(VENV)/.compiled: $(VENV)/.installed $(wildcard clipq_search/*.py clipq_search/*/*.py)
 	$(PY) -m compileall -q clipq_search
-	$(PY) -c "from clipq_search.core.operator import compile_cpu_kernels; compile_cpu_kernels()"
+	$(PY) -c "import clipq_search; clipq_search.compile_cpu_kernels()"
 	@touch $@
 
 demo: setup

@@ -23,6 +23,7 @@ _LAZY = {
     "save_compressed": "clipq_search.core.encoding",
     "clipq_quantize": "clipq_search.core.operator",
     "clipq_quantize_with_stats": "clipq_search.core.operator",
+    "compile_cpu_kernels": "clipq_search.core.operator",
     "LayerConfig": "clipq_search.core.plan",
     "Plan": "clipq_search.core.plan",
     "compressible_layers": "clipq_search.core.plan",
@@ -44,6 +45,7 @@ __all__ = [
     "attached_configs",
     "clipq_quantize",
     "clipq_quantize_with_stats",
+    "compile_cpu_kernels",
     "compressible_layers",
     "compressible_tensors",
     "estimate_size",
@@ -62,7 +64,7 @@ if TYPE_CHECKING:
         read_compressed,
         save_compressed,
     )
-    from clipq_search.core.operator import clipq_quantize, clipq_quantize_with_stats
+    from clipq_search.core.operator import clipq_quantize, clipq_quantize_with_stats, compile_cpu_kernels
     from clipq_search.core.plan import LayerConfig, Plan, compressible_layers, compressible_tensors
     from clipq_search.core.surgery import attach_clipq, attached_configs, strip_clipq
 
