@@ -4,6 +4,7 @@ import io
 import os
 import subprocess
 import sys
+import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -82,6 +83,17 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
             else:
                 os.environ[key] = value
     return subprocess.CompletedProcess([sys.executable, "run_search.py", *args], code, out.getvalue(), err.getvalue())
+
+
+def wait_for_output(log: Path, text: str, proc: subprocess.Popen, deadline: float) -> str:
+    """Poll the ``log`` a command writes until it holds ``text``, the command ends, or ``deadline`` (a
+    ``time.time()``) passes; return the log's text. A leading newline in ``text`` matches at the start of any
+    line, the first one included."""
+    while True:
+        out = "\n" + log.read_text()
+        if text in out or proc.poll() is not None or time.time() >= deadline:
+            return out[1:]
+        time.sleep(0.1)
 
 
 def private_ray(**kwargs: object):

@@ -16,7 +16,7 @@ import torch
 from clipq_search.errors import ConfigError
 from clipq_search.search.final_ddp import check_workers, quantized_digest
 
-from .conftest import REPO, SMOKE, cli, needs_fashion
+from .conftest import REPO, SMOKE, cli, needs_fashion, wait_for_output
 
 # 1,024 images a step: an epoch of the 58,000 training images (smoke holds 2,000 out) is 56 steps, so a run
 # of a few epochs writes checkpoints within seconds.
@@ -116,10 +116,8 @@ def test_a_killed_command_is_resumed_by_the_same_command(run_dir: Path, tmp_path
     args += longer
     with open(log, "w") as fh:
         proc = subprocess.Popen(args, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
-        deadline = time.time() + 600
-        while time.time() < deadline and proc.poll() is None and "compressed: epoch 2/" not in log.read_text():
-            time.sleep(0.3)
-        assert "compressed: epoch 2/" in log.read_text(), log.read_text()[-3000:]
+        out = wait_for_output(log, "compressed: epoch 2/", proc, time.time() + 600)
+        assert "compressed: epoch 2/" in out, out[-3000:]
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
     assert list((run_dir / "final" / "ray-train").glob("compressed-*/*/checkpoint_*"))

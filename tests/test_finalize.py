@@ -19,7 +19,7 @@ from clipq_search.training.data import load_dataset
 from clipq_search.training.loop import evaluate
 from clipq_search.training.models import build_model
 
-from .conftest import REPO, SMOKE, cli, needs_fashion
+from .conftest import REPO, SMOKE, cli, needs_fashion, wait_for_output
 
 pytestmark = [needs_fashion, pytest.mark.slow]
 
@@ -102,9 +102,7 @@ def test_final_resumes_from_its_checkpoint_after_a_kill(run_dir: Path, tmp_path:
     log = tmp_path / "final.log"
     with open(log, "w") as fh:
         proc = subprocess.Popen(args, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
-        deadline = time.time() + 300
-        while time.time() < deadline and "compressed: epoch 1/" not in log.read_text():
-            time.sleep(0.3)
+        wait_for_output(log, "compressed: epoch 1/", proc, time.time() + 300)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
     (left,) = (run_dir / "final").glob("ckpt-compressed-*.pt")

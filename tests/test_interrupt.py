@@ -14,7 +14,7 @@ import pytest
 
 from clipq_search.search.study import interrupted_numbers
 
-from .conftest import REPO, SMOKE, cli, needs_fashion
+from .conftest import REPO, SMOKE, cli, needs_fashion, wait_for_output
 
 pytestmark = [needs_fashion, pytest.mark.slow]
 
@@ -43,9 +43,7 @@ def _interrupt_mid_run(results: Path, name: str, sig: signal.Signals) -> tuple[i
     log = results / f"{name}-{sig.name}.log"
     with open(log, "w") as fh:
         proc = subprocess.Popen(_cmd(results, name), cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
-        deadline = time.time() + 300
-        while time.time() < deadline and "/6] trial" not in log.read_text():
-            time.sleep(0.1)
+        wait_for_output(log, "/6] trial", proc, time.time() + 300)
         time.sleep(0.3)  # the next trials are now in flight
         proc.send_signal(sig)
         rc = proc.wait(timeout=120)

@@ -32,7 +32,7 @@ from clipq_search.search.trial import (
 )
 from clipq_search.training.data import load_dataset
 
-from .conftest import REPO, cli, needs_fashion
+from .conftest import REPO, cli, needs_fashion, wait_for_output
 
 RUNGS = ["--set", "trial.rungs=[1, 3, 9]"]
 
@@ -199,9 +199,8 @@ def test_a_search_killed_after_a_rung_resumes_each_trial_from_its_checkpoint(res
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 300
-        while time.time() < deadline and ": promoted" not in log.read_text():
-            time.sleep(0.1)
-        assert ": promoted" in log.read_text(), log.read_text()[-3000:]
+        out = wait_for_output(log, ": promoted", proc, deadline)
+        assert ": promoted" in out, out[-3000:]
         # the study has the path of the promoted trial's checkpoint before it is killed
         storage = f"sqlite:///{run_dir / 'study.db'}"
         while time.time() < deadline:

@@ -18,7 +18,7 @@ from clipq_search.search.runlock import RunLock, RunLocked
 from clipq_search.search.space import load_space
 from clipq_search.search.study import LEGACY_STUDY_NAME, interrupted_numbers, normalise_storage, open_study, run_search
 
-from .conftest import REPO, SMOKE, cli, needs_fashion
+from .conftest import REPO, SMOKE, cli, needs_fashion, wait_for_output
 
 DIST = {"x": optuna.distributions.FloatDistribution(0.0, 1.0)}
 
@@ -161,10 +161,8 @@ def test_postgres_search_refuses_a_second_command_survives_sigkill_and_resumes_e
     log = results_root / "pgkill.log"
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
-        deadline = time.time() + 300
-        while time.time() < deadline and "[1/6]" not in log.read_text():
-            time.sleep(0.1)
-        assert "[1/6]" in log.read_text(), log.read_text()[-2000:]
+        out = wait_for_output(log, "[1/6]", proc, time.time() + 300)
+        assert "[1/6]" in out, out[-2000:]
         second = cli(*cmd[2:])  # the same run, at the same time
         assert second.returncode == 2
         lines = second.stderr.splitlines()
@@ -193,9 +191,7 @@ def test_two_searches_at_once_on_two_runs_in_one_postgres_database(postgres, res
     with open(log, "w") as fh:
         one = subprocess.Popen(_cmd(results_root, "pg-one", url, 3, *fast), cwd=REPO, stdout=fh,
                                stderr=subprocess.STDOUT)
-        deadline = time.time() + 300
-        while time.time() < deadline and one.poll() is None and "\nrun " not in "\n" + log.read_text():
-            time.sleep(0.1)  # up to its opening line: its study is open
+        wait_for_output(log, "\nrun ", one, time.time() + 300)  # up to its opening line: its study is open
         two = cli(*_cmd(results_root, "pg-two", url, 3, *fast, "--set", "layers.default.bits=[3,4]")[2:])
         assert one.wait(timeout=600) == 0 and two.returncode == 0, (log.read_text()[-2000:], two.stderr[-2000:])
     assert "[3/3]" in log.read_text() and "[3/3]" in two.stdout
