@@ -205,7 +205,7 @@ def operator_in_step(
             w_np, out_np = w.reshape(-1).numpy(), np.empty(w.numel(), np.float32)
             for _ in range(steps):
                 start = clock()
-                op.run_arrays(w_np, out_np, w)
+                op.run_arrays(w_np, out_np)
                 warm.append(clock() - start)
         rows[name] = {"ms_in_step": _median_ms(times[name]), "kernel_ms_in_step": _median_ms(kernel_times[name]),
                       "kernel_ms_warm": _median_ms(warm)}

@@ -3,7 +3,8 @@
 For LeNet-300-100 and LeNet-5 at a few uniform plans, ``estimate_size`` is
 compared with the file ``save_compressed`` writes (per tensor, from
 ``read_compressed(path)[1].layers``, and in total, from the file's length on
-disk). Weights are a trained baseline's when ``<runs>/baselines/`` holds one
+disk), and both are timed (the estimate's median of 3 calls; one write).
+Weights are a trained baseline's when ``<runs>/baselines/`` holds one
 for the model, else a seeded random init. Then every ``final*/model.clipq``
 found under ``--runs`` is checked the same way: its model is rebuilt from the
 file (architecture recognised by tensor names and shapes, plan from the
@@ -11,14 +12,17 @@ file's own p and bits), re-estimated, and re-written.
 (docs/benchmarks.md, figure 5.)
 
     python benchmarks/bench_storage.py [--runs results] [--out benchmarks/results/storage.json]
+    python benchmarks/bench_storage.py --models torchvision:alexnet torchvision:resnet50 --plans 0.58:6 0.9:4
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -104,16 +108,26 @@ def plan_cases(models: list[str], plans: list[tuple[float, int]], runs: Path, tm
         state, source = _baseline_weights(name, runs)
         for p, bits in plans:
             torch.manual_seed(0)
-            model = build_model(name)
+            # a torchvision: or timm: network at its ImageNet shape, a registered one at Fashion-MNIST's
+            shape = {"num_classes": 1000, "in_channels": 3, "image_size": 224} if ":" in name else {}
+            model = build_model(name, **shape)
             if state is not None:
                 model.load_state_dict(state)
             plan = _plan(p, bits)
-            est = estimate_size(model, plan)
+            est_seconds = []
+            for _ in range(3):
+                start = time.perf_counter()
+                est = estimate_size(model, plan)
+                est_seconds.append(time.perf_counter() - start)
             path = tmp / f"{name}-{p}-{bits}.clipq"
+            start = time.perf_counter()
             written = save_compressed(model, path, plan)
+            write_seconds = time.perf_counter() - start
             entry = {"case": f"{name} p={p} bits={bits}", "model": name, "weights": source, "p": p, "bits": bits}
             entry.update(compare(est, path))
             entry["save_return_matches_estimate"] = written.total_bytes == est.total_bytes
+            entry["estimate_seconds_median"] = statistics.median(est_seconds)
+            entry["write_seconds"] = write_seconds
             out.append(entry)
     return out
 
@@ -187,10 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         cases = plan_cases(args.models, plans, args.runs, tmp)
         files = found_files(args.runs, tmp) if args.runs.is_dir() else []
 
-    print(f"\n{'case':28s} {'estimate B':>11s} {'file B':>9s} {'diff':>5s} {'rate':>7s}  weights")
+    print(f"\n{'case':28s} {'estimate B':>11s} {'file B':>9s} {'diff':>5s} {'rate':>7s} {'estimate s':>10s} "
+          f"{'write s':>8s}  weights")
     for c in cases:
         print(f"{c['case']:28s} {c['estimate_total']:11d} {c['file_total']:9d} {c['diff_total']:5d} "
-              f"{c['rate_file']:7.2f}  {Path(c['weights']).name}")
+              f"{c['rate_file']:7.2f} {c['estimate_seconds_median']:10.3f} {c['write_seconds']:8.3f}  "
+              f"{Path(c['weights']).name}")
     print("\nper compressed layer:")
     for c in cases:
         for row in c["layers"]:

@@ -60,6 +60,8 @@ def test_storage_benchmark_finds_estimate_equal_to_file_bytes(tmp_path: Path) ->
     assert data["mismatches"] == []
     (case,) = data["plans"]
     assert case["estimate_total"] == case["file_total"] > 0 and case["diff_total"] == 0
+    assert case["estimate_seconds_median"] > 0 and case["write_seconds"] > 0  # both timed, and printed
+    assert "estimate s" in r.stdout and "write s" in r.stdout
 
 
 @pytest.mark.slow

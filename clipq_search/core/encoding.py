@@ -129,19 +129,29 @@ def _record_head_size(name: str, ndim: int) -> int:
     return 2 + len(name.encode("utf-8")) + 3 + 4 * ndim
 
 
+def _gaps(nz: np.ndarray) -> np.ndarray:
+    """Index gaps of the non-zeros at positions ``nz`` (the first from position -1)."""
+    return np.diff(nz, prepend=-1).astype(np.int64)
+
+
+def _levels(vals: np.ndarray, bits: int, name: str) -> np.ndarray:
+    """The distinct non-zero values ``vals`` of a layer, sorted; at most 2**bits - 1 of them."""
+    levels = np.unique(vals)
+    if levels.size > 2**bits - 1:
+        raise ValueError(f"layer {name!r} has {levels.size} distinct non-zero values, more than 2**{bits} - 1")
+    return levels
+
+
 def _codes_and_gaps(flat: np.ndarray, bits: int, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Codebook (2**bits - 1, zero padded), 1-based codes and index gaps of the non-zeros."""
     nz = np.flatnonzero(flat)
     vals = flat[nz]
-    levels = np.unique(vals)
+    levels = _levels(vals, bits, name)
     n_levels = 2**bits - 1
-    if levels.size > n_levels:
-        raise ValueError(f"layer {name!r} has {levels.size} distinct non-zero values, more than 2**{bits} - 1")
     codebook = np.zeros(n_levels, dtype=np.float32)
     codebook[: levels.size] = levels
     codes = np.searchsorted(levels, vals).astype(np.int64) + 1
-    gaps = np.diff(nz, prepend=-1).astype(np.int64)
-    return codebook, codes, gaps
+    return codebook, codes, _gaps(nz)
 
 
 def _tail(gaps: np.ndarray, numel: int) -> int:
@@ -152,9 +162,12 @@ def _tail(gaps: np.ndarray, numel: int) -> int:
 def _best_k(gaps: np.ndarray, bits: int, tail: int) -> tuple[int, int]:
     """The k in 1..16 that makes the layer smallest, and its entry count (fillers included)."""
     best: tuple[int, int, int] | None = None
-    g1 = gaps - 1
+    g = gaps[gaps > 1] - 1  # (gap - 1) >> k of the others is 0 for every k
+    shift = 0
     for k in K_RANGE:
-        entries = int((g1 >> k).sum()) + int(gaps.size) + (tail >> k)
+        g = g >> (k - shift)  # each k's shifted gaps from the last k's; the zeros dropped as they appear
+        g, shift = g[g > 0], k
+        entries = int(g.sum()) + int(gaps.size) + (tail >> k)
         nbytes = math.ceil(entries * (bits + k) / 8)
         if best is None or nbytes < best[0]:
             best = (nbytes, k, entries)
@@ -169,7 +182,9 @@ def _sparse_size(name: str, ndim: int, bits: int, k: int, entries: int) -> int:
 def sparse_layer_bytes(name: str, weight: torch.Tensor, bits: int) -> int:
     """Bytes of one compressed layer's record for an already pruned-quantized ``weight``."""
     flat = weight.detach().float().cpu().reshape(-1).numpy()
-    _, _, gaps = _codes_and_gaps(flat, bits, name)
+    nz = np.flatnonzero(flat)
+    _levels(flat[nz], bits, name)
+    gaps = _gaps(nz)
     k, entries = _best_k(gaps, bits, _tail(gaps, flat.size))
     return _sparse_size(name, weight.dim(), bits, k, entries)
 
@@ -254,6 +269,7 @@ def _compressed_weights(
     """
     configs = dict(attached_configs(model))
     tensors = compressible_tensors(model)
+    attached = set(configs)
     if plan is not None:
         plan = plan if isinstance(plan, Plan) else Plan.from_dict(plan)
         configs.update(plan.resolve_names(list(tensors)))
@@ -261,9 +277,12 @@ def _compressed_weights(
     for name, cfg in configs.items():
         with torch.no_grad():
             w = tensors[name].tensor().detach().float().cpu()
-        if torch.unique(w[w != 0]).numel() > 2**cfg.bits - 1:
+        flat = w.reshape(-1).numpy()
+        # an attached layer's operator guarantees the levels (as in _estimate); numpy's unique is the quick one
+        if name not in attached and np.unique(flat[flat != 0]).size > 2**cfg.bits - 1:
             w = clipq_quantize(w, cfg.p, cfg.bits)
-        out[tensors[name].key] = (cfg, w.reshape(-1).numpy(), tuple(w.shape))
+            flat = w.reshape(-1).numpy()
+        out[tensors[name].key] = (cfg, flat, tuple(w.shape))
     return out
 
 
@@ -304,12 +323,15 @@ def _plan_file(
         name_b = key.encode("utf-8")
         if isinstance(item, tuple) and isinstance(item[0], LayerConfig):
             cfg, flat, shape = item  # type: ignore[misc]
-            codebook, codes, gaps = _codes_and_gaps(flat, cfg.bits, key)
+            if buf is not None:
+                codebook, codes, gaps = _codes_and_gaps(flat, cfg.bits, key)
+            else:  # sizing alone needs only where the non-zeros are
+                gaps = _gaps(np.flatnonzero(flat))
             tail = _tail(gaps, flat.size)
             k, entries = _best_k(gaps, cfg.bits, tail)
             nbytes = _sparse_size(key, len(shape), cfg.bits, k, entries)
             sizes.append(
-                LayerSize(key, shape, flat.size, True, True, cfg.p, cfg.bits, k, int(codes.size), entries, nbytes)
+                LayerSize(key, shape, flat.size, True, True, cfg.p, cfg.bits, k, int(gaps.size), entries, nbytes)
             )
             original += 4 * flat.size
             if buf is not None:

@@ -89,9 +89,17 @@ _WINDOW_CAP = 4096
 # where thresholds move far between steps (large layers, high learning rates), narrower where
 # they barely move.
 _FUSED_HINT_GAPS = 64.0
-# Scans with a narrowed window before the compiled path selects a missed threshold with ``kthvalue``.
+# Scans with a narrowed window before the compiled path selects a missed threshold in full (``_select``).
 _MAX_ROUNDS = 4
 _local = threading.local()
+
+
+def _select(flat: np.ndarray, rank: int) -> float:
+    """The ``rank``-th smallest (1-based) value of ``flat``: a missed threshold selected in full.
+
+    numpy's introselect; ``torch.kthvalue`` does the same on the CPU several times slower.
+    """
+    return float(np.partition(flat, rank - 1)[rank - 1])
 
 
 # The compiled kernels count in int32.
@@ -142,12 +150,12 @@ class CompiledOperator:
         ``NOTHING_KEPT``: ``out`` is untouched, the result is all zeros;
         ``NOT_FINITE``: ``w`` holds a NaN or an infinity, nothing was computed.
         A threshold that the hinted windows miss within ``_MAX_ROUNDS`` scans
-        is selected with ``kthvalue`` and given to a second call.
+        is selected in full (``_select``) and given to a second call.
         """
-        return self.run_arrays(w.numpy(), out.numpy(), w)
+        return self.run_arrays(w.numpy(), out.numpy())
 
-    def run_arrays(self, w_np: np.ndarray, out_np: np.ndarray, w: torch.Tensor) -> float:
-        """``run`` on numpy views of ``w`` (flat float32, any shape for the ``kthvalue`` fallback) and ``out``."""
+    def run_arrays(self, w_np: np.ndarray, out_np: np.ndarray) -> float:
+        """``run`` on flat float32 numpy arrays (views of the tensors, or arrays of their own)."""
         f, params, result = _fused, self.params, self.result
         threads = f.team_threads(self.n)
         if threads != params[f.P_THREADS]:
@@ -156,10 +164,8 @@ class CompiledOperator:
         if result[f.R_STATUS] == f.MISSED:
             sides = ((f.R_FOUND_NEG, f.R_RANK_NEG, f.R_C_NEG, f.P_GIVEN_NEG),
                      (f.R_FOUND_POS, f.R_RANK_POS, f.R_C_POS, f.P_GIVEN_POS))
-            flat = w.detach().reshape(-1)
             for found, rank, value, given in sides:
-                exact = result[value] if result[found] else torch.kthvalue(flat, int(result[rank])).values
-                params[given] = float(exact)
+                params[given] = float(result[value]) if result[found] else _select(w_np, int(result[rank]))
             rounds, params[f.P_ROUNDS] = params[f.P_ROUNDS], 1
             try:
                 self.kernel(w_np, out_np, self.codes, self.mask, self.buf, self.table, params, result)

@@ -206,7 +206,7 @@ class ClipQWeight(nn.Module):
                 if source is None or source[0] != key[0] or source[2] is not buf:
                     source = state["source"] = (key[0], original.detach().view(-1).numpy(), buf,
                                                 buf.view(-1).numpy())
-                status = op.run_arrays(source[1], source[3], original)
+                status = op.run_arrays(source[1], source[3])
                 if status != NOT_FINITE:  # else the general path below makes the all-NaN result
                     if status != DONE:  # every weight clipped
                         buf.zero_()
