@@ -334,6 +334,12 @@ def _sized_models() -> list[tuple[str, nn.Module, Any]]:
     attach_clipq(stripped, Plan.from_dict({"default": {"p": 0.7, "bits": 4}}))
     plan = strip_clipq(stripped)
     out.append(("stripped, with its plan", stripped, plan))
+    torch.manual_seed(5)
+    attached = build_model("lenet300")
+    attach_clipq(attached, Plan.from_dict({"default": {"p": 0.7, "bits": 5}}))
+    # the plan gives one attached layer fewer bits (its 31 levels are re-quantized) and another its own setting
+    out.append(("attached, the plan re-sets fc1", attached, {"layers": {"fc1": {"p": 0.8, "bits": 3},
+                                                                        "fc2": {"p": 0.7, "bits": 5}}}))
     torch.manual_seed(4)
     out.append(("plain model quantized by the plan", build_model("lenet300"), {"default": {"p": 0.8, "bits": 6}}))
     return out

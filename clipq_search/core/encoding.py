@@ -34,7 +34,7 @@ from torch import nn
 
 from clipq_search._io import read_regular, write_bytes
 from clipq_search.core.operator import clipq_quantize
-from clipq_search.core.plan import LayerConfig, Plan, compressible_tensors, require_module
+from clipq_search.core.plan import CompressibleTensor, LayerConfig, Plan, compressible_tensors, require_module
 from clipq_search.core.surgery import attached_configs
 from clipq_search.errors import FormatError, clip, shown
 
@@ -257,29 +257,37 @@ def _unpack(payload: memoryview, entries: int, bits: int, k: int, numel: int, co
 # -- what gets compressed ------------------------------------------------------------------
 
 
+def _layer_configs(
+    model: nn.Module, plan: Plan | Mapping[str, object] | None, tensors: dict[str, CompressibleTensor]
+) -> tuple[dict[str, LayerConfig], set[str]]:
+    """The config of every compressed layer (attached ones', then the ``plan``'s), and the layers whose forward
+    weight their operator already pruned-quantized with that config: its levels need no check."""
+    attached = dict(attached_configs(model))
+    configs = dict(attached)
+    if plan is not None:
+        plan = plan if isinstance(plan, Plan) else Plan.from_dict(plan)
+        configs.update(plan.resolve_names(list(tensors)))
+    return configs, {name for name, cfg in configs.items() if attached.get(name) == cfg}
+
+
 def _compressed_weights(
     model: nn.Module, plan: Plan | Mapping[str, object] | None
 ) -> dict[str, tuple[LayerConfig, np.ndarray, tuple[int, ...]]]:
     """The forward weight of every compressed tensor by state-dict key: its config, flat float32, shape.
 
-    Attached layers give their pruned-quantized weight. With a ``plan`` for a
-    plain model, a weight that already has at most 2**bits - 1 distinct
-    non-zero values (a stripped model) is taken as is; otherwise the operator
-    is applied first.
+    Attached layers give their pruned-quantized weight. A layer the ``plan``
+    names (a plain model's, or an attached one's with another setting) whose
+    weight already has at most 2**bits - 1 distinct non-zero values (a
+    stripped model) is taken as is; otherwise the operator is applied first.
     """
-    configs = dict(attached_configs(model))
     tensors = compressible_tensors(model)
-    attached = set(configs)
-    if plan is not None:
-        plan = plan if isinstance(plan, Plan) else Plan.from_dict(plan)
-        configs.update(plan.resolve_names(list(tensors)))
+    configs, quantized = _layer_configs(model, plan, tensors)
     out = {}
     for name, cfg in configs.items():
         with torch.no_grad():
             w = tensors[name].tensor().detach().float().cpu()
         flat = w.reshape(-1).numpy()
-        # an attached layer's operator guarantees the levels (as in _estimate); numpy's unique is the quick one
-        if name not in attached and np.unique(flat[flat != 0]).size > 2**cfg.bits - 1:
+        if name not in quantized and np.unique(flat[flat != 0]).size > 2**cfg.bits - 1:
             w = clipq_quantize(w, cfg.p, cfg.bits)
             flat = w.reshape(-1).numpy()
         out[tensors[name].key] = (cfg, flat, tuple(w.shape))
@@ -413,22 +421,19 @@ def _estimate(model: nn.Module, plan: Plan | Mapping[str, object] | None) -> Siz
     """``estimate_size`` on the model's own device: one read of all layers' counts at the end.
 
     Attached layers are counted from their pruned-quantized weight as it is
-    (their operator guarantees the levels); a layer only the ``plan`` names
-    is checked first, as ``_compressed_weights`` does (one read for it).
+    (their operator guarantees the levels); a layer the ``plan`` names, unless
+    with its attached setting, is checked first, as ``_compressed_weights``
+    does (one read for it).
     """
     require_module(model)
-    configs = dict(attached_configs(model))
     tensors = compressible_tensors(model)
-    attached = set(configs)
-    if plan is not None:
-        plan = plan if isinstance(plan, Plan) else Plan.from_dict(plan)
-        configs.update(plan.resolve_names(list(tensors)))
+    configs, quantized = _layer_configs(model, plan, tensors)
     compressed: dict[str, tuple[LayerConfig, tuple[int, ...]]] = {}
     counts: list[torch.Tensor] = []
     with torch.no_grad():
         for name, cfg in configs.items():
             w = tensors[name].tensor().detach()
-            if name not in attached and torch.unique(w[w != 0]).numel() > 2**cfg.bits - 1:
+            if name not in quantized and torch.unique(w[w != 0]).numel() > 2**cfg.bits - 1:
                 w = clipq_quantize(w.float(), cfg.p, cfg.bits)
             compressed[tensors[name].key] = (cfg, tuple(w.shape))
             counts.append(_layer_counts(w))
