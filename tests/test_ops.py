@@ -260,7 +260,7 @@ def select_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     every size (slices of uneven length, and empty ones for tiny tensors);
     ``compiled-narrow``: on the team too, with tiny windows and a tiny window
     buffer, so that misses, widening, full slices of the buffer and the
-    ``kthvalue`` fallback all run; ``tensor``: the tensor implementation
+    full-selection fallback (``_select``) all run; ``tensor``: the tensor implementation
     (what runs on CUDA).
     """
     import clipq_search.core._numba_kernels as fused

@@ -287,7 +287,8 @@ def _compressed_weights(
         with torch.no_grad():
             w = tensors[name].tensor().detach().float().cpu()
         flat = w.reshape(-1).numpy()
-        if name not in quantized and np.unique(flat[flat != 0]).size > 2**cfg.bits - 1:
+        # NaNs counted one by one, as torch.unique does on the device path
+        if name not in quantized and np.unique(flat[flat != 0], equal_nan=False).size > 2**cfg.bits - 1:
             w = clipq_quantize(w, cfg.p, cfg.bits)
             flat = w.reshape(-1).numpy()
         out[tensors[name].key] = (cfg, flat, tuple(w.shape))
@@ -381,7 +382,7 @@ def _layer_counts(w: torch.Tensor) -> torch.Tensor:
 
     ``[distinct non-zero values, non-zeros, zeros after the last non-zero,
     sum((gap - 1) >> k) for k in 1..16]``, the gaps being those of
-    ``_codes_and_gaps``. No value is read back to the host here.
+    ``_gaps``. No value is read back to the host here.
     """
     flat = w.detach().reshape(-1)
     n = flat.numel()
