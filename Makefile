@@ -54,7 +54,7 @@ test: setup
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 bench: setup
-	$(PY) benchmarks/bench_overhead.py
+	$(PY) benchmarks/bench_overhead.py --floor
 	$(PY) benchmarks/bench_storage.py
 	$(PY) benchmarks/bench_orchestration.py --trials 16 --epochs 1
 

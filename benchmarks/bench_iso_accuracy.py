@@ -9,6 +9,9 @@ against the dense baseline and the dense control (same extra epochs, no
 compression). Also the best rate within 0.25, 0.5, 1 and 2 points.
 
     python benchmarks/bench_iso_accuracy.py --models lenet300 lenet5 --seeds 0 1 2
+
+``--set KEY.PATH=VALUE`` (repeatable) changes the shipped space, e.g. to
+rerun a figure measured with an earlier version of a preset.
 """
 
 from __future__ import annotations
@@ -58,8 +61,13 @@ def candidates(run_dir: Path, baseline_val: float, k: int, max_trial_drop: float
     return sorted(chosen, key=lambda n: -comp.loc[n, "rate"])
 
 
-def run_one(model: str, seed: int, results: Path, trials: int | None, k: int, max_trial_drop: float, log) -> dict:
-    space = load_space(ROOT / "search_spaces" / SPACES[model], [f"final.train.seed={seed}", f"trial.train.seed={seed}"])
+def run_one(
+    model: str, seed: int, results: Path, trials: int | None, k: int, max_trial_drop: float, log,
+    overrides: list[str],
+) -> dict:
+    space = load_space(
+        ROOT / "search_spaces" / SPACES[model], [*overrides, f"final.train.seed={seed}", f"trial.train.seed={seed}"]
+    )
     name = f"iso-{model}-s{seed}"
     t0 = time.perf_counter()
     run_search(space, results_root=results, name=name, seed=seed, trials=trials, log=log)
@@ -107,6 +115,7 @@ def run_one(model: str, seed: int, results: Path, trials: int | None, k: int, ma
     return {
         "model": model,
         "seed": seed,
+        "overrides": overrides,
         "baseline_val_top1": baseline["val_top1"],
         "baseline_test_top1": baseline["test_top1"],
         "control_test_top1": control,
@@ -126,6 +135,8 @@ def main() -> None:
     ap.add_argument("--trials", type=int, help="trials per search (default: the space's)")
     ap.add_argument("--finals", type=int, default=5, help="Pareto plans finalised per search")
     ap.add_argument("--max-trial-drop", type=float, default=3.0, help="candidates: trial val drop at most this")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                    help="change the shipped space, e.g. --set search.trials=48 (repeatable)")
     ap.add_argument("--results", default=str(ROOT / "results" / "bench"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "iso_accuracy.json"))
     args = ap.parse_args()
@@ -138,7 +149,8 @@ def main() -> None:
             rows = [r for r in rows if (r["model"], r["seed"]) != (model, seed)]
             rows.append(
                 run_one(
-                    model, seed, results, args.trials, args.finals, args.max_trial_drop, lambda m: print(m, flush=True)
+                    model, seed, results, args.trials, args.finals, args.max_trial_drop, lambda m: print(m, flush=True),
+                    args.overrides,
                 )
             )
             out.parent.mkdir(parents=True, exist_ok=True)

@@ -313,8 +313,9 @@ def _add_final(sub: argparse._SubParsersAction, positive_int: Callable) -> None:
     # The rules choose among the run's trials: they go with --top, not with --config or --trial (run_final says so).
     g = p.add_mutually_exclusive_group()
     g.add_argument("--max-drop", type=_nonneg_float, help="as export: highest rate within X points of the baseline "
-                   "(default 1.0)")
-    g.add_argument("--min-rate", type=_nonneg_float, help="as export: best accuracy with rate at least R")
+                   "(default 1.0; a rule chooses among the run's trials: not with --config or --trial)")
+    g.add_argument("--min-rate", type=_nonneg_float, help="as export: best accuracy with rate at least R "
+                   "(not with --config or --trial)")
     p.add_argument(
         "--top", type=positive_int, metavar="K",
         help="fine-tune the K trials nearest the rule's boundary in parallel and keep the one the rule picks on "

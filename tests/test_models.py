@@ -55,7 +55,7 @@ def test_unknown_name_lists_known() -> None:
         build_model("lenet7")
     msg = str(info.value)
     assert "lenet300" in msg and "lenet5" in msg and "resnet20" in msg
-    assert "torchvision:<name>" in msg and "package.module:factory" in msg
+    assert "torchvision:<name>" in msg and "timm:<name>" in msg and "package.module:factory" in msg
 
 
 def test_register_duplicate_rejected() -> None:

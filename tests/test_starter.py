@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -28,6 +29,29 @@ def test_every_shipped_space_is_a_preset_with_a_description() -> None:
     files = {p.stem for p in (REPO / "search_spaces").glob("*.yaml")}
     assert set(presets) == files == PRESETS
     assert all(presets.values()), presets
+
+
+def test_the_commands_in_the_presets_headers_parse_and_their_storage_drivers_are_installed() -> None:
+    """What a preset's header comment tells a user to run: the command line takes it, and its --storage URL's
+    database driver is the one the package installs."""
+    from clipq_search.cli import build_parser
+    from clipq_search.search.study import check_storage
+
+    found = 0
+    for path in sorted((REPO / "search_spaces").glob("*.yaml")):
+        lines = [line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")]
+        for n, line in enumerate(lines):
+            if "python run_search.py " not in line:
+                continue
+            command, more = line.split("python run_search.py ", 1)[1], iter(lines[n + 1 :])
+            while command.endswith("\\"):  # continued on the next comment line
+                command = command[:-1] + next(more)
+            args = build_parser().parse_args(shlex.split(command))
+            assert Path(REPO, args.space).is_file() or args.space in PRESETS, (path.name, command)
+            if getattr(args, "storage", None):
+                check_storage(args.storage)
+            found += 1
+    assert found >= len(PRESETS)
 
 
 def test_spaces_command_lists_the_presets(capsys: pytest.CaptureFixture[str]) -> None:
@@ -72,6 +96,11 @@ def test_init_writes_a_space_that_loads_and_resolves_against_the_model(
     units = space.search_params(layers)
     assert sorted(n for u in units for n in u.layers) == sorted(layers)
     assert dict(space.layers.overrides).keys() == {layers[0], layers[-1]}
+    # the sampler and device it writes are the defaults a space without them gets
+    bare = tmp_path / "bare.yaml"
+    bare.write_text(f"name: bare\nmodel: {model}\n")
+    assert space.search.sampler == load_space(bare).search.sampler
+    assert space.resources.device == load_space(bare).resources.device
 
 
 def test_init_groups_a_deep_model_by_its_blocks(tmp_path: Path) -> None:

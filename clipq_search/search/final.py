@@ -3,7 +3,8 @@
 ``final`` runs two full-length fine-tunes as Ray tasks (so a cluster GPU is
 used when there is one): the plan with CLIP-Q attached, and a **control** (the
 same dense baseline fine-tuned for the same epochs without compression).
-Both checkpoint every epoch and resume after an interruption. The compressed
+Both checkpoint at each epoch's end and every ``final.checkpoint_minutes``
+within an epoch, and resume after an interruption. The compressed
 model is written as ``final/model.clipq`` and its test accuracy is measured on
 the model **as reloaded from that file**.
 

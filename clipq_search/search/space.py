@@ -244,7 +244,10 @@ def _registered_models() -> list[str]:
 
 
 def _model_kind() -> str:
-    return f"a registered model ({', '.join(_registered_models())}), 'torchvision:<name>' or 'package.module:factory'"
+    return (
+        f"a registered model ({', '.join(_registered_models())}), 'torchvision:<name>', 'timm:<name>' or "
+        "'package.module:factory'"
+    )
 
 
 SCHEMA: dict[str, Any] = {

@@ -160,12 +160,12 @@ def starter_space(model_ref: str, dataset: str = "fashion-mnist") -> str:
         out.append("  groups: {}                # each layer is searched on its own")
     out += [
         "search:",
-        "  sampler: tpe              # tpe, gp, nsga2, random or paper",
+        "  sampler: auto             # auto (GP while it keeps pace, then TPE), gp, tpe, nsga2, random or paper",
         "  trials: 48",
         "  concurrency: 2            # trials at once",
         "  seed: 0",
         "resources:",
-        "  device: auto              # auto, cpu or cuda",
+        "  device: auto              # auto (the GPU Ray gives a trial, else CPU), cpu, cuda or mps",
         "  cpus_per_trial: 1",
         "  gpus_per_trial: 0         # e.g. 1, or 0.25 to pack four trials on one GPU",
     ]
