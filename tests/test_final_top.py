@@ -54,6 +54,18 @@ def test_candidates_are_the_rules_pick_then_the_trials_just_over_the_line() -> N
         boundary_candidates(TRIALS, 90.0, 0)
 
 
+def test_a_plan_two_trials_ran_is_one_candidate() -> None:
+    # trials 3 and 5 ran the same plan (as the paper strategy can propose): one full-length run of it, and the
+    # next plan out takes the freed place
+    plans = TRIALS.assign(**{"p:fc1": [0.5, 0.6, 0.7, 0.8, 0.9, 0.8, 0.4], "bits:fc1": [4, 4, 3, 3, 2, 3, 4]})
+    plans.loc[5, ["val_top1", "rate"]] = [88.8, 14.0]
+    near = boundary_candidates(plans, 90.0, 3, max_drop=1.0)
+    assert near.numbers == (2, 3, 4) and near.n_complete == 6
+    assert boundary_candidates(plans, 90.0, 10).numbers == (2, 3, 4, 1, 0)  # 5 runs no second time
+    # the same trials as plans of their own: both duplicates are candidates
+    assert 5 in boundary_candidates(plans.assign(**{"bits:fc1": [4, 4, 3, 3, 2, 4, 4]}), 90.0, 10).numbers
+
+
 @pytest.fixture(scope="module")
 def run_dir(results_root: Path) -> Path:
     r = cli("search", str(SMOKE), "--results", str(results_root), "--name", "final-top", "--trials", "4",

@@ -176,6 +176,7 @@ def test_a_multi_fidelity_search_promotes_a_third_and_reports_each_plan_at_its_h
     assert report.returncode == 0, report.stderr[-2000:]
     html = (run_dir / "report.html").read_text()
     assert "Rungs</h2>" in html and "promoted" in html and "Plans promoted past the first rung" in html
+    assert json.loads((run_dir / "run.json").read_text())["rungs"] == [1, 3, 9]  # the report's last rung
     assert "budget" in pd.read_csv(run_dir / "pareto.csv").columns
     # export names the budget of the chosen result
     out = results_root / "mf-plan.json"

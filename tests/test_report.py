@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -127,6 +128,22 @@ def test_report_without_complete_trials(tmp_path: Path, states: str) -> None:
     assert pd.read_csv(csv_path).empty
     if df is not None:
         assert _missing(html, "still running", "CUDA out of memory in trial 0") == []
+
+
+@pytest.mark.parametrize("rungs", [[1, 3, 9], None])
+def test_a_multi_fidelity_run_in_progress_without_complete_trials(tmp_path: Path, rungs: list[int] | None) -> None:
+    # a trial promoted to rung 1 is running, the others failed or were interrupted: nothing complete yet
+    df = trials_frame(0, n_failed=2, n_running=2).assign(rung=[None, None, 1, 0], budget=[None, None, 3.0, 1.0])
+    run = make_run(tmp_path / "run", df)
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "rungs": rungs}))  # None: a run.json of an older version
+    html = write_report(run)[0].read_text(encoding="utf-8")
+    assert _missing(html, "no complete trial yet", "Rungs", "full budget") == []
+    # (rung, budget) rows: the space's rungs 0-2 (2, the full budget, not reached yet); from an older
+    # run.json, the rungs up to the highest one reached
+    table = html[html.index("MO-ASHA (trial.rungs)"):]
+    rows = re.findall(r"<tr><td>(\d)</td><td>([^<]*)</td>", table)
+    assert rows == [("0", "1"), ("1", "3"), ("2", "")][: 3 if rungs else 2]
 
 
 def test_report_where_a_folder_blocks_its_file_writes_neither(tmp_path: Path, trials: pd.DataFrame) -> None:

@@ -498,7 +498,8 @@ def boundary_candidates(
     pass), then the others within it. With min-rate: the trials at or above the rate, lowest rate first
     (a plan's rate hardly moves at full length, its accuracy does), then those below it. The first
     candidate is therefore what :func:`select_max_drop` / :func:`select_min_rate` pick when a front trial
-    qualifies. Fewer than ``k`` complete trials: all of them.
+    qualifies. A plan that several trials ran (the paper strategy may propose one twice) is taken once, at
+    its first place in that order. Fewer than ``k`` distinct plans: all of them.
     """
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ConfigError(f"k={k!r} is invalid; give the number of candidates as an integer >= 1")
@@ -530,7 +531,20 @@ def boundary_candidates(
             # the rule's own pick (the fallback), then the plans just over the line: short trials
             # underestimate what a full-length run recovers, so those are the ones that can win a higher rate
             order += inside[:1] + outside + inside[1:]
-    picked = frame.loc[order[:k]]
+    # one full-length run per distinct plan (NaN as None: NaN never equals itself); without p:/bits: columns
+    # (a table of results alone) every trial counts as its own plan
+    cols = [f"{kind}:{layer}" for layer in layer_names(done) for kind in ("p", "bits")] or ["number"]
+    plans = [
+        tuple(None if pd.isna(v) else v for v in row)
+        for row in done.reindex(columns=cols).itertuples(index=False, name=None)
+    ]
+    distinct: list[int] = []
+    seen: set[tuple[Any, ...]] = set()
+    for i in order:
+        if plans[i] not in seen:
+            seen.add(plans[i])
+            distinct.append(i)
+    picked = frame.loc[distinct[:k]]
     return Candidates(
         numbers=tuple(int(n) for n in picked["number"]),
         meets=tuple(bool(m) for m in picked["meets"]),

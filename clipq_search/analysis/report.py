@@ -408,13 +408,16 @@ def _rungs_section(data: RunData) -> str:
     df = data.trials
     done = df[df["state"] == COMPLETE]
     rung = pd.to_numeric(done["rung"], errors="coerce")
-    budget = pd.to_numeric(done["budget"], errors="coerce")
-    last = int(rung.max())
+    every = pd.to_numeric(df["rung"], errors="coerce")  # running and interrupted trials too: a run in progress
+    budget = pd.to_numeric(df["budget"], errors="coerce")
+    # the last rung the space has (run.json of a run from an older version: the highest any trial reached)
+    configured = data.run.get("rungs")
+    last = len(configured) - 1 if isinstance(configured, list) and configured else int(every.max())
     rows = []
     for k in range(last + 1):
         reached = done[rung >= k]
         stopped = done[rung == k]["number"].tolist()
-        level = budget[rung == k]
+        level = budget[every == k]
         rows.append({
             "rung": k,
             "budget": float(level.iloc[0]) if len(level) else float("nan"),

@@ -714,6 +714,7 @@ def _open_run(space: Space, request: SearchRequest, log: Callable[[str], None]) 
             "name": run_dir.name,
             "layers": [u.key for u in units],
             "units": {u.key: list(u.layers) for u in units},
+            "rungs": list(space.trial.rungs) if space.trial.rungs else None,  # multiples of trial.train.epochs
             "dense": dense,
         },
     )
