@@ -62,6 +62,13 @@ def test_a_plan_two_trials_ran_is_one_candidate() -> None:
     near = boundary_candidates(plans, 90.0, 3, max_drop=1.0)
     assert near.numbers == (2, 3, 4) and near.n_complete == 6
     assert boundary_candidates(plans, 90.0, 10).numbers == (2, 3, 4, 1, 0)  # 5 runs no second time
+    from clipq_search.search.final import _candidate_lines
+
+    near = boundary_candidates(plans, 90.0, 6)
+    docs = [{"source": {"trial": n}, "metrics": plans.set_index("number").loc[n].to_dict()} for n in near.numbers]
+    assert "the run's 6 complete trials ran 5 distinct plans; fine-tuning each once" in _candidate_lines(
+        near, docs, 6, 90.0
+    )[0]
     # the same trials as plans of their own: both duplicates are candidates
     assert 5 in boundary_candidates(plans.assign(**{"bits:fc1": [4, 4, 3, 3, 2, 4, 4]}), 90.0, 10).numbers
 

@@ -145,6 +145,11 @@ def _candidate_lines(near: Any, docs: list[dict[str, Any]], top: int, base: floa
     lines = []
     if near.n_complete < top:
         lines.append(f"--top {top}: the run has {near.n_complete} complete trial(s); fine-tuning all of them")
+    elif len(near.numbers) < top:
+        lines.append(
+            f"--top {top}: the run's {near.n_complete} complete trials ran {len(near.numbers)} distinct plans; "
+            "fine-tuning each once"
+        )
     elif near.n_front < top:
         lines.append(
             f"--top {top}: the Pareto front holds {near.n_front} trial(s); "
