@@ -131,6 +131,49 @@ def test_the_scheduler_of_a_resumed_run_knows_the_rungs_of_its_finished_trials()
     assert scheduler.decisions == []  # loaded, not decided
     # a new trial dominated by both at the first rung is stopped there (1 of 3 go on)
     assert scheduler.record("new", budgets[0], [79.0, math.log10(5.0)]) is False
+    # Tune's trials are keyed by their study trial: study trial 1, run again under a new Tune id (a kill ended
+    # Tuner.fit) and reporting its checkpoint's rung again, goes on and is no second copy of itself
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    again = SimpleNamespace(trial_id="tune-9", config={"number": 1})
+    result = {"budget": budgets[0], "val_top1": 85.0, "log10_rate": math.log10(20.0)}
+    assert scheduler.on_trial_result(None, again, result) == TrialScheduler.CONTINUE
+    assert set(scheduler.rungs[budgets[0]]) == {"study-0", "study-1", "new"}
+
+
+def test_trials_interrupted_or_run_again_go_on_from_their_newest_checkpoint() -> None:
+    """A retry interrupted before its next rung keeps the checkpoint it was to resume from; a trial Tune runs
+    again after a kill goes on from its own newest one, and its older ones are removed once it is done."""
+    from clipq_search.search.rungs import CHECKPOINT_ATTR, RESUME_ATTR
+    from clipq_search.search.searcher import StudySearcher
+    from clipq_search.search.study import check_space, distributions, recover_interrupted
+    from clipq_search.search.worker_kills import KillLedger
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = load_space("smoke", ["trial.rungs=[1, 3]"])
+    units = check_space(space)
+    dists = distributions(units)
+    study = optuna.create_study(directions=["maximize", "maximize"])
+    first = study.ask(dists)
+    first.set_user_attr(CHECKPOINT_ATTR, "/ckpt/first-rung0")
+    recover_interrupted(study, lambda m: None)  # a second command
+    retry = study.ask(dists)
+    assert retry.user_attrs[RESUME_ATTR] == "/ckpt/first-rung0"
+    recover_interrupted(study, lambda m: None)  # interrupted again before its next rung: a third command
+    again = study.ask(dists)
+    assert again.user_attrs == {RESUME_ATTR: "/ckpt/first-rung0", "retry_of": retry.number}
+
+    searcher = StudySearcher(study, units, dists, space, to_run=1, on_done=lambda t: None, baseline=None,
+                             threads=1, kills=KillLedger(1, 1, "", lambda m: None))
+    config = searcher._hand("tune-1", again, searcher.prepare(again))
+    assert config["resume"] == "/ckpt/first-rung0"
+    searcher.checkpoint_saved("tune-1", "/ckpt/again-rung1")  # no proposer yet: recorded in the study at once
+    searcher.release("tune-1")  # a kill ended Tuner.fit under it
+    config = searcher._hand("tune-2", again, searcher.prepare(again))
+    assert config["resume"] == "/ckpt/again-rung1"
+    assert searcher.checkpoints["tune-2"] == ["/ckpt/first-rung0", "/ckpt/again-rung1"]  # removed when it is done
 
 
 def _search(results: Path, name: str, *extra: str, trials: int = 8) -> list[str]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -124,7 +124,10 @@ class MOASHA(FIFOScheduler):
     non-finite objective stops the trial. A trial reaching ``max_t`` is
     stopped (it is done). ``load`` puts results known from elsewhere (a
     resumed study) into the rungs. ``decisions`` lists every (trial, rung,
-    promoted) taken, for reports.
+    promoted) taken, for reports. ``trial_key(trial)`` names a trial's
+    results (default: Tune's trial id); a searcher whose trials Tune may run
+    again under a new id keys them by its own trial, so that a re-run that
+    reports a rung again is not a second, competing copy of the same plan.
     """
 
     def __init__(
@@ -137,6 +140,7 @@ class MOASHA(FIFOScheduler):
         reduction_factor: float = 3,
         signs: Sequence[float] | None = None,
         levels: Sequence[float] | None = None,
+        trial_key: Callable[[Any], str] | None = None,
     ) -> None:
         super().__init__()
         if len(objectives) < 1:
@@ -158,6 +162,7 @@ class MOASHA(FIFOScheduler):
         self.max_t = self.levels[-1]
         self.rungs: dict[float, dict[str, np.ndarray]] = {level: {} for level in self.levels}
         self.decisions: list[tuple[str, float, bool]] = []
+        self.trial_key = trial_key
 
     # -- the rule -----------------------------------------------------------------------------------------
 
@@ -195,8 +200,9 @@ class MOASHA(FIFOScheduler):
         if not all(math.isfinite(v) for v in values):
             return TrialScheduler.STOP
         t = float(result[self.time_attr])
-        level = self._rung_reached(trial.trial_id, t)
-        promoted = self.record(trial.trial_id, level, values) if level is not None else True
+        key = self.trial_key(trial) if self.trial_key is not None else trial.trial_id
+        level = self._rung_reached(key, t)
+        promoted = self.record(key, level, values) if level is not None else True
         if t >= self.max_t * (1 - 1e-9) or not promoted:
             return TrialScheduler.STOP
         return TrialScheduler.CONTINUE

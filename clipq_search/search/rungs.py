@@ -42,6 +42,7 @@ __all__ = [
     "make_scheduler",
     "report_rung",
     "rung_metrics",
+    "study_key",
 ]
 
 MODEL_FILE, RUNG_FILE = "model.pt", "rung.json"
@@ -110,6 +111,11 @@ def forget_checkpoint(paths: Iterable[str]) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def study_key(trial: Any) -> str:
+    """MO-ASHA's name for a Tune trial's results: its study trial's (a run Tune starts again after a kill keeps it)."""
+    return f"study-{trial.config['number']}"
+
+
 def make_scheduler(space: Space, finished: Iterable[Any]) -> Any:
     """MO-ASHA over the space's rungs, with the rung results of the run's ``finished`` (frozen) trials loaded.
 
@@ -121,7 +127,8 @@ def make_scheduler(space: Space, finished: Iterable[Any]) -> Any:
 
     levels = trial_budgets(space)
     scheduler = MOASHA(
-        objectives=OBJECTIVES, time_attr="budget", levels=levels, reduction_factor=space.trial.reduction_factor
+        objectives=OBJECTIVES, time_attr="budget", levels=levels, reduction_factor=space.trial.reduction_factor,
+        trial_key=study_key,
     )
     for t in finished:
         for entry in t.user_attrs.get("rungs") or []:

@@ -67,6 +67,8 @@ class StudySearcher(Searcher):
         self.by_tune_id: dict[str, optuna.trial.Trial] = {}
         self.handed: dict[str, float] = {}
         self.checkpoints: dict[str, list[str]] = {}  # multi-fidelity: each running trial's rung checkpoints
+        # those of a trial whose Tune run ended under it, by study trial number: removed once its re-run is done
+        self.carried: dict[int, list[str]] = {}
         self.storage_url = storage_url  # where rung results go as intermediate values (learning curves)
         self._curves: tuple[optuna.storages.BaseStorage, int] | None = None  # storage and study id, once opened
         # Plans are asked in a background thread: Tune's loop only takes a ready one (never waits).
@@ -83,9 +85,9 @@ class StudySearcher(Searcher):
             "space": self.space,
             "threads": self.threads,
             "inject_failure": self.inject_failure,
-            # a multi-fidelity trial's last rung checkpoint (of its interrupted run, or of this trial when Tune's
-            # run of it ended under it): the trial goes on from there
-            "resume": trial.user_attrs.get(RESUME_ATTR) or trial.user_attrs.get(CHECKPOINT_ATTR),
+            # a multi-fidelity trial's last rung checkpoint: its own newest (Tune's run of it ended under it),
+            # else that of the interrupted trial it re-runs; the trial goes on from there
+            "resume": trial.user_attrs.get(CHECKPOINT_ATTR) or trial.user_attrs.get(RESUME_ATTR),
         }
 
     def tpe(self) -> optuna.samplers.BaseSampler:
@@ -116,8 +118,18 @@ class StudySearcher(Searcher):
         """Tune's trial ``trial_id`` runs ``trial``; the checkpoint it resumes from is removed once it is done."""
         self.by_tune_id[trial_id] = trial
         self.handed[trial_id] = time.time()
-        self.checkpoints[trial_id] = [config["resume"]] if config.get("resume") else []
+        saved = [*self.carried.pop(trial.number, []), *([config["resume"]] if config.get("resume") else [])]
+        self.checkpoints[trial_id] = list(dict.fromkeys(saved))
         return config
+
+    def release(self, trial_id: str) -> None:
+        """Tune's run ``trial_id`` ended under its trial (a kill Tune has no handler for): the trial is no longer in
+        flight; its checkpoints stay until its re-run is done."""
+        trial = self.by_tune_id.pop(trial_id, None)
+        self.handed.pop(trial_id, None)
+        saved = self.checkpoints.pop(trial_id, [])
+        if trial is not None and saved:
+            self.carried.setdefault(trial.number, []).extend(saved)
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         self.kills.started(trial_id, result)
@@ -162,7 +174,9 @@ class StudySearcher(Searcher):
         if trial is None:
             return
         self.checkpoints.setdefault(trial_id, []).append(path)
-        if self.proposer is not None:
+        if self.proposer is None:
+            trial.set_user_attr(CHECKPOINT_ATTR, path)
+        else:  # the study's writes run in the proposer's thread, in order, off Tune's event loop
             self.proposer.defer(trial.set_user_attr, CHECKPOINT_ATTR, path)
 
     def __getstate__(self) -> dict[str, Any]:

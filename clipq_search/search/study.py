@@ -203,9 +203,11 @@ def recover_interrupted(study: optuna.Study, log: Callable[[str], None]) -> int:
         study.tell(t.number, state=optuna.trial.TrialState.FAIL)
         # Keep where the plan came from (a paper-procedure plan stays labelled as one).
         kept = {k: t.user_attrs[k] for k in ("source", "lambda") if k in t.user_attrs}
-        # A multi-fidelity trial goes on from its last rung checkpoint.
-        if t.user_attrs.get(CHECKPOINT_ATTR):
-            kept[RESUME_ATTR] = t.user_attrs[CHECKPOINT_ATTR]
+        # A multi-fidelity trial goes on from its last rung checkpoint: its own, else the one it was to resume
+        # from (a retry interrupted before its next rung, or before it started).
+        last = t.user_attrs.get(CHECKPOINT_ATTR) or t.user_attrs.get(RESUME_ATTR)
+        if last:
+            kept[RESUME_ATTR] = last
         study.enqueue_trial(t.params, user_attrs={**kept, "retry_of": t.number}, skip_if_exists=False)
     if stale:
         log(
@@ -904,6 +906,7 @@ def _run_with_tune(
             )
     quiet_tune()
 
+    left: list[optuna.trial.Trial] | None = None  # the plans left unfinished, once asked for
     try:
         num_samples = to_run
         while True:
@@ -927,21 +930,21 @@ def _run_with_tune(
                 for tune_id in kills.crashed(exc, reason, in_flight):
                     searcher.on_trial_complete(tune_id, None, error=True)
                 for tune_id in in_flight:
-                    searcher.by_tune_id.pop(tune_id, None)
-                    searcher.handed.pop(tune_id, None)
-                    searcher.checkpoints.pop(tune_id, None)  # a rerun goes on from the trial's last checkpoint
+                    searcher.release(tune_id)  # a rerun goes on from the trial's last checkpoint
                 if kills.stop_line is not None:
                     break
                 num_samples = -1  # the searcher says when it is done: the trials run again, then the rest
         if kills.stop_line is not None:
             raise ClipQError(kills.stop_line)
-        if len(_finished(study)) < total and searcher.interrupted():
-            # Ray Tune turns Ctrl-C into a graceful stop; surface it as one.
-            raise KeyboardInterrupt
+        if len(_finished(study)) < total:
+            left = searcher.interrupted()
+            if left:  # Ray Tune turns Ctrl-C into a graceful stop; surface it as one.
+                raise KeyboardInterrupt
     finally:
         # A Ctrl-C (or a crash) leaves the in-flight trials RUNNING in the study;
         # record them as interrupted now so a rerun re-queues them.
-        left = searcher.interrupted()
+        if left is None:
+            left = searcher.interrupted()
         if left:
             recover_interrupted(study, lambda m: None)
             log(f"{len(left)} trial(s) were interrupted and will run again on resume")
