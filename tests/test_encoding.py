@@ -10,8 +10,10 @@ import torch
 from torch import nn
 
 from clipq_search import (
+    ClipQError,
     FormatError,
     attach_clipq,
+    clipq_quantize,
     estimate_size,
     load_compressed,
     read_compressed,
@@ -91,6 +93,33 @@ def test_estimate_matches_file_bytes_per_layer_and_total(tmp_path: Path, name: s
         assert abs(a.bytes - b.bytes) <= 0.01 * b.bytes
     assert est.original_bytes == 4 * sum(t.numel() for t in model.parameters())
     assert read.rate == pytest.approx(est.rate)
+
+
+@pytest.mark.parametrize("plan", [{"p": 0.3, "bits": 5}, {"p": 0.9, "bits": 2}])
+def test_a_plan_that_re_sets_an_attached_layer_compresses_its_full_precision_weight(
+    tmp_path: Path, plan: dict
+) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 4))
+    attach_clipq(model, {"default": {"p": 0.5, "bits": 3}})
+    save_compressed(model, tmp_path / "m.clipq", {"layers": {"0": plan}})
+    state = load_compressed(tmp_path / "m.clipq")
+    with torch.no_grad():
+        expected = clipq_quantize(model[0].parametrizations.weight.original, plan["p"], plan["bits"])
+        assert torch.equal(state["0.weight"], expected)  # not the attached (0.5, 3) weight quantized again
+        assert torch.equal(state["2.weight"], model[2].weight)  # as attached
+    assert estimate_size(model, {"layers": {"0": plan}}).total_bytes == (tmp_path / "m.clipq").stat().st_size
+
+
+def test_a_model_with_non_finite_weights_is_not_saved(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(20, 30))
+    with torch.no_grad():
+        model[0].weight[3, 4] = float("nan")
+    attach_clipq(model, {"default": {"p": 0.5, "bits": 3}})
+    for call in (lambda: save_compressed(model, tmp_path / "m.clipq"), lambda: estimate_size(model)):
+        with pytest.raises(ClipQError, match="layer '0' has NaN or infinite weights"):
+            call()
+    assert not (tmp_path / "m.clipq").exists()
 
 
 def test_k_is_chosen_to_minimise_each_layer(tmp_path: Path) -> None:

@@ -386,6 +386,42 @@ def test_a_graph_kept_across_an_optimizer_step_refuses_its_backward_as_a_plain_l
             kept.backward()
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_fused_optimizer_s_steps_reach_the_forward_weights(optimizer: str) -> None:
+    """Fused optimizers update weights without bumping their version: the layer still sees every step."""
+    model, _ = _clipq_mlp(0.5, 3, seed=4, lr=0.1)
+    params = model.parameters()
+    opt = torch.optim.SGD(params, lr=0.1, fused=True) if optimizer == "sgd" else torch.optim.Adam(params, fused=True)
+    for seed in range(3):
+        _train_steps(model, opt, 1, seed=seed)
+        with torch.no_grad():
+            seen = model[0].weight.clone()
+            fp = model[0].parametrizations.weight.original
+        assert torch.equal(seen, clipq_quantize(fp, 0.5, 3)), seed
+
+
+def test_a_channels_last_conversion_after_training_keeps_the_layer_working() -> None:
+    # model.to(memory_format=channels_last) converts buffers too: the result buffer is made anew, contiguous
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 2))
+    attach_clipq(model, {"default": {"p": 0.5, "bits": 3}})
+    x = torch.randn(2, 3, 8, 8)
+    model(x).sum().backward()
+    model.to(memory_format=torch.channels_last)
+    out = model(x.contiguous(memory_format=torch.channels_last))
+    with torch.no_grad():
+        assert torch.equal(model[0].weight, clipq_quantize(model[0].parametrizations.weight.original, 0.5, 3))
+    assert out.shape == (2, 2)
+
+
+def test_an_in_place_edit_of_the_layer_s_weight_is_recomputed_from_the_full_precision_one() -> None:
+    model, opt = _clipq_mlp(0.5, 3, seed=5, lr=0.1)
+    _train_steps(model, opt, 1, seed=0)
+    with torch.no_grad():
+        nn.init.normal_(model[0].weight)  # the forward weight is the layer's buffer: the edit is undone
+        assert torch.equal(model[0].weight, clipq_quantize(model[0].parametrizations.weight.original, 0.5, 3))
+
+
 def test_a_layer_whose_weights_all_clip_trains_with_zeros() -> None:
     lin = nn.Linear(50, 40)
     with torch.no_grad():

@@ -31,12 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from clipq_search._io import read_regular, write_bytes
 from clipq_search.core.operator import clipq_quantize
 from clipq_search.core.plan import CompressibleTensor, LayerConfig, Plan, compressible_tensors, require_module
 from clipq_search.core.surgery import attached_configs
-from clipq_search.errors import FormatError, clip, shown
+from clipq_search.errors import ClipQError, FormatError, clip, shown
 
 __all__ = [
     "FORMAT_VERSION",
@@ -270,23 +271,37 @@ def _layer_configs(
     return configs, {name for name, cfg in configs.items() if attached.get(name) == cfg}
 
 
+def _source_weight(t: CompressibleTensor, quantized: bool) -> torch.Tensor:
+    """What a layer's compressed weight is made from: the forward weight, but the full-precision one of an
+    attached layer the plan gives another setting (quantizing its quantized weight would prune it twice)."""
+    if not quantized and parametrize.is_parametrized(t.module, t.attr):
+        return t.module.parametrizations[t.attr].original
+    return t.tensor()
+
+
 def _compressed_weights(
     model: nn.Module, plan: Plan | Mapping[str, object] | None
 ) -> dict[str, tuple[LayerConfig, np.ndarray, tuple[int, ...]]]:
-    """The forward weight of every compressed tensor by state-dict key: its config, flat float32, shape.
+    """The compressed weight of every compressed tensor by state-dict key: its config, flat float32, shape.
 
     Attached layers give their pruned-quantized weight. A layer the ``plan``
-    names (a plain model's, or an attached one's with another setting) whose
-    weight already has at most 2**bits - 1 distinct non-zero values (a
-    stripped model) is taken as is; otherwise the operator is applied first.
+    names (a plain model's weight, or an attached one's full-precision weight
+    when the plan gives it another setting) that already has at most
+    2**bits - 1 distinct non-zero values (a stripped model) is taken as is;
+    otherwise the operator is applied first. Non-finite weights are refused.
     """
     tensors = compressible_tensors(model)
     configs, quantized = _layer_configs(model, plan, tensors)
     out = {}
     for name, cfg in configs.items():
         with torch.no_grad():
-            w = tensors[name].tensor().detach().float().cpu()
+            w = _source_weight(tensors[name], name in quantized).detach().float().cpu()
         flat = w.reshape(-1).numpy()
+        if not np.isfinite(flat).all():
+            raise ClipQError(
+                f"layer {name!r} has NaN or infinite weights (a diverged training?); nothing to compress: "
+                "fix or reload the model's weights"
+            )
         # NaNs counted one by one, as torch.unique does on the device path
         if name not in quantized and np.unique(flat[flat != 0], equal_nan=False).size > 2**cfg.bits - 1:
             w = clipq_quantize(w, cfg.p, cfg.bits)
@@ -433,7 +448,7 @@ def _estimate(model: nn.Module, plan: Plan | Mapping[str, object] | None) -> Siz
     counts: list[torch.Tensor] = []
     with torch.no_grad():
         for name, cfg in configs.items():
-            w = tensors[name].tensor().detach()
+            w = _source_weight(tensors[name], name in quantized).detach()
             if name not in quantized and torch.unique(w[w != 0]).numel() > 2**cfg.bits - 1:
                 w = clipq_quantize(w.float(), cfg.p, cfg.bits)
             compressed[tensors[name].key] = (cfg, tuple(w.shape))

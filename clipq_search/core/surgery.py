@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import threading
 import warnings
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from clipq_search.core._numba_kernels import DONE, NOT_FINITE
 from clipq_search.core.operator import (
@@ -52,7 +54,10 @@ def straight_through(original: torch.Tensor, quantized: torch.Tensor) -> torch.T
 
 
 def _fresh_state() -> dict[str, Any]:
-    return {"stats": None, "key": None, "op": None, "source": None, "graph": None, "lock": threading.Lock()}
+    # "written": the buffer (its address and version) as this module last wrote it: a write from elsewhere (an
+    # in-place edit of ``layer.weight``) makes the next call compute it again
+    return {"stats": None, "key": None, "op": None, "source": None, "graph": None, "written": None,
+            "lock": threading.Lock()}
 
 
 # --------------------------------------------------------------------------- CUDA graphs
@@ -120,6 +125,27 @@ def _fits(op: CompiledOperator, t: torch.Tensor, p: float, bits: int) -> bool:
     return _compilable(t) and t.numel() == op.n and op.p == p and op.bits == bits
 
 
+# The full-precision weights CLIP-Q has quantized, by id (a tensor's ``==`` is elementwise: no set of tensors).
+_originals: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+_step_hook: list[Any] = []
+
+
+def _after_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """Fused optimizers (``fused=True``) update weights without bumping autograd's version counter, which is
+    what tells a layer its weight changed: bump it for them, after every optimizer's step."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if _originals.get(id(param)) is param:
+                torch.autograd.graph.increment_version(param)
+
+
+def _track_original(original: torch.Tensor) -> None:
+    if isinstance(original, nn.Parameter) and _originals.get(id(original)) is not original:
+        _originals[id(original)] = original
+        if not _step_hook:
+            _step_hook.append(register_optimizer_step_post_hook(_after_optimizer_step))
+
+
 class ClipQWeight(nn.Module):
     """Parametrization computing the CLIP-Q weight from the full-precision one.
 
@@ -179,9 +205,12 @@ class ClipQWeight(nn.Module):
         self._state["key"] = self._state["op"] = self._state["source"] = self._state["graph"] = None
 
     def _buffer_for(self, original: torch.Tensor) -> torch.Tensor:
-        """The ``quantized`` buffer, made anew when ``original``'s shape, dtype or device changed."""
+        """The ``quantized`` buffer, made anew when ``original``'s shape, dtype or device changed, or when it is
+        no longer contiguous (``model.to(memory_format=torch.channels_last)`` converts buffers too) or an
+        inference tensor (the model was moved under ``inference_mode``)."""
         buf = self.quantized
-        if buf.shape != original.shape or buf.dtype != original.dtype or buf.device != original.device:
+        if (buf.shape != original.shape or buf.dtype != original.dtype or buf.device != original.device
+                or not buf.is_contiguous() or buf.is_inference()):
             # An ordinary tensor even when first made under inference_mode: training reuses it.
             with torch.inference_mode(False):
                 buf = torch.empty_like(original, memory_format=torch.contiguous_format)
@@ -195,8 +224,17 @@ class ClipQWeight(nn.Module):
         key = (original.data_ptr(), original._version, id(original), original.dtype, original.shape,
                self.p, self.bits)
         buf = self.quantized
-        if key == state["key"] and buf.shape == original.shape:
+        if (key == state["key"] and buf.is_contiguous() and not buf.is_inference()
+                and state["written"] == (buf.data_ptr(), buf._version)):
             return buf
+        _track_original(original)
+        buf = self._compute(original, key)
+        state["written"] = (buf.data_ptr(), buf._version)
+        return buf
+
+    def _compute(self, original: torch.Tensor, key: tuple[Any, ...]) -> torch.Tensor:
+        """Write the pruned-quantized ``original`` into the buffer (made anew if it does not fit) and return it."""
+        state = self._state
         buf = self._buffer_for(original)
         with state["lock"], torch.no_grad():
             op = state["op"]
