@@ -308,6 +308,28 @@ def test_low_bit_layers_keep_bfloat16_autocast() -> None:
     assert out.dtype == torch.float32 and all(w.dtype == torch.float32 for w in operands)
 
 
+def test_a_bfloat16_model_s_8_bit_layer_runs_under_bfloat16_autocast() -> None:
+    # its weights are bfloat16 already: no float32 to keep, the layer stays in autocast
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32)).bfloat16()
+    attach_clipq(model, Plan.from_dict({"default": {"p": 0.5, "bits": 8}}))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(4, 64).bfloat16())
+    assert out.dtype == torch.bfloat16
+
+
+def test_an_8_bit_attention_computes_in_float32_with_its_inputs_given_by_name() -> None:
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"attn": nn.MultiheadAttention(32, 4, batch_first=True)})
+    assert "attn.in_proj_weight" in attach_clipq(model, Plan.from_dict({"default": {"p": 0.5, "bits": 8}}))
+    attn, x = model["attn"], torch.randn(2, 5, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        by_position = attn(x, x, x, need_weights=False)[0]
+        by_name = attn(query=x, key=x, value=x, need_weights=False)[0]
+    assert by_position.dtype == by_name.dtype == torch.float32
+    assert torch.equal(by_position, by_name)
+
+
 # -- 11: sizing on the model's device, with the writer's byte counts ------------------------------------------------
 
 

@@ -383,23 +383,32 @@ _autocast_exits = threading.local()
 
 
 def _needs_full_precision(module: nn.Module, device_type: str) -> bool:
+    """Under bfloat16 autocast: whether a float32 CLIP-Q weight of the module has 7 or 8 bits (a weight that
+    is itself of lower precision has no float32 levels to keep)."""
     if not torch.is_autocast_enabled(device_type) or torch.get_autocast_dtype(device_type) != torch.bfloat16:
         return False
-    return any(par.bits >= FULL_PRECISION_BITS for attr in _clipq_attrs(module)
-               if (par := _clipq_param(module, attr)) is not None)
+    return any(par.bits >= FULL_PRECISION_BITS and module.parametrizations[attr].original.dtype == torch.float32
+               for attr in _clipq_attrs(module) if (par := _clipq_param(module, attr)) is not None)
 
 
-def _full_precision_pre_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-    """Under bfloat16 autocast, a layer with a CLIP-Q weight of 7 or 8 bits runs without autocast, in float32."""
+def _full_precision_pre_hook(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """Under bfloat16 autocast, a layer with a CLIP-Q weight of 7 or 8 bits runs without autocast, in float32
+    (its inputs too, given by position or by name)."""
     stack = _autocast_exits.__dict__.setdefault("stack", [])
-    device_type = next((a.device.type for a in args if isinstance(a, torch.Tensor)), None)
+    device_type = next((a.device.type for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
     if device_type is None or not _needs_full_precision(module, device_type):
         stack.append(None)
         return None
     off = torch.autocast(device_type, enabled=False)
     off.__enter__()
     stack.append(off)
-    return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+    def up(a: Any) -> Any:
+        return a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+
+    return tuple(up(a) for a in args), {k: up(v) for k, v in kwargs.items()}
 
 
 def _full_precision_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -412,7 +421,7 @@ def _keep_full_precision(module: nn.Module) -> None:
     """Give ``module`` the hooks that keep its 7- and 8-bit CLIP-Q weight out of bfloat16 (once)."""
     if getattr(module, "_clipq_full_precision", False):
         return
-    module.register_forward_pre_hook(_full_precision_pre_hook)
+    module.register_forward_pre_hook(_full_precision_pre_hook, with_kwargs=True)
     module.register_forward_hook(_full_precision_hook, always_call=True)  # also when the forward raises
     module._clipq_full_precision = True
 
