@@ -99,6 +99,16 @@ def test_top_goes_with_a_rule_not_with_a_named_plan(run_dir: Path, tmp_path: Pat
         r = cli("final", str(run_dir), *extra)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert all(n in r.stderr for n in needles) and "give one of them" in r.stderr
+    # another split, model or baseline than the run's: refused before anything runs; where the files are may move
+    for key in ("dataset.split_seed=7", "model=lenet5", "baseline.train.epochs=3"):
+        r = cli("final", str(run_dir), "--set", key)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert f"--set changes {key.split('.')[0].split('=')[0]} of the run" in r.stderr
+    from clipq_search.search.final import _check_same_data
+
+    saved = run_dir / "space.yaml"
+    _check_same_data(run_dir, load_space(saved, ["dataset.root=/data/elsewhere", "final.train.epochs=2"]),
+                     load_space(saved))
     assert _tree(run_dir) == before  # nothing written
 
 

@@ -452,6 +452,29 @@ def run_final(
     return _finish_final(job, results, outcome, time.perf_counter() - t0, log)
 
 
+# What the run's baseline, trials and checkpoints were made with: a final may not change it (where the dataset's
+# files are, dataset.root, may: another machine).
+_RUN_DATA = ("model", "model_weights", "dataset", "baseline")
+
+
+def _check_same_data(run_dir: Path, space: Space, saved: Space) -> None:
+    """Refuse --set values that change the model, the data or the baseline of the run: the final run fine-tunes
+    the run's baseline on the run's split, and its checkpoints are named for the plan and training alone."""
+
+    def part(data: dict[str, Any], key: str) -> Any:
+        value = data.get(key)
+        return {k: v for k, v in value.items() if k != "root"} if key == "dataset" and value else value
+
+    now, before = space.to_dict(), saved.to_dict()
+    changed = [key for key in _RUN_DATA if part(now, key) != part(before, key)]
+    if changed:
+        raise ClipQError(
+            f"--set changes {', '.join(changed)} of the run {run_dir} (its space.yaml): a final run fine-tunes "
+            "the run's baseline on the run's data; set only final.*, resources.* or dataset.root, or search "
+            "again under another --name for another model or data"
+        )
+
+
 def _check_choice(
     config: str | None, trial: int | None, top: int | None, max_drop: float | None, min_rate: float | None
 ) -> None:
@@ -498,6 +521,7 @@ def _check_final(
     if address:
         check_address(address)
     space = load_space(run_dir / rundir.SPACE_YAML, overrides)
+    _check_same_data(run_dir, space, load_space(run_dir / rundir.SPACE_YAML))
     check_gpus(address, space.resources.gpus_per_trial)
     cfg = train_config(space, "final")
     n_workers = space.final.workers if workers is None else workers
