@@ -100,11 +100,14 @@ def test_final_resumes_from_its_checkpoint_after_a_kill(run_dir: Path, tmp_path:
     args = [sys.executable, "run_search.py", "final", str(run_dir), "--set", "final.train.epochs=3", "--force",
             "--no-control"]
     log = tmp_path / "final.log"
+    finished = {name: (run_dir / "final" / name).read_bytes() for name in ("plan.json", "model.clipq", "metrics.json")}
     with open(log, "w") as fh:
         proc = subprocess.Popen(args, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
         wait_for_output(log, "compressed: epoch 1/", proc, time.time() + 300)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
+    # the finished final it was replacing is as it was: its plan, file and metrics still agree
+    assert {name: (run_dir / "final" / name).read_bytes() for name in finished} == finished
     (left,) = (run_dir / "final").glob("ckpt-compressed-*.pt")
     # another plan never resumes from that checkpoint, and final/plan.json says which plan it trains
     other = tmp_path / "other.json"

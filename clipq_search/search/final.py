@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -408,6 +409,7 @@ class _Outcome:
     written: Any  # the SizeEstimate of model.clipq
     scores: dict[str, Any]  # _evaluate_task's test and val metrics, by tag
     top: dict[str, Any]  # --top's keys of metrics.json (rule, rule_met, candidates); empty for one plan
+    staged: Path | None = None  # one plan: its file, written beside model.clipq until metrics.json is
 
 
 @releasing_locks
@@ -596,9 +598,10 @@ def _candidates(
 
 
 def _open_final(job: _FinalJob, address: str | None, log: Callable[[str], None]) -> None:
-    """The cluster answers, the final folder is this command's (a lock in the run's storage), plan.json written.
+    """The cluster answers, and the final folder is this command's (a lock in the run's storage).
 
-    With --top, plan.json is written once the candidate to keep is known (``_evaluate_and_pick``).
+    plan.json, model.clipq and metrics.json are replaced together at the end (``_finish_final``): a run
+    killed before leaves those of the finished final it replaces (``--force``) as they were, in agreement.
     """
     from clipq_search.search.cluster import init_ray
 
@@ -611,8 +614,6 @@ def _open_final(job: _FinalJob, address: str | None, log: Callable[[str], None])
     job.final_dir.mkdir(parents=True, exist_ok=True)
     for line in job.lines:
         log(line)
-    if job.top is None:
-        write_json(job.final_dir / rundir.PLAN_JSON, job.candidates[0].doc)
     init_ray(address, 2, res.cpus_per_trial, res.gpus_per_trial, log)
 
 
@@ -739,13 +740,17 @@ def _write_and_evaluate(
     from clipq_search.core.encoding import save_compressed
 
     (cand,) = job.candidates
-    _clear_candidates(job.final_dir)  # an earlier --top's files would not match this final
-    model_file = job.final_dir / rundir.MODEL_FILE
-    written = save_compressed(_trained_model(job, cand, results), model_file)
-    states = {cand.tag: _decoded_state(job, model_file)}
+    staged = job.final_dir / f".{rundir.MODEL_FILE}.new"  # model.clipq once metrics.json says what it is
+    written = save_compressed(_trained_model(job, cand, results), staged)
+    states = {cand.tag: _decoded_state(job, staged)}
     if "control" in results:
         states["control"] = results["control"]["state"]
-    return _Outcome(cand, written, _evaluate(job, states, ref_payload, log), {})
+    try:
+        scores = _evaluate(job, states, ref_payload, log)
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    return _Outcome(cand, written, scores, {}, staged)
 
 
 def _evaluate_and_pick(
@@ -860,6 +865,10 @@ def _finish_final(
 ) -> dict[str, Any]:
     """``metrics.json`` written, the checkpoints removed, the result line logged; the metrics returned."""
     model_file = job.final_dir / rundir.MODEL_FILE
+    if out.staged is not None:  # one plan: its file, plan.json and metrics.json replace the earlier ones together
+        _clear_candidates(job.final_dir)  # an earlier --top's files would not match this final
+        os.replace(out.staged, model_file)
+        write_json(job.final_dir / rundir.PLAN_JSON, out.chosen.doc)
     compressed = out.scores[out.chosen.tag]
     control_top1 = out.scores["control"]["test"]["top1"] if "control" in out.scores else None
     # the kept plan's run is "compressed", as in a final of one plan
