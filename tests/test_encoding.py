@@ -111,6 +111,16 @@ def test_a_plan_that_re_sets_an_attached_layer_compresses_its_full_precision_wei
     assert estimate_size(model, {"layers": {"0": plan}}).total_bytes == (tmp_path / "m.clipq").stat().st_size
 
 
+def test_a_weight_under_another_parametrization_is_sized_and_saved_as_before(tmp_path: Path) -> None:
+    # only a CLIP-Q layer's full-precision weight is its source; weight_norm's has no single ``original``
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 30))
+    nn.utils.parametrizations.weight_norm(model[0])
+    plan = {"default": {"p": 0.5, "bits": 3}}
+    written = save_compressed(model, tmp_path / "m.clipq", plan)
+    assert estimate_size(model, plan).total_bytes == written.total_bytes == (tmp_path / "m.clipq").stat().st_size
+
+
 def test_a_model_with_non_finite_weights_is_not_saved(tmp_path: Path) -> None:
     model = nn.Sequential(nn.Linear(20, 30))
     with torch.no_grad():

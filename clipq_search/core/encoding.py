@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from clipq_search._io import read_regular, write_bytes
 from clipq_search.core.operator import clipq_quantize
@@ -260,23 +259,24 @@ def _unpack(payload: memoryview, entries: int, bits: int, k: int, numel: int, co
 
 def _layer_configs(
     model: nn.Module, plan: Plan | Mapping[str, object] | None, tensors: dict[str, CompressibleTensor]
-) -> tuple[dict[str, LayerConfig], set[str]]:
-    """The config of every compressed layer (attached ones', then the ``plan``'s), and the layers whose forward
-    weight their operator already pruned-quantized with that config: its levels need no check."""
+) -> tuple[dict[str, LayerConfig], set[str], set[str]]:
+    """The config of every compressed layer (attached ones', then the ``plan``'s); the layers whose forward
+    weight their operator already pruned-quantized with that config (its levels need no check); and the
+    attached layers the plan gives another setting."""
     attached = dict(attached_configs(model))
     configs = dict(attached)
     if plan is not None:
         plan = plan if isinstance(plan, Plan) else Plan.from_dict(plan)
         configs.update(plan.resolve_names(list(tensors)))
-    return configs, {name for name, cfg in configs.items() if attached.get(name) == cfg}
+    quantized = {name for name, cfg in configs.items() if attached.get(name) == cfg}
+    return configs, quantized, set(attached) - quantized
 
 
-def _source_weight(t: CompressibleTensor, quantized: bool) -> torch.Tensor:
+def _source_weight(t: CompressibleTensor, reset: bool) -> torch.Tensor:
     """What a layer's compressed weight is made from: the forward weight, but the full-precision one of an
-    attached layer the plan gives another setting (quantizing its quantized weight would prune it twice)."""
-    if not quantized and parametrize.is_parametrized(t.module, t.attr):
-        return t.module.parametrizations[t.attr].original
-    return t.tensor()
+    attached layer the plan gives another setting (``reset``: quantizing its quantized weight would prune it
+    twice)."""
+    return t.module.parametrizations[t.attr].original if reset else t.tensor()
 
 
 def _compressed_weights(
@@ -291,11 +291,11 @@ def _compressed_weights(
     otherwise the operator is applied first. Non-finite weights are refused.
     """
     tensors = compressible_tensors(model)
-    configs, quantized = _layer_configs(model, plan, tensors)
+    configs, quantized, reset = _layer_configs(model, plan, tensors)
     out = {}
     for name, cfg in configs.items():
         with torch.no_grad():
-            w = _source_weight(tensors[name], name in quantized).detach().float().cpu()
+            w = _source_weight(tensors[name], name in reset).detach().float().cpu()
         flat = w.reshape(-1).numpy()
         if not np.isfinite(flat).all():
             raise ClipQError(
@@ -443,12 +443,12 @@ def _estimate(model: nn.Module, plan: Plan | Mapping[str, object] | None) -> Siz
     """
     require_module(model)
     tensors = compressible_tensors(model)
-    configs, quantized = _layer_configs(model, plan, tensors)
+    configs, quantized, reset = _layer_configs(model, plan, tensors)
     compressed: dict[str, tuple[LayerConfig, tuple[int, ...]]] = {}
     counts: list[torch.Tensor] = []
     with torch.no_grad():
         for name, cfg in configs.items():
-            w = _source_weight(tensors[name], name in quantized).detach()
+            w = _source_weight(tensors[name], name in reset).detach()
             if name not in quantized and torch.unique(w[w != 0]).numel() > 2**cfg.bits - 1:
                 w = clipq_quantize(w.float(), cfg.p, cfg.bits)
             compressed[tensors[name].key] = (cfg, tuple(w.shape))
