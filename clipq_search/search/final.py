@@ -523,7 +523,8 @@ def _check_final(
     if address:
         check_address(address)
     space = load_space(run_dir / rundir.SPACE_YAML, overrides)
-    _check_same_data(run_dir, space, load_space(run_dir / rundir.SPACE_YAML))
+    if overrides:
+        _check_same_data(run_dir, space, load_space(run_dir / rundir.SPACE_YAML))
     check_gpus(address, space.resources.gpus_per_trial)
     cfg = train_config(space, "final")
     n_workers = space.final.workers if workers is None else workers

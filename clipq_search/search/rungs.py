@@ -111,9 +111,13 @@ def forget_checkpoint(paths: Iterable[str]) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def _study_key(number: int) -> str:
+    return f"study-{number}"
+
+
 def study_key(trial: Any) -> str:
     """MO-ASHA's name for a Tune trial's results: its study trial's (a run Tune starts again after a kill keeps it)."""
-    return f"study-{trial.config['number']}"
+    return _study_key(trial.config["number"])
 
 
 def make_scheduler(space: Space, finished: Iterable[Any]) -> Any:
@@ -134,7 +138,7 @@ def make_scheduler(space: Space, finished: Iterable[Any]) -> Any:
         for entry in t.user_attrs.get("rungs") or []:
             k = int(entry["rung"])
             if 0 <= k < len(levels) and entry.get("rate"):
-                scheduler.load(f"study-{t.number}", levels[k], [entry["val_top1"], math.log10(entry["rate"])])
+                scheduler.load(_study_key(t.number), levels[k], [entry["val_top1"], math.log10(entry["rate"])])
     return scheduler
 
 
